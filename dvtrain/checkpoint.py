@@ -1,0 +1,165 @@
+"""Checkpoints of a stage: safetensors and JSON only, never pickles, and never half-written.
+
+Layout of `checkpoints/<stage>/`:
+    sub<i>.safetensors         weights and buffers of submodel i (what `dvtrain eval` and users load)
+    sub<i>.resume.safetensors  its optimizer state and random stream (what `--resume` needs)
+    state.json                 epoch reached, completion, layers drawn, shared stream, architecture
+
+A new checkpoint is written into `<stage>.tmp/` and swapped in by renames once whole; the previous
+one stays on disk until the new one is complete, so a kill at any moment leaves one whole checkpoint.
+Each process writes the files of the submodels it owns; the main process writes `state.json` and swaps.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from dvtrain.ensemble import Owned
+from dvtrain.errors import DvtrainError
+from dvtrain.placement import Placement
+
+STATE_FILE = "state.json"
+
+
+class CheckpointError(DvtrainError):
+    pass
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / "checkpoints" / stage
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+def generator_to_text(generator: torch.Generator) -> str:
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+
+
+def generator_from_text(text: str) -> torch.Generator:
+    g = torch.Generator()
+    g.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
+    return g
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (safetensors) and plain values (JSON metadata)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: Path, owned: Owned, placement: Placement, state: dict) -> None:
+    """Write the owned submodels (every process) and `state` (main process), then swap atomically."""
+    tmp = _tmp(path)
+    if placement.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    placement.barrier()
+    for i in owned.ids:
+        weights = {k: v.detach().cpu().contiguous() for k, v in owned.models[i].state_dict().items()}
+        save_file(weights, tmp / f"sub{i}.safetensors", metadata={"submodel": str(i)})
+        tensors, meta = _optimizer_tensors(owned.optimizers[i])
+        tensors["generator"] = owned.generators[i].get_state()
+        save_file(tensors, tmp / f"sub{i}.resume.safetensors", metadata={"optimizer": json.dumps(meta)})
+        _fsync(tmp / f"sub{i}.safetensors")
+        _fsync(tmp / f"sub{i}.resume.safetensors")
+    placement.barrier()
+    if placement.is_main:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        _fsync(tmp / STATE_FILE)
+        old = _old(path)
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    placement.barrier()
+
+
+def latest(path: Path) -> Path | None:
+    """The whole checkpoint of a stage: the current one, or the previous one if a swap was cut short."""
+    for candidate in (path, _old(path)):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint state {path / STATE_FILE} is unreadable ({exc}); remove {path} to start that stage over") from None
+
+
+def _load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {file} is corrupt or truncated ({exc}); remove {file.parent} to start that stage over") from None
+
+
+def load_weights(path: Path, owned: Owned) -> None:
+    for i in owned.ids:
+        file = path / f"sub{i}.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} has no weights for submodel {i}; was it saved with a smaller ensemble.size?")
+        tensors = _load(file)
+        try:
+            owned.models[i].load_state_dict(tensors)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise CheckpointError(
+                f"checkpoint {file} does not fit the configured model ({first[1].strip() if len(first) > 1 else first[0]}); "
+                "check model.arch and the dataset against the run that saved it"
+            ) from None
+
+
+def load_resume_state(path: Path, owned: Owned) -> None:
+    """Optimizer states and random streams of the owned submodels (weights: `load_weights`)."""
+    for i in owned.ids:
+        file = path / f"sub{i}.resume.safetensors"
+        tensors = _load(file)
+        with safe_open(file, framework="pt") as f:
+            meta = json.loads(f.metadata()["optimizer"])
+        owned.optimizers[i].load_state_dict(_optimizer_state(tensors, meta))
+        owned.generators[i].set_state(tensors["generator"])

@@ -1,0 +1,371 @@
+"""Typed configuration: the single source of every hyperparameter.
+
+A run's configuration is built from the dataclass defaults, then a YAML file, then dotted
+``key=value`` overrides from the command line. Every value is type-checked against the dataclass
+annotations, so a typo in a key or a value stops the run before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from dvtrain.errors import DvtrainError
+
+STAGES = ("vanilla", "dverge", "dverge_advt")
+DATASETS = ("digits", "fashion_mnist", "cifar10")
+ARCHS = ("conv", "resnet20")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+BN_MODES = ("train", "eval")
+
+
+class ConfigError(DvtrainError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str = "data"
+    # CIFAR-10 only: fetch the archive where there is internet.
+    download: bool = False
+    # CIFAR-10 only: torchvision's md5 check of the batch files (off for hand-made test files).
+    verify_checksums: bool = True
+    # Random crop (zero padding) + horizontal flip, done on the device each epoch.
+    augment: bool = False
+    crop_padding: int = 4
+    # digits only: share of the 1797 images held out; the split is fixed by `split_seed`, not `seed`,
+    # so runs with different seeds are scored on the same test images.
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    # 0 keeps everything; a positive number keeps the first N images (quick runs, tests).
+    train_limit: int = 0
+    test_limit: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "conv"
+    # conv only: padding of the two 5x5 convolutions; None picks 2 for inputs below 28 px, else 0.
+    conv_padding: Optional[int] = None
+
+
+@dataclass
+class EnsembleConfig:
+    size: int = 3
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum; the learning rate is multiplied by `gamma` at each epoch in `milestones`."""
+
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class PretrainConfig:
+    """The `vanilla` stage: each submodel trained alone on clean data with its own data order."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DvergeConfig:
+    """A DVERGE stage. Defaults follow the reference code (github zjysteven/DVERGE)."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    # Feature distillation: PGD in input space from x_s towards the layer-l features of x.
+    eps: float = 0.07
+    step_size: float = 0.007
+    steps: int = 10
+    random_start: bool = False
+    # Per-sample L1-normalised gradients accumulated with this momentum (reference: 1.0);
+    # 0 gives plain sign-gradient PGD.
+    momentum: float = 1.0
+    # None draws a layer uniformly at random each epoch; an integer fixes it (1-based).
+    layer: Optional[int] = None
+    # BatchNorm mode of the distillation forwards: "train" (reference) or "eval".
+    bn_mode: str = "train"
+    # loss_i = diversity_weight * sum_{j!=i} CE(f_i(x'_j), y_s) + clean_weight * CE(f_i(x), y)
+    #          (+ CE(f_i(adv_i), y_s) with plus_adv). Reference: 1 and 0; the report's eq. 4: α and 1.
+    diversity_weight: float = 1.0
+    clean_weight: float = 0.0
+    # DVERGE+AdvT: also train each submodel on its own PGD-L∞ adversarial examples.
+    plus_adv: bool = False
+    adv_eps: float = 8 / 255
+    adv_step_size: float = 2 / 255
+    adv_steps: int = 10
+    # Which stage's final weights this stage starts from.
+    init_from: str = "vanilla"
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4, milestones=[100, 150])
+    )
+
+
+@dataclass
+class EvalConfig:
+    """White-box evaluation. Defaults follow the report: 10-step PGD, ε 0.03, step 0.007."""
+
+    eps: float = 0.03
+    steps: int = 10
+    step_size: float = 0.007
+    l2_eps: float = 0.03
+    l2_step_size: float = 0.007
+    random_start: bool = True
+    # 0 evaluates the whole test set; N uses its first N images.
+    num_examples: int = 0
+    batch_size: int = 500
+
+
+@dataclass
+class LoggingConfig:
+    # auto: online when a W&B API key is configured, offline otherwise.
+    wandb: str = "auto"
+    project: str = "dvtrain"
+    entity: Optional[str] = None
+    # Seconds W&B may take to start before dvtrain gives up with an error instead of hanging.
+    init_timeout_s: float = 60.0
+    progress: bool = True
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = 600
+
+
+@dataclass
+class Config:
+    name: str = "quickstart"
+    seed: int = 0
+    runs_dir: str = "runs"
+    # "auto" picks CUDA when available, else the CPU.
+    device: str = "auto"
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    dverge: DvergeConfig = field(default_factory=DvergeConfig)
+    dverge_advt: DvergeConfig = field(default_factory=lambda: DvergeConfig(epochs=50, plus_adv=True))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def stage_config(self, stage: str) -> PretrainConfig | DvergeConfig:
+        return {"vanilla": self.pretrain, "dverge": self.dverge, "dverge_advt": self.dverge_advt}[stage]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _parse_number(text: str, kind: type) -> Any:
+    """Accept `8/255` for floats: ε values are conventionally written as fractions of 255."""
+    if kind is float and isinstance(text, str) and text.count("/") == 1:
+        num, den = text.split("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return text
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}; write it as [a, b, ...]")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section, got {value!r}; set its fields as {key}.FIELD=VALUE")
+        return _build(hint, value, prefix=f"{key}.")
+    value = _parse_number(value, hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key '{key}' must be of type {hint.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; known keys under '{prefix or '<top>'}': {', '.join(sorted(known))}"
+            )
+    default = cls()
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            sub_default = getattr(default, f.name)
+            raw = values[f.name]
+            if dataclasses.is_dataclass(sub_default) and isinstance(raw, dict):
+                merged = _merge(dataclasses.asdict(sub_default), raw)
+                kwargs[f.name] = _coerce(merged, hints[f.name], prefix + f.name)
+            else:
+                kwargs[f.name] = _coerce(raw, hints[f.name], prefix + f.name)
+        else:
+            kwargs[f.name] = getattr(default, f.name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}' goes inside a value that is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. dverge.eps=0.03)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass an existing file with --config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys to values at its top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults ← YAML file ← `key=value` overrides, validated."""
+    tree = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def diff_configs(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configurations."""
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return sorted(k for k in fa if fa[k] != fb.get(k))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _check_eps(key: str, value: float) -> None:
+    _check(0.0 <= value <= 1.0, f"{key}={value} is outside [0, 1]; ε is in pixel units of images in [0, 1]")
+
+
+def validate(cfg: Config) -> None:
+    _check(cfg.seed >= 0, f"seed={cfg.seed} must be >= 0")
+    _check(bool(cfg.name) and "/" not in cfg.name and "\\" not in cfg.name and cfg.name not in (".", ".."),
+           f"name={cfg.name!r} must be a plain directory name (no '/', not '.' or '..')")
+    _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+           f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+    _check(len(cfg.stages) > 0, "stages is empty; list at least one of " + ", ".join(STAGES))
+    for s in cfg.stages:
+        _check(s in STAGES, f"stage '{s}' is unknown; choose from {', '.join(STAGES)}")
+    _check(len(set(cfg.stages)) == len(cfg.stages), f"stages={cfg.stages} lists a stage twice")
+    _check(cfg.data.name in DATASETS, f"data.name={cfg.data.name!r} is unknown; choose from {', '.join(DATASETS)}")
+    _check(0.0 < cfg.data.test_fraction < 1.0, f"data.test_fraction={cfg.data.test_fraction} must be in (0, 1)")
+    _check(cfg.data.train_limit >= 0 and cfg.data.test_limit >= 0, "data.train_limit and data.test_limit must be >= 0")
+    _check(cfg.data.crop_padding >= 0, "data.crop_padding must be >= 0")
+    _check(cfg.model.arch in ARCHS, f"model.arch={cfg.model.arch!r} is unknown; choose from {', '.join(ARCHS)}")
+    _check(cfg.ensemble.size >= 2, f"ensemble.size={cfg.ensemble.size} must be at least 2: DVERGE needs other submodels")
+    _check(cfg.pretrain.epochs >= 0, "pretrain.epochs must be >= 0")
+    _check(cfg.pretrain.batch_size >= 1, "pretrain.batch_size must be >= 1")
+    for stage in ("dverge", "dverge_advt"):
+        d: DvergeConfig = getattr(cfg, stage)
+        _check(d.epochs >= 0, f"{stage}.epochs must be >= 0")
+        _check(d.batch_size >= 1, f"{stage}.batch_size must be >= 1")
+        _check_eps(f"{stage}.eps", d.eps)
+        _check_eps(f"{stage}.adv_eps", d.adv_eps)
+        _check(d.step_size > 0 and d.adv_step_size > 0, f"{stage}.step_size and {stage}.adv_step_size must be > 0")
+        _check(d.steps >= 1, f"{stage}.steps={d.steps} must be at least 1 distillation step")
+        _check(d.adv_steps >= 1, f"{stage}.adv_steps={d.adv_steps} must be at least 1")
+        _check(d.layer is None or d.layer >= 1, f"{stage}.layer={d.layer} must be >= 1 (layers are 1-based) or null")
+        _check(d.bn_mode in BN_MODES, f"{stage}.bn_mode={d.bn_mode!r} must be one of {', '.join(BN_MODES)}")
+        _check(d.momentum >= 0, f"{stage}.momentum must be >= 0")
+        _check(d.init_from in STAGES and d.init_from != stage,
+               f"{stage}.init_from={d.init_from!r} must name another stage ({', '.join(STAGES)})")
+    for key in ("pretrain", "dverge", "dverge_advt"):
+        o: OptimConfig = getattr(cfg, key).optim
+        _check(o.lr > 0, f"{key}.optim.lr must be > 0")
+        _check(0 <= o.momentum < 1, f"{key}.optim.momentum must be in [0, 1)")
+    _check_eps("eval.eps", cfg.eval.eps)
+    _check(cfg.eval.l2_eps >= 0, "eval.l2_eps must be >= 0")
+    _check(cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps} must be at least 1")
+    _check(cfg.eval.num_examples >= 0 and cfg.eval.batch_size >= 1, "eval.num_examples >= 0 and eval.batch_size >= 1")
+    _check(cfg.logging.wandb in WANDB_MODES, f"logging.wandb={cfg.logging.wandb!r} must be one of {', '.join(WANDB_MODES)}")
+    _check(cfg.dist.timeout_s >= 1, "dist.timeout_s must be >= 1")

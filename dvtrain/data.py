@@ -1,0 +1,245 @@
+"""Datasets as tensors on the device, and the batch streams the stages consume.
+
+The datasets dvtrain targets are small enough to live on the device as one tensor of images in
+[0, 1]; shuffling and augmentation happen there too, so no DataLoader worker sits in the hot loop.
+Random numbers come from explicit CPU generators (see `dvtrain.rng`), so batches are identical on
+every device and for every placement of the submodels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from dvtrain.config import DataConfig
+from dvtrain.errors import DvtrainError
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+class DataError(DvtrainError):
+    pass
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: Tensor  # float32 [N, C, H, W] in [0, 1]
+    y_train: Tensor  # int64 [N]
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+
+    @property
+    def channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[-1]
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel mean of the training images: the models normalise with it internally."""
+        return tuple(self.x_train.mean(dim=(0, 2, 3)).tolist())
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.x_train.std(dim=(0, 2, 3)).tolist())
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        return replace(
+            self,
+            x_train=self.x_train.to(device),
+            y_train=self.y_train.to(device),
+            x_test=self.x_test.to(device),
+            y_test=self.y_test.to(device),
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    loader = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10}[cfg.name]
+    ds = loader(cfg)
+    if cfg.train_limit:
+        ds = replace(ds, x_train=ds.x_train[: cfg.train_limit], y_train=ds.y_train[: cfg.train_limit])
+    if cfg.test_limit:
+        ds = replace(ds, x_test=ds.x_test[: cfg.test_limit], y_test=ds.y_test[: cfg.test_limit])
+    return ds
+
+
+def _digits(cfg: DataConfig) -> Dataset:
+    """scikit-learn's 1797 handwritten 8x8 digits (shipped in its wheel), split by `data.split_seed`."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / bunch.images.max()
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.split_seed))
+    n_test = round(len(y) * cfg.test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return Dataset("digits", x[train], y[train], x[test], y[test], num_classes=10)
+
+
+def _uint8_images(images: Tensor) -> Tensor:
+    """[N, H, W] or [N, H, W, C] uint8 → float32 [N, C, H, W] in [0, 1]."""
+    images = torch.as_tensor(images)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    return images.float().div_(255.0).contiguous()
+
+
+def _fashion_mnist(cfg: DataConfig) -> Dataset:
+    from torchvision.datasets import FashionMNIST
+
+    root = Path(cfg.root)
+    _prepare_fashion_mnist_raw(root)
+    try:
+        train = FashionMNIST(str(root), train=True, download=False)
+        test = FashionMNIST(str(root), train=False, download=False)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise DataError(
+            f"Fashion-MNIST files under {root / 'FashionMNIST' / 'raw'} are unreadable ({exc}); "
+            "delete that folder and run again to unpack fresh copies"
+        ) from None
+    return Dataset(
+        "fashion_mnist",
+        _uint8_images(train.data),
+        train.targets.long(),
+        _uint8_images(test.data),
+        test.targets.long(),
+        num_classes=10,
+    )
+
+
+def _prepare_fashion_mnist_raw(root: Path) -> None:
+    """Make `<root>/FashionMNIST/raw/` hold the four uncompressed idx files torchvision reads.
+
+    Debian's `dataset-fashion-mnist` ships recompressed `.gz` files whose md5 differs from the ones
+    torchvision knows, so torchvision would try to download; unpacking them ourselves and loading
+    with `download=False` avoids that.
+    """
+    raw = root / "FashionMNIST" / "raw"
+    missing = [name for name in FASHION_MNIST_FILES if not (raw / name).is_file()]
+    if not missing:
+        return
+    sources = [raw, root, root / "fashion-mnist", FASHION_MNIST_SYSTEM_DIR]
+    found = {}
+    for name in missing:
+        for folder in sources:
+            if (folder / f"{name}.gz").is_file():
+                found[name] = folder / f"{name}.gz"
+                break
+    still_missing = [name for name in missing if name not in found]
+    if still_missing:
+        raise DataError(
+            f"Fashion-MNIST file {still_missing[0]}(.gz) not found in {root} or {FASHION_MNIST_SYSTEM_DIR}; "
+            "install it with `apt-get install dataset-fashion-mnist` or point data.root at a folder holding the .gz files"
+        )
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, source in found.items():
+        tmp = raw / f"{name}.part"
+        try:
+            with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (OSError, EOFError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot unpack {source} ({exc}); reinstall dataset-fashion-mnist or replace the file") from None
+        tmp.replace(raw / name)
+
+
+def _cifar10(cfg: DataConfig) -> Dataset:
+    import pickle
+
+    from torchvision.datasets import CIFAR10
+
+    cls = CIFAR10
+    if not cfg.verify_checksums:
+
+        class CIFAR10Unverified(CIFAR10):
+            """torchvision's reader with no md5 to check (torchvision then checks only that files exist)."""
+
+            train_list = [[name, None] for name, _ in CIFAR10.train_list]
+            test_list = [[name, None] for name, _ in CIFAR10.test_list]
+            meta = {**CIFAR10.meta, "md5": None}
+
+        cls = CIFAR10Unverified
+    folder = Path(cfg.root) / "cifar-10-batches-py"
+    try:
+        train = cls(cfg.root, train=True, download=cfg.download)
+        test = cls(cfg.root, train=False, download=cfg.download)
+    except RuntimeError:
+        raise DataError(
+            f"CIFAR-10 batches not found or failing their checksum under {folder}; set data.download=true on a "
+            "machine with internet, or copy the python version (cifar-10-batches-py) there"
+        ) from None
+    except (EOFError, pickle.UnpicklingError, KeyError, ValueError) as exc:
+        raise DataError(
+            f"CIFAR-10 batch files under {folder} are truncated or corrupt ({type(exc).__name__}); "
+            "delete the folder and download or copy it again"
+        ) from None
+    return Dataset(
+        "cifar10",
+        _uint8_images(train.data),
+        torch.tensor(train.targets, dtype=torch.int64),
+        _uint8_images(test.data),
+        torch.tensor(test.targets, dtype=torch.int64),
+        num_classes=10,
+    )
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def augment(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Random crop with zero padding and random horizontal flip, per image, vectorised on x's device."""
+    n, _, h, w = x.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    cropped = padded[batch, channel, rows, cols]
+    return torch.where(flips[:, None, None, None], cropped.flip(-1), cropped)
+
+
+def batches(
+    x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator, augment_padding: int | None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One shuffled pass over (x, y); `augment_padding` None means no augmentation."""
+    order = torch.randperm(len(y), generator=generator).to(y.device)
+    for start in range(0, len(y), batch_size):
+        idx = order[start : start + batch_size]
+        xb = x[idx]
+        if augment_padding is not None:
+            xb = augment(xb, augment_padding, generator)
+        yield xb, y[idx]
+
+
+def paired_batches(
+    x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator, augment_padding: int | None
+) -> Iterator[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+    """((x, y), (x_s, y_s)) from two independently shuffled passes, as the reference code pairs them."""
+    return zip(
+        batches(x, y, batch_size, generator, augment_padding),
+        batches(x, y, batch_size, generator, augment_padding),
+    )
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)

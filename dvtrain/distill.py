@@ -1,0 +1,67 @@
+"""Feature distillation: the input that a submodel's layer l cannot tell from x, hidden near x_s.
+
+    x'_{f^l}(x, x_s) = argmin_z ||f^l(z) - f^l(x)||²   s.t.  ||z - x_s||∞ ≤ ε,  z ∈ [0, 1]
+
+solved by PGD in input space starting at x_s. As in the reference code, each step's gradient is
+normalised per image by its L1 norm and accumulated with `momentum` (MI-FGSM style) before the sign
+step; momentum 0 gives plain sign-gradient descent. Unlike the reference, the target features f^l(x)
+are computed once rather than at every step, and the gradient is taken with respect to z only, so no
+weight gradients are computed and thrown away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dvtrain.config import DvergeConfig
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module, train: bool):
+    """Run a block with the model in train or eval mode, then restore the mode it had."""
+    was_training = model.training
+    model.train(train)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def project_linf(z: Tensor, center: Tensor, eps: float) -> Tensor:
+    """Nearest point of the L∞ ball of radius eps around `center` that is also an image in [0, 1]."""
+    return torch.minimum(torch.maximum(z, center - eps), center + eps).clamp_(0.0, 1.0)
+
+
+def distill(
+    model: nn.Module, layer: int, x: Tensor, x_s: Tensor, cfg: DvergeConfig, generator: torch.Generator
+) -> Tensor:
+    """Distilled batch x' of `model` at `layer`: looks like x_s, has the layer-l features of x.
+
+    `cfg.bn_mode` decides whether BatchNorm layers use batch statistics ("train", as the reference
+    code does; their running statistics are then updated by these forwards) or running ones ("eval").
+    `generator` feeds the optional random start.
+    """
+    with training_mode(model, cfg.bn_mode == "train"):
+        with torch.no_grad():
+            target = model.features(x, layer)
+        z = x_s.clone()
+        if cfg.random_start:
+            noise = torch.rand(z.shape, generator=generator).to(z.device)
+            z = project_linf(z + (2 * noise - 1) * cfg.eps, x_s, cfg.eps)
+        velocity = torch.zeros_like(z)
+        tiny = torch.finfo(z.dtype).tiny
+        for _ in range(cfg.steps):
+            z.requires_grad_(True)
+            loss = F.mse_loss(model.features(z, layer), target)
+            (grad,) = torch.autograd.grad(loss, z)
+            if cfg.momentum > 0:
+                l1 = grad.abs().flatten(1).sum(dim=1).clamp_min(tiny).view(-1, *[1] * (grad.ndim - 1))
+                velocity = cfg.momentum * velocity + grad / l1
+            else:
+                velocity = grad
+            z = project_linf(z.detach() - cfg.step_size * velocity.sign(), x_s, cfg.eps)
+    return z.detach()

@@ -1,0 +1,112 @@
+"""DVERGE training, in the order of Algorithm 1 (Yang et al., 2020).
+
+    for each epoch:
+        draw a layer l uniformly                                       (same for every submodel)
+        for each pair of batches (x, y), (x_s, y_s):
+            every submodel i distills x'_i = x'_{f_i^l}(x, x_s)        (from the pre-update weights)
+            every submodel i minimises Σ_{j≠i} CE(f_i(x'_j), y_s)      (+ own adversarial CE for +AdvT)
+
+Where the submodels live is not this module's concern: it trains the ones `placement.owned` names
+and obtains the others' distilled batches with `placement.all_gather`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dvtrain.attacks import pgd_linf
+from dvtrain.config import DvergeConfig
+from dvtrain.data import Dataset, paired_batches
+from dvtrain.distill import distill, training_mode
+from dvtrain.ensemble import Owned
+from dvtrain.mixture import mixture_log_probs
+from dvtrain.placement import Placement
+
+
+def draw_layer(cfg: DvergeConfig, num_layers: int, generator: torch.Generator) -> int:
+    if cfg.layer is not None:
+        return cfg.layer
+    return int(torch.randint(1, num_layers + 1, (1,), generator=generator))
+
+
+def dverge_step(
+    owned: Owned, placement: Placement, layer: int, x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig
+) -> dict[str, Tensor]:
+    """One DVERGE update of the owned submodels; returns per-submodel and mixture figures for logging."""
+    ids = placement.owned
+
+    # Distill every owned submodel's non-robust features of x into x_s, all from pre-update weights.
+    distilled_own = torch.stack(
+        [distill(owned.models[i], layer, x, x_s, cfg, owned.generators[i]) for i in ids]
+    )
+    # Every submodel's distilled batch, on every process: [size, B, C, H, W]. Data, not a graph.
+    distilled = placement.all_gather(distilled_own)
+
+    diversity_losses, clean_losses, adv_losses, clean_logits = [], [], [], []
+    for i in ids:
+        model, optimizer = owned.models[i], owned.optimizers[i]
+        model.train()
+        # Submodel i learns to classify the others' distilled batches as their source labels y_s:
+        # what fools submodel j must not fool submodel i. Its own batch x'_i is never used.
+        diversity = sum(F.cross_entropy(model(distilled[j]), y_s) for j in range(placement.size) if j != i)
+        loss = cfg.diversity_weight * diversity
+        if cfg.clean_weight > 0:
+            logits = model(x)
+            clean = F.cross_entropy(logits, y)
+            loss = loss + cfg.clean_weight * clean
+        else:
+            with torch.no_grad(), training_mode(model, False):
+                logits = model(x)
+                clean = F.cross_entropy(logits, y)
+        if cfg.plus_adv:
+            adv = pgd_linf(
+                model, x_s, y_s, cfg.adv_eps, cfg.adv_step_size, cfg.adv_steps,
+                random_start=True, generator=owned.generators[i],
+            )
+            adv_loss = F.cross_entropy(model(adv), y_s)
+            loss = loss + adv_loss
+            adv_losses.append(adv_loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        diversity_losses.append(diversity.detach())
+        clean_losses.append(clean.detach())
+        clean_logits.append(logits.detach())
+
+    return step_metrics(placement, y, clean_logits, dverge=diversity_losses, clean=clean_losses, adv=adv_losses)
+
+
+def step_metrics(
+    placement: Placement, y: Tensor, clean_logits: list[Tensor], **per_submodel: list[Tensor]
+) -> dict[str, Tensor]:
+    """Per-submodel losses of every submodel, and the mixture's loss and accuracy on the clean batch."""
+    out = {}
+    for name, values in per_submodel.items():
+        if values:
+            out[f"loss/{name}"] = placement.all_gather(torch.stack(values))
+    log_probs = mixture_log_probs(placement.all_gather(torch.stack(clean_logits)))
+    out["mixture/loss"] = F.nll_loss(log_probs, y)
+    out["mixture/acc"] = (log_probs.argmax(dim=1) == y).float().mean() * 100
+    return out
+
+
+def dverge_epoch(
+    owned: Owned,
+    placement: Placement,
+    data: Dataset,
+    cfg: DvergeConfig,
+    num_layers: int,
+    augment_padding: int | None,
+    shared: torch.Generator,
+    on_step: Callable[[dict[str, Tensor], int], None],
+) -> int:
+    """One epoch of Algorithm 1. `shared` drives the layer and the batch pairs, identically on every
+    process; returns the layer drawn."""
+    layer = draw_layer(cfg, num_layers, shared)
+    for (x, y), (x_s, y_s) in paired_batches(data.x_train, data.y_train, cfg.batch_size, shared, augment_padding):
+        on_step(dverge_step(owned, placement, layer, x, y, x_s, y_s, cfg), len(y))
+    return layer

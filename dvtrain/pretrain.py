@@ -1,0 +1,53 @@
+"""The `vanilla` stage: independent pretraining of the submodels on clean data.
+
+Each submodel draws its own data order (and augmentation) from its own stream, so the submodels are
+independently trained classifiers, and the result does not depend on which process trains which.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dvtrain.config import PretrainConfig
+from dvtrain.data import Dataset, batches, num_batches
+from dvtrain.ensemble import Owned
+from dvtrain.placement import Placement
+
+
+def vanilla_epoch(
+    owned: Owned,
+    placement: Placement,
+    data: Dataset,
+    cfg: PretrainConfig,
+    augment_padding: int | None,
+    on_step: Callable[[dict[str, Tensor], int], None],
+) -> None:
+    ids = placement.owned
+    streams = {
+        i: batches(data.x_train, data.y_train, cfg.batch_size, owned.generators[i], augment_padding) for i in ids
+    }
+    for _ in range(num_batches(len(data.y_train), cfg.batch_size)):
+        losses, accs, seen = [], [], 0
+        for i in ids:
+            x, y = next(streams[i])
+            model, optimizer = owned.models[i], owned.optimizers[i]
+            model.train()
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            accs.append((logits.argmax(dim=1) == y).float().mean().detach() * 100)
+            seen = len(y)
+        on_step(
+            {
+                "loss/clean": placement.all_gather(torch.stack(losses)),
+                "acc/train": placement.all_gather(torch.stack(accs)),
+            },
+            seen,
+        )

@@ -1,0 +1,75 @@
+"""Shared fixtures: small real data files and short configurations."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# A fast digits run: every stage, a couple of epochs, a small evaluation, no W&B.
+TINY = [
+    "pretrain.epochs=2",
+    "dverge.epochs=1",
+    "dverge_advt.epochs=1",
+    "dverge.batch_size=64",
+    "dverge_advt.batch_size=64",
+    "dverge.steps=2",
+    "dverge_advt.steps=2",
+    "dverge_advt.adv_steps=2",
+    "data.train_limit=256",
+    "eval.num_examples=64",
+    "eval.steps=2",
+    "logging.wandb=disabled",
+    "logging.progress=false",
+]
+
+
+def write_cifar10(folder: Path, per_batch: int = 20, test: int = 30, seed: int = 0) -> Path:
+    """Write CIFAR-10 in the `cifar-10-batches-py` layout: five training batches, a test batch and
+    batches.meta, each a pickled dict with the keys and dtypes of the real files (3072 uint8 per row)."""
+    rng = np.random.default_rng(seed)
+    root = folder / "cifar-10-batches-py"
+    root.mkdir(parents=True, exist_ok=True)
+
+    def batch(name: str, n: int) -> None:
+        entry = {
+            "batch_label": name,
+            "labels": rng.integers(0, 10, n).tolist(),
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "filenames": [f"img_{name}_{k}.png" for k in range(n)],
+        }
+        with open(root / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+
+    for k in range(1, 6):
+        batch(f"data_batch_{k}", per_batch)
+    batch("test_batch", test)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_vis": 3072, "num_cases_per_batch": per_batch}, f, protocol=2)
+    return folder
+
+
+@pytest.fixture
+def cifar_root(tmp_path: Path) -> Path:
+    return write_cifar10(tmp_path / "cifar")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python launch/train.py ARGS` in a fresh process, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

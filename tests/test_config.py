@@ -1,0 +1,91 @@
+"""Configuration: defaults ← YAML ← overrides, type-checked; every shipped config loads."""
+
+from pathlib import Path
+
+import pytest
+
+from dvtrain.config import ConfigError, diff_configs, dump_yaml, load_config, read_yaml, config_from_dict
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_config(path)
+    saved = tmp_path / "c.yaml"
+    saved.write_text(dump_yaml(cfg))
+    assert config_from_dict(read_yaml(saved)) == cfg
+
+
+def test_required_public_keys_exist():
+    cfg = load_config(None, [
+        "seed=3", "ensemble.size=4", "pretrain.epochs=1", "dverge.epochs=2", "dverge.eps=0.03",
+        "dverge.step_size=0.01", "dverge.steps=5", "dverge.plus_adv=true", "data.name=cifar10", "data.root=/x",
+    ])
+    assert (cfg.seed, cfg.ensemble.size, cfg.pretrain.epochs, cfg.dverge.epochs) == (3, 4, 1, 2)
+    assert (cfg.dverge.eps, cfg.dverge.step_size, cfg.dverge.steps, cfg.dverge.plus_adv) == (0.03, 0.01, 5, True)
+    assert (cfg.data.name, cfg.data.root) == ("cifar10", "/x")
+
+
+def test_report_config_values():
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "cifar10_conv_report.yaml")
+    assert cfg.model.arch == "conv" and cfg.ensemble.size == 3
+    assert (cfg.pretrain.epochs, cfg.pretrain.batch_size, cfg.pretrain.optim.lr, cfg.pretrain.optim.momentum) == (30, 32, 1e-3, 0.9)
+    assert (cfg.dverge.epochs, cfg.dverge.eps, cfg.dverge.steps) == (200, 8 / 255, 10)
+    assert cfg.dverge_advt.epochs == 50 and cfg.dverge_advt.plus_adv
+    assert (cfg.eval.eps, cfg.eval.steps, cfg.eval.step_size) == (0.03, 10, 0.007)
+
+
+def test_resnet20_config_follows_reference():
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "cifar10_resnet20.yaml")
+    d = cfg.dverge
+    assert cfg.model.arch == "resnet20" and d.batch_size == 128 and (d.eps, d.step_size, d.steps) == (0.07, 0.007, 10)
+    assert not d.random_start and d.optim.lr == 0.1 and d.optim.milestones == [100, 150]
+    a = cfg.dverge_advt
+    assert a.plus_adv and (a.adv_eps, a.adv_step_size, a.adv_steps) == (8 / 255, 2 / 255, 10)
+
+
+def test_fraction_strings_and_yaml_values():
+    cfg = load_config(None, ["dverge.eps=8/255", "stages=[vanilla, dverge]", "dverge.layer=3", "model.conv_padding=null"])
+    assert cfg.dverge.eps == 8 / 255 and cfg.stages == ["vanilla", "dverge"] and cfg.dverge.layer == 3
+    assert cfg.pretrain.optim.lr == 1e-3  # untouched defaults stay
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dverge.epz=0.1", "unknown config key 'dverge.epz'"),
+        ("nonsense=1", "unknown config key 'nonsense'"),
+        ("dverge.eps=abc", "must be of type float"),
+        ("dverge.steps=2.5", "must be of type int"),
+        ("seed=true", "must be of type int"),
+        ("dverge.plus_adv=3", "must be of type bool"),
+        ("dverge.eps=-0.1", "outside \\[0, 1\\]"),
+        ("dverge.eps=1.5", "outside \\[0, 1\\]"),
+        ("dverge.steps=0", "at least 1"),
+        ("ensemble.size=1", "at least 2"),
+        ("dverge.layer=0", "1-based"),
+        ("data.name=mnist", "unknown; choose from"),
+        ("stages=[vanilla, dvrge]", "stage 'dvrge' is unknown"),
+        ("name=../escape", "plain directory name"),
+        ("dverge=3", "is a section"),
+        ("dverge.eps", "not of the form key=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dverge:\n  eps: [0.1\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+
+
+def test_diff_configs_names_changed_keys():
+    a = load_config(None, [])
+    b = load_config(None, ["dverge.eps=0.05", "seed=2"])
+    assert diff_configs(a, b) == ["dverge.eps", "seed"]

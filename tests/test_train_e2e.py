@@ -1,0 +1,132 @@
+"""End to end: the CLI trains every stage, writes a valid run directory, refuses to clobber it, and
+resumes exactly."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import TINY, run_cli
+from dvtrain import cli, trainer
+
+ATTACKS = {"clean", "fgsm", "pgd_linf", "pgd_l2"}
+
+
+def _digest(run_dir: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _weights(run_dir: Path, stage: str) -> dict:
+    folder = run_dir / "checkpoints" / stage
+    return {f.name: load_file(f) for f in sorted(folder.glob("sub?.safetensors"))}
+
+
+def test_cli_writes_a_valid_run_and_protects_it(tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_cli("--run-dir", str(run_dir), *TINY)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = results["eval"]
+    assert len(rows) == 3 * 4 * 4
+    for row in rows:
+        assert set(row) == {"stage", "model", "attack", "eps", "accuracy"}
+        assert row["stage"] in {"vanilla", "dverge", "dverge_advt"}
+        assert row["model"] in {"sub0", "sub1", "sub2", "mixture"} and row["attack"] in ATTACKS
+        assert 0.0 <= row["accuracy"] <= 100.0
+        assert row["eps"] == (0.0 if row["attack"] == "clean" else 0.03)
+    assert set(results["stages"]) == {"vanilla", "dverge", "dverge_advt"}
+    assert (run_dir / "config.yaml").is_file() and "Mixture" in (run_dir / "results.md").read_text()
+    for stage in ("vanilla", "dverge", "dverge_advt"):
+        assert sorted(_weights(run_dir, stage)) == ["sub0.safetensors", "sub1.safetensors", "sub2.safetensors"]
+    # the table is printed like the report's
+    assert "PGD L∞" in done.stdout and "Mixture (plain ensemble)" in done.stdout
+
+    before = _digest(run_dir)
+    again = run_cli("--run-dir", str(run_dir), *TINY)
+    assert again.returncode == 2
+    assert "already exists" in again.stderr and "--resume" in again.stderr
+    assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert _digest(run_dir) == before
+
+    changed = run_cli("--run-dir", str(run_dir), "--resume", *TINY, "dverge.eps=0.05")
+    assert changed.returncode == 2 and "dverge.eps" in changed.stderr
+    assert _digest(run_dir) == before
+
+    resumed = run_cli("--run-dir", str(run_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "complete and evaluated; skipping" in resumed.stdout
+    assert _digest(run_dir) == before
+
+
+def test_same_seed_gives_bit_identical_weights(tmp_path):
+    for name in ("a", "b"):
+        assert cli.train_main(["--run-dir", str(tmp_path / name), *TINY, "stages=[vanilla, dverge]"]) == 0
+    for stage in ("vanilla", "dverge"):
+        a, b = _weights(tmp_path / "a", stage), _weights(tmp_path / "b", stage)
+        assert all(a[f][k].equal(b[f][k]) for f in a for k in a[f])
+    other = tmp_path / "c"
+    assert cli.train_main(["--run-dir", str(other), *TINY, "stages=[vanilla]", "seed=1"]) == 0
+    a, c = _weights(tmp_path / "a", "vanilla"), _weights(other, "vanilla")
+    assert not a["sub0.safetensors"]["conv1.weight"].equal(c["sub0.safetensors"]["conv1.weight"])
+    # different submodels start from different seeds
+    assert not a["sub0.safetensors"]["conv1.weight"].equal(a["sub1.safetensors"]["conv1.weight"])
+
+
+def test_interrupted_stage_resumes_bit_identically(tmp_path, monkeypatch):
+    args = [*TINY, "stages=[vanilla, dverge]", "dverge.epochs=3"]
+    assert cli.train_main(["--run-dir", str(tmp_path / "straight"), *args]) == 0
+
+    real_epoch = trainer.dverge_epoch
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(trainer, "dverge_epoch", interrupted)
+    assert cli.train_main(["--run-dir", str(tmp_path / "cut"), *args]) == cli.EXIT_INTERRUPTED
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "dverge" / "state.json").read_text())
+    assert state["epoch"] == 1 and not state["complete"]
+    monkeypatch.setattr(trainer, "dverge_epoch", real_epoch)
+    assert cli.train_main(["--run-dir", str(tmp_path / "cut"), "--resume"]) == 0
+
+    a, b = _weights(tmp_path / "straight", "dverge"), _weights(tmp_path / "cut", "dverge")
+    assert all(a[f][k].equal(b[f][k]) for f in a for k in a[f])
+    sa = json.loads((tmp_path / "straight" / "checkpoints" / "dverge" / "state.json").read_text())
+    sb = json.loads((tmp_path / "cut" / "checkpoints" / "dverge" / "state.json").read_text())
+    assert sa["layers"] == sb["layers"] and len(sa["layers"]) == 3
+
+
+def test_dverge_needs_finished_vanilla(tmp_path, capsys):
+    assert cli.train_main(["--run-dir", str(tmp_path / "r"), *TINY, "stages=[dverge]"]) == 2
+    assert "starts from the final weights of stage vanilla" in capsys.readouterr().err
+
+
+def test_layer_out_of_range_is_a_clear_error(tmp_path, capsys):
+    assert cli.train_main(["--run-dir", str(tmp_path / "r"), *TINY, "dverge.layer=9"]) == 2
+    assert "dverge.layer=9 is out of range: conv has layers 1..5" in capsys.readouterr().err
+
+
+def test_wandb_offline_run_is_written(tmp_path):
+    run_dir = tmp_path / "w"
+    args = [a for a in TINY if not a.startswith("logging.wandb")]
+    assert cli.train_main(["--run-dir", str(run_dir), *args, "stages=[vanilla]", "logging.wandb=offline"]) == 0
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_eval_command_reevaluates_saved_stages(tmp_path):
+    run_dir = tmp_path / "e"
+    assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]"]) == 0
+    assert cli.main(["eval", str(run_dir), "eval.eps=0.1"]) == 0
+    rows = json.loads((run_dir / "results.json").read_text())["eval"]
+    assert {r["eps"] for r in rows if r["attack"] == "fgsm"} == {0.1}
+    assert cli.main(["eval", str(run_dir), "dverge.eps=0.1"]) == 2
