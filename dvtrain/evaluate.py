@@ -1,0 +1,111 @@
+"""The robustness table: every submodel and the whole ensemble under every white-box attack.
+
+The ensemble is scored as the `Mixture` of its submodels and attacked end to end, so the adversary
+sees the same averaged prediction that is being scored. Each (model, attack) cell draws its random
+start from its own generator derived from the run seed, so a cell does not depend on which other cells
+were computed, and re-running an evaluation reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
+from dvtrain.config import EvalConfig
+from dvtrain.mixture import Mixture
+from dvtrain.rng import stream
+
+ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2")
+_HEADERS = {"clean": "Clean", "fgsm": "FGSM", "pgd_linf": "PGD L∞", "pgd_l2": "PGD L2"}
+
+
+def attack_eps(attack: str, eval_cfg: EvalConfig) -> float:
+    """The budget an attack runs with (0 for clean images)."""
+    return {"clean": 0.0, "fgsm": eval_cfg.eps, "pgd_linf": eval_cfg.eps, "pgd_l2": eval_cfg.l2_eps}[attack]
+
+
+def _perturb(model: nn.Module, x: Tensor, y: Tensor, attack: str, cfg: EvalConfig, generator: torch.Generator) -> Tensor:
+    if attack == "clean":
+        return x
+    if attack == "fgsm":
+        return fgsm(model, x, y, cfg.eps)
+    if attack == "pgd_linf":
+        return pgd_linf(model, x, y, cfg.eps, cfg.step_size, cfg.steps, cfg.random_start, generator)
+    if attack == "pgd_l2":
+        return pgd_l2(model, x, y, cfg.l2_eps, cfg.l2_step_size, cfg.steps, cfg.random_start, generator)
+    raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+
+
+def robust_accuracy(
+    model: nn.Module, x: Tensor, y: Tensor, attack: str, eval_cfg: EvalConfig, batch_size: int, generator: torch.Generator
+) -> float:
+    """Accuracy in percent on attacked copies of x, in batches so large test sets fit in memory."""
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        x_adv = _perturb(model, xb, yb, attack, eval_cfg, generator)
+        with torch.no_grad():
+            correct += int((model(x_adv).argmax(dim=1) == yb).sum())
+    return 100.0 * correct / len(y)
+
+
+def evaluate_stage(stage: str, submodels: list[nn.Module], x: Tensor, y: Tensor, eval_cfg: EvalConfig, seed: int) -> list[dict]:
+    """Rows {stage, model, attack, eps, accuracy} for each submodel and the mixture under each attack.
+
+    Models are scored in eval mode (BatchNorm running statistics, as at test time) and handed back in
+    the mode they came in.
+    """
+    if eval_cfg.num_examples > 0:
+        x, y = x[: eval_cfg.num_examples], y[: eval_cfg.num_examples]
+    was_training = [model.training for model in submodels]
+    named = [(f"sub{i}", model) for i, model in enumerate(submodels)] + [("mixture", Mixture(submodels))]
+    rows = []
+    try:
+        for model in submodels:
+            model.eval()
+        for name, model in named:
+            for attack in ATTACKS:
+                accuracy = robust_accuracy(
+                    model, x, y, attack, eval_cfg, eval_cfg.batch_size, stream(seed, "eval", name, attack)
+                )
+                rows.append(
+                    {"stage": stage, "model": name, "attack": attack,
+                     "eps": float(attack_eps(attack, eval_cfg)), "accuracy": accuracy}
+                )
+    finally:
+        for model, mode in zip(submodels, was_training):
+            model.train(mode)
+    return rows
+
+
+def _model_label(stage: str, model: str) -> str:
+    if model == "mixture":
+        return "Mixture (plain ensemble)" if stage == "vanilla" else "Mixture"
+    return f"Submodel {int(model.removeprefix('sub')) + 1}"
+
+
+def _format_eps(eps: float) -> str:
+    """ε as k/255 when it is one (the usual way of writing image budgets), else as a short decimal."""
+    k = round(eps * 255)
+    return f"{k}/255" if k > 0 and abs(eps * 255 - k) < 1e-6 else f"{eps:g}"
+
+
+def results_markdown(rows: list[dict]) -> str:
+    """One table per stage, in order of first appearance: a row per model, a column per attack."""
+    stages = list(dict.fromkeys(row["stage"] for row in rows))
+    out = []
+    for stage in stages:
+        cells = {(r["model"], r["attack"]): r for r in rows if r["stage"] == stage}
+        models = list(dict.fromkeys(model for model, _ in cells))
+        header = ["Model"]
+        for attack in ATTACKS:
+            eps = next((r["eps"] for (_, a), r in cells.items() if a == attack), 0.0)
+            budget = f" ε={_format_eps(eps)}" if attack != "clean" else ""
+            header.append(f"{_HEADERS[attack]}{budget} (%)")
+        lines = [f"### {stage}", "", "| " + " | ".join(header) + " |", "|---" + "|---:" * len(ATTACKS) + "|"]
+        for model in models:
+            accs = [f"{cells[(model, a)]['accuracy']:.2f}" if (model, a) in cells else "—" for a in ATTACKS]
+            lines.append("| " + " | ".join([_model_label(stage, model), *accs]) + " |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
