@@ -23,6 +23,7 @@ DATASETS = ("digits", "fashion_mnist", "cifar10")
 ARCHS = ("conv", "resnet20")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 BN_MODES = ("train", "eval")
+ENGINES = ("loop",)
 
 
 class ConfigError(DvtrainError):
@@ -108,6 +109,8 @@ class DvergeConfig:
     adv_eps: float = 8 / 255
     adv_step_size: float = 2 / 255
     adv_steps: int = 10
+    # How the owned submodels' distillation and diversity gradients are computed (see dvtrain.engine).
+    engine: str = "loop"
     # Which stage's final weights this stage starts from.
     init_from: str = "vanilla"
     optim: OptimConfig = field(
@@ -357,6 +360,7 @@ def validate(cfg: Config) -> None:
         _check(d.layer is None or d.layer >= 1, f"{stage}.layer={d.layer} must be >= 1 (layers are 1-based) or null")
         _check(d.bn_mode in BN_MODES, f"{stage}.bn_mode={d.bn_mode!r} must be one of {', '.join(BN_MODES)}")
         _check(d.momentum >= 0, f"{stage}.momentum must be >= 0")
+        _check(d.engine in ENGINES, f"{stage}.engine={d.engine!r} must be one of {', '.join(ENGINES)}")
         _check(d.init_from in STAGES and d.init_from != stage,
                f"{stage}.init_from={d.init_from!r} must name another stage ({', '.join(STAGES)})")
     for key in ("pretrain", "dverge", "dverge_advt"):

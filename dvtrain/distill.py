@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvtrain.attacks import project_linf
 from dvtrain.config import DvergeConfig
 
 
@@ -29,11 +30,6 @@ def training_mode(model: nn.Module, train: bool):
         yield
     finally:
         model.train(was_training)
-
-
-def project_linf(z: Tensor, center: Tensor, eps: float) -> Tensor:
-    """Nearest point of the L∞ ball of radius eps around `center` that is also an image in [0, 1]."""
-    return torch.minimum(torch.maximum(z, center - eps), center + eps).clamp_(0.0, 1.0)
 
 
 def distill(

@@ -21,7 +21,7 @@ from torch import Tensor
 from dvtrain.attacks import pgd_linf
 from dvtrain.config import DvergeConfig
 from dvtrain.data import Dataset, paired_batches
-from dvtrain.distill import distill, training_mode
+from dvtrain.distill import training_mode
 from dvtrain.ensemble import Owned
 from dvtrain.mixture import mixture_log_probs
 from dvtrain.placement import Placement
@@ -34,50 +34,51 @@ def draw_layer(cfg: DvergeConfig, num_layers: int, generator: torch.Generator) -
 
 
 def dverge_step(
-    owned: Owned, placement: Placement, layer: int, x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig
+    owned: Owned, placement: Placement, engine, layer: int,
+    x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig,
 ) -> dict[str, Tensor]:
     """One DVERGE update of the owned submodels; returns per-submodel and mixture figures for logging."""
     ids = placement.owned
+    models = [owned.models[i] for i in ids]
 
     # Distill every owned submodel's non-robust features of x into x_s, all from pre-update weights.
-    distilled_own = torch.stack(
-        [distill(owned.models[i], layer, x, x_s, cfg, owned.generators[i]) for i in ids]
-    )
+    distilled_own = engine.distill(models, layer, x, x_s, cfg, [owned.generators[i] for i in ids])
     # Every submodel's distilled batch, on every process: [size, B, C, H, W]. Data, not a graph.
     distilled = placement.all_gather(distilled_own)
 
-    diversity_losses, clean_losses, adv_losses, clean_logits = [], [], [], []
-    for i in ids:
-        model, optimizer = owned.models[i], owned.optimizers[i]
+    # Submodel i learns to classify the others' distilled batches as their source labels y_s:
+    # what fools submodel j must not fool submodel i. Its own batch x'_i is never used.
+    for i, model in zip(ids, models):
         model.train()
-        # Submodel i learns to classify the others' distilled batches as their source labels y_s:
-        # what fools submodel j must not fool submodel i. Its own batch x'_i is never used.
-        diversity = sum(F.cross_entropy(model(distilled[j]), y_s) for j in range(placement.size) if j != i)
-        loss = cfg.diversity_weight * diversity
-        if cfg.clean_weight > 0:
+        owned.optimizers[i].zero_grad(set_to_none=True)
+    diversity = engine.diversity_backward(models, ids, distilled, y_s, cfg.diversity_weight)
+
+    clean_losses, adv_losses, clean_logits = [], [], []
+    for i, model in zip(ids, models):
+        extra = []
+        if cfg.clean_weight > 0:  # the report's eq. (4): keep fitting clean data
             logits = model(x)
             clean = F.cross_entropy(logits, y)
-            loss = loss + cfg.clean_weight * clean
+            extra.append(cfg.clean_weight * clean)
         else:
             with torch.no_grad(), training_mode(model, False):
                 logits = model(x)
                 clean = F.cross_entropy(logits, y)
-        if cfg.plus_adv:
+        if cfg.plus_adv:  # DVERGE+AdvT: also resist its own PGD adversarial examples
             adv = pgd_linf(
                 model, x_s, y_s, cfg.adv_eps, cfg.adv_step_size, cfg.adv_steps,
                 random_start=True, generator=owned.generators[i],
             )
             adv_loss = F.cross_entropy(model(adv), y_s)
-            loss = loss + adv_loss
+            extra.append(adv_loss)
             adv_losses.append(adv_loss.detach())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        diversity_losses.append(diversity.detach())
+        if extra:
+            sum(extra).backward()
+        owned.optimizers[i].step()
         clean_losses.append(clean.detach())
         clean_logits.append(logits.detach())
 
-    return step_metrics(placement, y, clean_logits, dverge=diversity_losses, clean=clean_losses, adv=adv_losses)
+    return step_metrics(placement, y, clean_logits, dverge=list(diversity), clean=clean_losses, adv=adv_losses)
 
 
 def step_metrics(
@@ -102,11 +103,12 @@ def dverge_epoch(
     num_layers: int,
     augment_padding: int | None,
     shared: torch.Generator,
+    engine,
     on_step: Callable[[dict[str, Tensor], int], None],
 ) -> int:
     """One epoch of Algorithm 1. `shared` drives the layer and the batch pairs, identically on every
     process; returns the layer drawn."""
     layer = draw_layer(cfg, num_layers, shared)
     for (x, y), (x_s, y_s) in paired_batches(data.x_train, data.y_train, cfg.batch_size, shared, augment_padding):
-        on_step(dverge_step(owned, placement, layer, x, y, x_s, y_s, cfg), len(y))
+        on_step(dverge_step(owned, placement, engine, layer, x, y, x_s, y_s, cfg), len(y))
     return layer

@@ -20,6 +20,7 @@ from dvtrain import checkpoint
 from dvtrain.config import Config, DvergeConfig, to_dict
 from dvtrain.data import Dataset, num_batches
 from dvtrain.dverge import dverge_epoch
+from dvtrain.engine import make_engine
 from dvtrain.ensemble import Owned, build_owned, set_epoch_lr
 from dvtrain.errors import DvtrainError
 from dvtrain.evaluate import evaluate_stage, results_markdown
@@ -187,7 +188,9 @@ def run_stage(ctx: Context, stage: str, results: dict) -> None:
                 vanilla_epoch(owned, placement, ctx.data, scfg, padding, on_step)
                 layer = None
             else:
-                layer = dverge_epoch(owned, placement, ctx.data, scfg, num_layers, padding, shared, on_step)
+                layer = dverge_epoch(
+                    owned, placement, ctx.data, scfg, num_layers, padding, shared, make_engine(scfg.engine), on_step
+                )
             metrics = test_metrics(owned, placement, ctx.data, cfg.eval.batch_size)
             summary = (
                 (f"layer {layer} | " if layer is not None else "")

@@ -7,6 +7,7 @@ from dvtrain.config import load_config
 from dvtrain.data import load_dataset
 from dvtrain.distill import distill
 from dvtrain.dverge import dverge_step
+from dvtrain.engine import LoopEngine
 from dvtrain.ensemble import build_owned
 from dvtrain.placement import LocalPlacement
 
@@ -36,8 +37,8 @@ def test_step_matches_a_direct_computation_of_the_loss():
         loss = sum(F.cross_entropy(model(distilled[j]), y_s) for j in owned.ids if j != i)
         grads = torch.autograd.grad(loss, list(model.parameters()))
         expected[i] = [p.detach() - d.optim.lr * g for p, g in zip(model.parameters(), grads)]
-        expected[i + 10] = float(loss)
-    metrics = dverge_step(owned, LocalPlacement(3), layer, x, y, x_s, y_s, d)
+        expected[i + 10] = float(loss.detach())
+    metrics = dverge_step(owned, LocalPlacement(3), LoopEngine(), layer, x, y, x_s, y_s, d)
     for i in owned.ids:
         for p, e in zip(owned.models[i].parameters(), expected[i]):
             torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
@@ -63,7 +64,7 @@ def test_own_distilled_batch_gives_no_gradient():
     results = []
     for placement in (LocalPlacement(3), RecordingPlacement(3, replace_index=1)):
         cfg, owned, x, y, x_s, y_s = _setup("dverge.steps=2")
-        dverge_step(owned, placement, 3, x, y, x_s, y_s, cfg.dverge)
+        dverge_step(owned, placement, LoopEngine(), 3, x, y, x_s, y_s, cfg.dverge)
         results.append({i: [p.detach().clone() for p in owned.models[i].parameters()] for i in owned.ids})
     same = [all(torch.equal(a, b) for a, b in zip(results[0][i], results[1][i])) for i in range(3)]
     assert same == [False, True, False]
@@ -72,8 +73,8 @@ def test_own_distilled_batch_gives_no_gradient():
 def test_plus_adv_and_clean_term_change_the_loss():
     base = _setup("dverge.steps=1")
     with_adv = _setup("dverge.steps=1", "dverge.plus_adv=true", "dverge.adv_steps=2")
-    m0 = dverge_step(base[1], LocalPlacement(3), 1, *base[2:], base[0].dverge)
-    m1 = dverge_step(with_adv[1], LocalPlacement(3), 1, *with_adv[2:], with_adv[0].dverge)
+    m0 = dverge_step(base[1], LocalPlacement(3), LoopEngine(), 1, *base[2:], base[0].dverge)
+    m1 = dverge_step(with_adv[1], LocalPlacement(3), LoopEngine(), 1, *with_adv[2:], with_adv[0].dverge)
     assert "loss/adv" not in m0 and m1["loss/adv"].shape == (3,)
     assert torch.all(m1["loss/adv"] > 0)
     torch.testing.assert_close(m0["loss/dverge"], m1["loss/dverge"])  # same pre-update models and batches

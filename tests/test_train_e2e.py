@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, run_cli
 from dvtrain import cli, trainer
+from dvtrain.config import load_config
 
 ATTACKS = {"clean", "fgsm", "pgd_linf", "pgd_l2"}
 
@@ -32,6 +33,7 @@ def test_cli_writes_a_valid_run_and_protects_it(tmp_path):
     done = run_cli("--run-dir", str(run_dir), *TINY)
     assert done.returncode == 0, done.stderr
     results = json.loads((run_dir / "results.json").read_text())
+    cfg = load_config(run_dir / "config.yaml")
     rows = results["eval"]
     assert len(rows) == 3 * 4 * 4
     for row in rows:
@@ -39,7 +41,8 @@ def test_cli_writes_a_valid_run_and_protects_it(tmp_path):
         assert row["stage"] in {"vanilla", "dverge", "dverge_advt"}
         assert row["model"] in {"sub0", "sub1", "sub2", "mixture"} and row["attack"] in ATTACKS
         assert 0.0 <= row["accuracy"] <= 100.0
-        assert row["eps"] == (0.0 if row["attack"] == "clean" else 0.03)
+        expected_eps = {"clean": 0.0, "fgsm": cfg.eval.eps, "pgd_linf": cfg.eval.eps, "pgd_l2": cfg.eval.l2_eps}
+        assert row["eps"] == expected_eps[row["attack"]]
     assert set(results["stages"]) == {"vanilla", "dverge", "dverge_advt"}
     assert (run_dir / "config.yaml").is_file() and "Mixture" in (run_dir / "results.md").read_text()
     for stage in ("vanilla", "dverge", "dverge_advt"):
