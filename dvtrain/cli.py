@@ -11,16 +11,28 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from dvtrain.config import Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config, read_yaml
 from dvtrain.errors import DvtrainError
+from dvtrain.placement import Placement
+from dvtrain.runtime import init_runtime, shutdown
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "digits_quickstart.yaml"
 CONFIG_FILE = "config.yaml"
-# Keys that may change when a run is resumed: they do not affect what is computed.
-RESUMABLE_CHANGES = ("logging.", "device", "eval.batch_size")
+# Keys that may change when a run is resumed: they do not change what any stage computes
+# (stages: a run may be extended by later stages).
+RESUMABLE_CHANGES = ("logging.", "device", "dist.", "eval.batch_size", "stages")
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_PEER_FAILED = 1
+PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out")
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """A collective that failed because another rank died, raised or hung (gloo raises RuntimeError)."""
+    return isinstance(exc, torch.distributed.DistError) or any(sign in str(exc) for sign in PEER_FAILURE_SIGNS)
 
 
 def default_config_path() -> Path:
@@ -31,8 +43,10 @@ def default_config_path() -> Path:
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, config_given: bool,
-                    overrides: list[str]) -> Config:
-    """Create or reopen the run directory; returns the configuration the run will use."""
+                    overrides: list[str], placement: Placement) -> Config:
+    """Create or reopen the run directory; returns the configuration the run will use.
+
+    Every process checks; only the main process writes, after all have checked."""
     saved = run_dir / CONFIG_FILE
     if resume:
         if not saved.is_file():
@@ -46,47 +60,29 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
                 f"cannot resume {run_dir}: the config differs from the saved one in {', '.join(changed)}; "
                 "resume with the saved config (drop those overrides) or start a new run directory"
             )
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise DvtrainError(
-                f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
-                "or choose another name=... / --run-dir"
-            )
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
-    except OSError as exc:
-        raise DvtrainError(f"cannot write to run directory {run_dir} ({exc.strerror}); choose a writable --run-dir") from None
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise DvtrainError(
+            f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another name=... / --run-dir"
+        )
+    placement.barrier()
+    if placement.is_main:
+        try:
+            if overwrite and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
+        except OSError as exc:
+            raise DvtrainError(f"cannot write to run directory {run_dir} ({exc.strerror}); choose a writable --run-dir") from None
+    placement.barrier()
     return cfg
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DvtrainError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
-    return torch.device(name)
-
-
-def _check_single_process() -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise DvtrainError(
-            f"launched with {world} processes, but this dvtrain build trains in one process; "
-            "run `python launch/train.py ...` or launch with --num_processes 1"
-        )
-
-
-def _context(cfg: Config, run_dir: Path):
+def _context(cfg: Config, run_dir: Path, placement, device):
     from dvtrain.data import load_dataset
-    from dvtrain.placement import LocalPlacement
     from dvtrain.trainer import Context
 
-    device = resolve_device(cfg.device)
-    return Context(cfg, run_dir, load_dataset(cfg.data).to(device), LocalPlacement(cfg.ensemble.size), device)
+    return Context(cfg, run_dir, load_dataset(cfg.data).to(device), placement, device)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -103,14 +99,21 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         if args.resume and args.overwrite:
             raise DvtrainError("--resume and --overwrite contradict each other; pass one of them")
-        _check_single_process()
         cfg = load_config(args.config or default_config_path(), args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / cfg.name
-        cfg = prepare_run_dir(cfg, run_dir, args.resume, args.overwrite, args.config is not None, args.overrides)
-        from dvtrain.trainer import train
+        placement, device = init_runtime(cfg)
+        try:
+            cfg = prepare_run_dir(
+                cfg, run_dir, args.resume, args.overwrite, args.config is not None, args.overrides, placement
+            )
+            from dvtrain.trainer import train
 
-        train(_context(cfg, run_dir))
-        print(f"results: {run_dir / 'results.md'}", flush=True)
+            train(_context(cfg, run_dir, placement, device))
+            placement.barrier()  # no rank tears the group down while another still uses it
+        finally:
+            shutdown()
+        if placement.is_main:
+            print(f"results: {run_dir / 'results.md'}", flush=True)
         return 0
     except DvtrainError as exc:
         print(f"dvtrain: error: {exc}", file=sys.stderr)
@@ -118,6 +121,16 @@ def train_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dvtrain: interrupted; the last epoch checkpoint is kept: continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except RuntimeError as exc:
+        if not peer_failure(exc):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"dvtrain: error: rank {rank} lost a peer process ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "the rank that failed printed its own error; fix it and continue with --resume",
+            file=sys.stderr,
+        )
+        return EXIT_PEER_FAILED
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -136,7 +149,12 @@ def eval_main(argv: list[str] | None = None) -> int:
         cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
         from dvtrain.trainer import evaluate_saved
 
-        evaluate_saved(_context(cfg, run_dir), args.stage or cfg.stages)
+        placement, device = init_runtime(cfg)
+        try:
+            evaluate_saved(_context(cfg, run_dir, placement, device), args.stage or cfg.stages)
+            placement.barrier()
+        finally:
+            shutdown()
         return 0
     except DvtrainError as exc:
         print(f"dvtrain: error: {exc}", file=sys.stderr)

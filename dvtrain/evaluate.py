@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.config import EvalConfig
 from dvtrain.mixture import Mixture
+from dvtrain.placement import LocalPlacement, Placement
 from dvtrain.rng import stream
 
 ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2")
@@ -50,33 +51,44 @@ def robust_accuracy(
     return 100.0 * correct / len(y)
 
 
-def evaluate_stage(stage: str, submodels: list[nn.Module], x: Tensor, y: Tensor, eval_cfg: EvalConfig, seed: int) -> list[dict]:
+def evaluate_stage(
+    stage: str, submodels: list[nn.Module], x: Tensor, y: Tensor, eval_cfg: EvalConfig, seed: int,
+    placement: Placement | None = None,
+) -> list[dict]:
     """Rows {stage, model, attack, eps, accuracy} for each submodel and the mixture under each attack.
 
-    Models are scored in eval mode (BatchNorm running statistics, as at test time) and handed back in
-    the mode they came in.
+    `submodels` are the ones `placement` says this process owns (all of them by default): each
+    process scores its own, and all take part in attacking the mixture. Every process returns every
+    row. Models are scored in eval mode (BatchNorm running statistics, as at test time) and handed
+    back in the mode they came in.
     """
+    placement = placement if placement is not None else LocalPlacement(len(submodels))
     if eval_cfg.num_examples > 0:
         x, y = x[: eval_cfg.num_examples], y[: eval_cfg.num_examples]
     was_training = [model.training for model in submodels]
-    named = [(f"sub{i}", model) for i, model in enumerate(submodels)] + [("mixture", Mixture(submodels))]
-    rows = []
+
+    def score(name: str, model: nn.Module, attack: str) -> float:
+        return robust_accuracy(model, x, y, attack, eval_cfg, eval_cfg.batch_size, stream(seed, "eval", name, attack))
+
     try:
         for model in submodels:
             model.eval()
-        for name, model in named:
-            for attack in ATTACKS:
-                accuracy = robust_accuracy(
-                    model, x, y, attack, eval_cfg, eval_cfg.batch_size, stream(seed, "eval", name, attack)
-                )
-                rows.append(
-                    {"stage": stage, "model": name, "attack": attack,
-                     "eps": float(attack_eps(attack, eval_cfg)), "accuracy": accuracy}
-                )
+        owned = torch.tensor(
+            [[score(f"sub{i}", model, attack) for attack in ATTACKS] for i, model in zip(placement.owned, submodels)],
+            dtype=torch.float64,
+            device=x.device,
+        )
+        table = {f"sub{i}": accs.tolist() for i, accs in enumerate(placement.all_gather(owned))}
+        mixture = Mixture(submodels, placement)
+        table["mixture"] = [score("mixture", mixture, attack) for attack in ATTACKS]
     finally:
         for model, mode in zip(submodels, was_training):
             model.train(mode)
-    return rows
+    return [
+        {"stage": stage, "model": name, "attack": attack, "eps": float(attack_eps(attack, eval_cfg)), "accuracy": acc}
+        for name, accs in table.items()
+        for attack, acc in zip(ATTACKS, accs)
+    ]
 
 
 def _model_label(stage: str, model: str) -> str:

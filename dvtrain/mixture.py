@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvtrain.placement import LocalPlacement, Placement
+
 
 def mixture_log_probs(logits: Tensor) -> Tensor:
     """Log of the mean softmax of stacked logits [M, N, K] -> [N, K], stable for any logit scale."""
@@ -24,14 +26,22 @@ def mixture_log_probs(logits: Tensor) -> Tensor:
 
 
 class Mixture(nn.Module):
-    """Submodels f_1..f_M seen as one model whose output is log mean_i softmax(f_i(x))."""
+    """Submodels f_1..f_M seen as one model whose output is log mean_i softmax(f_i(x)).
 
-    def __init__(self, submodels: Iterable[nn.Module]):
+    With several processes, `submodels` are the ones this process owns and `placement` brings in the
+    others' outputs; the input gradient is summed over the processes, so an attack on the mixture is
+    the same end-to-end attack whatever the placement.
+    """
+
+    def __init__(self, submodels: Iterable[nn.Module], placement: Placement | None = None):
         super().__init__()
         self.submodels = nn.ModuleList(submodels)
+        self.placement = placement if placement is not None else LocalPlacement(len(self.submodels))
 
     def forward(self, x: Tensor) -> Tensor:
-        return mixture_log_probs(torch.stack([model(x) for model in self.submodels]))
+        x = self.placement.share_input(x)
+        owned = torch.stack([model(x) for model in self.submodels])
+        return mixture_log_probs(self.placement.gather_outputs(owned))
 
     def mean_probs(self, x: Tensor) -> Tensor:
         """The ensemble's predictive distribution itself, for readers who want probabilities."""

@@ -1,15 +1,22 @@
 """Placement: which process owns which submodel, and how per-submodel tensors reach everyone.
 
-This is the one interface between the DVERGE algorithm and the hardware. The algorithm asks only for
-the submodels it owns and for `all_gather`, which turns a tensor stacked over the owned submodels
-into one stacked over all of them. Distilled batches enter the other submodels' losses as data, so
-the gather carries no gradient, by design.
+This is the one interface between the DVERGE algorithm and the hardware. The algorithm trains the
+submodels in `owned` and obtains everyone's per-submodel tensors with `all_gather`, which turns a
+tensor stacked over the owned submodels into one stacked over all of them, in submodel order.
+Distilled batches enter the other submodels' losses as data, so that gather carries no gradient.
+
+The white-box attack on the mixture is the one place where gradients must cross processes: the
+mixture's loss needs every submodel's output, and its input gradient is the sum of every submodel's
+contribution. `share_input` and `gather_outputs` are the two differentiable halves of that.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+import torch.distributed as dist
+from einops import rearrange
 from torch import Tensor
 
 
@@ -19,14 +26,22 @@ class Placement(Protocol):
     is_main: bool  # the process that logs and writes shared files
 
     def all_gather(self, owned_values: Tensor) -> Tensor:
-        """[len(owned), ...] on each process → [size, ...] on every process, in submodel order."""
+        """[len(owned), ...] on each process → [size, ...] on every process, in submodel order; no gradient."""
+        ...
+
+    def gather_outputs(self, owned_values: Tensor) -> Tensor:
+        """Like `all_gather`, but gradients flow back to the owned entries."""
+        ...
+
+    def share_input(self, x: Tensor) -> Tensor:
+        """x unchanged; in the backward pass its gradient is summed over the processes."""
         ...
 
     def barrier(self) -> None: ...
 
 
 class LocalPlacement:
-    """One process owns every submodel: gathering is the identity."""
+    """One process owns every submodel: gathering and sharing are the identity."""
 
     def __init__(self, size: int):
         self.size = size
@@ -36,5 +51,80 @@ class LocalPlacement:
     def all_gather(self, owned_values: Tensor) -> Tensor:
         return owned_values
 
+    def gather_outputs(self, owned_values: Tensor) -> Tensor:
+        return owned_values
+
+    def share_input(self, x: Tensor) -> Tensor:
+        return x
+
     def barrier(self) -> None:
         pass
+
+
+def owned_by(rank: int, world: int, size: int) -> list[int]:
+    """Contiguous blocks: with 3 submodels on 2 ranks, rank 0 owns [0] and rank 1 owns [1, 2]."""
+    return list(range(rank * size // world, (rank + 1) * size // world))
+
+
+class ProcessGroupPlacement:
+    """Submodels spread over the ranks of the default process group, each owned by exactly one rank.
+
+    Ranks may own different numbers of submodels, so each rank pads its stack to the largest share
+    before the collective, and the padding is dropped on the way out.
+    """
+
+    def __init__(self, size: int, rank: int, world: int):
+        if world > size:
+            raise ValueError(f"{world} ranks for {size} submodels")
+        self.size, self.rank, self.world = size, rank, world
+        self.owned = owned_by(rank, world, size)
+        self.is_main = rank == 0
+        self.share = max(len(owned_by(r, world, size)) for r in range(world))
+        # row of submodel i in the [world × share] gathered stack
+        self.rows = [r * self.share + k for r in range(world) for k in range(len(owned_by(r, world, size)))]
+
+    def all_gather(self, owned_values: Tensor) -> Tensor:
+        padded = owned_values.new_zeros((self.share, *owned_values.shape[1:]))
+        padded[: len(self.owned)] = owned_values
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.contiguous())
+        stacked = rearrange(torch.stack(parts), "world share ... -> (world share) ...")
+        return stacked[self.rows]
+
+    def gather_outputs(self, owned_values: Tensor) -> Tensor:
+        return _GatherOutputs.apply(owned_values, self)
+
+    def share_input(self, x: Tensor) -> Tensor:
+        return _ShareInput.apply(x)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+class _GatherOutputs(torch.autograd.Function):
+    """Every rank computes the same loss from the gathered outputs, so the gradient of the owned
+    entries is simply their slice of the incoming gradient: no reduction here."""
+
+    @staticmethod
+    def forward(ctx, owned_values: Tensor, placement: ProcessGroupPlacement) -> Tensor:
+        ctx.placement = placement
+        return placement.all_gather(owned_values.detach())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        first = ctx.placement.owned[0]
+        return grad[first : first + len(ctx.placement.owned)], None
+
+
+class _ShareInput(torch.autograd.Function):
+    """Identity forward; the backward sums the per-rank partial gradients of the shared input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad

@@ -159,7 +159,8 @@ def run_stage(ctx: Context, stage: str, results: dict) -> None:
     state = _start_state(ctx, stage, owned)
     evaluated = any(row["stage"] == stage for row in results["eval"])
     if state["complete"] and evaluated:
-        print(f"[{stage}] complete and evaluated; skipping", flush=True)
+        if placement.is_main:
+            print(f"[{stage}] complete and evaluated; skipping", flush=True)
         return
 
     tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, stage, to_dict(cfg), active=placement.is_main)
@@ -222,7 +223,10 @@ def run_stage(ctx: Context, stage: str, results: dict) -> None:
 def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: dict) -> list[dict]:
     """Attack table of the stage's submodels and mixture, recorded in results.json/results.md."""
     start = time.perf_counter()
-    rows = evaluate_stage(stage, [owned.models[i] for i in owned.ids], ctx.data.x_test, ctx.data.y_test, ctx.cfg.eval, ctx.cfg.seed)
+    rows = evaluate_stage(
+        stage, [owned.models[i] for i in owned.ids], ctx.data.x_test, ctx.data.y_test, ctx.cfg.eval, ctx.cfg.seed,
+        ctx.placement,
+    )
     results["eval"] = [r for r in results["eval"] if r["stage"] != stage] + rows
     images = state["epoch"] * len(ctx.data.y_train)
     results["stages"][stage] = {

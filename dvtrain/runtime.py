@@ -1,0 +1,60 @@
+"""Where the run executes: one process, or one rank of a launch by `accelerate launch` or `torchrun`.
+
+dvtrain decides the device itself: CUDA when present, else the CPU with the gloo backend. The
+Accelerator is used only to join the launcher's process group and pick the rank's device; the
+submodels are never passed to `accelerator.prepare`, which would wrap them in DDP and make the
+different submodels of different ranks identical.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+
+from dvtrain.config import Config
+from dvtrain.errors import DvtrainError
+from dvtrain.placement import LocalPlacement, Placement, ProcessGroupPlacement
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DvtrainError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_runtime(cfg: Config) -> tuple[Placement, torch.device]:
+    world = launched_world_size()
+    if world == 1:
+        return LocalPlacement(cfg.ensemble.size), resolve_device(cfg.device)
+    if world > cfg.ensemble.size:
+        raise DvtrainError(
+            f"launched {world} processes for ensemble.size={cfg.ensemble.size}; launch at most "
+            f"{cfg.ensemble.size} processes (each rank owns whole submodels)"
+        )
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))]
+    )
+    if accelerator.num_processes != world:
+        raise DvtrainError(
+            f"the launcher started {world} processes but they did not form one process group "
+            f"(this rank sees {accelerator.num_processes}); on CPU use `accelerate launch --multi_gpu "
+            "--num_processes N --main_process_port 0` or `torchrun --nproc_per_node N`"
+        )
+    device = accelerator.device if not cpu else torch.device("cpu")
+    return ProcessGroupPlacement(cfg.ensemble.size, accelerator.process_index, world), device
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
