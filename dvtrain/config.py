@@ -142,6 +142,8 @@ class LoggingConfig:
     # Seconds W&B may take to start before dvtrain gives up with an error instead of hanging.
     init_timeout_s: float = 60.0
     progress: bool = True
+    # Time the distill / all-gather / train phases of each DVERGE step (synchronises a GPU: off by default).
+    step_timing: bool = False
 
 
 @dataclass

@@ -25,6 +25,7 @@ from dvtrain.distill import training_mode
 from dvtrain.ensemble import Owned
 from dvtrain.mixture import mixture_log_probs
 from dvtrain.placement import Placement
+from dvtrain.timing import DISABLED, PhaseTimer
 
 
 def draw_layer(cfg: DvergeConfig, num_layers: int, generator: torch.Generator) -> int:
@@ -35,17 +36,31 @@ def draw_layer(cfg: DvergeConfig, num_layers: int, generator: torch.Generator) -
 
 def dverge_step(
     owned: Owned, placement: Placement, engine, layer: int,
-    x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig,
+    x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig, timer: PhaseTimer = DISABLED,
 ) -> dict[str, Tensor]:
     """One DVERGE update of the owned submodels; returns per-submodel and mixture figures for logging."""
     ids = placement.owned
     models = [owned.models[i] for i in ids]
 
     # Distill every owned submodel's non-robust features of x into x_s, all from pre-update weights.
-    distilled_own = engine.distill(models, layer, x, x_s, cfg, [owned.generators[i] for i in ids])
+    with timer("distill"):
+        distilled_own = engine.distill(models, layer, x, x_s, cfg, [owned.generators[i] for i in ids])
+    if timer.enabled:  # separate waiting for slower ranks from the transfer itself
+        with timer("wait"):
+            placement.barrier()
     # Every submodel's distilled batch, on every process: [size, B, C, H, W]. Data, not a graph.
-    distilled = placement.all_gather(distilled_own)
+    with timer("all_gather"):
+        distilled = placement.all_gather(distilled_own)
 
+    with timer("train"):
+        return _train_on_distilled(owned, placement, engine, models, distilled, x, y, x_s, y_s, cfg)
+
+
+def _train_on_distilled(
+    owned: Owned, placement: Placement, engine, models: list, distilled: Tensor,
+    x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig,
+) -> dict[str, Tensor]:
+    ids = placement.owned
     # Submodel i learns to classify the others' distilled batches as their source labels y_s:
     # what fools submodel j must not fool submodel i. Its own batch x'_i is never used.
     for i, model in zip(ids, models):
@@ -105,10 +120,11 @@ def dverge_epoch(
     shared: torch.Generator,
     engine,
     on_step: Callable[[dict[str, Tensor], int], None],
+    timer: PhaseTimer = DISABLED,
 ) -> int:
     """One epoch of Algorithm 1. `shared` drives the layer and the batch pairs, identically on every
     process; returns the layer drawn."""
     layer = draw_layer(cfg, num_layers, shared)
     for (x, y), (x_s, y_s) in paired_batches(data.x_train, data.y_train, cfg.batch_size, shared, augment_padding):
-        on_step(dverge_step(owned, placement, engine, layer, x, y, x_s, y_s, cfg), len(y))
+        on_step(dverge_step(owned, placement, engine, layer, x, y, x_s, y_s, cfg, timer), len(y))
     return layer

@@ -28,6 +28,7 @@ from dvtrain.mixture import mixture_log_probs
 from dvtrain.placement import Placement
 from dvtrain.pretrain import vanilla_epoch
 from dvtrain.rng import stream
+from dvtrain.timing import PhaseTimer
 from dvtrain.tracking import Progress, Tracker
 
 RESULTS_JSON = "results.json"
@@ -174,6 +175,7 @@ def run_stage(ctx: Context, stage: str, results: dict) -> None:
             progress = Progress(cfg.logging.progress and placement.is_main, stage, epoch, scfg.epochs, steps_per_epoch)
             global_step = epoch * steps_per_epoch
             epoch_losses: list[float] = []
+            timer = PhaseTimer(cfg.logging.step_timing, ctx.device)
 
             def on_step(values: dict[str, Tensor], images: int) -> None:
                 nonlocal global_step
@@ -190,17 +192,20 @@ def run_stage(ctx: Context, stage: str, results: dict) -> None:
                 layer = None
             else:
                 layer = dverge_epoch(
-                    owned, placement, ctx.data, scfg, num_layers, padding, shared, make_engine(scfg.engine), on_step
+                    owned, placement, ctx.data, scfg, num_layers, padding, shared, make_engine(scfg.engine), on_step,
+                    timer,
                 )
             metrics = test_metrics(owned, placement, ctx.data, cfg.eval.batch_size)
             summary = (
                 (f"layer {layer} | " if layer is not None else "")
                 + f"loss {sum(epoch_losses) / max(len(epoch_losses), 1):.4f} | "
                 + " ".join(f"{k.split('/')[-1]} {v:.2f}%" for k, v in metrics.items() if "/acc/" in k)
+                + (f" | {timer.summary()}" if timer.seconds else "")
             )
             state["train_s"] += progress.close(summary)
             tracker.log(
                 {**metrics, "epoch": epoch + 1, "lr": lrs.pop(), "images_per_s": progress.images_per_s}
+                | {f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()}
                 | ({"layer": layer} if layer is not None else {}),
                 step=global_step,
             )

@@ -123,3 +123,44 @@ def test_more_ranks_than_submodels_is_refused(tmp_path):
     assert done.returncode != 0
     assert "launched 3 processes for ensemble.size=2" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _workers(launcher_pid: int) -> list[int]:
+    """The training processes torchrun started (its children running launch/train.py)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == launcher_pid and b"launch/train.py" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_every_rank_quickly(tmp_path):
+    run_dir = tmp_path / "run"
+    train = str(REPO / "launch" / "train.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--standalone", train,
+           "--run-dir", str(run_dir), *SHORT, "pretrain.epochs=200", "dist.timeout_s=60"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 90
+        while not (run_dir / "checkpoints" / "vanilla" / "state.json").exists():  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        workers = _workers(proc.pid)
+        assert len(workers) == 3
+        os.kill(workers[1], 9)
+        start = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and elapsed < 30
+    assert "lost a peer process" in stderr
+    state = json.loads((run_dir / "checkpoints" / "vanilla" / "state.json").read_text())
+    assert state["epoch"] >= 1  # the last whole checkpoint is still there

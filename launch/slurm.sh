@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# SLURM example: N nodes × G GPUs, one torchrun per node. Submit with
+#   sbatch --nodes=2 --gres=gpu:8 --ntasks-per-node=1 launch/slurm.sh --config configs/cifar10_resnet20.yaml ensemble.size=16
+# The world size (nodes × GPUs) must not exceed ensemble.size; --run-dir must be on shared storage.
+#SBATCH --job-name=dvtrain
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=16
+set -euo pipefail
+GPUS_PER_NODE=${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun torchrun \
+    --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
+    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:29500" \
+    launch/train.py "$@"
