@@ -88,8 +88,30 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: Path, owned: Owned, placement: Placement, state: dict) -> None:
-    """Write the owned submodels (every process) and `state` (main process), then swap atomically."""
+def save_checkpoint(
+    path: Path, owned: Owned, placement: Placement, state: dict, data_states: dict[int, torch.Tensor] | None = None
+) -> None:
+    """Write the owned submodels (every process) and `state` (main process), then swap atomically.
+
+    `data_states` are the data generators' states at the start of the current epoch (default: their
+    current states, right for a checkpoint at an epoch boundary): a resumed run replays the epoch's
+    batches from there. A failed write (e.g. a full disk) leaves the previous
+    checkpoint in place and raises a `CheckpointError`."""
+    if data_states is None:
+        data_states = {i: owned.data_generators[i].get_state() for i in owned.ids}
+    try:
+        _write_and_swap(path, owned, placement, state, data_states)
+    except OSError as exc:
+        shutil.rmtree(_tmp(path), ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint is kept: "
+            "free disk space or fix permissions, then continue with --resume"
+        ) from None
+
+
+def _write_and_swap(
+    path: Path, owned: Owned, placement: Placement, state: dict, data_states: dict[int, torch.Tensor]
+) -> None:
     tmp = _tmp(path)
     if placement.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,6 +122,7 @@ def save_checkpoint(path: Path, owned: Owned, placement: Placement, state: dict)
         save_file(weights, tmp / f"sub{i}.safetensors", metadata={"submodel": str(i)})
         tensors, meta = _optimizer_tensors(owned.optimizers[i])
         tensors["generator"] = owned.generators[i].get_state()
+        tensors["data_generator"] = data_states[i]
         save_file(tensors, tmp / f"sub{i}.resume.safetensors", metadata={"optimizer": json.dumps(meta)})
         _fsync(tmp / f"sub{i}.safetensors")
         _fsync(tmp / f"sub{i}.resume.safetensors")
@@ -163,3 +186,4 @@ def load_resume_state(path: Path, owned: Owned) -> None:
             meta = json.loads(f.metadata()["optimizer"])
         owned.optimizers[i].load_state_dict(_optimizer_state(tensors, meta))
         owned.generators[i].set_state(tensors["generator"])
+        owned.data_generators[i].set_state(tensors["data_generator"])

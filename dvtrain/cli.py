@@ -17,6 +17,7 @@ from dvtrain.config import Config, ConfigError, config_from_dict, diff_configs, 
 from dvtrain.errors import DvtrainError
 from dvtrain.placement import Placement
 from dvtrain.runtime import init_runtime, shutdown
+from dvtrain.signals import StopRequested
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "digits_quickstart.yaml"
@@ -118,8 +119,11 @@ def train_main(argv: list[str] | None = None) -> int:
     except DvtrainError as exc:
         print(f"dvtrain: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except StopRequested as stop:
+        print(f"dvtrain: {stop}; a checkpoint was saved there: continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("dvtrain: interrupted; the last epoch checkpoint is kept: continue with --resume", file=sys.stderr)
+        print("dvtrain: interrupted; the last checkpoint is kept: continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RuntimeError as exc:
         if not peer_failure(exc):

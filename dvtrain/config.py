@@ -147,6 +147,12 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Also checkpoint every N optimizer steps (0: only at epoch ends); resuming replays the epoch's batches.
+    every_steps: int = 0
+
+
+@dataclass
 class DistConfig:
     timeout_s: int = 600
 
@@ -167,6 +173,7 @@ class Config:
     dverge_advt: DvergeConfig = field(default_factory=lambda: DvergeConfig(epochs=50, plus_adv=True))
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def stage_config(self, stage: str) -> PretrainConfig | DvergeConfig:
@@ -177,8 +184,15 @@ class Config:
 
 
 def _parse_number(text: str, kind: type) -> Any:
-    """Accept `8/255` for floats: ε values are conventionally written as fractions of 255."""
-    if kind is float and isinstance(text, str) and text.count("/") == 1:
+    """Strings that mean a float: `1e-3` (which YAML 1.1 reads as a string) and `8/255` (ε values
+    are conventionally written as fractions of 255)."""
+    if kind is not float or not isinstance(text, str):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text.count("/") == 1:
         num, den = text.split("/")
         try:
             return float(num) / float(den)
@@ -375,3 +389,4 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.num_examples >= 0 and cfg.eval.batch_size >= 1, "eval.num_examples >= 0 and eval.batch_size >= 1")
     _check(cfg.logging.wandb in WANDB_MODES, f"logging.wandb={cfg.logging.wandb!r} must be one of {', '.join(WANDB_MODES)}")
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s must be >= 1")
+    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: epoch ends only)")

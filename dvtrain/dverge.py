@@ -121,10 +121,15 @@ def dverge_epoch(
     engine,
     on_step: Callable[[dict[str, Tensor], int], None],
     timer: PhaseTimer = DISABLED,
+    skip: int = 0,
 ) -> int:
     """One epoch of Algorithm 1. `shared` drives the layer and the batch pairs, identically on every
-    process; returns the layer drawn."""
+    process; the first `skip` pairs are drawn but not trained on (resuming inside an epoch).
+    Returns the layer drawn."""
     layer = draw_layer(cfg, num_layers, shared)
-    for (x, y), (x_s, y_s) in paired_batches(data.x_train, data.y_train, cfg.batch_size, shared, augment_padding):
+    pairs = paired_batches(data.x_train, data.y_train, cfg.batch_size, shared, augment_padding)
+    for step, ((x, y), (x_s, y_s)) in enumerate(pairs):
+        if step < skip:
+            continue
         on_step(dverge_step(owned, placement, engine, layer, x, y, x_s, y_s, cfg, timer), len(y))
     return layer

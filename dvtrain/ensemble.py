@@ -19,7 +19,10 @@ class Owned:
 
     models: dict[int, nn.Module]
     optimizers: dict[int, torch.optim.Optimizer]
+    # Random starts (distillation, adversarial examples): consumed step by step.
     generators: dict[int, torch.Generator]
+    # Data order and augmentation of the `vanilla` stage: replayed from the epoch start on resume.
+    data_generators: dict[int, torch.Generator]
 
     @property
     def ids(self) -> list[int]:
@@ -60,5 +63,6 @@ def build_owned(cfg: Config, data: Dataset, ids: list[int], stage: str, device: 
     return Owned(
         models=models,
         optimizers={i: build_optimizer(models[i], optim_cfg) for i in ids},
-        generators={i: stream(cfg.seed, "submodel", stage, i) for i in ids},
+        generators={i: stream(cfg.seed, "noise", stage, i) for i in ids},
+        data_generators={i: stream(cfg.seed, "data", stage, i) for i in ids},
     )

@@ -37,6 +37,10 @@ class Placement(Protocol):
         """x unchanged; in the backward pass its gradient is summed over the processes."""
         ...
 
+    def any(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on any: lets all ranks agree to stop at one step."""
+        ...
+
     def barrier(self) -> None: ...
 
 
@@ -56,6 +60,9 @@ class LocalPlacement:
 
     def share_input(self, x: Tensor) -> Tensor:
         return x
+
+    def any(self, flag: bool) -> bool:
+        return flag
 
     def barrier(self) -> None:
         pass
@@ -96,6 +103,11 @@ class ProcessGroupPlacement:
 
     def share_input(self, x: Tensor) -> Tensor:
         return _ShareInput.apply(x)
+
+    def any(self, flag: bool) -> bool:
+        vote = torch.tensor([int(flag)])
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        return bool(vote.item())
 
     def barrier(self) -> None:
         dist.barrier()

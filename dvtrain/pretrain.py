@@ -25,12 +25,18 @@ def vanilla_epoch(
     cfg: PretrainConfig,
     augment_padding: int | None,
     on_step: Callable[[dict[str, Tensor], int], None],
+    skip: int = 0,
 ) -> None:
+    """One epoch; the first `skip` batches are drawn but not trained on (resuming inside an epoch)."""
     ids = placement.owned
     streams = {
-        i: batches(data.x_train, data.y_train, cfg.batch_size, owned.generators[i], augment_padding) for i in ids
+        i: batches(data.x_train, data.y_train, cfg.batch_size, owned.data_generators[i], augment_padding) for i in ids
     }
-    for _ in range(num_batches(len(data.y_train), cfg.batch_size)):
+    for step in range(num_batches(len(data.y_train), cfg.batch_size)):
+        if step < skip:
+            for i in ids:
+                next(streams[i])
+            continue
         losses, accs, seen = [], [], 0
         for i in ids:
             x, y = next(streams[i])

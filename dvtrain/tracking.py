@@ -7,8 +7,11 @@ files sit in `<run_dir>/wandb/` and `wandb sync` uploads them later. Only the ma
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,6 +92,20 @@ class Tracker:
         self.run.finish(exit_code=exit_code)
         wandb.teardown()
         self.run = None
+
+
+def read_offline_run(path: Path) -> list[dict]:
+    """The records of an offline W&B run (a run directory or its .wandb file), oldest first.
+
+    wandb ships no Python reader for its transaction log; its own `wandb leet inspect --json`
+    prints one JSON record per line."""
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    done = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--json", str(path)], capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise DvtrainError(f"cannot read the W&B run at {path} ({done.stderr.strip()[:200]}); pass an offline-run-* directory")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 class Progress:

@@ -28,6 +28,7 @@ from dvtrain.mixture import mixture_log_probs
 from dvtrain.placement import Placement
 from dvtrain.pretrain import vanilla_epoch
 from dvtrain.rng import stream
+from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.timing import PhaseTimer
 from dvtrain.tracking import Progress, Tracker
 
@@ -143,6 +144,7 @@ def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
         "arch": cfg.model.arch,
         "ensemble_size": cfg.ensemble.size,
         "epoch": 0,
+        "step": 0,
         "complete": False,
         "layers": [],
         "train_s": 0.0,
@@ -150,7 +152,7 @@ def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
     }
 
 
-def run_stage(ctx: Context, stage: str, results: dict) -> None:
+def run_stage(ctx: Context, stage: str, results: dict, guard: SignalGuard) -> None:
     cfg, placement = ctx.cfg, ctx.placement
     scfg = cfg.stage_config(stage)
     owned = build_owned(cfg, ctx.data, placement.owned, stage, ctx.device)
@@ -164,6 +166,7 @@ def run_stage(ctx: Context, stage: str, results: dict) -> None:
             print(f"[{stage}] complete and evaluated; skipping", flush=True)
         return
 
+    path = checkpoint.stage_dir(ctx.run_dir, stage)
     tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, stage, to_dict(cfg), active=placement.is_main)
     exit_code = 1
     try:
@@ -171,29 +174,41 @@ def run_stage(ctx: Context, stage: str, results: dict) -> None:
         padding = cfg.data.crop_padding if cfg.data.augment else None
         steps_per_epoch = num_batches(len(ctx.data.y_train), scfg.batch_size)
         for epoch in range(state["epoch"], scfg.epochs):
+            # Where this epoch's batches come from, so a checkpoint inside it can replay them.
+            epoch_start = checkpoint.generator_to_text(shared)
+            data_states = {i: owned.data_generators[i].get_state() for i in owned.ids}
+            skip = state["step"]
             lrs = {set_epoch_lr(owned.optimizers[i], scfg.optim, epoch) for i in owned.ids}
             progress = Progress(cfg.logging.progress and placement.is_main, stage, epoch, scfg.epochs, steps_per_epoch)
-            global_step = epoch * steps_per_epoch
+            step_in_epoch = skip
             epoch_losses: list[float] = []
             timer = PhaseTimer(cfg.logging.step_timing, ctx.device)
 
             def on_step(values: dict[str, Tensor], images: int) -> None:
-                nonlocal global_step
-                global_step += 1
-                _check_finite(values, stage, epoch, global_step - epoch * steps_per_epoch)
-                flat = _flatten_step(values)
+                nonlocal step_in_epoch
+                step_in_epoch += 1
+                global_step = epoch * steps_per_epoch + step_in_epoch
+                _check_finite(values, stage, epoch, step_in_epoch)
                 main_loss = values["loss/dverge" if "loss/dverge" in values else "loss/clean"].mean().item()
                 epoch_losses.append(main_loss)
                 progress.update(images, main_loss)
-                tracker.log(flat, step=global_step)
+                tracker.log(_flatten_step(values), step=global_step)
+                every = cfg.checkpoint.every_steps
+                periodic = every > 0 and global_step % every == 0 and step_in_epoch < steps_per_epoch
+                stop = placement.any(guard.stop_requested)
+                if periodic or stop:
+                    state.update(epoch=epoch, step=step_in_epoch, shared_generator=epoch_start)
+                    checkpoint.save_checkpoint(path, owned, placement, state, data_states)
+                if stop:
+                    raise StopRequested(f"stopped at {stage} epoch {epoch + 1} step {step_in_epoch}")
 
             if stage == "vanilla":
-                vanilla_epoch(owned, placement, ctx.data, scfg, padding, on_step)
+                vanilla_epoch(owned, placement, ctx.data, scfg, padding, on_step, skip)
                 layer = None
             else:
                 layer = dverge_epoch(
                     owned, placement, ctx.data, scfg, num_layers, padding, shared, make_engine(scfg.engine), on_step,
-                    timer,
+                    timer, skip,
                 )
             metrics = test_metrics(owned, placement, ctx.data, cfg.eval.batch_size)
             summary = (
@@ -207,16 +222,17 @@ def run_stage(ctx: Context, stage: str, results: dict) -> None:
                 {**metrics, "epoch": epoch + 1, "lr": lrs.pop(), "images_per_s": progress.images_per_s}
                 | {f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()}
                 | ({"layer": layer} if layer is not None else {}),
-                step=global_step,
+                step=(epoch + 1) * steps_per_epoch,
             )
             state["layers"].append(layer)
-            state["epoch"] = epoch + 1
-            state["complete"] = epoch + 1 == scfg.epochs
-            state["shared_generator"] = checkpoint.generator_to_text(shared)
-            checkpoint.save_checkpoint(checkpoint.stage_dir(ctx.run_dir, stage), owned, placement, state)
+            state.update(
+                epoch=epoch + 1, step=0, complete=epoch + 1 == scfg.epochs,
+                shared_generator=checkpoint.generator_to_text(shared),
+            )
+            checkpoint.save_checkpoint(path, owned, placement, state)
         if not state["complete"]:  # zero epochs: the starting weights are this stage's result
             state["complete"] = True
-            checkpoint.save_checkpoint(checkpoint.stage_dir(ctx.run_dir, stage), owned, placement, state)
+            checkpoint.save_checkpoint(path, owned, placement, state)
 
         rows = evaluate_into(ctx, stage, owned, state, results)
         tracker.summary({f"eval/{r['model']}/{r['attack']}": r["accuracy"] for r in rows})
@@ -248,8 +264,9 @@ def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: 
 
 def train(ctx: Context) -> dict:
     results = load_results(ctx.run_dir)
-    for stage in ctx.cfg.stages:
-        run_stage(ctx, stage, results)
+    with SignalGuard() as guard:
+        for stage in ctx.cfg.stages:
+            run_stage(ctx, stage, results, guard)
     return results
 
 

@@ -49,6 +49,7 @@ def test_fraction_strings_and_yaml_values():
     cfg = load_config(None, ["dverge.eps=8/255", "stages=[vanilla, dverge]", "dverge.layer=3", "model.conv_padding=null"])
     assert cfg.dverge.eps == 8 / 255 and cfg.stages == ["vanilla", "dverge"] and cfg.dverge.layer == 3
     assert cfg.pretrain.optim.lr == 1e-3  # untouched defaults stay
+    assert load_config(None, ["dverge.optim.lr=1e-2"]).dverge.optim.lr == 0.01  # YAML 1.1 reads 1e-2 as a string
 
 
 @pytest.mark.parametrize(
