@@ -9,6 +9,7 @@ every device and for every placement of the submodels.
 from __future__ import annotations
 
 import gzip
+import pickle
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -161,10 +162,37 @@ def _prepare_fashion_mnist_raw(root: Path) -> None:
         tmp.replace(raw / name)
 
 
-def _cifar10(cfg: DataConfig) -> Dataset:
-    import pickle
+# What the python version of CIFAR-10 may contain: dicts, lists, strings and numpy arrays.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
 
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Refuses every global but numpy's array reconstruction: a tampered batch file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _check_cifar_files(folder: Path, names: list[str]) -> None:
+    """CIFAR-10's batches are pickles, which torchvision loads as they are; vet them first."""
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            with open(path, "rb") as f:
+                _ArraysOnlyUnpickler(f, encoding="latin1").load()
+
+
+def _cifar10(cfg: DataConfig) -> Dataset:
     from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
 
     cls = CIFAR10
     if not cfg.verify_checksums:
@@ -179,9 +207,12 @@ def _cifar10(cfg: DataConfig) -> Dataset:
         cls = CIFAR10Unverified
     folder = Path(cfg.root) / "cifar-10-batches-py"
     try:
-        train = cls(cfg.root, train=True, download=cfg.download)
-        test = cls(cfg.root, train=False, download=cfg.download)
-    except RuntimeError:
+        if cfg.download and not folder.is_dir():
+            download_and_extract_archive(CIFAR10.url, cfg.root, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        _check_cifar_files(folder, [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]])
+        train = cls(cfg.root, train=True)
+        test = cls(cfg.root, train=False)
+    except (RuntimeError, OSError):
         raise DataError(
             f"CIFAR-10 batches not found or failing their checksum under {folder}; set data.download=true on a "
             "machine with internet, or copy the python version (cifar-10-batches-py) there"

@@ -125,3 +125,19 @@ def test_augment_crops_and_flips_within_the_padding():
         windows = [padded[k, :, r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
         assert any(torch.equal(out[k], w) or torch.equal(out[k], w.flip(-1)) for w in windows)
     assert not torch.equal(out, x)
+
+
+def test_cifar10_batch_with_code_in_it_is_refused(tmp_path):
+    import pickle
+
+    root = write_cifar10(tmp_path / "c")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    with open(root / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": []}, f, protocol=2)
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_dataset(DataConfig(name="cifar10", root=str(root), verify_checksums=False))
+    assert not (tmp_path / "pwned").exists()

@@ -1,0 +1,114 @@
+"""Every user mistake: a one-line error naming the problem and the fix, exit status 2, no traceback,
+and nothing already saved is touched. (Further cases with their own machinery: NaN loss, full disk,
+Ctrl-C and W&B unreachable in test_reliability.py; too many ranks in test_distributed.py.)"""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY, write_cifar10
+from dvtrain import cli
+
+
+def digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]"]) == 0
+    return run_dir
+
+
+def copy_of(trained: Path, tmp_path: Path, edit_config: dict | None = None) -> Path:
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained, run_dir)
+    if edit_config:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        for dotted, value in edit_config.items():
+            section, key = dotted.split(".")
+            cfg[section][key] = value
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run_dir
+
+
+def corrupt(run_dir: Path) -> Path:
+    f = run_dir / "checkpoints" / "vanilla" / "sub1.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    return run_dir
+
+
+def fresh(tmp_path: Path) -> list[str]:
+    return ["--run-dir", str(tmp_path / "new"), *TINY]
+
+
+CASES = {
+    "malformed YAML": (lambda t, r: ["--config", str(_file(t, "a: [1\n")), *fresh(t)], "not valid YAML at line"),
+    "config file missing": (lambda t, r: ["--config", str(t / "nope.yaml")], "does not exist; pass an existing file"),
+    "unknown key": (lambda t, r: [*fresh(t), "dverge.epz=0.1"], "unknown config key 'dverge.epz'"),
+    "wrong type": (lambda t, r: [*fresh(t), "dverge.steps=ten"], "must be of type int"),
+    "eps below 0": (lambda t, r: [*fresh(t), "dverge.eps=-0.1"], "outside [0, 1]"),
+    "eps above 1": (lambda t, r: [*fresh(t), "eval.eps=3"], "outside [0, 1]"),
+    "zero distillation steps": (lambda t, r: [*fresh(t), "dverge.steps=0"], "at least 1 distillation step"),
+    "layer out of range": (lambda t, r: [*fresh(t), "dverge.layer=9"], "out of range: conv has layers 1..5"),
+    "ensemble of one": (lambda t, r: [*fresh(t), "ensemble.size=1"], "must be at least 2"),
+    "unknown dataset": (lambda t, r: [*fresh(t), "data.name=mnist"], "unknown; choose from"),
+    "run name escaping runs/": (lambda t, r: [*TINY, "name=../../etc"], "plain directory name"),
+    "Fashion-MNIST missing": (lambda t, r: [*fresh(t), "data.name=fashion_mnist", f"data.root={t}"],
+                              "apt-get install dataset-fashion-mnist"),
+    "CIFAR-10 missing": (lambda t, r: [*fresh(t), "data.name=cifar10", f"data.root={t}"], "data.download=true"),
+    "CIFAR-10 truncated": (lambda t, r: [*fresh(t), "data.name=cifar10", f"data.root={_truncated_cifar(t)}",
+                                         "data.verify_checksums=false"], "truncated or corrupt"),
+    "existing run directory": (lambda t, r: ["--run-dir", str(r), *TINY], "already exists; pass --resume"),
+    "unwritable run directory": (lambda t, r: ["--run-dir", str(_file(t, "x") / "run"), *TINY],
+                                 "cannot write to run directory"),
+    "nothing to resume": (lambda t, r: ["--run-dir", str(t / "none"), "--resume"], "nothing to resume"),
+    "resume and overwrite": (lambda t, r: ["--run-dir", str(r), "--resume", "--overwrite"], "contradict"),
+    "resume with a changed config": (lambda t, r: ["--run-dir", str(r), "--resume", "seed=5", "dverge.eps=0.01"],
+                                     "differs from the saved one in dverge.eps, seed"),
+    "stage without its starting weights": (lambda t, r: [*fresh(t), "stages=[dverge]"],
+                                           "starts from the final weights of stage vanilla"),
+    "corrupt checkpoint": (lambda t, r: ["--run-dir", str(corrupt(copy_of(r, t))), "--resume"], "corrupt or truncated"),
+    "checkpoint of another architecture": (
+        lambda t, r: ["--run-dir", str(copy_of(r, t, {"model.arch": "resnet20"})), "--resume"],
+        "holds {'arch': 'conv', 'ensemble_size': 3}, but the config asks for {'arch': 'resnet20'"),
+    "checkpoint of another ensemble size": (
+        lambda t, r: ["--run-dir", str(copy_of(r, t, {"ensemble.size": 4})), "--resume"],
+        "'ensemble_size': 3}, but the config asks for {'arch': 'conv', 'ensemble_size': 4}"),
+    "W&B online without a key": (lambda t, r: [*fresh(t), "logging.wandb=online"], "no W&B API key is configured"),
+}
+
+
+def _file(tmp_path: Path, text: str) -> Path:
+    f = tmp_path / "file.yaml"
+    f.write_text(text)
+    return f
+
+
+def _truncated_cifar(tmp_path: Path) -> Path:
+    root = write_cifar10(tmp_path / "cifar")
+    batch = root / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(batch.read_bytes()[:300])
+    return root
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(case, trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("dvtrain.data.FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-copy")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    before = digest(trained)
+    make_args, expected = CASES[case]
+    args = make_args(tmp_path, trained)
+    capsys.readouterr()
+    assert cli.train_main(args) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert err.startswith("dvtrain: error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert digest(trained) == before
+    assert len(CASES) >= 20
