@@ -16,7 +16,7 @@ from dvtrain.placement import ProcessGroupPlacement, owned_by
 
 # A shortened quickstart that still learns, so the evaluation compares meaningful numbers.
 SHORT = [
-    "pretrain.epochs=3",
+    "pretrain.epochs=5",
     "dverge.epochs=2",
     "dverge_advt.epochs=1",
     "dverge.steps=3",
