@@ -1,8 +1,8 @@
 """The stage loop: composes data, submodels, the stage algorithms, checkpoints, tracking and evaluation.
 
 For each configured stage (vanilla → dverge → dverge_advt): restore its checkpoint or start it from
-the weights of the stage it builds on, train the remaining epochs (checkpointing at each epoch end),
-then evaluate the submodels and their mixture and record the table in `results.json`/`results.md`.
+the weights of the stage it builds on, train the remaining epochs (checkpointing at epoch ends and
+every `checkpoint.every_steps` steps; Ctrl-C checkpoints the step it is in), then evaluate the submodels and their mixture and record the table in `results.json`/`results.md`.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def _check_finite(values: dict[str, Tensor], stage: str, epoch: int, step: int) 
             where = f"submodel {bad[0]}" if value.ndim else "the mixture"
             raise NonFiniteLoss(
                 f"{name} of {where} is not finite at {stage} epoch {epoch + 1} step {step}; "
-                f"the last good checkpoint is kept; lower the learning rate ({stage} optim.lr) and resume with --resume"
+                f"the last good checkpoint is kept; lower {'pretrain' if stage == 'vanilla' else stage}.optim.lr "
+                "and start again (or resume a copy of the run with the config edited)"
             )
 
 
