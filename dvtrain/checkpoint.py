@@ -117,7 +117,7 @@ def _write_and_swap(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     placement.barrier()
-    for i in owned.ids:
+    for i in owned.ids if placement.writes_checkpoint else []:
         weights = {k: v.detach().cpu().contiguous() for k, v in owned.models[i].state_dict().items()}
         save_file(weights, tmp / f"sub{i}.safetensors", metadata={"submodel": str(i)})
         tensors, meta = _optimizer_tensors(owned.optimizers[i])

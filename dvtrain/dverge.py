@@ -41,6 +41,10 @@ def dverge_step(
     """One DVERGE update of the owned submodels; returns per-submodel and mixture figures for logging."""
     ids = placement.owned
     models = [owned.models[i] for i in ids]
+    # A rank that is one of several replicas of its submodels works on its share of the batch rows.
+    rows = placement.batch_rows(len(y))
+    weight = (rows.stop - rows.start) / len(y)
+    x, y, x_s, y_s = x[rows], y[rows], x_s[rows], y_s[rows]
 
     # Distill every owned submodel's non-robust features of x into x_s, all from pre-update weights.
     with timer("distill"):
@@ -53,12 +57,12 @@ def dverge_step(
         distilled = placement.all_gather(distilled_own)
 
     with timer("train"):
-        return _train_on_distilled(owned, placement, engine, models, distilled, x, y, x_s, y_s, cfg)
+        return _train_on_distilled(owned, placement, engine, models, distilled, x, y, x_s, y_s, cfg, weight)
 
 
 def _train_on_distilled(
     owned: Owned, placement: Placement, engine, models: list, distilled: Tensor,
-    x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig,
+    x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig, weight: float,
 ) -> dict[str, Tensor]:
     ids = placement.owned
     # Submodel i learns to classify the others' distilled batches as their source labels y_s:
@@ -89,24 +93,26 @@ def _train_on_distilled(
             adv_losses.append(adv_loss.detach())
         if extra:
             sum(extra).backward()
+        placement.reduce_gradients(model, weight)
         owned.optimizers[i].step()
         clean_losses.append(clean.detach())
         clean_logits.append(logits.detach())
 
-    return step_metrics(placement, y, clean_logits, dverge=list(diversity), clean=clean_losses, adv=adv_losses)
+    return step_metrics(placement, y, weight, clean_logits, dverge=list(diversity), clean=clean_losses, adv=adv_losses)
 
 
 def step_metrics(
-    placement: Placement, y: Tensor, clean_logits: list[Tensor], **per_submodel: list[Tensor]
+    placement: Placement, y: Tensor, weight: float, clean_logits: list[Tensor], **per_submodel: list[Tensor]
 ) -> dict[str, Tensor]:
-    """Per-submodel losses of every submodel, and the mixture's loss and accuracy on the clean batch."""
+    """Per-submodel losses of every submodel, and the mixture's loss and accuracy on the clean batch.
+    `weight` is this rank's share of the batch rows (1 without replicas)."""
     out = {}
     for name, values in per_submodel.items():
         if values:
-            out[f"loss/{name}"] = placement.all_gather(torch.stack(values))
+            out[f"loss/{name}"] = placement.all_gather(placement.sum_over_replicas(torch.stack(values), weight))
     log_probs = mixture_log_probs(placement.all_gather(torch.stack(clean_logits)))
-    out["mixture/loss"] = F.nll_loss(log_probs, y)
-    out["mixture/acc"] = (log_probs.argmax(dim=1) == y).float().mean() * 100
+    mixture = torch.stack([F.nll_loss(log_probs, y), (log_probs.argmax(dim=1) == y).float().mean() * 100])
+    out["mixture/loss"], out["mixture/acc"] = placement.sum_over_replicas(mixture, weight)
     return out
 
 

@@ -37,6 +37,20 @@ class Placement(Protocol):
         """x unchanged; in the backward pass its gradient is summed over the processes."""
         ...
 
+    writes_checkpoint: bool  # whether this process writes its owned submodels' checkpoint files
+
+    def batch_rows(self, n: int) -> slice:
+        """The rows of each n-row batch this process works on (all of them without replicas)."""
+        ...
+
+    def sum_over_replicas(self, values: Tensor, weight: float) -> Tensor:
+        """Per-submodel figures of part-batches → full-batch figures (identity without replicas)."""
+        ...
+
+    def reduce_gradients(self, model: torch.nn.Module, weight: float) -> None:
+        """Turn the owned model's part-batch gradient into the full-batch one (no-op without replicas)."""
+        ...
+
     def any(self, flag: bool) -> bool:
         """True on every process if `flag` is true on any: lets all ranks agree to stop at one step."""
         ...
@@ -61,6 +75,17 @@ class LocalPlacement:
     def share_input(self, x: Tensor) -> Tensor:
         return x
 
+    writes_checkpoint = True
+
+    def batch_rows(self, n: int) -> slice:
+        return slice(0, n)
+
+    def sum_over_replicas(self, values: Tensor, weight: float) -> Tensor:
+        return values
+
+    def reduce_gradients(self, model: torch.nn.Module, weight: float) -> None:
+        pass
+
     def any(self, flag: bool) -> bool:
         return flag
 
@@ -74,38 +99,83 @@ def owned_by(rank: int, world: int, size: int) -> list[int]:
 
 
 class ProcessGroupPlacement:
-    """Submodels spread over the ranks of the default process group, each owned by exactly one rank.
+    """Submodels spread over the ranks of the default process group.
 
-    Ranks may own different numbers of submodels, so each rank pads its stack to the largest share
-    before the collective, and the padding is dropped on the way out.
+    With at most as many ranks as submodels, each submodel is owned by exactly one rank; ranks may
+    own different numbers of submodels, so each pads its stack to the largest share before the
+    collective and the padding is dropped on the way out.
+
+    With more ranks than submodels (a multiple of them), each submodel has an owner group of
+    `replicas` ranks that split every batch by rows: replica q of every submodel works on the same
+    rows, so the "row group" of the q-th replicas exchanges distilled batches exactly as an
+    unreplicated launch does, and gradients are summed inside each owner group (each weighted by
+    its share of the batch), which gives the full-batch gradient.
     """
 
-    def __init__(self, size: int, rank: int, world: int):
-        if world > size:
-            raise ValueError(f"{world} ranks for {size} submodels")
-        self.size, self.rank, self.world = size, rank, world
-        self.owned = owned_by(rank, world, size)
+    def __init__(self, size: int, rank: int, world: int, device: torch.device):
+        self.size, self.rank, self.world, self.device = size, rank, world, device
         self.is_main = rank == 0
-        self.share = max(len(owned_by(r, world, size)) for r in range(world))
-        # row of submodel i in the [world × share] gathered stack
-        self.rows = [r * self.share + k for r in range(world) for k in range(len(owned_by(r, world, size)))]
+        if world <= size:
+            self.replicas, self.replica = 1, 0
+            self.owned = owned_by(rank, world, size)
+            self.share = max(len(owned_by(r, world, size)) for r in range(world))
+            # row of submodel i in the [world × share] gathered stack
+            self.rows = [r * self.share + k for r in range(world) for k in range(len(owned_by(r, world, size)))]
+            self.row_group, self.owner_group = None, None  # the default group; no replicas
+            return
+        if world % size:
+            raise ValueError(f"{world} ranks for {size} submodels: not a multiple")
+        self.replicas = world // size
+        owner, self.replica = divmod(rank, self.replicas)
+        self.owned, self.share, self.rows = [owner], 1, list(range(size))
+        # Every rank must create every group, in the same order.
+        row_groups = [dist.new_group([g * self.replicas + q for g in range(size)]) for q in range(self.replicas)]
+        owner_groups = [dist.new_group(list(range(g * self.replicas, (g + 1) * self.replicas))) for g in range(size)]
+        self.row_group, self.owner_group = row_groups[self.replica], owner_groups[owner]
+
+    @property
+    def writes_checkpoint(self) -> bool:
+        """One replica of each submodel writes its files."""
+        return self.replica == 0
+
+    def batch_rows(self, n: int) -> slice:
+        """The rows of an n-row batch this rank works on: all of them unless it is one of several replicas."""
+        bounds = [n * q // self.replicas for q in range(self.replicas + 1)]
+        return slice(bounds[self.replica], bounds[self.replica + 1])
 
     def all_gather(self, owned_values: Tensor) -> Tensor:
         padded = owned_values.new_zeros((self.share, *owned_values.shape[1:]))
         padded[: len(self.owned)] = owned_values
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded.contiguous())
-        stacked = rearrange(torch.stack(parts), "world share ... -> (world share) ...")
+        parts = [torch.empty_like(padded) for _ in range(self.world // self.replicas)]
+        dist.all_gather(parts, padded.contiguous(), group=self.row_group)
+        stacked = rearrange(torch.stack(parts), "rank share ... -> (rank share) ...")
         return stacked[self.rows]
 
     def gather_outputs(self, owned_values: Tensor) -> Tensor:
         return _GatherOutputs.apply(owned_values, self)
 
     def share_input(self, x: Tensor) -> Tensor:
-        return _ShareInput.apply(x)
+        return _ShareInput.apply(x, self.row_group)
+
+    def sum_over_replicas(self, values: Tensor, weight: float) -> Tensor:
+        """Σ over this submodel's replicas of weight × values (each weight: that replica's batch share)."""
+        if self.replicas == 1:
+            return values
+        values = values * weight
+        dist.all_reduce(values, group=self.owner_group)
+        return values
+
+    def reduce_gradients(self, model: torch.nn.Module, weight: float) -> None:
+        """Full-batch gradient from the replicas' part-batch gradients, in one collective per model."""
+        if self.replicas == 1:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = self.sum_over_replicas(torch.cat([g.reshape(-1) for g in grads]), weight)
+        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(new.view_as(g))
 
     def any(self, flag: bool) -> bool:
-        vote = torch.tensor([int(flag)])
+        vote = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(vote, op=dist.ReduceOp.MAX)
         return bool(vote.item())
 
@@ -129,14 +199,16 @@ class _GatherOutputs(torch.autograd.Function):
 
 
 class _ShareInput(torch.autograd.Function):
-    """Identity forward; the backward sums the per-rank partial gradients of the shared input."""
+    """Identity forward; the backward sums the per-rank partial gradients of the shared input over
+    the ranks that hold one copy of each submodel."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None

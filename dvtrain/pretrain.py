@@ -37,23 +37,22 @@ def vanilla_epoch(
             for i in ids:
                 next(streams[i])
             continue
-        losses, accs, seen = [], [], 0
+        losses, accs, seen, weight = [], [], 0, 1.0
         for i in ids:
             x, y = next(streams[i])
+            seen = len(y)
+            rows = placement.batch_rows(seen)  # a replica's share of the batch
+            weight = (rows.stop - rows.start) / seen
+            x, y = x[rows], y[rows]
             model, optimizer = owned.models[i], owned.optimizers[i]
             model.train()
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            placement.reduce_gradients(model, weight)
             optimizer.step()
             losses.append(loss.detach())
             accs.append((logits.argmax(dim=1) == y).float().mean().detach() * 100)
-            seen = len(y)
-        on_step(
-            {
-                "loss/clean": placement.all_gather(torch.stack(losses)),
-                "acc/train": placement.all_gather(torch.stack(accs)),
-            },
-            seen,
-        )
+        figures = placement.sum_over_replicas(torch.stack([torch.stack(losses), torch.stack(accs)]), weight)
+        on_step({"loss/clean": placement.all_gather(figures[0]), "acc/train": placement.all_gather(figures[1])}, seen)

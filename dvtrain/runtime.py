@@ -34,10 +34,10 @@ def init_runtime(cfg: Config) -> tuple[Placement, torch.device]:
     world = launched_world_size()
     if world == 1:
         return LocalPlacement(cfg.ensemble.size), resolve_device(cfg.device)
-    if world > cfg.ensemble.size:
+    if world > cfg.ensemble.size and world % cfg.ensemble.size:
         raise DvtrainError(
             f"launched {world} processes for ensemble.size={cfg.ensemble.size}; launch at most "
-            f"{cfg.ensemble.size} processes (each rank owns whole submodels)"
+            f"{cfg.ensemble.size} processes, or a multiple of {cfg.ensemble.size} (data-parallel replicas)"
         )
     from accelerate import Accelerator, InitProcessGroupKwargs
 
@@ -52,7 +52,7 @@ def init_runtime(cfg: Config) -> tuple[Placement, torch.device]:
             "--num_processes N --main_process_port 0` or `torchrun --nproc_per_node N`"
         )
     device = accelerator.device if not cpu else torch.device("cpu")
-    return ProcessGroupPlacement(cfg.ensemble.size, accelerator.process_index, world), device
+    return ProcessGroupPlacement(cfg.ensemble.size, accelerator.process_index, world, device), device
 
 
 def shutdown() -> None:

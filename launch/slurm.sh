@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SLURM example: N nodes × G GPUs, one torchrun per node. Submit with
-#   sbatch --nodes=2 --gres=gpu:8 --ntasks-per-node=1 launch/slurm.sh --config configs/cifar10_resnet20.yaml ensemble.size=16
-# The world size (nodes × GPUs) must not exceed ensemble.size; --run-dir must be on shared storage.
+#   sbatch --nodes=2 --gres=gpu:8 --ntasks-per-node=1 launch/slurm.sh --config configs/cifar10_resnet20.yaml ensemble.size=4
+# The world size (nodes × GPUs) must be <= ensemble.size or a multiple of it; --run-dir on shared storage.
 #SBATCH --job-name=dvtrain
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=16

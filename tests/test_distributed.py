@@ -57,8 +57,8 @@ def test_ownership_is_a_partition():
             owned = [owned_by(r, world, size) for r in range(world)]
             assert sorted(i for o in owned for i in o) == list(range(size))
             assert all(owned)  # no idle rank
-            p = ProcessGroupPlacement(size, 0, world)
-            assert len(p.rows) == size
+            p = ProcessGroupPlacement(size, 0, world, torch.device("cpu"))
+            assert len(p.rows) == size and p.batch_rows(10) == slice(0, 10)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,23 @@ def test_multi_process_matches_single_process(single, tmp_path, world):
     assert clean["mixture"] > 50  # the comparison is about trained models, not chance
     # one process prints and logs
     assert done.stdout.count("### dverge_advt") == 1
+
+
+@pytest.mark.slow
+def test_replicas_split_batches_and_match_single_process(single, tmp_path):
+    """6 ranks for 3 submodels: two data-parallel replicas each. Part-batch gradients summed in the
+    owner group equal the full-batch gradient up to float rounding. Random starts are drawn per part,
+    so +AdvT (random-start PGD) is compared loosely."""
+    run_dir = tmp_path / "run"
+    done = launch(6, run_dir, *SHORT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("vanilla", "dverge"):
+        assert max_difference(weights(single, stage), weights(run_dir, stage)) <= 1e-5, stage
+    assert max_difference(weights(single, "dverge_advt"), weights(run_dir, "dverge_advt")) <= 0.1
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "dverge").glob("sub*.safetensors")) == [
+        "sub0.resume.safetensors", "sub0.safetensors", "sub1.resume.safetensors", "sub1.safetensors",
+        "sub2.resume.safetensors", "sub2.safetensors",
+    ]
 
 
 @pytest.mark.slow
@@ -118,10 +135,10 @@ def test_a_failing_rank_stops_every_rank_quickly(tmp_path):
     assert "lost a peer process" in done.stderr
 
 
-def test_more_ranks_than_submodels_is_refused(tmp_path):
+def test_ranks_neither_below_nor_a_multiple_of_the_submodels_are_refused(tmp_path):
     done = launch(3, tmp_path / "run", *SHORT, "ensemble.size=2", timeout=120)
     assert done.returncode != 0
-    assert "launched 3 processes for ensemble.size=2" in done.stderr
+    assert "launched 3 processes for ensemble.size=2" in done.stderr and "a multiple of 2" in done.stderr
     assert not (tmp_path / "run").exists()
 
 
