@@ -100,7 +100,7 @@ def _model_label(stage: str, model: str) -> str:
 def _format_eps(eps: float) -> str:
     """ε as k/255 when it is one (the usual way of writing image budgets), else as a short decimal."""
     k = round(eps * 255)
-    return f"{k}/255" if k > 0 and abs(eps * 255 - k) < 1e-6 else f"{eps:g}"
+    return f"{k}/255" if 0 < k < 255 and abs(eps * 255 - k) < 1e-6 else f"{eps:g}"
 
 
 def results_markdown(rows: list[dict]) -> str:

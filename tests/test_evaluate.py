@@ -154,3 +154,9 @@ def test_results_markdown_renders_a_table_per_stage():
     assert "| Mixture | 95.12 |" in dverge and "plain ensemble" not in dverge
     table = [line for line in vanilla.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 3 and all(line.count("|") == 6 for line in table)
+
+
+def test_budgets_print_as_fractions_of_255_only_below_one():
+    from dvtrain.evaluate import _format_eps
+
+    assert (_format_eps(8 / 255), _format_eps(0.03), _format_eps(1.0), _format_eps(2.0)) == ("8/255", "0.03", "1", "2")
