@@ -16,7 +16,7 @@ import torch
 from dvtrain.config import Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.placement import Placement
-from dvtrain.runtime import init_runtime, shutdown
+from dvtrain.runtime import init_runtime, launched_world_size, resolve_device, shutdown
 from dvtrain.signals import StopRequested
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -138,7 +138,11 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dvtrain eval", description="Evaluate the saved stages of a run again.")
+    parser = argparse.ArgumentParser(
+        prog="dvtrain eval",
+        description="The paper's whole evaluation of a run's saved stages: white-box table with APGD-CE, "
+        "transferability matrix, black-box transfer from a surrogate ensemble, ε sweep, plots.",
+    )
     parser.add_argument("run_dir")
     parser.add_argument("--stage", action="append", help="stage to evaluate (repeatable; default: every saved stage)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation overrides, e.g. eval.eps=0.01")
@@ -151,14 +155,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         if bad:
             raise DvtrainError(f"dvtrain eval only accepts eval.* and device overrides, got {bad[0]}")
         cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
-        from dvtrain.trainer import evaluate_saved
+        if launched_world_size() > 1:
+            raise DvtrainError("dvtrain eval loads every submodel in one process; run it with python, not a launcher")
+        from dvtrain.transfer import full_evaluation
 
-        placement, device = init_runtime(cfg)
-        try:
-            evaluate_saved(_context(cfg, run_dir, placement, device), args.stage or cfg.stages)
-            placement.barrier()
-        finally:
-            shutdown()
+        full_evaluation(run_dir, cfg, args.stage, resolve_device(cfg.device), cfg.eval.transfer)
         return 0
     except DvtrainError as exc:
         print(f"dvtrain: error: {exc}", file=sys.stderr)
@@ -167,11 +168,17 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main, "eval": eval_main}
+    commands = {"train": train_main, "eval": eval_main, "compare": compare_main}
     if not argv or argv[0] not in commands:
-        print("usage: dvtrain {train,eval} ...  (dvtrain COMMAND --help for details)", file=sys.stderr)
+        print("usage: dvtrain {train,eval,compare} ...  (dvtrain COMMAND --help for details)", file=sys.stderr)
         return EXIT_USER_ERROR
     return commands[argv[0]](argv[1:])
+
+
+def compare_main(argv: list[str]) -> int:
+    from dvtrain.compare import compare_main as compare
+
+    return compare(argv)
 
 
 if __name__ == "__main__":

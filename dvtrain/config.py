@@ -119,6 +119,64 @@ class DvergeConfig:
 
 
 @dataclass
+class TransferConfig:
+    """Transferability, black-box and ε-sweep evaluation. Defaults follow the reference code's
+    evaluation (zjysteven/DVERGE eval/*.py) unless another source is named."""
+
+    # Test images, drawn at random (seeded); reference: 1000. 0 takes the whole test set.
+    num_images: int = 1000
+    batch_size: int = 500
+    # PGD-L∞ of the transferability matrix and of the ε sweep (reference: ε 0.03 for the matrix,
+    # 50 steps of ε/5 from a random start, 5 restarts; an image counts as fooled if any restart fools it).
+    eps: float = 0.03
+    steps: int = 50
+    step_fraction: float = 0.2  # step size = step_fraction × ε
+    restarts: int = 5
+    # Reference white-box budgets.
+    sweep_eps: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07])
+    # APGD-CE in the white-box table, at eval.eps (Croce & Hein 2020 / AutoAttack: 100 iterations).
+    apgd_steps: int = 100
+    apgd_restarts: int = 1
+    # Black-box: a surrogate ensemble of plain classifiers with other seeds (reference: 3, 5 or 8),
+    # trained like the vanilla stage; None epochs = pretrain.epochs.
+    surrogate_size: int = 3
+    surrogate_epochs: Optional[int] = None
+    # Transferred attacks at ε = `eps`: momentum PGD (reference: 100 steps, 3 restarts) and
+    # M-DI²-FGSM (reference: 100 steps, transform probability 0.5).
+    blackbox_steps: int = 100
+    blackbox_restarts: int = 3
+    momentum: float = 1.0  # MI-FGSM decay µ (Dong et al., CVPR 2018)
+    di_prob: float = 0.5
+    di_resize: float = 330 / 299  # DI²-FGSM: resize-and-pad 299 px up to 330 (Xie et al., CVPR 2019)
+
+
+def check_transfer_config(cfg: TransferConfig, prefix: str = "eval.transfer.") -> None:
+    """Reject impossible values before any work is done (same contract as `dvtrain.config.validate`)."""
+    checks = {
+        "num_images": (cfg.num_images >= 0, ">= 0 (0: the whole test set)"),
+        "batch_size": (cfg.batch_size >= 1, ">= 1"),
+        "eps": (0.0 <= cfg.eps <= 1.0, "in [0, 1] (pixel units)"),
+        "steps": (cfg.steps >= 1, ">= 1"),
+        "step_fraction": (cfg.step_fraction > 0, "> 0"),
+        "restarts": (cfg.restarts >= 1, ">= 1"),
+        "sweep_eps": (len(cfg.sweep_eps) > 0 and all(0.0 <= e <= 1.0 for e in cfg.sweep_eps),
+                      "a non-empty list of budgets in [0, 1]"),
+        "apgd_steps": (cfg.apgd_steps >= 1, ">= 1"),
+        "apgd_restarts": (cfg.apgd_restarts >= 1, ">= 1"),
+        "surrogate_size": (cfg.surrogate_size >= 1, ">= 1"),
+        "surrogate_epochs": (cfg.surrogate_epochs is None or cfg.surrogate_epochs >= 0, ">= 0 or null (pretrain.epochs)"),
+        "blackbox_steps": (cfg.blackbox_steps >= 1, ">= 1"),
+        "blackbox_restarts": (cfg.blackbox_restarts >= 1, ">= 1"),
+        "momentum": (cfg.momentum >= 0, ">= 0"),
+        "di_prob": (0.0 <= cfg.di_prob <= 1.0, "in [0, 1]"),
+        "di_resize": (cfg.di_resize >= 1.0, ">= 1"),
+    }
+    for key, (ok, requirement) in checks.items():
+        if not ok:
+            raise ConfigError(f"{prefix}{key}={getattr(cfg, key)!r} must be {requirement}")
+
+
+@dataclass
 class EvalConfig:
     """White-box evaluation. Defaults follow the report: 10-step PGD, ε 0.03, step 0.007."""
 
@@ -131,6 +189,8 @@ class EvalConfig:
     # 0 evaluates the whole test set; N uses its first N images.
     num_examples: int = 0
     batch_size: int = 500
+    # `dvtrain eval`: transferability, black-box transfer, ε sweep, APGD (see docs/evaluation.md).
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
 @dataclass
@@ -387,6 +447,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.l2_eps >= 0, "eval.l2_eps must be >= 0")
     _check(cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps} must be at least 1")
     _check(cfg.eval.num_examples >= 0 and cfg.eval.batch_size >= 1, "eval.num_examples >= 0 and eval.batch_size >= 1")
+    check_transfer_config(cfg.eval.transfer)
     _check(cfg.logging.wandb in WANDB_MODES, f"logging.wandb={cfg.logging.wandb!r} must be one of {', '.join(WANDB_MODES)}")
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s must be >= 1")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: epoch ends only)")

@@ -31,6 +31,7 @@ from dvtrain.rng import stream
 from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.timing import PhaseTimer
 from dvtrain.tracking import Progress, Tracker
+from dvtrain.transfer import FULL_EVALUATION_KEYS, evaluation_markdown
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -72,7 +73,8 @@ def save_results(ctx: Context, results: dict) -> None:
         f"- {stage}: {info['epochs']} epochs, {info['train_s']:.0f} s training\n"
         for stage, info in results["stages"].items()
     )
-    write_atomic(ctx.run_dir / RESULTS_MD, header + epochs + "\n" + results_markdown(results["eval"]))
+    tables = results_markdown(results["eval"]) + evaluation_markdown(results)
+    write_atomic(ctx.run_dir / RESULTS_MD, header + epochs + "\n" + tables)
 
 
 @torch.no_grad()
@@ -250,6 +252,8 @@ def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: 
         ctx.placement,
     )
     results["eval"] = [r for r in results["eval"] if r["stage"] != stage] + rows
+    for key in FULL_EVALUATION_KEYS:  # figures of the stage's previous weights are stale now
+        results.get(key, {}).pop(stage, None)
     images = state["epoch"] * len(ctx.data.y_train)
     results["stages"][stage] = {
         "epochs": state["epoch"],
@@ -268,17 +272,4 @@ def train(ctx: Context) -> dict:
     with SignalGuard() as guard:
         for stage in ctx.cfg.stages:
             run_stage(ctx, stage, results, guard)
-    return results
-
-
-def evaluate_saved(ctx: Context, stages: list[str]) -> dict:
-    """Evaluate the finished stages of an existing run again (e.g. with other eval.* settings)."""
-    results = load_results(ctx.run_dir)
-    for stage in stages:
-        path = checkpoint.latest(checkpoint.stage_dir(ctx.run_dir, stage))
-        if path is None or not checkpoint.read_state(path).get("complete"):
-            raise DvtrainError(f"stage {stage} has no finished checkpoint in {ctx.run_dir}; train it first")
-        owned = build_owned(ctx.cfg, ctx.data, ctx.placement.owned, stage, ctx.device)
-        checkpoint.load_weights(path, owned)
-        evaluate_into(ctx, stage, owned, checkpoint.read_state(path), results)
     return results

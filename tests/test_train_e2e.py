@@ -5,7 +5,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
 from conftest import TINY, run_cli
@@ -129,7 +128,13 @@ def test_wandb_offline_run_is_written(tmp_path):
 def test_eval_command_reevaluates_saved_stages(tmp_path):
     run_dir = tmp_path / "e"
     assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]"]) == 0
-    assert cli.main(["eval", str(run_dir), "eval.eps=0.1"]) == 0
+    small = ["eval.transfer.num_images=40", "eval.transfer.steps=2", "eval.transfer.restarts=1",
+             "eval.transfer.apgd_steps=2", "eval.transfer.blackbox_steps=2", "eval.transfer.blackbox_restarts=1",
+             "eval.transfer.surrogate_size=2", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]"]
+    assert cli.main(["eval", str(run_dir), "eval.eps=0.1", *small]) == 0
     rows = json.loads((run_dir / "results.json").read_text())["eval"]
     assert {r["eps"] for r in rows if r["attack"] == "fgsm"} == {0.1}
+    assert {r["attack"] for r in rows} >= {"apgd_ce", "pgd_linf"}
+    results = json.loads((run_dir / "results.json").read_text())
+    assert "vanilla" in results["transfer"] and (run_dir / "results.md").read_text().count("### vanilla") >= 1
     assert cli.main(["eval", str(run_dir), "dverge.eps=0.1"]) == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
 
 from dvtrain.models.conv import ConvNet
 from dvtrain.models.base import LayeredNet, Normalize
