@@ -23,7 +23,8 @@ DATASETS = ("digits", "fashion_mnist", "cifar10")
 ARCHS = ("conv", "resnet20")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 BN_MODES = ("train", "eval")
-ENGINES = ("loop",)
+ENGINES = ("loop", "grouped")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(DvtrainError):
@@ -194,6 +195,17 @@ class EvalConfig:
 
 
 @dataclass
+class ComputeConfig:
+    """Speed options of the training loop (see dvtrain.compute); fp32, eager and NCHW by default."""
+
+    # bf16: training forwards and backwards under torch.autocast (weights, optimizer and evaluation fp32).
+    precision: str = "fp32"
+    channels_last: bool = False
+    # torch.compile the models' layer-indexed features (one graph per layer); eager if compiling fails.
+    compile: bool = False
+
+
+@dataclass
 class LoggingConfig:
     # auto: online when a W&B API key is configured, offline otherwise.
     wandb: str = "auto"
@@ -232,6 +244,7 @@ class Config:
     dverge: DvergeConfig = field(default_factory=DvergeConfig)
     dverge_advt: DvergeConfig = field(default_factory=lambda: DvergeConfig(epochs=50, plus_adv=True))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -448,6 +461,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps} must be at least 1")
     _check(cfg.eval.num_examples >= 0 and cfg.eval.batch_size >= 1, "eval.num_examples >= 0 and eval.batch_size >= 1")
     check_transfer_config(cfg.eval.transfer)
+    _check(cfg.compute.precision in PRECISIONS,
+           f"compute.precision={cfg.compute.precision!r} must be one of {', '.join(PRECISIONS)}")
     _check(cfg.logging.wandb in WANDB_MODES, f"logging.wandb={cfg.logging.wandb!r} must be one of {', '.join(WANDB_MODES)}")
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s must be >= 1")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: epoch ends only)")

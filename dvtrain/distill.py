@@ -12,6 +12,7 @@ weight gradients are computed and thrown away.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,38 @@ def training_mode(model: nn.Module, train: bool):
         model.train(was_training)
 
 
+def feature_pgd(
+    features: Callable[[Tensor], Tensor], target: Tensor, x_s: Tensor, cfg: DvergeConfig,
+    generators: Sequence[torch.Generator],
+) -> Tensor:
+    """The PGD of distillation for n models at once: z stacks their n copies of x_s, [n·B, C, H, W].
+
+    `features(z)` returns all n models' features, `target` those of x. The loss sums each model's
+    mean squared error, so each model's share of the gradient is exactly its own; `generators` (one per
+    model) feed the optional random start.
+    """
+    n = len(generators)
+    anchor = x_s.repeat(n, *[1] * (x_s.ndim - 1))
+    z = anchor.clone()
+    if cfg.random_start:
+        noise = torch.cat([torch.rand(x_s.shape, generator=g) for g in generators]).to(z.device)
+        z = project_linf(z + (2 * noise - 1) * cfg.eps, anchor, cfg.eps)
+    per_model = target.numel() // n
+    velocity = torch.zeros_like(z)
+    tiny = torch.finfo(z.dtype).tiny
+    for _ in range(cfg.steps):
+        z.requires_grad_(True)
+        loss = F.mse_loss(features(z), target, reduction="sum") / per_model
+        (grad,) = torch.autograd.grad(loss, z)
+        if cfg.momentum > 0:
+            l1 = grad.abs().flatten(1).sum(dim=1).clamp_min(tiny).view(-1, *[1] * (grad.ndim - 1))
+            velocity = cfg.momentum * velocity + grad / l1
+        else:
+            velocity = grad
+        z = project_linf(z.detach() - cfg.step_size * velocity.sign(), anchor, cfg.eps)
+    return z.detach()
+
+
 def distill(
     model: nn.Module, layer: int, x: Tensor, x_s: Tensor, cfg: DvergeConfig, generator: torch.Generator
 ) -> Tensor:
@@ -44,20 +77,4 @@ def distill(
     with training_mode(model, cfg.bn_mode == "train"):
         with torch.no_grad():
             target = model.features(x, layer)
-        z = x_s.clone()
-        if cfg.random_start:
-            noise = torch.rand(z.shape, generator=generator).to(z.device)
-            z = project_linf(z + (2 * noise - 1) * cfg.eps, x_s, cfg.eps)
-        velocity = torch.zeros_like(z)
-        tiny = torch.finfo(z.dtype).tiny
-        for _ in range(cfg.steps):
-            z.requires_grad_(True)
-            loss = F.mse_loss(model.features(z, layer), target)
-            (grad,) = torch.autograd.grad(loss, z)
-            if cfg.momentum > 0:
-                l1 = grad.abs().flatten(1).sum(dim=1).clamp_min(tiny).view(-1, *[1] * (grad.ndim - 1))
-                velocity = cfg.momentum * velocity + grad / l1
-            else:
-                velocity = grad
-            z = project_linf(z.detach() - cfg.step_size * velocity.sign(), x_s, cfg.eps)
-    return z.detach()
+        return feature_pgd(lambda z: model.features(z, layer), target, x_s, cfg, [generator])

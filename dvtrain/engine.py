@@ -2,18 +2,27 @@
 
 A DVERGE step asks an engine for two things: the distilled batches of the owned submodels, and the
 gradients of their diversity losses. `LoopEngine` does it one model at a time — the reference path,
-simple and obviously right, which faster engines are tested against.
+simple and obviously right, which faster engines are tested against. `GroupedEngine` runs the owned
+submodels as one network whose layers are n times wider (grouped convolutions, batched matrix
+products), so each distillation step is one forward and one backward whatever the ensemble size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from einops import rearrange
+from torch import Tensor, nn
 
-from dvtrain.config import DvergeConfig
-from dvtrain.distill import distill
-from dvtrain.models import LayeredNet
+from dvtrain.compute import compile_features, uncompiled
+from dvtrain.config import ComputeConfig, DvergeConfig
+from dvtrain.distill import distill, feature_pgd, training_mode
+from dvtrain.models import LayeredNet, Normalize
 
 
 class LoopEngine:
@@ -42,8 +51,234 @@ class LoopEngine:
         return torch.stack(losses)
 
 
-ENGINES = {"loop": LoopEngine}
+# ----------------------------------------------------------------------------- grouped engine
 
 
-def make_engine(name: str):
-    return ENGINES[name]()
+class GroupedLinear(nn.Module):
+    """n Linear layers side by side: input [B, n·in] → output [B, n·out], one batched product.
+
+    `baddbmm` adds the bias inside the product as `addmm` (nn.Linear) does, so each model's output
+    is bit-for-bit the one its own Linear gives; that keeps sign-gradient distillation identical.
+    """
+
+    def __init__(self, linear: nn.Linear, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.weight = linear.weight  # placeholders: replaced by the joined tensors at each call
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = rearrange(x, "b (n i) -> n b i", n=self.n)
+        if self.bias is None:
+            out = torch.bmm(x, self.weight.transpose(1, 2))
+        else:
+            out = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return rearrange(out, "n b o -> b (n o)")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How n models' copies of one tensor are joined: concatenated along `dim`, or stacked on a new dim 0."""
+
+    dim: int
+    stacked: bool = False
+
+    def join(self, tensors: Sequence[Tensor]) -> Tensor:
+        return torch.stack(tuple(tensors)) if self.stacked else torch.cat(tuple(tensors), dim=self.dim)
+
+    def split(self, joined: Tensor, n: int) -> tuple[Tensor, ...]:
+        return joined.unbind(0) if self.stacked else joined.chunk(n, dim=self.dim)
+
+
+_CHANNELS = _Layout(dim=0)
+_STACKED = _Layout(dim=0, stacked=True)
+# Every module type that owns tensors, and how each of its tensors is joined. Channels are joined so
+# that model k owns channel group k of every activation: [B, n·C, H, W].
+_LAYOUTS: dict[type, dict[str, _Layout]] = {
+    nn.Conv2d: {"weight": _CHANNELS, "bias": _CHANNELS},
+    nn.BatchNorm2d: {
+        "weight": _CHANNELS, "bias": _CHANNELS, "running_mean": _CHANNELS, "running_var": _CHANNELS,
+        "num_batches_tracked": _STACKED,
+    },
+    nn.Linear: {"weight": _STACKED, "bias": _STACKED},
+    Normalize: {"mean": _Layout(dim=1), "std": _Layout(dim=1)},
+}
+
+
+class UnsupportedModelError(TypeError):
+    """A model holds a layer that GroupedEngine cannot widen; engine=loop handles any model."""
+
+
+def _own_tensors(module: nn.Module) -> list[str]:
+    return [name for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            if t is not None]
+
+
+def _check_supported(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if _own_tensors(module) and type(module) not in _LAYOUTS:
+            raise UnsupportedModelError(
+                f"engine 'grouped' cannot widen {name or 'the model'} ({type(module).__name__}); use dverge.engine=loop"
+            )
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            raise UnsupportedModelError(f"engine 'grouped' supports zero-padded convolutions only ({name})")
+        if isinstance(module, nn.BatchNorm2d) and (module.momentum is None or not module.track_running_stats):
+            raise UnsupportedModelError(f"engine 'grouped' needs BatchNorm with a momentum and running stats ({name})")
+
+
+def _widen(model: nn.Module, n: int) -> nn.Module:
+    """A tensor-less copy of `model` whose layers take n models' channels side by side.
+
+    The model's own `layers` code runs unchanged on [B, n·C, H, W] activations: ReLU, pooling and
+    `flatten(1)` keep each model's channels in its own group, convolutions become grouped ones, and
+    BatchNorm normalises each channel over the batch as before.
+    """
+    shell = copy.deepcopy(model).to("meta")
+    uncompiled(shell)
+    for module in list(shell.modules()):
+        if isinstance(module, nn.Conv2d):
+            module.groups *= n
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, GroupedLinear(child, n))
+    return shell
+
+
+def _layout_of(model: nn.Module) -> dict[str, _Layout]:
+    """Dotted tensor name → layout, for every parameter and buffer of the model."""
+    return {
+        f"{prefix}.{name}" if prefix else name: _LAYOUTS[type(module)][name]
+        for prefix, module in model.named_modules()
+        for name in _own_tensors(module)
+    }
+
+
+def _join(models: Sequence[nn.Module], layouts: dict[str, _Layout], grad: bool) -> dict[str, Tensor]:
+    """Each tensor of the n models joined into one. With `grad`, gradients of the joined parameters
+    flow back into each model's own `.grad`; buffers are fresh copies the forwards may update."""
+    states = [{**dict(m.named_parameters()), **dict(m.named_buffers())} for m in models]
+    with torch.set_grad_enabled(grad):
+        return {name: layout.join([s[name] for s in states]) for name, layout in layouts.items()}
+
+
+@contextlib.contextmanager
+def _bound(shell: nn.Module, joined: dict[str, Tensor]) -> Iterator[None]:
+    """The shell computes with the joined tensors inside the block and holds none of them after it.
+
+    `torch.func.functional_call` does the same around one `forward`, but distillation calls
+    `features(x, layer)` many times with the same tensors.
+    """
+    slots = []
+    for dotted, tensor in joined.items():
+        owner, _, name = dotted.rpartition(".")
+        module = shell.get_submodule(owner)
+        store = module._parameters if name in module._parameters else module._buffers
+        slots.append((store, name, store[name]))
+        store[name] = tensor
+    try:
+        yield
+    finally:
+        for store, name, placeholder in slots:
+            store[name] = placeholder
+
+
+def _write_back_buffers(models: Sequence[nn.Module], joined: dict[str, Tensor], layouts: dict[str, _Layout]) -> None:
+    """Copy the buffers the forwards updated (BatchNorm running statistics) back into each model."""
+    per_model = [dict(m.named_buffers()) for m in models]
+    with torch.no_grad():
+        for name in per_model[0]:
+            for buffers, part in zip(per_model, layouts[name].split(joined[name], len(models))):
+                buffers[name].copy_(part)
+
+
+class GroupedEngine:
+    """The owned submodels as one n-times-wider network; results equal LoopEngine's up to rounding.
+
+    Each call joins the models' current tensors (a copy: the models stay ordinary modules with their
+    own optimizers) and runs the model's own `layers` code on [B, n·C, H, W] activations. BatchNorm
+    in train mode is supported exactly: each model's channels are normalised with its own batch
+    statistics, and its running statistics receive the same updates, in the same order, as under
+    LoopEngine. Supported layers: Conv2d (zero padding), Linear on flat inputs, BatchNorm2d, Normalize,
+    and any deterministic parameter-free code that treats channels independently. Costs memory: the
+    activations of all n submodels are alive at once (about twice the loop's peak for 3 submodels).
+    """
+
+    def __init__(self, compile: bool = False) -> None:
+        self._compile = compile
+        self._models: tuple[nn.Module, ...] = ()
+        self._shell: nn.Module | None = None
+        self._layouts: dict[str, _Layout] = {}
+
+    def _prepare(self, models: Sequence[nn.Module]) -> nn.Module:
+        """The widened shell for these models, built once and reused while they stay the same."""
+        if len(self._models) != len(models) or any(a is not b for a, b in zip(self._models, models)):
+            _check_supported(models[0])
+            self._models = tuple(models)
+            self._shell = _widen(models[0], len(models))
+            if self._compile:
+                compile_features(self._shell)
+            self._layouts = _layout_of(models[0])
+        return self._shell
+
+    def distill(
+        self, models: list[LayeredNet], layer: int, x: Tensor, x_s: Tensor, cfg: DvergeConfig,
+        generators: list[torch.Generator],
+    ) -> Tensor:
+        """[len(models), B, C, H, W]: each model's distilled batch, as `dvtrain.distill.distill` computes it."""
+        shell, n = self._prepare(models), len(models)
+        joined = _join(models, self._layouts, grad=False)
+        with training_mode(shell, cfg.bn_mode == "train"), _bound(shell, joined):
+            z = _grouped_distill(shell, n, layer, x, x_s, cfg, generators)
+        _write_back_buffers(models, joined, self._layouts)
+        return z
+
+    def diversity_backward(
+        self, models: list[LayeredNet], ids: list[int], distilled: Tensor, y_s: Tensor, weight: float
+    ) -> Tensor:
+        """As `LoopEngine.diversity_backward`, with one wide forward per other submodel's batch.
+
+        Round r feeds model k the r-th batch of its others (ascending), so BatchNorm running
+        statistics see the same sequence as in the loop. Models must be in train mode.
+        """
+        shell, n = self._prepare(models), len(models)
+        others = [[j for j in range(len(distilled)) if j != i] for i in ids]
+        joined = _join(models, self._layouts, grad=True)
+        with training_mode(shell, models[0].training), _bound(shell, joined):
+            losses = sum(_cross_entropies(shell(_fold(distilled[list(batch)])), y_s, n) for batch in zip(*others))
+        (weight * losses.sum()).backward()
+        _write_back_buffers(models, joined, self._layouts)
+        return losses.detach()
+
+
+def _cross_entropies(logits: Tensor, y: Tensor, n: int) -> Tensor:
+    """[B, n·K] logits of n models → each model's mean cross-entropy, [n]."""
+    per_sample = F.cross_entropy(rearrange(logits, "b (n k) -> (n b) k", n=n), y.repeat(n), reduction="none")
+    return per_sample.view(n, -1).mean(dim=1)
+
+
+def _fold(batches: Tensor) -> Tensor:
+    """[n, B, C, H, W] → [B, n·C, H, W]: model k's batch in channel group k.
+
+    Channels-last: oneDNN's grouped convolutions are slower than n dense ones in NCHW but faster in
+    channels-last (1.5× on Conv distillation, see docs/performance.md); the format changes no result.
+    """
+    return rearrange(batches, "n b c h w -> b (n c) h w").contiguous(memory_format=torch.channels_last)
+
+
+def _grouped_distill(
+    shell: nn.Module, n: int, layer: int, x: Tensor, x_s: Tensor, cfg: DvergeConfig,
+    generators: Sequence[torch.Generator],
+) -> Tensor:
+    """`dvtrain.distill.distill` for n models at once: the wide shell sees model k's copy of z in channel group k."""
+    with torch.no_grad():
+        target = shell.features(_fold(x.expand(n, *x.shape)), layer)
+    z = feature_pgd(lambda z: shell.features(_fold(z.view(n, *x_s.shape)), layer), target, x_s, cfg, generators)
+    return z.view(n, *x_s.shape)
+
+
+def make_engine(name: str, compute: ComputeConfig | None = None) -> LoopEngine | GroupedEngine:
+    """The engine `name`. LoopEngine runs the models as they are (compiled or not by
+    `dvtrain.compute.prepare_model`); GroupedEngine compiles its wide network if `compute` asks."""
+    if name == "grouped":
+        return GroupedEngine(compile=compute is not None and compute.compile)
+    return LoopEngine()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dvtrain.compute import prepare_model
 from dvtrain.config import Config, OptimConfig
 from dvtrain.data import Dataset
 from dvtrain.models import build_model
@@ -59,7 +60,7 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epoch: int)
 def build_owned(cfg: Config, data: Dataset, ids: list[int], stage: str, device: torch.device) -> Owned:
     """Fresh submodels, optimizers for `stage` and per-submodel streams keyed by (seed, stage, index)."""
     optim_cfg = cfg.stage_config(stage).optim
-    models = {i: build_submodel(cfg, data, i).to(device) for i in ids}
+    models = {i: prepare_model(build_submodel(cfg, data, i).to(device), cfg.compute, len(ids)) for i in ids}
     return Owned(
         models=models,
         optimizers={i: build_optimizer(models[i], optim_cfg) for i in ids},

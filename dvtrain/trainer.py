@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dvtrain import checkpoint
+from dvtrain.compute import autocast
 from dvtrain.config import Config, DvergeConfig, to_dict
 from dvtrain.data import Dataset, num_batches
 from dvtrain.dverge import dverge_epoch
@@ -175,6 +176,8 @@ def run_stage(ctx: Context, stage: str, results: dict, guard: SignalGuard) -> No
     try:
         shared = checkpoint.generator_from_text(state["shared_generator"])
         padding = cfg.data.crop_padding if cfg.data.augment else None
+        # One engine for the whole stage: it keeps its wide network (and compiled graphs) between epochs.
+        engine = make_engine(scfg.engine, cfg.compute) if isinstance(scfg, DvergeConfig) else None
         steps_per_epoch = num_batches(len(ctx.data.y_train), scfg.batch_size)
         for epoch in range(state["epoch"], scfg.epochs):
             # Where this epoch's batches come from, so a checkpoint inside it can replay them.
@@ -205,14 +208,14 @@ def run_stage(ctx: Context, stage: str, results: dict, guard: SignalGuard) -> No
                 if stop:
                     raise StopRequested(f"stopped at {stage} epoch {epoch + 1} step {step_in_epoch}")
 
-            if stage == "vanilla":
-                vanilla_epoch(owned, placement, ctx.data, scfg, padding, on_step, skip)
-                layer = None
-            else:
-                layer = dverge_epoch(
-                    owned, placement, ctx.data, scfg, num_layers, padding, shared, make_engine(scfg.engine), on_step,
-                    timer, skip,
-                )
+            with autocast(cfg.compute, ctx.device):  # training only: evaluation stays fp32
+                if stage == "vanilla":
+                    vanilla_epoch(owned, placement, ctx.data, scfg, padding, on_step, skip)
+                    layer = None
+                else:
+                    layer = dverge_epoch(
+                        owned, placement, ctx.data, scfg, num_layers, padding, shared, engine, on_step, timer, skip,
+                    )
             metrics = test_metrics(owned, placement, ctx.data, cfg.eval.batch_size)
             summary = (
                 (f"layer {layer} | " if layer is not None else "")

@@ -1,0 +1,376 @@
+"""Throughput of a DVERGE step: a reference-style baseline against dvtrain's engines, in one process.
+
+    python -m dvtrain.bench [--device cpu|cuda|auto] [--steps N] [--quick] [--settings NAME ...]
+                            [--precision fp32|bf16] [--channels-last] [--compile]
+
+Columns: "reference" is written the way the authors' code works (one submodel at a time; every
+distillation iteration recomputes the target features and runs a full `backward` that also fills
+weight gradients, then one forward per other submodel's batch and an SGD step); "loop" and "grouped"
+are `dvtrain.dverge.dverge_step` with `LocalPlacement` and that engine, with the `compute` options
+given on the command line (the reference always runs fp32, eager, NCHW). Every setting is timed at
+several layers and averaged, because the layer changes every epoch; the columns take turns step by
+step. Peak memory is the largest growth during one of a column's timed steps:
+`torch.cuda.max_memory_allocated` on a GPU, the resident-set high-water mark on the CPU. The last
+line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dvtrain.attacks import project_linf
+from dvtrain.compute import autocast
+from dvtrain.config import ENGINES, PRECISIONS, ComputeConfig, Config, DvergeConfig, load_config
+from dvtrain.data import Dataset
+from dvtrain.dverge import dverge_step
+from dvtrain.engine import make_engine
+from dvtrain.ensemble import build_owned, build_submodel
+from dvtrain.placement import LocalPlacement
+
+ENSEMBLE_SIZE = 3
+DISTILL_STEPS = 10
+IMAGE_SHAPE = (3, 32, 32)  # CIFAR-shaped random data
+NUM_CLASSES = 10
+LAYERS_TIMED = 5  # evenly spaced, first and last included: all of Conv's 5, 5 of ResNet-20's 20
+DEFAULT_TIMED_STEPS = 3
+WARMUP_STEPS = 1
+SEED = 0
+
+# The projections: the report's Conv×3 run and the reference's ResNet-20×3 run, 200 DVERGE epochs each.
+EPOCHS = 200
+EPOCH_IMAGES = 50_000
+PROJECTIONS = {"conv_x3_200ep": "conv_x3_b32", "resnet20_x3_200ep": "resnet20_x3_b128"}
+
+QUICK_BATCH = 4
+QUICK_DISTILL_STEPS = 2
+QUICK_TIMED_STEPS = 1
+QUICK_LAYERS_TIMED = 2
+
+MIB = 2**20
+SECONDS_PER_HOUR = 3600
+COLUMNS = ("reference", *ENGINES)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    arch: str
+    batch: int
+
+
+SETTINGS = (
+    Setting("conv_x3_b32", "conv", 32),
+    Setting("conv_x3_b128", "conv", 128),
+    Setting("resnet20_x3_b128", "resnet20", 128),
+)
+
+
+# ----------------------------------------------------------------------------- the reference-style baseline
+
+
+def reference_distill(model: nn.Module, layer: int, x: Tensor, x_s: Tensor, cfg: DvergeConfig) -> Tensor:
+    """Distillation as the authors' loop does it: target features recomputed at every iteration and a
+    full `backward` that also computes weight gradients, which are then thrown away."""
+    z = x_s.clone()
+    velocity = torch.zeros_like(z)
+    for _ in range(cfg.steps):
+        z.requires_grad_(True)
+        target = model.features(x, layer).detach()
+        loss = F.mse_loss(model.features(z, layer), target)
+        model.zero_grad()
+        loss.backward()
+        l1 = z.grad.abs().flatten(1).sum(dim=1).view(-1, 1, 1, 1)
+        velocity = cfg.momentum * velocity + z.grad / l1
+        z = project_linf(z.detach() - cfg.step_size * velocity.sign(), x_s, cfg.eps)
+    model.zero_grad()
+    return z.detach()
+
+
+def reference_step(
+    models: list[nn.Module], optimizers: list[torch.optim.Optimizer], layer: int,
+    x: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig,
+) -> None:
+    """All distilled batches from the pre-update models, then per submodel one forward per other
+    submodel's batch, `backward` and an SGD step. Models stay in train mode, as in the reference."""
+    distilled = [reference_distill(m, layer, x, x_s, cfg) for m in models]
+    for i, (model, optimizer) in enumerate(zip(models, optimizers)):
+        optimizer.zero_grad()
+        loss = sum(F.cross_entropy(model(d), y_s) for j, d in enumerate(distilled) if j != i)
+        loss.backward()
+        optimizer.step()
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+class PeakMemory:
+    """Growth of memory use over a block: allocator peak on CUDA, resident-set high-water mark on the CPU.
+
+    On Linux the high-water mark is reset through /proc/self/clear_refs, so each block is measured on
+    its own; elsewhere `getrusage` gives the process's peak so far, which later blocks cannot undercut.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = 0
+        self.since_reset = False
+
+    def __enter__(self) -> "PeakMemory":
+        _release_memory()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.since_reset = _reset_rss_peak()
+            self.start = _status_bytes("VmRSS") if self.since_reset else _peak_rss()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def mib(self) -> float:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _status_bytes("VmHWM") if self.since_reset else _peak_rss()
+        return max(peak - self.start, 0) / MIB
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's resident-set high-water mark (Linux ≥ 4.0); False where that is impossible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_bytes(field: str) -> int:
+    """A memory figure of /proc/self/status (given there in KiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _release_memory() -> None:
+    """Free what earlier columns left, so a column's growth is its own (glibc keeps freed pages)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Batches:
+    x: Tensor  # [steps, B, C, H, W]
+    y: Tensor  # [steps, B]
+    x_s: Tensor
+    y_s: Tensor
+
+
+def random_batches(steps: int, batch: int, device: torch.device) -> Batches:
+    g = torch.Generator().manual_seed(SEED)
+    x, x_s = (torch.rand((steps, batch, *IMAGE_SHAPE), generator=g).to(device) for _ in range(2))
+    y, y_s = (torch.randint(0, NUM_CLASSES, (steps, batch), generator=g).to(device) for _ in range(2))
+    return Batches(x, y, x_s, y_s)
+
+
+def _config(setting: Setting, distill_steps: int, compute: ComputeConfig) -> Config:
+    cfg = load_config(None, [
+        f"model.arch={setting.arch}", f"ensemble.size={ENSEMBLE_SIZE}",
+        f"dverge.batch_size={setting.batch}", f"dverge.steps={distill_steps}",
+    ])
+    return replace(cfg, compute=compute)
+
+
+def _random_dataset(batch: int) -> Dataset:
+    """Only the shapes and normalisation statistics matter for building the models."""
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.rand((batch, *IMAGE_SHAPE), generator=g)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    return Dataset("random", x, y, x, y, num_classes=NUM_CLASSES)
+
+
+StepFn = Callable[[int, int], None]  # (layer, batch index) → one DVERGE step
+
+
+def make_step(column: str, cfg: Config, data: Batches, device: torch.device) -> StepFn:
+    """A fresh ensemble (same initial weights for every column) and the step function of `column`."""
+    if column == "reference":
+        cfg = replace(cfg, compute=ComputeConfig())
+    owned = build_owned(cfg, _random_dataset(data.x.shape[1]), list(range(ENSEMBLE_SIZE)), "dverge", device)
+    d = cfg.dverge
+    if column == "reference":
+        models = [owned.models[i].train() for i in owned.ids]
+        optimizers = [owned.optimizers[i] for i in owned.ids]
+        return lambda layer, k: reference_step(models, optimizers, layer, data.x[k], data.x_s[k], data.y_s[k], d)
+    engine, placement = make_engine(column, cfg.compute), LocalPlacement(ENSEMBLE_SIZE)
+
+    def step(layer: int, k: int) -> None:
+        with autocast(cfg.compute, device):
+            dverge_step(owned, placement, engine, layer, data.x[k], data.y[k], data.x_s[k], data.y_s[k], d)
+
+    return step
+
+
+def timed_step(step: StepFn, layer: int, k: int, device: torch.device) -> tuple[float, float]:
+    """Seconds of one step and the memory growth it caused, in MiB."""
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        step(layer, k)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    return seconds, memory.mib()
+
+
+def time_columns(
+    steps: dict[str, StepFn], layers: list[int], count: int, device: torch.device, warm_every_layer: bool = False
+) -> dict[str, tuple[float, float]]:
+    """Per column: seconds per step (median of `count` steps per layer, mean over layers) and peak MiB.
+
+    The columns take turns step by step, so a change of load on a shared machine hits them alike.
+    """
+    for step in steps.values():  # the deepest layer exercises every shape; compiling needs each layer
+        for layer in layers if warm_every_layer else layers[-1:]:
+            for k in range(WARMUP_STEPS):
+                step(layer, k % count)
+    seconds = {c: {layer: [] for layer in layers} for c in steps}
+    peak = dict.fromkeys(steps, 0.0)
+    for layer in layers:
+        for k in range(count):
+            for column, step in steps.items():
+                t, mib = timed_step(step, layer, k, device)
+                seconds[column][layer].append(t)
+                peak[column] = max(peak[column], mib)
+    return {
+        c: (statistics.mean(statistics.median(ts) for ts in per_layer.values()), peak[c])
+        for c, per_layer in seconds.items()
+    }
+
+
+def timed_layers(num_layers: int, count: int) -> list[int]:
+    """`count` layers evenly spread over 1..num_layers (all of them when there are few)."""
+    if num_layers <= count:
+        return list(range(1, num_layers + 1))
+    return sorted({round(v) for v in torch.linspace(1, num_layers, count).tolist()})
+
+
+def run_setting(setting: Setting, args: argparse.Namespace, device: torch.device) -> dict:
+    quick = args.quick
+    batch = QUICK_BATCH if quick else setting.batch
+    steps = QUICK_TIMED_STEPS if quick else args.steps
+    cfg = _config(replace(setting, batch=batch), QUICK_DISTILL_STEPS if quick else DISTILL_STEPS, compute_options(args))
+    num_layers = build_submodel(cfg, _random_dataset(batch), 0).num_layers
+    layers = timed_layers(num_layers, QUICK_LAYERS_TIMED if quick else LAYERS_TIMED)
+    data = random_batches(steps, batch, device)
+    result = {"arch": setting.arch, "batch": batch, "layers": layers,
+              "images_per_s": {}, "peak_mem_mib": {}, "speedup_vs_reference": {}}
+    steps_of = {c: make_step(c, cfg, data, device) for c in COLUMNS}
+    timed = time_columns(steps_of, layers, steps, device, warm_every_layer=cfg.compute.compile)
+    for column, (seconds, mib) in timed.items():
+        result["images_per_s"][column] = round(batch / seconds, 2)
+        result["peak_mem_mib"][column] = round(mib, 1)
+    reference = result["images_per_s"]["reference"]
+    for column in ENGINES:
+        result["speedup_vs_reference"][column] = round(result["images_per_s"][column] / reference, 2)
+    return result
+
+
+def projected_hours(settings: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Wall time of EPOCHS epochs of EPOCH_IMAGES images at the measured throughputs."""
+    return {
+        run: {column: round(EPOCHS * EPOCH_IMAGES / ips / SECONDS_PER_HOUR, 1)
+              for column, ips in settings[setting]["images_per_s"].items()}
+        for run, setting in PROJECTIONS.items()
+        if setting in settings
+    }
+
+
+def print_table(settings: dict[str, dict], hours: dict[str, dict[str, float]]) -> None:
+    print(f"{'setting':<20}{'column':<11}{'images/s':>10}{'× ref':>8}{'peak MiB':>10}")
+    for name, r in settings.items():
+        for column in COLUMNS:
+            ips, mib = r["images_per_s"][column], r["peak_mem_mib"][column]
+            ratio = r["speedup_vs_reference"].get(column, 1.0)
+            print(f"{name:<20}{column:<11}{ips:>10.1f}{ratio:>8.2f}{mib:>10.1f}")
+    for run, per_column in hours.items():
+        print(f"projected {run}: " + ", ".join(f"{c} {h} h" for c, h in per_column.items()))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    name = names[0] if names else platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dvtrain.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--steps", type=int, default=DEFAULT_TIMED_STEPS, help="timed steps per setting and layer")
+    p.add_argument("--quick", action="store_true", help="tiny batches and steps: checks the bench runs, not speed")
+    p.add_argument("--settings", nargs="+", choices=[s.name for s in SETTINGS], default=[s.name for s in SETTINGS])
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="dvtrain's columns: compute.precision")
+    p.add_argument("--channels-last", action="store_true", help="dvtrain's columns: compute.channels_last")
+    p.add_argument("--compile", action="store_true", help="dvtrain's columns: compute.compile (warm-up compiles)")
+    return p.parse_args(argv)
+
+
+def compute_options(args: argparse.Namespace) -> ComputeConfig:
+    return ComputeConfig(precision=args.precision, channels_last=args.channels_last, compile=args.compile)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    settings = {s.name: run_setting(s, args, device) for s in SETTINGS if s.name in args.settings}
+    hours = projected_hours(settings)
+    print_table(settings, hours)
+    report = {
+        "device": describe(device), "torch": torch.__version__, "quick": args.quick,
+        "compute": dataclasses.asdict(compute_options(args)), "ensemble_size": ENSEMBLE_SIZE, "distill_steps": QUICK_DISTILL_STEPS if args.quick else DISTILL_STEPS,
+        "timed_steps": QUICK_TIMED_STEPS if args.quick else args.steps,
+        "settings": settings, "projected_hours": hours,
+    }
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""How the hot loop runs on the device: bf16 autocast, channels-last memory, torch.compile.
+
+These are speed options, not part of the algorithm: each changes results only as far as its
+precision does. All are off by default, which is what a CPU wants; on a GPU the report's small nets
+are bound by kernel launches, which `compile` (fusion) and the grouped engine (fewer, wider kernels)
+attack, while bf16 and channels-last speed up the arithmetic of the larger ResNet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch._dynamo
+from torch import nn
+
+from dvtrain.config import ComputeConfig
+
+# Compiled graphs a model's `features` may need per layer: grad or no grad (distillation target),
+# train or eval mode, and the batch shapes before dynamo marks the batch dimension dynamic.
+GRAPHS_PER_LAYER = 8
+
+
+def autocast(cfg: ComputeConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """Training forwards (and so their backwards) in bf16 where the config asks; weights stay fp32."""
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class EagerFallback:
+    """A compiled function that falls back to the eager one, with one warning, if compiling fails
+    (no C++ compiler, an operation dynamo cannot trace, ...). A genuine error in the model then
+    surfaces from the eager call, unchanged."""
+
+    def __init__(self, eager: Callable, what: str) -> None:
+        self.eager = eager
+        self.compiled = torch.compile(eager)
+        self.what = what
+        self.failed = False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
+                self.failed = True
+                warnings.warn(
+                    f"torch.compile failed for {self.what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    "running it eagerly (set compute.compile=false to silence this)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self.eager(*args, **kwargs)
+
+
+def compile_features(model: nn.Module, models_sharing_code: int = 1) -> None:
+    """Compile `model.features` (and so `forward`, which calls it) in place: one graph per layer."""
+    limit = models_sharing_code * model.num_layers * GRAPHS_PER_LAYER
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    model.features = EagerFallback(model.features, f"{type(model).__name__}.features")
+
+
+def uncompiled(model: nn.Module) -> None:
+    """Undo `compile_features` on a copy: the copy must not call the original's compiled function."""
+    vars(model).pop("features", None)
+
+
+def prepare_model(model: nn.Module, cfg: ComputeConfig, models_sharing_code: int = 1) -> nn.Module:
+    """Apply the memory-format and compile options to a freshly built model, in place."""
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_features(model, models_sharing_code)
+    return model

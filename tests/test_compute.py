@@ -1,0 +1,124 @@
+"""The speed options of `compute`: they change results only as far as their precision does."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from dvtrain import compute
+from dvtrain.config import ComputeConfig, ConfigError, load_config
+from dvtrain.data import load_dataset
+from dvtrain.dverge import dverge_step
+from dvtrain.engine import GroupedEngine, make_engine
+from dvtrain.ensemble import build_owned
+from dvtrain.models import build_model
+from dvtrain.placement import LocalPlacement
+
+SIZE = 3
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digits_step(overrides: list[str]):
+    """Submodels after one DVERGE step on 32 digits, and the step's figures."""
+    cfg = load_config(None, ["data.train_limit=64", "dverge.steps=5", "dverge.optim.lr=0.05", *overrides])
+    data = load_dataset(cfg.data)
+    owned = build_owned(cfg, data, list(range(SIZE)), "dverge", CPU)
+    x, y = data.x_train, data.y_train
+    with compute.autocast(cfg.compute, CPU):
+        out = dverge_step(owned, LocalPlacement(SIZE), make_engine(cfg.dverge.engine, cfg.compute), 3,
+                          x[:32], y[:32], x[32:], y[32:], cfg.dverge)
+    return [owned.models[i] for i in owned.ids], out
+
+
+def _deltas(models: list[torch.nn.Module], start: list[torch.nn.Module]) -> torch.Tensor:
+    return torch.cat([(p - q).flatten() for m, s in zip(models, start) for p, q in zip(m.parameters(), s.parameters())])
+
+
+def test_bf16_autocast_runs_the_forwards_in_bf16_and_keeps_fp32_weights():
+    model = build_model("conv", 1, 8, 10, (0.5,), (0.25,))
+    with compute.autocast(ComputeConfig(precision="bf16"), CPU):
+        assert model(torch.rand(2, 1, 8, 8)).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with compute.autocast(ComputeConfig(), CPU):
+        assert model(torch.rand(2, 1, 8, 8)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("engine", ["loop", "grouped"])
+def test_a_bf16_step_moves_the_weights_like_an_fp32_step(engine):
+    start, _ = _digits_step(["dverge.optim.lr=1e-30"])  # the initial weights
+    fp32, out32 = _digits_step([f"dverge.engine={engine}"])
+    bf16, out16 = _digits_step([f"dverge.engine={engine}", "compute.precision=bf16"])
+    torch.testing.assert_close(out16["loss/dverge"], out32["loss/dverge"], rtol=0.03, atol=0)
+    d32, d16 = _deltas(fp32, start), _deltas(bf16, start)
+    assert d32.norm() > 0
+    assert torch.nn.functional.cosine_similarity(d16, d32, dim=0) > 0.95
+
+
+def test_channels_last_changes_the_layout_not_the_step():
+    nchw, out_a = _digits_step(["dverge.engine=grouped"])
+    nhwc, out_b = _digits_step(["dverge.engine=grouped", "compute.channels_last=true"])
+    conv = next(m for m in nhwc[0].modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_b["loss/dverge"], out_a["loss/dverge"], rtol=1e-4, atol=0)
+    for a, b in zip(nchw, nhwc):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pb, pa, rtol=0, atol=1e-4)
+
+
+def test_compiled_features_equal_eager_ones():
+    torch.manual_seed(0)
+    eager = build_model("conv", 3, 16, 10, (0.5,) * 3, (0.25,) * 3)
+    compiled = compute.prepare_model(copy.deepcopy(eager), ComputeConfig(compile=True))
+    x = torch.rand(4, 3, 16, 16)
+    outputs, input_grads = [], []
+    for model in (eager, compiled):
+        z = x.clone().requires_grad_(True)
+        out = model.features(z, 3)
+        (grad,) = torch.autograd.grad(out.square().sum(), z)
+        outputs.append(out.detach())
+        input_grads.append(grad)
+    assert not compiled.features.failed
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(input_grads[1], input_grads[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(fn):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(compute.torch, "compile", broken)
+    torch.manual_seed(0)
+    model = build_model("conv", 1, 8, 10, (0.5,), (0.25,))
+    expected = model(torch.ones(2, 1, 8, 8))
+    compute.prepare_model(model, ComputeConfig(compile=True))
+    with pytest.warns(RuntimeWarning, match="compute.compile=false"):
+        got = model(torch.ones(2, 1, 8, 8))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        model(torch.ones(2, 1, 8, 8))
+
+
+def test_the_grouped_engine_does_not_call_the_models_compiled_code():
+    """Its wide copy must run its own code: the copy of a compiled model keeps no compiled function."""
+    model = compute.prepare_model(build_model("conv", 1, 8, 10, (0.5,), (0.25,)), ComputeConfig(compile=True))
+    shell = GroupedEngine()._prepare([model, copy.deepcopy(model)])
+    assert "features" not in vars(shell)
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(ConfigError, match="compute.precision='fp16' must be one of fp32, bf16"):
+        load_config(None, ["compute.precision=fp16"])
