@@ -24,9 +24,13 @@ GRAPHS_PER_LAYER = 8
 
 
 def autocast(cfg: ComputeConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """Training forwards (and so their backwards) in bf16 where the config asks; weights stay fp32."""
+    """Training forwards (and so their backwards) in bf16 where the config asks; weights stay fp32.
+
+    The context spans whole epochs, so its cache of bf16 weight copies is off: with it, every step
+    would compute with the copies made at the first one, and nothing would learn.
+    """
     if cfg.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
