@@ -34,13 +34,7 @@ BATCH = 6
 CIFAR = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Correctness, not speed: one thread keeps these tests quick when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _models(arch: str, dtype: torch.dtype) -> list[LayeredNet]:
