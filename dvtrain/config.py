@@ -187,6 +187,8 @@ class EvalConfig:
     l2_eps: float = 0.03
     l2_step_size: float = 0.007
     random_start: bool = True
+    # PGD runs from this many random starts; an image counts as robust only if it withstands every one.
+    restarts: int = 1
     # 0 evaluates the whole test set; N uses its first N images.
     num_examples: int = 0
     batch_size: int = 500
@@ -459,6 +461,9 @@ def validate(cfg: Config) -> None:
     _check_eps("eval.eps", cfg.eval.eps)
     _check(cfg.eval.l2_eps >= 0, "eval.l2_eps must be >= 0")
     _check(cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps} must be at least 1")
+    _check(cfg.eval.restarts >= 1, f"eval.restarts={cfg.eval.restarts} must be at least 1")
+    _check(cfg.eval.restarts == 1 or cfg.eval.random_start,
+           f"eval.restarts={cfg.eval.restarts} needs eval.random_start=true: restarts from one start repeat one attack")
     _check(cfg.eval.num_examples >= 0 and cfg.eval.batch_size >= 1, "eval.num_examples >= 0 and eval.batch_size >= 1")
     check_transfer_config(cfg.eval.transfer)
     _check(cfg.compute.precision in PRECISIONS,

@@ -18,6 +18,7 @@ from dvtrain.placement import LocalPlacement, Placement
 from dvtrain.rng import stream
 
 ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2")
+RESTARTED = ("pgd_linf", "pgd_l2")  # the attacks with random starts
 _HEADERS = {"clean": "Clean", "fgsm": "FGSM", "pgd_linf": "PGD L∞", "pgd_l2": "PGD L2"}
 
 
@@ -41,14 +42,20 @@ def _perturb(model: nn.Module, x: Tensor, y: Tensor, attack: str, cfg: EvalConfi
 def robust_accuracy(
     model: nn.Module, x: Tensor, y: Tensor, attack: str, eval_cfg: EvalConfig, batch_size: int, generator: torch.Generator
 ) -> float:
-    """Accuracy in percent on attacked copies of x, in batches so large test sets fit in memory."""
-    correct = 0
-    for start in range(0, len(y), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        x_adv = _perturb(model, xb, yb, attack, eval_cfg, generator)
-        with torch.no_grad():
-            correct += int((model(x_adv).argmax(dim=1) == yb).sum())
-    return 100.0 * correct / len(y)
+    """Accuracy in percent on attacked copies of x, in batches so large test sets fit in memory.
+
+    The PGD attacks run `eval_cfg.restarts` times, each from the generator's next random starts; an
+    image counts as robust only if it withstands every run, as the reference evaluation counts restarts.
+    """
+    runs = eval_cfg.restarts if attack in RESTARTED else 1
+    correct = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    for _ in range(runs):
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            x_adv = _perturb(model, xb, yb, attack, eval_cfg, generator)
+            with torch.no_grad():
+                correct[start : start + batch_size] &= model(x_adv).argmax(dim=1) == yb
+    return 100.0 * int(correct.sum()) / len(y)
 
 
 def evaluate_stage(

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from dvtrain.attacks import fgsm
 from dvtrain.config import EvalConfig
-from dvtrain.evaluate import ATTACKS, evaluate_stage, results_markdown, robust_accuracy
+from dvtrain.evaluate import ATTACKS, _perturb, evaluate_stage, results_markdown, robust_accuracy
 from dvtrain.mixture import Mixture, mixture_log_probs
 
 K = 4
@@ -134,6 +134,38 @@ def test_robust_accuracy_does_not_depend_on_batching(trained):
         assert one == pytest.approx(float((model(adv).argmax(1) == y).float().mean() * 100))
     with pytest.raises(ValueError, match="unknown attack"):
         robust_accuracy(model, x, y, "cw", CFG, 32, torch.Generator())
+
+
+@pytest.mark.parametrize("attack", ["pgd_linf", "pgd_l2"])
+def test_restarts_count_an_image_robust_only_if_every_run_fails(attack):
+    """Restart r continues the cell's generator, so the runs can be replayed one by one by hand."""
+    model = linear_net(7).eval()
+    x, _ = batch(100, 1)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # labels it gets right: what one attack run flips depends on its start
+    weak = EvalConfig(**{**vars(CFG), "eps": 0.1, "l2_eps": 0.5, "steps": 1, "restarts": 4})
+    got = robust_accuracy(model, x, y, attack, weak, 40, torch.Generator().manual_seed(5))
+
+    replay, survives, per_run = torch.Generator().manual_seed(5), torch.ones(len(y), dtype=torch.bool), []
+    single = EvalConfig(**{**vars(weak), "restarts": 1})
+    for _ in range(weak.restarts):
+        correct = torch.cat([
+            model(_perturb(model, x[s : s + 40], y[s : s + 40], attack, single, replay)).argmax(1) == y[s : s + 40]
+            for s in range(0, len(y), 40)
+        ])
+        survives &= correct
+        per_run.append(100.0 * int(correct.sum()) / len(y))
+    assert got == pytest.approx(100.0 * int(survives.sum()) / len(y))
+    assert got <= min(per_run) and got < max(per_run)  # the restarts found images one run missed
+    first = robust_accuracy(model, x, y, attack, single, 40, torch.Generator().manual_seed(5))
+    assert first == per_run[0]  # restarts=1 is the attack as before
+
+
+def test_restarts_need_random_starts():
+    from dvtrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="eval.restarts=3 needs eval.random_start=true"):
+        load_config(None, ["eval.restarts=3", "eval.random_start=false"])
 
 
 def test_results_markdown_renders_a_table_per_stage():
