@@ -184,6 +184,12 @@ def load_resume_state(path: Path, owned: Owned) -> None:
         tensors = _load(file)
         with safe_open(file, framework="pt") as f:
             meta = json.loads(f.metadata()["optimizer"])
+        missing = sorted({"generator", "data_generator"} - tensors.keys())
+        if missing:
+            raise CheckpointError(
+                f"checkpoint file {file} lacks {', '.join(missing)}: an older dvtrain wrote it and it cannot be "
+                f"resumed; remove {path} to train that stage again, or start a new run directory"
+            )
         owned.optimizers[i].load_state_dict(_optimizer_state(tensors, meta))
         owned.generators[i].set_state(tensors["generator"])
         owned.data_generators[i].set_state(tensors["data_generator"])

@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from dvtrain import checkpoint
 from dvtrain.config import load_config
@@ -83,6 +85,20 @@ def test_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path):
     checkpoint.save_checkpoint(tmp_path / "r", other, LocalPlacement(3), {"epoch": 1})
     with pytest.raises(checkpoint.CheckpointError, match="does not fit the configured model"):
         checkpoint.load_weights(tmp_path / "r", owned)
+
+
+def test_a_checkpoint_without_resume_streams_is_refused_clearly(tmp_path):
+    """Checkpoints of dvtrain before step-level resume hold no data stream: say so, do not KeyError."""
+    owned, _ = _owned()
+    path = tmp_path / "dverge"
+    checkpoint.save_checkpoint(path, owned, LocalPlacement(3), {"epoch": 1})
+    file = path / "sub0.resume.safetensors"
+    with safe_open(file, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v for k, v in load_file(file).items() if k != "data_generator"}
+    save_file(tensors, file, metadata=metadata)
+    with pytest.raises(checkpoint.CheckpointError, match=r"lacks data_generator: an older dvtrain wrote it"):
+        checkpoint.load_resume_state(path, owned)
 
 
 def test_no_pickles_in_checkpoints(tmp_path):
