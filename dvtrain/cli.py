@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dvtrain import checkpoint
 from dvtrain.config import Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.placement import Placement
@@ -43,6 +44,16 @@ def default_config_path() -> Path:
     raise ConfigError(f"default config {DEFAULT_CONFIG} not found; pass --config FILE (see configs/ in the repository)")
 
 
+def _unstarted_sections(cfg: Config, run_dir: Path) -> tuple[str, ...]:
+    """Config sections of the stages that have no checkpoint in the run yet: extending a run by a stage
+    may configure it freely."""
+    return tuple(
+        ("pretrain." if stage == "vanilla" else f"{stage}.")
+        for stage in cfg.stages
+        if checkpoint.latest(checkpoint.stage_dir(run_dir, stage)) is None
+    )
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, config_given: bool,
                     overrides: list[str], placement: Placement) -> Config:
     """Create or reopen the run directory; returns the configuration the run will use.
@@ -55,7 +66,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
         saved_cfg = config_from_dict(read_yaml(saved))
         if not config_given:
             cfg = load_config(saved, overrides)
-        changed = [k for k in diff_configs(saved_cfg, cfg) if not k.startswith(RESUMABLE_CHANGES)]
+        resumable = RESUMABLE_CHANGES + _unstarted_sections(cfg, run_dir)
+        changed = [k for k in diff_configs(saved_cfg, cfg) if not k.startswith(resumable)]
         if changed:
             raise DvtrainError(
                 f"cannot resume {run_dir}: the config differs from the saved one in {', '.join(changed)}; "

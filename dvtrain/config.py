@@ -18,13 +18,18 @@ import yaml
 
 from dvtrain.errors import DvtrainError
 
-STAGES = ("vanilla", "dverge", "dverge_advt")
+# In training order; `dvtrain compare` orders its columns the same way.
+STAGES = ("vanilla", "adp", "gal", "trs", "dverge", "dverge_advt")
+# The ensemble-diversity baselines the DVERGE paper compares against (dvtrain.baselines).
+BASELINES = ("adp", "gal", "trs")
+DEFAULT_STAGES = ("vanilla", "dverge", "dverge_advt")
 DATASETS = ("digits", "fashion_mnist", "cifar10")
 ARCHS = ("conv", "resnet20")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 BN_MODES = ("train", "eval")
 ENGINES = ("loop", "grouped")
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("sgd", "adam")
 
 
 class ConfigError(DvtrainError):
@@ -65,13 +70,15 @@ class EnsembleConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum; the learning rate is multiplied by `gamma` at each epoch in `milestones`."""
+    """SGD with momentum, or Adam; the learning rate is multiplied by `gamma` at each epoch in `milestones`."""
 
+    name: str = "sgd"
     lr: float = 1e-3
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only (Adam keeps its default betas)
     weight_decay: float = 0.0
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    eps: float = 1e-8  # Adam only: added to the denominator
 
 
 @dataclass
@@ -117,6 +124,67 @@ class DvergeConfig:
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4, milestones=[100, 150])
     )
+
+
+def _baseline_adam(milestones: list[int]) -> OptimConfig:
+    """The optimizer of the ADP, GAL and TRS reference trainers: Adam, lr 1e-3, weight decay 1e-4, eps 1e-7
+    (zjysteven/DVERGE train/train_adp.py and train_gal.py; AI-secure/Transferability-Reduced-Smooth-Ensemble
+    train/Empirical/train_trs.py), with step decay ×0.1."""
+    return OptimConfig(name="adam", lr=1e-3, weight_decay=1e-4, eps=1e-7, milestones=milestones, gamma=0.1)
+
+
+@dataclass
+class AdpConfig:
+    """ADP (Pang et al., ICML 2019): Σ_i CE_i − α·H(mean prediction) − β·log det(Gram of the normalised
+    non-true-class predictions + jitter·I). Defaults: the DVERGE authors' ADP trainer (zjysteven/DVERGE,
+    train/train_adp.py and arguments.py), which trains from scratch for 200 epochs at batch 128."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    alpha: float = 2.0  # ensemble-entropy weight (arguments.py; the paper's ADP_{2,0.5})
+    beta: float = 0.5  # log-determinant weight (arguments.py; the paper's ADP_{2,0.5})
+    log_det_jitter: float = 1e-6  # added to the Gram matrix's diagonal (train_adp.py det_offset)
+    log_offset: float = 1e-20  # inside the entropy's log (train_adp.py log_offset)
+    # None: fresh initialisation (the reference trains from scratch); a stage name: its final weights.
+    init_from: Optional[str] = None
+    optim: OptimConfig = field(default_factory=lambda: _baseline_adam([100, 150]))  # arguments.py sch-intervals
+
+
+@dataclass
+class GalConfig:
+    """GAL (Kariyappa & Qureshi, 2019): mean_i CE_i + λ·log Σ_{i<j} exp(cos(∇_x L_i, ∇_x L_j)). Defaults: the
+    DVERGE authors' GAL trainer (zjysteven/DVERGE, train/train_gal.py and arguments.py), from scratch."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    coherence_weight: float = 0.5  # λ (arguments.py --lambda)
+    log_offset: float = 1e-20  # inside the coherence's log (train_gal.py log_offset)
+    # Gaussian noise added to every training image (utils.py get_loaders(add_gaussian=True), after the GAL paper).
+    input_noise_std: float = 0.045
+    init_from: Optional[str] = None
+    optim: OptimConfig = field(default_factory=lambda: _baseline_adam([100, 150]))
+
+
+@dataclass
+class TrsConfig:
+    """TRS (Yang et al., NeurIPS 2021): Σ_i CE_i + scale·(λ_a·mean_{i<j} |cos(∇_x L_i, ∇_x L_j)| + λ_b·smoothness).
+    Defaults: AI-secure/Transferability-Reduced-Smooth-Ensemble (1d246dd) train/Empirical/train_trs.py,
+    trainer.py and utils/Empirical/script_train.py (the run script: from scratch, --plus-adv)."""
+
+    epochs: int = 120  # train_trs.py --epochs
+    batch_size: int = 128  # train_trs.py --batch
+    lambda_a: float = 2.0  # gradient-cosine weight (--coeff)
+    lambda_b: float = 2.0  # smoothness weight (--lamda)
+    scale: float = 5.0  # multiplies both regularisers (--scale)
+    # Smoothness on the batch with its second half moved by a PGD that maximises the submodels' input-gradient
+    # norm (--plus-adv); off: on the clean batch. Its ε grows linearly from init_eps to adv_eps over the epochs.
+    plus_adv: bool = True
+    init_eps: float = 0.1  # --init-eps
+    adv_eps: float = 0.2  # --adv-eps
+    pgd_steps: int = 6  # trainer.py PGD: 6 steps of ε/3 from a uniform random start
+    pgd_step_fraction: float = 1 / 3
+    init_from: Optional[str] = None
+    optim: OptimConfig = field(default_factory=lambda: _baseline_adam([40, 80]))  # StepLR every 40 epochs
 
 
 @dataclass
@@ -238,21 +306,25 @@ class Config:
     runs_dir: str = "runs"
     # "auto" picks CUDA when available, else the CPU.
     device: str = "auto"
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dverge: DvergeConfig = field(default_factory=DvergeConfig)
     dverge_advt: DvergeConfig = field(default_factory=lambda: DvergeConfig(epochs=50, plus_adv=True))
+    adp: AdpConfig = field(default_factory=AdpConfig)
+    gal: GalConfig = field(default_factory=GalConfig)
+    trs: TrsConfig = field(default_factory=TrsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
-    def stage_config(self, stage: str) -> PretrainConfig | DvergeConfig:
-        return {"vanilla": self.pretrain, "dverge": self.dverge, "dverge_advt": self.dverge_advt}[stage]
+    def stage_config(self, stage: str) -> PretrainConfig | DvergeConfig | AdpConfig | GalConfig | TrsConfig:
+        return {"vanilla": self.pretrain, "dverge": self.dverge, "dverge_advt": self.dverge_advt,
+                "adp": self.adp, "gal": self.gal, "trs": self.trs}[stage]
 
 
 # ----------------------------------------------------------------------------- building
@@ -454,10 +526,14 @@ def validate(cfg: Config) -> None:
         _check(d.engine in ENGINES, f"{stage}.engine={d.engine!r} must be one of {', '.join(ENGINES)}")
         _check(d.init_from in STAGES and d.init_from != stage,
                f"{stage}.init_from={d.init_from!r} must name another stage ({', '.join(STAGES)})")
-    for key in ("pretrain", "dverge", "dverge_advt"):
+    for stage in BASELINES:
+        _validate_baseline(cfg, stage)
+    for key in ("pretrain", "dverge", "dverge_advt", *BASELINES):
         o: OptimConfig = getattr(cfg, key).optim
+        _check(o.name in OPTIMIZERS, f"{key}.optim.name={o.name!r} must be one of {', '.join(OPTIMIZERS)}")
         _check(o.lr > 0, f"{key}.optim.lr must be > 0")
         _check(0 <= o.momentum < 1, f"{key}.optim.momentum must be in [0, 1)")
+        _check(o.eps > 0, f"{key}.optim.eps must be > 0")
     _check_eps("eval.eps", cfg.eval.eps)
     _check(cfg.eval.l2_eps >= 0, "eval.l2_eps must be >= 0")
     _check(cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps} must be at least 1")
@@ -471,3 +547,21 @@ def validate(cfg: Config) -> None:
     _check(cfg.logging.wandb in WANDB_MODES, f"logging.wandb={cfg.logging.wandb!r} must be one of {', '.join(WANDB_MODES)}")
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s must be >= 1")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: epoch ends only)")
+
+
+def _validate_baseline(cfg: Config, stage: str) -> None:
+    b: AdpConfig | GalConfig | TrsConfig = getattr(cfg, stage)
+    _check(b.epochs >= 0, f"{stage}.epochs must be >= 0")
+    _check(b.batch_size >= 2, f"{stage}.batch_size={b.batch_size} must be >= 2")
+    _check(b.init_from is None or (b.init_from in STAGES and b.init_from != stage),
+           f"{stage}.init_from={b.init_from!r} must be null (fresh weights) or another stage ({', '.join(STAGES)})")
+    weights = {"adp": ("alpha", "beta", "log_det_jitter", "log_offset"),
+               "gal": ("coherence_weight", "log_offset", "input_noise_std"),
+               "trs": ("lambda_a", "lambda_b", "scale")}[stage]
+    for key in weights:
+        _check(getattr(b, key) >= 0, f"{stage}.{key}={getattr(b, key)} must be >= 0")
+    if isinstance(b, TrsConfig):
+        _check_eps(f"{stage}.init_eps", b.init_eps)
+        _check_eps(f"{stage}.adv_eps", b.adv_eps)
+        _check(b.pgd_steps >= 1 and b.pgd_step_fraction > 0,
+               f"{stage}.pgd_steps must be >= 1 and {stage}.pgd_step_fraction > 0 (turn the PGD off with {stage}.plus_adv=false)")

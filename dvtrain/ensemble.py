@@ -46,6 +46,10 @@ def build_submodel(cfg: Config, data: Dataset, index: int) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """One optimizer per submodel: Adam and SGD act parameter by parameter, so this equals the reference
+    trainers' single optimizer over the whole ensemble."""
+    if cfg.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

@@ -1,8 +1,8 @@
 """The stage loop: composes data, submodels, the stage algorithms, checkpoints, tracking and evaluation.
 
-For each configured stage (vanilla → dverge → dverge_advt): restore its checkpoint or start it from
-the weights of the stage it builds on, train the remaining epochs (checkpointing at epoch ends and
-every `checkpoint.every_steps` steps; Ctrl-C checkpoints the step it is in), then evaluate the submodels and their mixture and record the table in `results.json`/`results.md`.
+For each configured stage (vanilla, the adp/gal/trs baselines, dverge, dverge_advt): restore its
+checkpoint or start it from the weights of the stage it builds on (or from fresh weights), train the
+remaining epochs (checkpointing at epoch ends and every `checkpoint.every_steps` steps; Ctrl-C checkpoints the step it is in), then evaluate the submodels and their mixture and record the table in `results.json`/`results.md`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dvtrain import checkpoint
+from dvtrain.baselines import baseline_epoch
 from dvtrain.compute import autocast
-from dvtrain.config import Config, DvergeConfig, to_dict
+from dvtrain.config import BASELINES, Config, DvergeConfig, to_dict
 from dvtrain.data import Dataset, num_batches
 from dvtrain.dverge import dverge_epoch
 from dvtrain.engine import make_engine
@@ -134,8 +135,8 @@ def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
         checkpoint.load_weights(path, owned)
         checkpoint.load_resume_state(path, owned)
         return state
-    if stage != "vanilla":
-        source = cfg.stage_config(stage).init_from
+    source = None if stage == "vanilla" else cfg.stage_config(stage).init_from
+    if source is not None:  # None: the fresh initialisation build_owned made
         src = checkpoint.latest(checkpoint.stage_dir(ctx.run_dir, source))
         if src is None or not checkpoint.read_state(src).get("complete"):
             raise DvtrainError(
@@ -209,9 +210,11 @@ def run_stage(ctx: Context, stage: str, results: dict, guard: SignalGuard) -> No
                     raise StopRequested(f"stopped at {stage} epoch {epoch + 1} step {step_in_epoch}")
 
             with autocast(cfg.compute, ctx.device):  # training only: evaluation stays fp32
+                layer = None
                 if stage == "vanilla":
                     vanilla_epoch(owned, placement, ctx.data, scfg, padding, on_step, skip)
-                    layer = None
+                elif stage in BASELINES:
+                    baseline_epoch(stage, owned, placement, ctx.data, scfg, padding, shared, epoch, on_step, skip)
                 else:
                     layer = dverge_epoch(
                         owned, placement, ctx.data, scfg, num_layers, padding, shared, engine, on_step, timer, skip,

@@ -71,6 +71,10 @@ def test_fraction_strings_and_yaml_values():
         ("name=../escape", "plain directory name"),
         ("dverge=3", "is a section"),
         ("dverge.eps", "not of the form key=value"),
+        ("adp.init_from=adp", "adp.init_from='adp' must be null \\(fresh weights\\) or another stage"),
+        ("gal.optim.name=rmsprop", "gal.optim.name='rmsprop' must be one of sgd, adam"),
+        ("trs.adv_eps=2", "trs.adv_eps=2.0 is outside \\[0, 1\\]"),
+        ("trs.lambda_a=-1", "trs.lambda_a=-1.0 must be >= 0"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(override, message):
@@ -90,3 +94,24 @@ def test_diff_configs_names_changed_keys():
     a = load_config(None, [])
     b = load_config(None, ["dverge.eps=0.05", "seed=2"])
     assert diff_configs(a, b) == ["dverge.eps", "seed"]
+
+
+def test_baseline_configs_follow_their_references():
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for dataset, arch in (("cifar10", "resnet20"), ("fashion_mnist", "conv")):
+        adp, gal, trs = (load_config(root / f"{dataset}_{m}.yaml") for m in ("adp", "gal", "trs"))
+        assert adp.model.arch == gal.model.arch == trs.model.arch == arch
+        assert (adp.stages, gal.stages, trs.stages) == (["adp"], ["gal"], ["trs"])  # from scratch
+        assert (adp.adp.alpha, adp.adp.beta, adp.adp.log_det_jitter, adp.adp.init_from) == (2.0, 0.5, 1e-6, None)
+        assert (gal.gal.coherence_weight, gal.gal.input_noise_std) == (0.5, 0.045)
+        t = trs.trs
+        assert (t.lambda_a, t.lambda_b, t.scale, t.plus_adv, t.init_eps, t.adv_eps, t.pgd_steps) == (2.0, 2.0, 5.0, True, 0.1, 0.2, 6)
+        for b in (adp.adp, gal.gal, trs.trs):
+            assert (b.optim.name, b.optim.lr, b.optim.weight_decay, b.optim.eps, b.batch_size) == ("adam", 1e-3, 1e-4, 1e-7, 128)
+    assert load_config(root / "cifar10_trs.yaml").trs.optim.milestones == [40, 80]
+
+
+def test_default_stages_are_dverges_and_baselines_are_opt_in():
+    cfg = load_config(None, [])
+    assert cfg.stages == ["vanilla", "dverge", "dverge_advt"]
+    assert load_config(None, ["stages=[vanilla, adp, gal, trs]", "adp.init_from=vanilla"]).adp.init_from == "vanilla"

@@ -23,12 +23,20 @@ SHORT = [
     "dverge_advt.steps=3",
     "dverge_advt.adv_steps=3",
     "data.train_limit=512",
+    # the baselines, one short epoch each from scratch: their regularisers gather the other submodels'
+    # predictions and input gradients
+    "stages=[vanilla, dverge, dverge_advt, adp, gal, trs]",
+    "adp.epochs=1",
+    "gal.epochs=1",
+    "trs.epochs=1",
+    "trs.pgd_steps=2",
     "eval.num_examples=120",
     "eval.steps=3",
     "logging.wandb=disabled",
     "logging.progress=false",
 ]
 STAGES = ("vanilla", "dverge", "dverge_advt")
+BASELINES = ("adp", "gal", "trs")
 # One thread per process everywhere, as torchrun sets it: CPU kernels then sum in the same order.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -75,7 +83,7 @@ def test_multi_process_matches_single_process(single, tmp_path, world):
     run_dir = tmp_path / "run"
     done = launch(world, run_dir, *SHORT)
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in STAGES:
+    for stage in STAGES + BASELINES:
         assert max_difference(weights(single, stage), weights(run_dir, stage)) <= 1e-5, stage
     rows_1 = json.loads((single / "results.json").read_text())["eval"]
     rows_w = json.loads((run_dir / "results.json").read_text())["eval"]
@@ -85,7 +93,7 @@ def test_multi_process_matches_single_process(single, tmp_path, world):
     clean = {r["model"]: r["accuracy"] for r in rows_w if r["stage"] == "vanilla" and r["attack"] == "clean"}
     assert clean["mixture"] > 50  # the comparison is about trained models, not chance
     # one process prints and logs
-    assert done.stdout.count("### dverge_advt") == 1
+    assert done.stdout.count("### dverge_advt") == 1 and done.stdout.count("### trs") == 1
 
 
 @pytest.mark.slow
@@ -96,7 +104,7 @@ def test_replicas_split_batches_and_match_single_process(single, tmp_path):
     run_dir = tmp_path / "run"
     done = launch(6, run_dir, *SHORT)
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("vanilla", "dverge"):
+    for stage in ("vanilla", "dverge", *BASELINES):  # the baselines draw their noise for the whole batch
         assert max_difference(weights(single, stage), weights(run_dir, stage)) <= 1e-5, stage
     assert max_difference(weights(single, "dverge_advt"), weights(run_dir, "dverge_advt")) <= 0.1
     assert sorted(p.name for p in (run_dir / "checkpoints" / "dverge").glob("sub*.safetensors")) == [

@@ -138,3 +138,46 @@ def test_eval_command_reevaluates_saved_stages(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert "vanilla" in results["transfer"] and (run_dir / "results.md").read_text().count("### vanilla") >= 1
     assert cli.main(["eval", str(run_dir), "dverge.eps=0.1"]) == 2
+
+
+BASELINES_TINY = [*TINY, "stages=[adp, gal, trs]", "adp.epochs=1", "gal.epochs=1", "trs.epochs=2", "trs.pgd_steps=2",
+                  "adp.batch_size=64", "gal.batch_size=64", "trs.batch_size=64", "checkpoint.every_steps=1"]
+
+
+def test_baseline_stages_train_from_scratch_and_resume_inside_an_epoch_exactly(tmp_path, monkeypatch):
+    from dvtrain import baselines
+
+    straight = tmp_path / "straight"
+    assert cli.train_main(["--run-dir", str(straight), *BASELINES_TINY]) == 0
+    results = json.loads((straight / "results.json").read_text())
+    assert set(results["stages"]) == {"adp", "gal", "trs"}
+    assert {(r["stage"], r["model"]) for r in results["eval"]} == {
+        (s, m) for s in ("adp", "gal", "trs") for m in ("sub0", "sub1", "sub2", "mixture")}
+    assert not (straight / "checkpoints" / "vanilla").exists()  # from scratch: no vanilla stage needed
+    first = {s: _weights(straight, s)["sub0.safetensors"]["conv1.weight"] for s in ("adp", "gal", "trs")}
+    assert not first["adp"].equal(first["gal"]) and not first["gal"].equal(first["trs"])
+
+    real_step = baselines.baseline_step
+    calls = {"trs": 0}
+
+    def interrupted(stage, *a, **k):
+        calls[stage] = calls.get(stage, 0) + 1
+        if stage == "trs" and calls["trs"] == 6:  # the second step of the second epoch
+            raise KeyboardInterrupt
+        return real_step(stage, *a, **k)
+
+    monkeypatch.setattr(baselines, "baseline_step", interrupted)
+    cut = tmp_path / "cut"
+    assert cli.train_main(["--run-dir", str(cut), *BASELINES_TINY]) == cli.EXIT_INTERRUPTED
+    state = json.loads((cut / "checkpoints" / "trs" / "state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 1)
+    monkeypatch.setattr(baselines, "baseline_step", real_step)
+    assert cli.train_main(["--run-dir", str(cut), "--resume"]) == 0
+    for stage in ("adp", "gal", "trs"):
+        a, b = _weights(straight, stage), _weights(cut, stage)
+        assert all(a[f][k].equal(b[f][k]) for f in a for k in a[f]), stage
+
+    # a finished stage's settings are fixed; a stage the run has not started yet may be configured freely
+    assert cli.train_main(["--run-dir", str(cut), "--resume", "adp.alpha=1.0"]) == 2
+    assert cli.train_main(["--run-dir", str(cut), "--resume", "stages=[trs, vanilla]", "pretrain.epochs=1"]) == 0
+    assert json.loads((cut / "results.json").read_text())["stages"]["vanilla"]["epochs"] == 1

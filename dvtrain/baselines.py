@@ -1,0 +1,213 @@
+"""The ensemble-diversity baselines of the DVERGE paper: ADP, GAL and TRS (formulas and sources:
+docs/baselines.md, values: the dataclasses of dvtrain.config).
+
+    ADP  Σ_i CE_i − α·H(p̄) − β·log det(G + jitter·I)     p̄ = mean_i softmax(f_i(x)); G = Gram matrix of
+                                                          the normalised non-true-class predictions
+    GAL  mean_i CE_i + λ·log Σ_{i<j} exp(cos(g_i, g_j))   g_i = ∇_x CE_i (on noisy inputs)
+    TRS  Σ_i CE_i + scale·(λ_a·mean_{i<j} |cos(g_i, g_j)| + λ_b·mean_i 2‖g̃_i‖²)   g̃_i: at points a PGD
+                                                          moved to raise the gradient norms (plus_adv)
+
+The regularisers are pure functions of per-submodel tensors stacked over all M submodels. A process
+trains the submodels it owns: the others' entries are gathered as data (`with_owned`). They do not
+depend on the owned parameters, so the gradient of the process's loss with respect to those parameters
+is that of the full loss. Input gradients keep their graph (double backpropagation).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dvtrain.config import AdpConfig, GalConfig, TrsConfig
+from dvtrain.data import Dataset, batches
+from dvtrain.dverge import step_metrics
+from dvtrain.ensemble import Owned
+from dvtrain.placement import Placement
+from dvtrain.rng import stream
+
+# ----------------------------------------------------------------------------- the regularisers
+
+
+def ensemble_entropy(probs: Tensor, log_offset: float) -> Tensor:
+    """H(p̄) of the mean prediction p̄ = mean_i probs[i], averaged over the batch. probs: [M, B, K]."""
+    mean = probs.mean(dim=0)
+    return -(mean * torch.log(mean + log_offset)).sum(dim=-1).mean()
+
+
+def non_true_log_det(probs: Tensor, y: Tensor, jitter: float) -> Tensor:
+    """ADP's diversity: log det of the M×M Gram matrix of each submodel's predictions over the classes
+    other than the true one, each normalised to unit length; averaged over the batch."""
+    num_models, batch, classes = probs.shape
+    others = probs[:, F.one_hot(y, classes) == 0].reshape(num_models, batch, classes - 1)
+    unit = others / others.norm(dim=-1, keepdim=True)
+    gram = torch.einsum("mbk,nbk->bmn", unit, unit)
+    return torch.logdet(gram + jitter * torch.eye(num_models, device=probs.device)).mean()
+
+
+def _pairwise_cosines(grads: Tensor) -> Tensor:
+    """cos(g_i, g_j) for every pair i < j: [pairs, B]. grads: [M, B, D]."""
+    return torch.stack([F.cosine_similarity(grads[i], grads[j], dim=-1) for i, j in combinations(range(len(grads)), 2)])
+
+
+def gal_coherence(grads: Tensor, log_offset: float) -> Tensor:
+    """GAL's gradient alignment: log Σ_{i<j} exp(cos(g_i, g_j)), averaged over the batch."""
+    return torch.log(_pairwise_cosines(grads).exp().sum(dim=0) + log_offset).mean()
+
+
+def trs_cosine(grads: Tensor) -> Tensor:
+    """TRS's gradient similarity: |cos(g_i, g_j)| averaged over the batch and the pairs."""
+    return _pairwise_cosines(grads).abs().mean()
+
+
+def trs_smoothness(grads: Tensor) -> Tensor:
+    """TRS's model smoothness of each submodel: 2‖g_i‖² averaged over the batch, [M]."""
+    return 2 * grads.pow(2).sum(dim=-1).mean(dim=-1)
+
+
+def input_gradient(model: nn.Module, x: Tensor, y: Tensor, full_batch: int) -> tuple[Tensor, Tensor]:
+    """Logits at x (which requires grad) and ∇_x of the full batch's mean CE, flattened [B, D] and
+    differentiable in the weights. Dividing by the full batch size gives a replica's rows the gradients
+    they have in the whole batch."""
+    logits = model(x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum") / full_batch, x, create_graph=True)
+    return logits, grad.flatten(1)
+
+
+def with_owned(placement: Placement, owned_values: Tensor) -> Tensor:
+    """[M, ...]: the owned submodels' entries keep their graph, the others' are gathered as data."""
+    every = placement.all_gather(owned_values.detach())
+    ids = placement.owned  # contiguous
+    return torch.cat([every[: ids[0]], owned_values, every[ids[-1] + 1 :]])
+
+
+# ----------------------------------------------------------------------------- the losses
+# Each returns (loss of the owned submodels, their logits, their CE, per-submodel terms, ensemble terms).
+
+
+def adp_loss(models: list[nn.Module], placement: Placement, x: Tensor, y: Tensor, full_batch: int, cfg: AdpConfig):
+    logits = [model(x) for model in models]
+    ce = [F.cross_entropy(out, y) for out in logits]
+    probs = with_owned(placement, torch.stack([F.softmax(out, dim=-1) for out in logits]))
+    entropy = ensemble_entropy(probs, cfg.log_offset)
+    log_det = non_true_log_det(probs, y, cfg.log_det_jitter)
+    loss = sum(ce) - cfg.alpha * entropy - cfg.beta * log_det
+    return loss, logits, ce, {}, {"entropy": entropy, "log_det": log_det}
+
+
+def gal_loss(models: list[nn.Module], placement: Placement, x: Tensor, y: Tensor, full_batch: int, cfg: GalConfig):
+    x = x.detach().requires_grad_(True)
+    logits, grads = zip(*(input_gradient(model, x, y, full_batch) for model in models))
+    ce = [F.cross_entropy(out, y) for out in logits]
+    coherence = gal_coherence(with_owned(placement, torch.stack(grads)), cfg.log_offset)
+    loss = sum(ce) / placement.size + cfg.coherence_weight * coherence
+    return loss, logits, ce, {}, {"coherence": coherence}
+
+
+def smoothness_pgd(
+    models: list[nn.Module], placement: Placement, x: Tensor, y: Tensor, start: Tensor, eps: float, cfg: TrsConfig,
+) -> Tensor:
+    """TRS's perturbed points: sign-gradient ascent on Σ_i ‖∇_x CE_i‖² (every submodel's) inside the L∞
+    ε-ball of x, from x + ε·start (start uniform in [−1, 1])."""
+    adv = (x + eps * start).clamp(0, 1)
+    for _ in range(cfg.pgd_steps):
+        adv.requires_grad_(True)
+        ascent = torch.stack([
+            torch.autograd.grad(trs_smoothness(input_gradient(model, adv, y, len(y))[1][None]).sum(), adv)[0]
+            for model in models
+        ])
+        direction = placement.all_gather(ascent).sum(dim=0).sign()
+        adv = adv.detach() + cfg.pgd_step_fraction * eps * direction
+        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+    return adv.detach()
+
+
+def trs_loss(
+    models: list[nn.Module], placement: Placement, x: Tensor, y: Tensor, full_batch: int, cfg: TrsConfig,
+    start: Tensor, split: int, eps: float,
+):
+    """`split`: the rows from which the batch's second half begins (moved by `smoothness_pgd` with +adv)."""
+    x = x.detach().requires_grad_(True)
+    logits, grads = zip(*(input_gradient(model, x, y, full_batch) for model in models))
+    ce = [F.cross_entropy(out, y) for out in logits]
+    smooth_grads = grads
+    if cfg.plus_adv:
+        moved = x[split:].detach()
+        if len(moved):
+            moved = smoothness_pgd(models, placement, moved, y[split:], start[split:], eps, cfg)
+        smooth_x = torch.cat([x[:split].detach(), moved]).requires_grad_(True)
+        smooth_grads = [input_gradient(model, smooth_x, y, full_batch)[1] for model in models]
+    cosine = trs_cosine(with_owned(placement, torch.stack(grads)))
+    smoothness = trs_smoothness(torch.stack(smooth_grads))
+    loss = sum(ce) + cfg.scale * (cfg.lambda_a * cosine + cfg.lambda_b * with_owned(placement, smoothness).mean())
+    return loss, logits, ce, {"smoothness": list(smoothness.detach())}, {"cosine": cosine}
+
+
+def trs_eps(cfg: TrsConfig, epoch: int) -> float:
+    """The smoothness PGD's ε grows linearly from init_eps (first epoch) towards adv_eps."""
+    return cfg.init_eps + (cfg.adv_eps - cfg.init_eps) * epoch / cfg.epochs
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+
+def baseline_step(
+    stage: str, owned: Owned, placement: Placement, x: Tensor, y: Tensor, cfg: AdpConfig | GalConfig | TrsConfig,
+    noise: torch.Generator, epoch: int,
+) -> dict[str, Tensor]:
+    """One update of the owned submodels with the `stage` loss on the batch (x, y), which every process
+    draws alike, as it draws the batch's random inputs from `noise`: drawn for the whole batch, so a
+    replica's rows get what one process would give them. Returns the figures to log."""
+    ids = placement.owned
+    models = [owned.models[i] for i in ids]
+    full_batch = len(y)
+    rows = placement.batch_rows(full_batch)
+    weight = (rows.stop - rows.start) / full_batch
+    extra = {}
+    if stage == "gal":  # the reference trains GAL on noisy images
+        x = x + cfg.input_noise_std * torch.randn(x.shape, generator=noise).to(x.device)
+    if stage == "trs":
+        start = torch.rand(x.shape, generator=noise).to(x.device) * 2 - 1
+        split = min(max(full_batch // 2 - rows.start, 0), rows.stop - rows.start)
+        extra = {"start": start[rows], "split": split, "eps": trs_eps(cfg, epoch)}
+    x, y = x[rows], y[rows]
+    for i, model in zip(ids, models):
+        model.train()
+        owned.optimizers[i].zero_grad(set_to_none=True)
+    loss, logits, ce, per_submodel, ensemble = LOSSES[stage](models, placement, x, y, full_batch, cfg, **extra)
+    loss.backward()
+    for i, model in zip(ids, models):
+        placement.reduce_gradients(model, weight)
+        owned.optimizers[i].step()
+    detached = [out.detach() for out in logits]
+    out = step_metrics(placement, y, weight, detached, clean=[c.detach() for c in ce], **per_submodel)
+    out.update({f"loss/{name}": placement.sum_over_replicas(v.detach(), weight) for name, v in ensemble.items()})
+    return out
+
+
+def baseline_epoch(
+    stage: str,
+    owned: Owned,
+    placement: Placement,
+    data: Dataset,
+    cfg: AdpConfig | GalConfig | TrsConfig,
+    augment_padding: int | None,
+    shared: torch.Generator,
+    epoch: int,
+    on_step: Callable[[dict[str, Tensor], int], None],
+    skip: int = 0,
+) -> None:
+    """One epoch of ADP, GAL or TRS. `shared` draws the batches, identically on every process (the
+    regularisers couple the submodels on the same batch), and seeds one noise stream per step, so the
+    first `skip` steps can be passed over when resuming inside the epoch."""
+    noise_seed = int(torch.randint(2**62, (1,), generator=shared))
+    for step, (x, y) in enumerate(batches(data.x_train, data.y_train, cfg.batch_size, shared, augment_padding)):
+        if step < skip:
+            continue
+        on_step(baseline_step(stage, owned, placement, x, y, cfg, stream(noise_seed, step), epoch), len(y))
+
+
+LOSSES = {"adp": adp_loss, "gal": gal_loss, "trs": trs_loss}
