@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _input_grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def _input_grad(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
     """Gradient of the mean cross-entropy with respect to x alone (works under a caller's no_grad)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
@@ -76,9 +76,20 @@ def pgd_linf(
 ) -> Tensor:
     """PGD in the L∞ ball (Madry et al., 2018): signed steps, each followed by projection."""
     x = x.detach()
-    x_adv = x.clone()
-    if random_start:
-        x_adv = (x + (2 * _noise(torch.rand, x.shape, x, generator) - 1) * eps).clamp(0.0, 1.0)
+    start = linf_random_start(x, eps, generator) if random_start else x.clone()
+    return pgd_linf_from(model, x, y, start, eps, step_size, steps)
+
+
+def linf_random_start(x: Tensor, eps: float, generator: torch.Generator | None) -> Tensor:
+    """A uniformly random point of the L∞ ε-ball around x, clamped to [0, 1]."""
+    return (x + (2 * _noise(torch.rand, x.shape, x, generator) - 1) * eps).clamp(0.0, 1.0)
+
+
+def pgd_linf_from(
+    model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, start: Tensor, eps: float, step_size: float, steps: int
+) -> Tensor:
+    """The steps of `pgd_linf` from a given start inside the ε-ball of x."""
+    x_adv = start
     for _ in range(steps):
         x_adv = project_linf(x_adv + step_size * _input_grad(model, x_adv, y).sign(), x, eps)
     return x_adv.detach()

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dvtrain.attacks import pgd_linf
 from dvtrain.config import DvergeConfig
 from dvtrain.data import Dataset, paired_batches
 from dvtrain.distill import training_mode
@@ -72,31 +71,30 @@ def _train_on_distilled(
         owned.optimizers[i].zero_grad(set_to_none=True)
     diversity = engine.diversity_backward(models, ids, distilled, y_s, cfg.diversity_weight)
 
-    clean_losses, adv_losses, clean_logits = [], [], []
-    for i, model in zip(ids, models):
-        extra = []
+    clean_losses, clean_logits = [], []
+    for model in models:
         if cfg.clean_weight > 0:  # the report's eq. (4): keep fitting clean data
             logits = model(x)
             clean = F.cross_entropy(logits, y)
-            extra.append(cfg.clean_weight * clean)
+            # Now, not with the adversarial loss: the attack's forwards update BatchNorm statistics in place.
+            (cfg.clean_weight * clean).backward()
         else:
             with torch.no_grad(), training_mode(model, False):
                 logits = model(x)
                 clean = F.cross_entropy(logits, y)
-        if cfg.plus_adv:  # DVERGE+AdvT: also resist its own PGD adversarial examples
-            adv = pgd_linf(
-                model, x_s, y_s, cfg.adv_eps, cfg.adv_step_size, cfg.adv_steps,
-                random_start=True, generator=owned.generators[i],
-            )
-            adv_loss = F.cross_entropy(model(adv), y_s)
-            extra.append(adv_loss)
-            adv_losses.append(adv_loss.detach())
-        if extra:
-            sum(extra).backward()
-        placement.reduce_gradients(model, weight)
-        owned.optimizers[i].step()
         clean_losses.append(clean.detach())
         clean_logits.append(logits.detach())
+    # DVERGE+AdvT: each submodel also resists its own PGD adversarial examples of the source batch.
+    adv = engine.adversarial(models, x_s, y_s, cfg, [owned.generators[i] for i in ids]) if cfg.plus_adv else None
+
+    adv_losses = []
+    for k, (i, model) in enumerate(zip(ids, models)):
+        if adv is not None:
+            adv_loss = F.cross_entropy(model(adv[k]), y_s)
+            adv_loss.backward()
+            adv_losses.append(adv_loss.detach())
+        placement.reduce_gradients(model, weight)
+        owned.optimizers[i].step()
 
     return step_metrics(placement, y, weight, clean_logits, dverge=list(diversity), clean=clean_losses, adv=adv_losses)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from dvtrain.attacks import linf_random_start, pgd_linf, pgd_linf_from
 from dvtrain.compute import compile_features, uncompiled
 from dvtrain.config import ComputeConfig, DvergeConfig
 from dvtrain.distill import distill, feature_pgd, training_mode
@@ -49,6 +50,16 @@ class LoopEngine:
             (weight * loss).backward()
             losses.append(loss.detach())
         return torch.stack(losses)
+
+    def adversarial(
+        self, models: list[LayeredNet], x: Tensor, y: Tensor, cfg: DvergeConfig, generators: list[torch.Generator]
+    ) -> Tensor:
+        """[len(models), B, C, H, W]: each model's own PGD-L∞ examples of (x, y), from a random start
+        drawn from its generator (DVERGE+AdvT), in the mode the models are in."""
+        return torch.stack([
+            pgd_linf(m, x, y, cfg.adv_eps, cfg.adv_step_size, cfg.adv_steps, random_start=True, generator=g)
+            for m, g in zip(models, generators)
+        ])
 
 
 # ----------------------------------------------------------------------------- grouped engine
@@ -248,6 +259,29 @@ class GroupedEngine:
         (weight * losses.sum()).backward()
         _write_back_buffers(models, joined, self._layouts)
         return losses.detach()
+
+
+    def adversarial(
+        self, models: list[LayeredNet], x: Tensor, y: Tensor, cfg: DvergeConfig, generators: list[torch.Generator]
+    ) -> Tensor:
+        """As `LoopEngine.adversarial`, every PGD step one wide forward and backward.
+
+        The attack maximises the mean of all n models' cross-entropies on their own copies of x: each
+        copy's gradient is its model's, scaled by 1/n, which leaves the sign steps unchanged."""
+        shell, n = self._prepare(models), len(models)
+        joined = _join(models, self._layouts, grad=False)
+        start = torch.cat([linf_random_start(x, cfg.adv_eps, g) for g in generators])
+
+        def stacked_logits(z: Tensor) -> Tensor:  # [n·B, C, H, W] → [n·B, K], model k on rows k·B…
+            return rearrange(shell(_fold(z.view(n, *x.shape))), "b (n k) -> (n b) k", n=n)
+
+        with training_mode(shell, models[0].training), _bound(shell, joined):
+            adv = pgd_linf_from(
+                stacked_logits, x.repeat(n, *[1] * (x.ndim - 1)), y.repeat(n), start,
+                cfg.adv_eps, cfg.adv_step_size, cfg.adv_steps,
+            )
+        _write_back_buffers(models, joined, self._layouts)
+        return adv.view(n, *x.shape)
 
 
 def _cross_entropies(logits: Tensor, y: Tensor, n: int) -> Tensor:

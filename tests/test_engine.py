@@ -98,6 +98,26 @@ def test_float32_distillation_differs_from_the_loop_only_in_rare_sign_flips():
         assert differs.float().mean() < 0.01, f"layer {layer}: {int(differs.sum())} pixels differ"
 
 
+@pytest.mark.parametrize("arch", ["conv", "resnet20"])
+def test_adversarial_examples_match_the_loop(arch):
+    """+AdvT's own-model PGD: every model's examples, its generator, and (ResNet-20, train mode) its
+    BatchNorm running statistics as the loop leaves them."""
+    cfg = DvergeConfig(adv_steps=3, adv_eps=8 / 255, adv_step_size=2 / 255)
+    loop_models = [m.train() for m in _models(arch, torch.float64)]
+    grouped_models = [copy.deepcopy(m) for m in loop_models]
+    x = _images(torch.float64, 1)
+    y = torch.randint(0, 10, (BATCH,), generator=torch.Generator().manual_seed(4))
+    g_loop, g_grouped = _generators(), _generators()
+    expected = LoopEngine().adversarial(loop_models, x, y, cfg, g_loop)
+    got = GroupedEngine().adversarial(grouped_models, x, y, cfg, g_grouped)
+    assert got.shape == (SIZE, BATCH, *CIFAR)
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+    assert not torch.equal(got[0], got[1])  # each model attacked on its own
+    for a, b in zip(g_loop, g_grouped):
+        assert torch.equal(a.get_state(), b.get_state())
+    _assert_same_state(loop_models, grouped_models)
+
+
 @pytest.mark.parametrize("ids", [[0, 1, 2], [1, 2]])
 def test_diversity_gradients_and_losses_match_the_loop(ids):
     """Also with a share of the ensemble, as a rank of a distributed run owns."""
@@ -115,9 +135,9 @@ def test_diversity_gradients_and_losses_match_the_loop(ids):
     _assert_same_state(loop_models, grouped_models)
 
 
-def _owned_digits(arch: str):
+def _owned_digits(arch: str, *overrides: str):
     cfg = load_config(None, [
-        "data.train_limit=64", f"model.arch={arch}", "dverge.steps=3", "dverge.optim.lr=0.05",
+        "data.train_limit=64", f"model.arch={arch}", "dverge.steps=3", "dverge.optim.lr=0.05", *overrides,
     ])
     data = load_dataset(cfg.data)
     owned = build_owned(cfg, data, list(range(SIZE)), "dverge", torch.device("cpu"))
@@ -126,11 +146,13 @@ def _owned_digits(arch: str):
     return cfg, owned, data.x_train.double(), data.y_train
 
 
-@pytest.mark.parametrize("arch", ["conv", "resnet20"])
-def test_three_dverge_steps_leave_the_same_weights_and_statistics(arch):
+@pytest.mark.parametrize("arch, advt", [("conv", False), ("resnet20", False), ("resnet20", True)])
+def test_three_dverge_steps_leave_the_same_weights_and_statistics(arch, advt):
+    """With +AdvT also the adversarial examples, the clean term, and the order of BatchNorm updates."""
     runs = []
+    extra = ["dverge.plus_adv=true", "dverge.adv_steps=3", "dverge.clean_weight=0.5"] if advt else []
     for engine in (LoopEngine(), GroupedEngine()):
-        cfg, owned, x, y = _owned_digits(arch)
+        cfg, owned, x, y = _owned_digits(arch, *extra)
         placement = LocalPlacement(SIZE)
         num_layers = owned.models[0].num_layers
         for step, layer in enumerate((1, num_layers // 2, num_layers)):
