@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvtrain.attacks import project_linf
 from dvtrain.config import AdpConfig, GalConfig, TrsConfig
 from dvtrain.data import Dataset, batches
 from dvtrain.dverge import step_metrics
@@ -121,7 +122,7 @@ def smoothness_pgd(
         ])
         direction = placement.all_gather(ascent).sum(dim=0).sign()
         adv = adv.detach() + cfg.pgd_step_fraction * eps * direction
-        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+        adv = project_linf(adv, x, eps)
     return adv.detach()
 
 
