@@ -6,7 +6,7 @@
 Columns: "reference" is written the way the authors' code works (one submodel at a time; every
 distillation iteration recomputes the target features and runs a full `backward` that also fills
 weight gradients, then one forward per other submodel's batch and an SGD step); "loop" and "grouped"
-are `dvtrain.dverge.dverge_step` with `LocalPlacement` and that engine, with the `compute` options
+are `dvtrain.train.dverge.dverge_step` with `LocalPlacement` and that engine, with the `compute` options
 given on the command line (the reference always runs fp32, eager, NCHW). Every setting is timed at
 several layers and averaged, because the layer changes every epoch; the columns take turns step by
 step. Peak memory is the largest growth during one of a column's timed steps:
@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain.attacks import project_linf
+from dvtrain.eval.attacks import project_linf
 from dvtrain.compute import autocast
 from dvtrain.config import ENGINES, PRECISIONS, ComputeConfig, Config, DvergeConfig, load_config
 from dvtrain.data import Dataset
-from dvtrain.dverge import dverge_step
-from dvtrain.engine import make_engine
-from dvtrain.ensemble import build_owned, build_submodel
-from dvtrain.placement import LocalPlacement
+from dvtrain.train.dverge import dverge_step
+from dvtrain.train.engines import make_engine
+from dvtrain.submodels import build_submodel
+from dvtrain.train.optim import build_owned
+from dvtrain.distributed.placement import LocalPlacement
 
 ENSEMBLE_SIZE = 3
 DISTILL_STEPS = 10

@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dvtrain.ensemble import Owned
+from dvtrain.submodels import Owned
 from dvtrain.errors import DvtrainError
-from dvtrain.placement import Placement
+from dvtrain.distributed.placement import Placement
 
 STATE_FILE = "state.json"
 

@@ -16,8 +16,8 @@ import torch
 from dvtrain import checkpoint
 from dvtrain.config import Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config, read_yaml
 from dvtrain.errors import DvtrainError
-from dvtrain.placement import Placement
-from dvtrain.runtime import init_runtime, launched_world_size, resolve_device, shutdown
+from dvtrain.distributed.placement import Placement
+from dvtrain.distributed.runtime import init_runtime, launched_world_size, resolve_device, shutdown
 from dvtrain.signals import StopRequested
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -48,7 +48,7 @@ def _unstarted_sections(cfg: Config, run_dir: Path) -> tuple[str, ...]:
     """Config sections of the stages that have no checkpoint in the run yet: extending a run by a stage
     may configure it freely."""
     return tuple(
-        ("pretrain." if stage == "vanilla" else f"{stage}.")
+        f"{stage}."
         for stage in cfg.stages
         if checkpoint.latest(checkpoint.stage_dir(run_dir, stage)) is None
     )
@@ -93,7 +93,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
 
 def _context(cfg: Config, run_dir: Path, placement, device):
     from dvtrain.data import load_dataset
-    from dvtrain.trainer import Context
+    from dvtrain.train.loop import Context
 
     return Context(cfg, run_dir, load_dataset(cfg.data).to(device), placement, device)
 
@@ -119,7 +119,7 @@ def train_main(argv: list[str] | None = None) -> int:
             cfg = prepare_run_dir(
                 cfg, run_dir, args.resume, args.overwrite, args.config is not None, args.overrides, placement
             )
-            from dvtrain.trainer import train
+            from dvtrain.train.loop import train
 
             train(_context(cfg, run_dir, placement, device))
             placement.barrier()  # no rank tears the group down while another still uses it
@@ -169,7 +169,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
         if launched_world_size() > 1:
             raise DvtrainError("dvtrain eval loads every submodel in one process; run it with python, not a launcher")
-        from dvtrain.transfer import full_evaluation
+        from dvtrain.eval.transfer import full_evaluation
 
         full_evaluation(run_dir, cfg, args.stage, resolve_device(cfg.device), cfg.eval.transfer)
         return 0
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare_main(argv: list[str]) -> int:
-    from dvtrain.compare import compare_main as compare
+    from dvtrain.eval.compare import compare_main as compare
 
     return compare(argv)
 

@@ -20,7 +20,7 @@ from dvtrain.errors import DvtrainError
 
 # In training order; `dvtrain compare` orders its columns the same way.
 STAGES = ("vanilla", "adp", "gal", "trs", "dverge", "dverge_advt")
-# The ensemble-diversity baselines the DVERGE paper compares against (dvtrain.baselines).
+# The ensemble-diversity baselines the DVERGE paper compares against (dvtrain.train.baselines).
 BASELINES = ("adp", "gal", "trs")
 DEFAULT_STAGES = ("vanilla", "dverge", "dverge_advt")
 DATASETS = ("digits", "fashion_mnist", "cifar10")
@@ -30,6 +30,8 @@ BN_MODES = ("train", "eval")
 ENGINES = ("loop", "grouped")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "adam")
+# Sections renamed so that each stage's section carries the stage's name: old name → new name.
+RENAMED_SECTIONS = {"pretrain": "vanilla"}
 
 
 class ConfigError(DvtrainError):
@@ -82,7 +84,7 @@ class OptimConfig:
 
 
 @dataclass
-class PretrainConfig:
+class VanillaConfig:
     """The `vanilla` stage: each submodel trained alone on clean data with its own data order."""
 
     epochs: int = 30
@@ -117,7 +119,7 @@ class DvergeConfig:
     adv_eps: float = 8 / 255
     adv_step_size: float = 2 / 255
     adv_steps: int = 10
-    # How the owned submodels' distillation and diversity gradients are computed (see dvtrain.engine).
+    # How the owned submodels' distillation and diversity gradients are computed (see dvtrain.train.engines).
     engine: str = "loop"
     # Which stage's final weights this stage starts from.
     init_from: str = "vanilla"
@@ -207,7 +209,7 @@ class TransferConfig:
     apgd_steps: int = 100
     apgd_restarts: int = 1
     # Black-box: a surrogate ensemble of plain classifiers with other seeds (reference: 3, 5 or 8),
-    # trained like the vanilla stage; None epochs = pretrain.epochs.
+    # trained like the vanilla stage; None epochs = vanilla.epochs.
     surrogate_size: int = 3
     surrogate_epochs: Optional[int] = None
     # Transferred attacks at ε = `eps`: momentum PGD (reference: 100 steps, 3 restarts) and
@@ -233,7 +235,7 @@ def check_transfer_config(cfg: TransferConfig, prefix: str = "eval.transfer.") -
         "apgd_steps": (cfg.apgd_steps >= 1, ">= 1"),
         "apgd_restarts": (cfg.apgd_restarts >= 1, ">= 1"),
         "surrogate_size": (cfg.surrogate_size >= 1, ">= 1"),
-        "surrogate_epochs": (cfg.surrogate_epochs is None or cfg.surrogate_epochs >= 0, ">= 0 or null (pretrain.epochs)"),
+        "surrogate_epochs": (cfg.surrogate_epochs is None or cfg.surrogate_epochs >= 0, ">= 0 or null (vanilla.epochs)"),
         "blackbox_steps": (cfg.blackbox_steps >= 1, ">= 1"),
         "blackbox_restarts": (cfg.blackbox_restarts >= 1, ">= 1"),
         "momentum": (cfg.momentum >= 0, ">= 0"),
@@ -310,7 +312,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    vanilla: VanillaConfig = field(default_factory=VanillaConfig)
     dverge: DvergeConfig = field(default_factory=DvergeConfig)
     dverge_advt: DvergeConfig = field(default_factory=lambda: DvergeConfig(epochs=50, plus_adv=True))
     adp: AdpConfig = field(default_factory=AdpConfig)
@@ -322,8 +324,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
-    def stage_config(self, stage: str) -> PretrainConfig | DvergeConfig | AdpConfig | GalConfig | TrsConfig:
-        return {"vanilla": self.pretrain, "dverge": self.dverge, "dverge_advt": self.dverge_advt,
+    def stage_config(self, stage: str) -> VanillaConfig | DvergeConfig | AdpConfig | GalConfig | TrsConfig:
+        return {"vanilla": self.vanilla, "dverge": self.dverge, "dverge_advt": self.dverge_advt,
                 "adp": self.adp, "gal": self.gal, "trs": self.trs}[stage]
 
 
@@ -378,6 +380,11 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
+        if cls is Config and key in RENAMED_SECTIONS:
+            raise ConfigError(
+                f"config section '{key}' is now called '{RENAMED_SECTIONS[key]}' (sections are named after their stage); "
+                f"rename it in the YAML file or the override"
+            )
         if key not in known:
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'; known keys under '{prefix or '<top>'}': {', '.join(sorted(known))}"
@@ -509,8 +516,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.crop_padding >= 0, "data.crop_padding must be >= 0")
     _check(cfg.model.arch in ARCHS, f"model.arch={cfg.model.arch!r} is unknown; choose from {', '.join(ARCHS)}")
     _check(cfg.ensemble.size >= 2, f"ensemble.size={cfg.ensemble.size} must be at least 2: DVERGE needs other submodels")
-    _check(cfg.pretrain.epochs >= 0, "pretrain.epochs must be >= 0")
-    _check(cfg.pretrain.batch_size >= 1, "pretrain.batch_size must be >= 1")
+    _check(cfg.vanilla.epochs >= 0, "vanilla.epochs must be >= 0")
+    _check(cfg.vanilla.batch_size >= 1, "vanilla.batch_size must be >= 1")
     for stage in ("dverge", "dverge_advt"):
         d: DvergeConfig = getattr(cfg, stage)
         _check(d.epochs >= 0, f"{stage}.epochs must be >= 0")
@@ -528,7 +535,7 @@ def validate(cfg: Config) -> None:
                f"{stage}.init_from={d.init_from!r} must name another stage ({', '.join(STAGES)})")
     for stage in BASELINES:
         _validate_baseline(cfg, stage)
-    for key in ("pretrain", "dverge", "dverge_advt", *BASELINES):
+    for key in ("vanilla", "dverge", "dverge_advt", *BASELINES):
         o: OptimConfig = getattr(cfg, key).optim
         _check(o.name in OPTIMIZERS, f"{key}.optim.name={o.name!r} must be one of {', '.join(OPTIMIZERS)}")
         _check(o.lr > 0, f"{key}.optim.lr must be > 0")

@@ -17,7 +17,7 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 # A fast digits run: every stage, a couple of epochs, a small evaluation, no W&B.
 TINY = [
-    "pretrain.epochs=2",
+    "vanilla.epochs=2",
     "dverge.epochs=1",
     "dverge_advt.epochs=1",
     "dverge.batch_size=64",

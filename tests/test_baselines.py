@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from dvtrain import baselines
+from dvtrain.train import baselines
 from dvtrain.config import load_config
 from dvtrain.data import load_dataset
-from dvtrain.ensemble import build_owned
-from dvtrain.placement import LocalPlacement
+from dvtrain.train.optim import build_owned
+from dvtrain.distributed.placement import LocalPlacement
 
 
 def _linear_models(count: int, dim: int = 4, classes: int = 3, seed: int = 0) -> list[nn.Linear]:

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from dvtrain import checkpoint
 from dvtrain.config import load_config
 from dvtrain.data import load_dataset
-from dvtrain.ensemble import build_owned
-from dvtrain.placement import LocalPlacement
+from dvtrain.train.optim import build_owned
+from dvtrain.distributed.placement import LocalPlacement
 
 
 def _owned(stage="dverge", *overrides):

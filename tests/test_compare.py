@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
-from dvtrain import cli, compare
-from dvtrain.compare import compare_main
+from dvtrain import cli
+from dvtrain.eval import compare
+from dvtrain.eval.compare import compare_main
 from dvtrain.tracking import read_offline_run
-from dvtrain.transfer import result_metrics
+from dvtrain.eval.transfer import result_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2")

@@ -12,11 +12,11 @@ import torch
 from dvtrain import compute
 from dvtrain.config import ComputeConfig, ConfigError, load_config
 from dvtrain.data import load_dataset
-from dvtrain.dverge import dverge_step
-from dvtrain.engine import GroupedEngine, make_engine
-from dvtrain.ensemble import build_owned
+from dvtrain.train.dverge import dverge_step
+from dvtrain.train.engines import GroupedEngine, make_engine
+from dvtrain.train.optim import build_owned
 from dvtrain.models import build_model
-from dvtrain.placement import LocalPlacement
+from dvtrain.distributed.placement import LocalPlacement
 
 SIZE = 3
 CPU = torch.device("cpu")
@@ -126,7 +126,7 @@ def test_a_run_with_every_speed_option_trains_checkpoints_and_resumes(tmp_path):
     (contiguous safetensors) load back, and the evaluation is sane."""
     from conftest import run_cli
 
-    short = ["pretrain.epochs=3", "dverge.epochs=1", "dverge_advt.epochs=1", "dverge.steps=2", "dverge_advt.steps=2",
+    short = ["vanilla.epochs=3", "dverge.epochs=1", "dverge_advt.epochs=1", "dverge.steps=2", "dverge_advt.steps=2",
              "dverge_advt.adv_steps=2", "eval.num_examples=128", "eval.steps=2", "logging.wandb=disabled",
              "logging.progress=false"]
     options = ["compute.precision=bf16", "compute.channels_last=true", "dverge.engine=grouped",

@@ -19,10 +19,10 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
 
 def test_required_public_keys_exist():
     cfg = load_config(None, [
-        "seed=3", "ensemble.size=4", "pretrain.epochs=1", "dverge.epochs=2", "dverge.eps=0.03",
+        "seed=3", "ensemble.size=4", "vanilla.epochs=1", "dverge.epochs=2", "dverge.eps=0.03",
         "dverge.step_size=0.01", "dverge.steps=5", "dverge.plus_adv=true", "data.name=cifar10", "data.root=/x",
     ])
-    assert (cfg.seed, cfg.ensemble.size, cfg.pretrain.epochs, cfg.dverge.epochs) == (3, 4, 1, 2)
+    assert (cfg.seed, cfg.ensemble.size, cfg.vanilla.epochs, cfg.dverge.epochs) == (3, 4, 1, 2)
     assert (cfg.dverge.eps, cfg.dverge.step_size, cfg.dverge.steps, cfg.dverge.plus_adv) == (0.03, 0.01, 5, True)
     assert (cfg.data.name, cfg.data.root) == ("cifar10", "/x")
 
@@ -30,7 +30,7 @@ def test_required_public_keys_exist():
 def test_report_config_values():
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "cifar10_conv_report.yaml")
     assert cfg.model.arch == "conv" and cfg.ensemble.size == 3
-    assert (cfg.pretrain.epochs, cfg.pretrain.batch_size, cfg.pretrain.optim.lr, cfg.pretrain.optim.momentum) == (30, 32, 1e-3, 0.9)
+    assert (cfg.vanilla.epochs, cfg.vanilla.batch_size, cfg.vanilla.optim.lr, cfg.vanilla.optim.momentum) == (30, 32, 1e-3, 0.9)
     assert (cfg.dverge.epochs, cfg.dverge.eps, cfg.dverge.steps) == (200, 8 / 255, 10)
     assert cfg.dverge_advt.epochs == 50 and cfg.dverge_advt.plus_adv
     assert (cfg.eval.eps, cfg.eval.steps, cfg.eval.step_size) == (0.03, 10, 0.007)
@@ -48,7 +48,7 @@ def test_resnet20_config_follows_reference():
 def test_fraction_strings_and_yaml_values():
     cfg = load_config(None, ["dverge.eps=8/255", "stages=[vanilla, dverge]", "dverge.layer=3", "model.conv_padding=null"])
     assert cfg.dverge.eps == 8 / 255 and cfg.stages == ["vanilla", "dverge"] and cfg.dverge.layer == 3
-    assert cfg.pretrain.optim.lr == 1e-3  # untouched defaults stay
+    assert cfg.vanilla.optim.lr == 1e-3  # untouched defaults stay
     assert load_config(None, ["dverge.optim.lr=1e-2"]).dverge.optim.lr == 0.01  # YAML 1.1 reads 1e-2 as a string
 
 

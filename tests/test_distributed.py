@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from dvtrain.placement import ProcessGroupPlacement, owned_by
+from dvtrain.distributed.placement import ProcessGroupPlacement, owned_by
 
 # A shortened quickstart that still learns, so the evaluation compares meaningful numbers.
 SHORT = [
-    "pretrain.epochs=5",
+    "vanilla.epochs=5",
     "dverge.epochs=2",
     "dverge_advt.epochs=1",
     "dverge.steps=3",
@@ -170,7 +170,7 @@ def test_a_killed_rank_stops_every_rank_quickly(tmp_path):
     run_dir = tmp_path / "run"
     train = str(REPO / "launch" / "train.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--standalone", train,
-           "--run-dir", str(run_dir), *SHORT, "pretrain.epochs=200", "dist.timeout_s=60"]
+           "--run-dir", str(run_dir), *SHORT, "vanilla.epochs=200", "dist.timeout_s=60"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         deadline = time.monotonic() + 90

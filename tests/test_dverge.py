@@ -5,11 +5,11 @@ import torch.nn.functional as F
 
 from dvtrain.config import load_config
 from dvtrain.data import load_dataset
-from dvtrain.distill import distill
-from dvtrain.dverge import dverge_step
-from dvtrain.engine import LoopEngine
-from dvtrain.ensemble import build_owned
-from dvtrain.placement import LocalPlacement
+from dvtrain.train.distill import distill
+from dvtrain.train.dverge import dverge_step
+from dvtrain.train.engines import LoopEngine
+from dvtrain.train.optim import build_owned
+from dvtrain.distributed.placement import LocalPlacement
 
 
 def _setup(*overrides):

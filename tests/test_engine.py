@@ -20,11 +20,11 @@ from torch import nn
 
 from dvtrain.config import DvergeConfig, load_config
 from dvtrain.data import load_dataset
-from dvtrain.dverge import dverge_step
-from dvtrain.engine import GroupedEngine, LoopEngine, UnsupportedModelError, make_engine
-from dvtrain.ensemble import build_owned
+from dvtrain.train.dverge import dverge_step
+from dvtrain.train.engines import GroupedEngine, LoopEngine, UnsupportedModelError, make_engine
+from dvtrain.train.optim import build_owned
 from dvtrain.models import ConvNet, LayeredNet, build_model
-from dvtrain.placement import LocalPlacement
+from dvtrain.distributed.placement import LocalPlacement
 
 from conftest import REPO
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain.attacks import fgsm
+from dvtrain.eval.attacks import fgsm
 from dvtrain.config import EvalConfig
-from dvtrain.evaluate import ATTACKS, _perturb, evaluate_stage, results_markdown, robust_accuracy
+from dvtrain.eval.whitebox import ATTACKS, _perturb, evaluate_stage, results_markdown, robust_accuracy
 from dvtrain.mixture import Mixture, mixture_log_probs
 
 K = 4
@@ -189,6 +189,6 @@ def test_results_markdown_renders_a_table_per_stage():
 
 
 def test_budgets_print_as_fractions_of_255_only_below_one():
-    from dvtrain.evaluate import _format_eps
+    from dvtrain.eval.whitebox import _format_eps
 
     assert (_format_eps(8 / 255), _format_eps(0.03), _format_eps(1.0), _format_eps(2.0)) == ("8/255", "0.03", "1", "2")

@@ -23,8 +23,8 @@ from dvtrain.tracking import read_offline_run
 
 # Several epochs of a few steps each, a checkpoint every 2 steps: kills land inside epochs.
 LONG = [
-    "pretrain.epochs=6", "dverge.epochs=4", "stages=[vanilla, dverge]", "data.train_limit=320",
-    "pretrain.batch_size=32", "dverge.batch_size=64", "dverge.steps=3", "eval.num_examples=40", "eval.steps=1",
+    "vanilla.epochs=6", "dverge.epochs=4", "stages=[vanilla, dverge]", "data.train_limit=320",
+    "vanilla.batch_size=32", "dverge.batch_size=64", "dverge.steps=3", "eval.num_examples=40", "eval.steps=1",
     "checkpoint.every_steps=2", "logging.wandb=disabled", "logging.progress=false",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -136,7 +136,7 @@ def test_sigterm_flushes_every_logged_step_to_wandb(tmp_path):
 
 def test_nan_loss_stops_with_step_and_submodel_and_keeps_the_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["--run-dir", str(run_dir), *LONG, "pretrain.epochs=1", "dverge.optim.lr=1e12", "dverge.optim.momentum=0.0"]
+    args = ["--run-dir", str(run_dir), *LONG, "vanilla.epochs=1", "dverge.optim.lr=1e12", "dverge.optim.momentum=0.0"]
     assert cli.train_main(args) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "is not finite at dverge epoch 1 step" in err and "submodel" in err and "last good checkpoint" in err
@@ -184,7 +184,7 @@ def test_api_key_never_reaches_the_run_directory(tmp_path):
     secret = "s3cr3t" * 7
     run_dir = tmp_path / "run"
     env = {**ENV, "WANDB_API_KEY": secret}
-    done = subprocess.run(command(1, "--run-dir", str(run_dir), *LONG, "pretrain.epochs=1", "stages=[vanilla]",
+    done = subprocess.run(command(1, "--run-dir", str(run_dir), *LONG, "vanilla.epochs=1", "stages=[vanilla]",
                                   "logging.wandb=offline"), env=env, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert secret not in done.stdout + done.stderr

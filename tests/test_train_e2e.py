@@ -8,7 +8,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from conftest import TINY, run_cli
-from dvtrain import cli, trainer
+from dvtrain import cli
+from dvtrain.train import loop as trainer
 from dvtrain.config import load_config
 
 ATTACKS = {"clean", "fgsm", "pgd_linf", "pgd_l2"}
@@ -145,7 +146,7 @@ BASELINES_TINY = [*TINY, "stages=[adp, gal, trs]", "adp.epochs=1", "gal.epochs=1
 
 
 def test_baseline_stages_train_from_scratch_and_resume_inside_an_epoch_exactly(tmp_path, monkeypatch):
-    from dvtrain import baselines
+    from dvtrain.train import baselines
 
     straight = tmp_path / "straight"
     assert cli.train_main(["--run-dir", str(straight), *BASELINES_TINY]) == 0
@@ -179,5 +180,5 @@ def test_baseline_stages_train_from_scratch_and_resume_inside_an_epoch_exactly(t
 
     # a finished stage's settings are fixed; a stage the run has not started yet may be configured freely
     assert cli.train_main(["--run-dir", str(cut), "--resume", "adp.alpha=1.0"]) == 2
-    assert cli.train_main(["--run-dir", str(cut), "--resume", "stages=[trs, vanilla]", "pretrain.epochs=1"]) == 0
+    assert cli.train_main(["--run-dir", str(cut), "--resume", "stages=[trs, vanilla]", "vanilla.epochs=1"]) == 0
     assert json.loads((cut / "results.json").read_text())["stages"]["vanilla"]["epochs"] == 1

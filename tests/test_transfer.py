@@ -13,16 +13,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conftest import TINY
-from dvtrain import cli, transfer
-from dvtrain.apgd import apgd_ce, checkpoints
-from dvtrain.attacks import fgsm, pgd_linf
+from dvtrain import cli
+from dvtrain.eval import transfer
+from dvtrain.eval.apgd import apgd_ce, checkpoints
+from dvtrain.eval.attacks import fgsm, pgd_linf
 from dvtrain.config import Config, ConfigError, DataConfig, EvalConfig, load_config
 from dvtrain.data import load_dataset
-from dvtrain.ensemble import build_submodel
-from dvtrain.evaluate import robust_accuracy
+from dvtrain.submodels import build_submodel
+from dvtrain.eval.whitebox import robust_accuracy
 from dvtrain.mixture import Mixture
 from dvtrain.rng import stream
-from dvtrain.transfer import (
+from dvtrain.eval.transfer import (
     DiverseInputs,
     TransferConfig,
     blackbox_examples,

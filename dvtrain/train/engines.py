@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from dvtrain.attacks import linf_random_start, pgd_linf, pgd_linf_from
+from dvtrain.eval.attacks import linf_random_start, pgd_linf, pgd_linf_from
 from dvtrain.compute import compile_features, uncompiled
 from dvtrain.config import ComputeConfig, DvergeConfig
-from dvtrain.distill import distill, feature_pgd, training_mode
+from dvtrain.train.distill import distill, feature_pgd, training_mode
 from dvtrain.models import LayeredNet, Normalize
 
 
@@ -235,7 +235,7 @@ class GroupedEngine:
         self, models: list[LayeredNet], layer: int, x: Tensor, x_s: Tensor, cfg: DvergeConfig,
         generators: list[torch.Generator],
     ) -> Tensor:
-        """[len(models), B, C, H, W]: each model's distilled batch, as `dvtrain.distill.distill` computes it."""
+        """[len(models), B, C, H, W]: each model's distilled batch, as `dvtrain.train.distill.distill` computes it."""
         shell, n = self._prepare(models), len(models)
         joined = _join(models, self._layouts, grad=False)
         with training_mode(shell, cfg.bn_mode == "train"), _bound(shell, joined):
@@ -303,7 +303,7 @@ def _grouped_distill(
     shell: nn.Module, n: int, layer: int, x: Tensor, x_s: Tensor, cfg: DvergeConfig,
     generators: Sequence[torch.Generator],
 ) -> Tensor:
-    """`dvtrain.distill.distill` for n models at once: the wide shell sees model k's copy of z in channel group k."""
+    """`dvtrain.train.distill.distill` for n models at once: the wide shell sees model k's copy of z in channel group k."""
     with torch.no_grad():
         target = shell.features(_fold(x.expand(n, *x.shape)), layer)
     z = feature_pgd(lambda z: shell.features(_fold(z.view(n, *x_s.shape)), layer), target, x_s, cfg, generators)

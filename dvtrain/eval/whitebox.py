@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
+from dvtrain.eval.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.config import EvalConfig
 from dvtrain.mixture import Mixture
-from dvtrain.placement import LocalPlacement, Placement
+from dvtrain.distributed.placement import LocalPlacement, Placement
 from dvtrain.rng import stream
 
 ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2")

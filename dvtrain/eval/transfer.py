@@ -20,16 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dvtrain import checkpoint
-from dvtrain.apgd import apgd_ce
-from dvtrain.attacks import _input_grad, _noise, _per_sample, pgd_linf, project_linf
+from dvtrain.eval.apgd import apgd_ce
+from dvtrain.eval.attacks import _input_grad, _noise, _per_sample, pgd_linf, project_linf
 from dvtrain.config import STAGES, Config, EvalConfig, TransferConfig, check_transfer_config, to_dict
 from dvtrain.data import Dataset, load_dataset
-from dvtrain.ensemble import Owned, build_owned, set_epoch_lr
+from dvtrain.submodels import Owned
+from dvtrain.train.optim import build_owned, set_epoch_lr
 from dvtrain.errors import DvtrainError
-from dvtrain.evaluate import _HEADERS, _format_eps, _model_label, evaluate_stage
+from dvtrain.eval.whitebox import _HEADERS, _format_eps, _model_label, evaluate_stage
 from dvtrain.mixture import Mixture, mixture_log_probs
-from dvtrain.placement import LocalPlacement
-from dvtrain.pretrain import vanilla_epoch
+from dvtrain.distributed.placement import LocalPlacement
+from dvtrain.train.vanilla import vanilla_epoch
 from dvtrain.rng import derive_seed, stream
 
 SURROGATE_DIR = "surrogates"
@@ -197,19 +198,19 @@ def epsilon_sweep(submodels: list[nn.Module], x: Tensor, y: Tensor, cfg: Transfe
 
 def surrogate_config(cfg: Config, tcfg: TransferConfig) -> Config:
     """The run's own architecture and vanilla recipe, with other seeds (derived from the run seed)."""
-    epochs = cfg.pretrain.epochs if tcfg.surrogate_epochs is None else tcfg.surrogate_epochs
+    epochs = cfg.vanilla.epochs if tcfg.surrogate_epochs is None else tcfg.surrogate_epochs
     return dataclasses.replace(
         cfg,
         seed=derive_seed(cfg.seed, "surrogate"),
         ensemble=dataclasses.replace(cfg.ensemble, size=tcfg.surrogate_size),
-        pretrain=dataclasses.replace(cfg.pretrain, epochs=epochs),
+        vanilla=dataclasses.replace(cfg.vanilla, epochs=epochs),
     )
 
 
 def _surrogate_identity(scfg: Config) -> dict:
     """What the cached weights depend on: a cache whose identity differs is retrained."""
     tree = to_dict(scfg)
-    return {key: tree[key] for key in ("seed", "data", "model", "ensemble", "pretrain")}
+    return {key: tree[key] for key in ("seed", "data", "model", "ensemble", "vanilla")}
 
 
 def train_surrogates(scfg: Config, data: Dataset, device: torch.device) -> Owned:
@@ -218,10 +219,10 @@ def train_surrogates(scfg: Config, data: Dataset, device: torch.device) -> Owned
     owned = build_owned(scfg, data, ids, "vanilla", device)
     placement = LocalPlacement(scfg.ensemble.size)
     padding = scfg.data.crop_padding if scfg.data.augment else None
-    for epoch in range(scfg.pretrain.epochs):
+    for epoch in range(scfg.vanilla.epochs):
         for i in ids:
-            set_epoch_lr(owned.optimizers[i], scfg.pretrain.optim, epoch)
-        vanilla_epoch(owned, placement, data, scfg.pretrain, padding, lambda values, images: None)
+            set_epoch_lr(owned.optimizers[i], scfg.vanilla.optim, epoch)
+        vanilla_epoch(owned, placement, data, scfg.vanilla, padding, lambda values, images: None)
     return owned
 
 
@@ -238,9 +239,9 @@ def load_or_train_surrogates(
         checkpoint.load_weights(found, owned)
     else:
         print(f"[eval] training the surrogate ensemble ({scfg.ensemble.size} × {scfg.model.arch}, "
-              f"{scfg.pretrain.epochs} epochs) into {path}", flush=True)
+              f"{scfg.vanilla.epochs} epochs) into {path}", flush=True)
         owned = train_surrogates(scfg, data, device)
-        state = {"surrogate": identity, "complete": True, "epoch": scfg.pretrain.epochs}
+        state = {"surrogate": identity, "complete": True, "epoch": scfg.vanilla.epochs}
         checkpoint.save_checkpoint(path, owned, LocalPlacement(scfg.ensemble.size), state)
     return [owned.models[i].eval() for i in owned.ids]
 
@@ -397,8 +398,8 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     """The paper's whole evaluation of a run's finished stages (all of them when `stages` is None),
     written to results.json, results.md, plots/ and (per logging.wandb) a W&B run "<name>-eval".
     Single process: every submodel is loaded here, whatever world size trained them."""
-    from dvtrain.plots import evaluation_plots
-    from dvtrain.trainer import Context, load_results, save_results
+    from dvtrain.eval.plots import evaluation_plots
+    from dvtrain.train.loop import Context, load_results, save_results
 
     run_dir = Path(run_dir)
     check_transfer_config(tcfg)

@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dvtrain.config import PretrainConfig
+from dvtrain.config import VanillaConfig
 from dvtrain.data import Dataset, batches, num_batches
-from dvtrain.ensemble import Owned
-from dvtrain.placement import Placement
+from dvtrain.submodels import Owned
+from dvtrain.distributed.placement import Placement
 
 
 def vanilla_epoch(
     owned: Owned,
     placement: Placement,
     data: Dataset,
-    cfg: PretrainConfig,
+    cfg: VanillaConfig,
     augment_padding: int | None,
     on_step: Callable[[dict[str, Tensor], int], None],
     skip: int = 0,

@@ -17,23 +17,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dvtrain import checkpoint
-from dvtrain.baselines import baseline_epoch
+from dvtrain.train.baselines import baseline_epoch
 from dvtrain.compute import autocast
 from dvtrain.config import BASELINES, Config, DvergeConfig, to_dict
 from dvtrain.data import Dataset, num_batches
-from dvtrain.dverge import dverge_epoch
-from dvtrain.engine import make_engine
-from dvtrain.ensemble import Owned, build_owned, set_epoch_lr
+from dvtrain.train.dverge import dverge_epoch
+from dvtrain.train.engines import make_engine
+from dvtrain.submodels import Owned
+from dvtrain.train.optim import build_owned, set_epoch_lr
 from dvtrain.errors import DvtrainError
-from dvtrain.evaluate import evaluate_stage, results_markdown
+from dvtrain.eval.whitebox import evaluate_stage, results_markdown
 from dvtrain.mixture import mixture_log_probs
-from dvtrain.placement import Placement
-from dvtrain.pretrain import vanilla_epoch
+from dvtrain.distributed.placement import Placement
+from dvtrain.train.vanilla import vanilla_epoch
 from dvtrain.rng import stream
 from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.timing import PhaseTimer
 from dvtrain.tracking import Progress, Tracker
-from dvtrain.transfer import FULL_EVALUATION_KEYS, evaluation_markdown
+from dvtrain.eval.transfer import FULL_EVALUATION_KEYS, evaluation_markdown
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -115,7 +116,7 @@ def _check_finite(values: dict[str, Tensor], stage: str, epoch: int, step: int) 
             where = f"submodel {bad[0]}" if value.ndim else "the mixture"
             raise NonFiniteLoss(
                 f"{name} of {where} is not finite at {stage} epoch {epoch + 1} step {step}; "
-                f"the last good checkpoint is kept; lower {'pretrain' if stage == 'vanilla' else stage}.optim.lr "
+                f"the last good checkpoint is kept; lower {stage}.optim.lr "
                 "and start again (or resume a copy of the run with the config edited)"
             )
 

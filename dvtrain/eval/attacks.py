@@ -1,6 +1,6 @@
 """White-box attacks that maximise the cross-entropy of a model on images in [0, 1].
 
-Used both to score models (`dvtrain.evaluate`) and inside training (DVERGE+AdvT), so each is batched
+Used both to score models (`dvtrain.eval.whitebox`) and inside training (DVERGE+AdvT), so each is batched
 with no per-sample Python loop. The model is called as `model(x)` and may return logits or
 log-probabilities (e.g. a `Mixture`). Gradients are taken with respect to the input only, so no
 parameter `.grad` is touched, and the model's train/eval mode is left as the caller set it. Every ε is

@@ -15,7 +15,7 @@ import torch
 
 from dvtrain.config import Config
 from dvtrain.errors import DvtrainError
-from dvtrain.placement import LocalPlacement, Placement, ProcessGroupPlacement
+from dvtrain.distributed.placement import LocalPlacement, Placement, ProcessGroupPlacement
 
 
 def resolve_device(name: str) -> torch.device:

@@ -20,10 +20,10 @@ from torch import Tensor
 
 from dvtrain.config import DvergeConfig
 from dvtrain.data import Dataset, paired_batches
-from dvtrain.distill import training_mode
-from dvtrain.ensemble import Owned
+from dvtrain.train.distill import training_mode
+from dvtrain.submodels import Owned
 from dvtrain.mixture import mixture_log_probs
-from dvtrain.placement import Placement
+from dvtrain.distributed.placement import Placement
 from dvtrain.timing import DISABLED, PhaseTimer
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain.attacks import project_linf
+from dvtrain.eval.attacks import project_linf
 from dvtrain.config import DvergeConfig
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain.attacks import _noise, _per_sample, project_linf
+from dvtrain.eval.attacks import _noise, _per_sample, project_linf
 
 # Croce & Hein 2020, §3.2: checkpoints p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06).
 FIRST_CHECKPOINT = 0.22
@@ -111,7 +111,7 @@ def apgd_ce(
     """APGD with the cross-entropy loss in the L∞ ball of radius eps, `steps` iterations per restart.
 
     Each restart begins at a uniformly random point of the ball (from `generator`, see
-    `dvtrain.attacks`) and only images not yet fooled are attacked again. Returns per image the
+    `dvtrain.eval.attacks`) and only images not yet fooled are attacked again. Returns per image the
     adversarial image that fools the model if any run found one, else the highest-loss point found.
     """
     x = x.detach()

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain.attacks import project_linf
+from dvtrain.eval.attacks import project_linf
 from dvtrain.config import AdpConfig, GalConfig, TrsConfig
 from dvtrain.data import Dataset, batches
-from dvtrain.dverge import step_metrics
-from dvtrain.ensemble import Owned
-from dvtrain.placement import Placement
+from dvtrain.train.dverge import step_metrics
+from dvtrain.submodels import Owned
+from dvtrain.distributed.placement import Placement
 from dvtrain.rng import stream
 
 # ----------------------------------------------------------------------------- the regularisers
