@@ -43,6 +43,7 @@ from dvtrain.train.engines import make_engine
 from dvtrain.submodels import build_submodel
 from dvtrain.train.optim import build_owned
 from dvtrain.distributed.placement import LocalPlacement
+from dvtrain.distributed.runtime import resolve_device
 
 ENSEMBLE_SIZE = 3
 DISTILL_STEPS = 10
@@ -323,12 +324,6 @@ def print_table(settings: dict[str, dict], hours: dict[str, dict[str, float]]) -
             print(f"{name:<20}{column:<11}{ips:>10.1f}{ratio:>8.2f}{mib:>10.1f}")
     for run, per_column in hours.items():
         print(f"projected {run}: " + ", ".join(f"{c} {h} h" for c, h in per_column.items()))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def describe(device: torch.device) -> str:

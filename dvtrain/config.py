@@ -89,6 +89,8 @@ class VanillaConfig:
 
     epochs: int = 30
     batch_size: int = 32
+    # None: fresh weights (plain pretraining); a stage name: start from that stage's final weights.
+    init_from: Optional[str] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -288,6 +290,9 @@ class LoggingConfig:
     progress: bool = True
     # Time the distill / all-gather / train phases of each DVERGE step (synchronises a GPU: off by default).
     step_timing: bool = False
+    # Step figures stay on the device and are reduced, checked and logged every this many steps
+    # (and before every checkpoint); Ctrl-C is answered at these points too.
+    every_steps: int = 10
 
 
 @dataclass
@@ -323,10 +328,6 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-
-    def stage_config(self, stage: str) -> VanillaConfig | DvergeConfig | AdpConfig | GalConfig | TrsConfig:
-        return {"vanilla": self.vanilla, "dverge": self.dverge, "dverge_advt": self.dverge_advt,
-                "adp": self.adp, "gal": self.gal, "trs": self.trs}[stage]
 
 
 # ----------------------------------------------------------------------------- building
@@ -554,6 +555,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.logging.wandb in WANDB_MODES, f"logging.wandb={cfg.logging.wandb!r} must be one of {', '.join(WANDB_MODES)}")
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s must be >= 1")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: epoch ends only)")
+    _check(cfg.logging.every_steps >= 1, f"logging.every_steps={cfg.logging.every_steps} must be >= 1")
+    _check(cfg.vanilla.init_from is None or (cfg.vanilla.init_from in STAGES and cfg.vanilla.init_from != "vanilla"),
+           f"vanilla.init_from={cfg.vanilla.init_from!r} must be null (fresh weights) or another stage")
 
 
 def _validate_baseline(cfg: Config, stage: str) -> None:

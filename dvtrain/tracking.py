@@ -128,9 +128,12 @@ class Progress:
     def images_per_s(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
 
-    def update(self, images: int, loss: float) -> None:
+    def update(self, images: int) -> None:
         self.images += images
         self.bar.update(1)
+
+    def show_loss(self, loss: float) -> None:
+        """The latest reduced main loss (figures are reduced every `logging.every_steps` steps)."""
         self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{self.images_per_s:.0f}", refresh=False)
 
     def close(self, summary: str) -> float:

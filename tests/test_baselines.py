@@ -11,6 +11,9 @@ from dvtrain.config import load_config
 from dvtrain.data import load_dataset
 from dvtrain.train.optim import build_owned
 from dvtrain.distributed.placement import LocalPlacement
+from dvtrain.timing import DISABLED
+from dvtrain.train.registry import REGISTRY
+from dvtrain.train.stage import StageRun
 
 
 def _linear_models(count: int, dim: int = 4, classes: int = 3, seed: int = 0) -> list[nn.Linear]:
@@ -122,17 +125,20 @@ class Recording(LocalPlacement):
         return owned_values
 
 
+LOSSES = {"adp": baselines.adp_loss, "gal": baselines.gal_loss, "trs": baselines.trs_loss}
+
+
 @pytest.mark.parametrize("stage", ["adp", "gal", "trs"])
 def test_rank_local_loss_gives_each_owned_submodel_the_full_loss_gradient(stage):
     models = _linear_models(3, classes=4)
     x, y = _batch(rows=6, classes=4)
-    cfg = load_config(None, ["trs.pgd_steps=2"]).stage_config(stage)
+    cfg = getattr(load_config(None, ["trs.pgd_steps=2"]), stage)
     extra = {"start": torch.rand_like(x) * 2 - 1, "split": 3, "eps": 0.1} if stage == "trs" else {}
 
     def gradients(placement, owned):
         for m in models:
             m.zero_grad()
-        loss = baselines.LOSSES[stage]([models[i] for i in owned], placement, x, y, len(y), cfg, **extra)[0]
+        loss = LOSSES[stage]([models[i] for i in owned], placement, x, y, len(y), cfg, **extra)[0]
         loss.backward()
         return [p.grad.clone() for i in owned for p in models[i].parameters()]
 
@@ -178,10 +184,12 @@ def test_step_updates_every_submodel_and_reports_its_terms(stage, ensemble_terms
     owned = build_owned(cfg, data, [0, 1, 2], stage, torch.device("cpu"))
     before = [owned.models[i].conv1.weight.detach().clone() for i in range(3)]
     x, y = data.x_train[:16], data.y_train[:16]
-    values = baselines.baseline_step(stage, owned, LocalPlacement(3), x, y, cfg.stage_config(stage),
-                                     torch.Generator().manual_seed(0), 0)
-    assert set(values) == {"loss/clean", "mixture/loss", "mixture/acc"} | ensemble_terms | per_submodel
-    assert values["loss/clean"].shape == (3,) and all(values[k].ndim == 0 for k in ensemble_terms)
-    assert all(torch.isfinite(v).all() for v in values.values())
+    placement = LocalPlacement(3)
+    run = StageRun(stage, cfg, owned, placement, placement.replicas, data, torch.Generator(), DISABLED)
+    figures = REGISTRY[stage](run).step(x, y, torch.Generator().manual_seed(0), 0)
+    assert set(figures.per_submodel) == {"loss/clean"} | per_submodel and set(figures.ensemble) == ensemble_terms
+    assert figures.per_submodel["loss/clean"].shape == (3,) and all(figures.ensemble[k].ndim == 0 for k in ensemble_terms)
+    assert figures.clean_logits.shape == (3, 16, 10) and torch.equal(figures.y, y)
+    assert all(torch.isfinite(v).all() for v in [*figures.per_submodel.values(), *figures.ensemble.values()])
     assert all(not owned.models[i].conv1.weight.equal(before[i]) for i in range(3))
     assert all(isinstance(owned.optimizers[i], torch.optim.Adam) for i in range(3))

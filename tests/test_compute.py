@@ -34,7 +34,7 @@ def _digits_step(overrides: list[str]):
     with compute.autocast(cfg.compute, CPU):
         out = dverge_step(owned, LocalPlacement(SIZE), make_engine(cfg.dverge.engine, cfg.compute), 3,
                           x[:32], y[:32], x[32:], y[32:], cfg.dverge)
-    return [owned.models[i] for i in owned.ids], out
+    return [owned.models[i] for i in owned.ids], out.per_submodel
 
 
 def _deltas(models: list[torch.nn.Module], start: list[torch.nn.Module]) -> torch.Tensor:

@@ -66,7 +66,7 @@ def test_ownership_is_a_partition():
             assert sorted(i for o in owned for i in o) == list(range(size))
             assert all(owned)  # no idle rank
             p = ProcessGroupPlacement(size, 0, world, torch.device("cpu"))
-            assert len(p.rows) == size and p.batch_rows(10) == slice(0, 10)
+            assert len(p.rows) == size and p.replicas.shard(torch.arange(10))[0].tolist() == list(range(10))
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,13 @@ def test_step_matches_a_direct_computation_of_the_loss():
         grads = torch.autograd.grad(loss, list(model.parameters()))
         expected[i] = [p.detach() - d.optim.lr * g for p, g in zip(model.parameters(), grads)]
         expected[i + 10] = float(loss.detach())
-    metrics = dverge_step(owned, LocalPlacement(3), LoopEngine(), layer, x, y, x_s, y_s, d)
+    figures = dverge_step(owned, LocalPlacement(3), LoopEngine(), layer, x, y, x_s, y_s, d)
     for i in owned.ids:
         for p, e in zip(owned.models[i].parameters(), expected[i]):
             torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
-        assert abs(float(metrics["loss/dverge"][i]) - expected[i + 10]) < 1e-4
-    assert metrics["loss/dverge"].shape == (3,) and metrics["loss/clean"].shape == (3,)
-    assert 0.0 <= float(metrics["mixture/acc"]) <= 100.0
+        assert abs(float(figures.per_submodel["loss/dverge"][i]) - expected[i + 10]) < 1e-4
+    assert figures.per_submodel["loss/dverge"].shape == (3,) and figures.per_submodel["loss/clean"].shape == (3,)
+    assert figures.clean_logits.shape == (3, len(y), 10) and torch.equal(figures.y, y)
 
 
 def test_own_distilled_batch_gives_no_gradient():
@@ -73,8 +73,8 @@ def test_own_distilled_batch_gives_no_gradient():
 def test_plus_adv_and_clean_term_change_the_loss():
     base = _setup("dverge.steps=1")
     with_adv = _setup("dverge.steps=1", "dverge.plus_adv=true", "dverge.adv_steps=2")
-    m0 = dverge_step(base[1], LocalPlacement(3), LoopEngine(), 1, *base[2:], base[0].dverge)
-    m1 = dverge_step(with_adv[1], LocalPlacement(3), LoopEngine(), 1, *with_adv[2:], with_adv[0].dverge)
+    m0 = dverge_step(base[1], LocalPlacement(3), LoopEngine(), 1, *base[2:], base[0].dverge).per_submodel
+    m1 = dverge_step(with_adv[1], LocalPlacement(3), LoopEngine(), 1, *with_adv[2:], with_adv[0].dverge).per_submodel
     assert "loss/adv" not in m0 and m1["loss/adv"].shape == (3,)
     assert torch.all(m1["loss/adv"] > 0)
     torch.testing.assert_close(m0["loss/dverge"], m1["loss/dverge"])  # same pre-update models and batches

@@ -119,16 +119,20 @@ def test_adversarial_examples_match_the_loop(arch):
 
 
 @pytest.mark.parametrize("ids", [[0, 1, 2], [1, 2]])
-def test_diversity_gradients_and_losses_match_the_loop(ids):
-    """Also with a share of the ensemble, as a rank of a distributed run owns."""
+def test_diversity_logits_and_their_gradients_match_the_loop(ids):
+    """Each model on the others' distilled batches; also with a share of the ensemble, as a rank owns."""
     loop_models = [m.train() for m in _models("resnet20", torch.float64)]
     loop_models = [loop_models[i] for i in ids]
     grouped_models = [copy.deepcopy(m) for m in loop_models]
     distilled = torch.stack([_images(torch.float64, 10 + j) for j in range(SIZE)])
-    y_s = torch.randint(0, 10, (BATCH,), generator=torch.Generator().manual_seed(3))
-    expected = LoopEngine().diversity_backward(loop_models, ids, distilled, y_s, weight=0.5)
-    got = GroupedEngine().diversity_backward(grouped_models, ids, distilled, y_s, weight=0.5)
+    others = [[j for j in range(SIZE) if j != i] for i in ids]
+    weights = torch.rand(len(ids), SIZE - 1, BATCH, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = LoopEngine().logits_on(loop_models, distilled, others)
+    got = GroupedEngine().logits_on(grouped_models, distilled, others)
+    assert got.shape == (len(ids), SIZE - 1, BATCH, 10)
     torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
     for a, b in zip(loop_models, grouped_models):
         for pa, pb in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=TOL)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, run_cli
 from dvtrain import cli
-from dvtrain.train import loop as trainer
+from dvtrain.train.dverge import Dverge
 from dvtrain.config import load_config
 
 ATTACKS = {"clean", "fgsm", "pgd_linf", "pgd_l2"}
@@ -85,7 +85,7 @@ def test_interrupted_stage_resumes_bit_identically(tmp_path, monkeypatch):
     args = [*TINY, "stages=[vanilla, dverge]", "dverge.epochs=3"]
     assert cli.train_main(["--run-dir", str(tmp_path / "straight"), *args]) == 0
 
-    real_epoch = trainer.dverge_epoch
+    real_epoch = Dverge.epoch
     calls = {"n": 0}
 
     def interrupted(*a, **k):
@@ -94,18 +94,19 @@ def test_interrupted_stage_resumes_bit_identically(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_epoch(*a, **k)
 
-    monkeypatch.setattr(trainer, "dverge_epoch", interrupted)
+    monkeypatch.setattr(Dverge, "epoch", interrupted)
     assert cli.train_main(["--run-dir", str(tmp_path / "cut"), *args]) == cli.EXIT_INTERRUPTED
     state = json.loads((tmp_path / "cut" / "checkpoints" / "dverge" / "state.json").read_text())
     assert state["epoch"] == 1 and not state["complete"]
-    monkeypatch.setattr(trainer, "dverge_epoch", real_epoch)
+    monkeypatch.setattr(Dverge, "epoch", real_epoch)
     assert cli.train_main(["--run-dir", str(tmp_path / "cut"), "--resume"]) == 0
 
     a, b = _weights(tmp_path / "straight", "dverge"), _weights(tmp_path / "cut", "dverge")
     assert all(a[f][k].equal(b[f][k]) for f in a for k in a[f])
     sa = json.loads((tmp_path / "straight" / "checkpoints" / "dverge" / "state.json").read_text())
     sb = json.loads((tmp_path / "cut" / "checkpoints" / "dverge" / "state.json").read_text())
-    assert sa["layers"] == sb["layers"] and len(sa["layers"]) == 3
+    assert sa["epoch_figures"] == sb["epoch_figures"] and len(sa["epoch_figures"]) == 3
+    assert all(1 <= figures["layer"] <= 5 for figures in sa["epoch_figures"])  # the Conv net's layers
 
 
 def test_dverge_needs_finished_vanilla(tmp_path, capsys):
@@ -158,21 +159,21 @@ def test_baseline_stages_train_from_scratch_and_resume_inside_an_epoch_exactly(t
     first = {s: _weights(straight, s)["sub0.safetensors"]["conv1.weight"] for s in ("adp", "gal", "trs")}
     assert not first["adp"].equal(first["gal"]) and not first["gal"].equal(first["trs"])
 
-    real_step = baselines.baseline_step
+    real_step = baselines.Trs.step
     calls = {"trs": 0}
 
-    def interrupted(stage, *a, **k):
-        calls[stage] = calls.get(stage, 0) + 1
-        if stage == "trs" and calls["trs"] == 6:  # the second step of the second epoch
+    def interrupted(*a, **k):
+        calls["trs"] += 1
+        if calls["trs"] == 6:  # the second step of the second epoch
             raise KeyboardInterrupt
-        return real_step(stage, *a, **k)
+        return real_step(*a, **k)
 
-    monkeypatch.setattr(baselines, "baseline_step", interrupted)
+    monkeypatch.setattr(baselines.Trs, "step", interrupted)
     cut = tmp_path / "cut"
     assert cli.train_main(["--run-dir", str(cut), *BASELINES_TINY]) == cli.EXIT_INTERRUPTED
     state = json.loads((cut / "checkpoints" / "trs" / "state.json").read_text())
     assert (state["epoch"], state["step"]) == (1, 1)
-    monkeypatch.setattr(baselines, "baseline_step", real_step)
+    monkeypatch.setattr(baselines.Trs, "step", real_step)
     assert cli.train_main(["--run-dir", str(cut), "--resume"]) == 0
     for stage in ("adp", "gal", "trs"):
         a, b = _weights(straight, stage), _weights(cut, stage)

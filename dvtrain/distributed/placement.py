@@ -19,6 +19,8 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor
 
+from dvtrain.distributed.replicas import Replicas
+
 
 class Placement(Protocol):
     size: int  # number of submodels in the ensemble
@@ -38,24 +40,15 @@ class Placement(Protocol):
         ...
 
     writes_checkpoint: bool  # whether this process writes its owned submodels' checkpoint files
-
-    def batch_rows(self, n: int) -> slice:
-        """The rows of each n-row batch this process works on (all of them without replicas)."""
-        ...
-
-    def sum_over_replicas(self, values: Tensor, weight: float) -> Tensor:
-        """Per-submodel figures of part-batches → full-batch figures (identity without replicas)."""
-        ...
-
-    def reduce_gradients(self, model: torch.nn.Module, weight: float) -> None:
-        """Turn the owned model's part-batch gradient into the full-batch one (no-op without replicas)."""
-        ...
+    replicas: Replicas  # this process's place among its submodels' data-parallel replicas
 
     def any(self, flag: bool) -> bool:
         """True on every process if `flag` is true on any: lets all ranks agree to stop at one step."""
         ...
 
-    def barrier(self) -> None: ...
+    def barrier(self) -> None:
+        """Wait for every process (checkpoint files are swapped in only when all are written)."""
+        ...
 
 
 class LocalPlacement:
@@ -65,6 +58,7 @@ class LocalPlacement:
         self.size = size
         self.owned = list(range(size))
         self.is_main = True
+        self.replicas = Replicas()
 
     def all_gather(self, owned_values: Tensor) -> Tensor:
         return owned_values
@@ -76,15 +70,6 @@ class LocalPlacement:
         return x
 
     writes_checkpoint = True
-
-    def batch_rows(self, n: int) -> slice:
-        return slice(0, n)
-
-    def sum_over_replicas(self, values: Tensor, weight: float) -> Tensor:
-        return values
-
-    def reduce_gradients(self, model: torch.nn.Module, weight: float) -> None:
-        pass
 
     def any(self, flag: bool) -> bool:
         return flag
@@ -116,37 +101,35 @@ class ProcessGroupPlacement:
         self.size, self.rank, self.world, self.device = size, rank, world, device
         self.is_main = rank == 0
         if world <= size:
-            self.replicas, self.replica = 1, 0
+            self.replicas_per_submodel, self.replica = 1, 0
             self.owned = owned_by(rank, world, size)
             self.share = max(len(owned_by(r, world, size)) for r in range(world))
             # row of submodel i in the [world × share] gathered stack
             self.rows = [r * self.share + k for r in range(world) for k in range(len(owned_by(r, world, size)))]
-            self.row_group, self.owner_group = None, None  # the default group; no replicas
+            self.row_group = None  # the default group; no replicas
+            self.replicas = Replicas()
             return
         if world % size:
             raise ValueError(f"{world} ranks for {size} submodels: not a multiple")
-        self.replicas = world // size
-        owner, self.replica = divmod(rank, self.replicas)
+        self.replicas_per_submodel = world // size
+        owner, self.replica = divmod(rank, self.replicas_per_submodel)
         self.owned, self.share, self.rows = [owner], 1, list(range(size))
         # Every rank must create every group, in the same order.
-        row_groups = [dist.new_group([g * self.replicas + q for g in range(size)]) for q in range(self.replicas)]
-        owner_groups = [dist.new_group(list(range(g * self.replicas, (g + 1) * self.replicas))) for g in range(size)]
-        self.row_group, self.owner_group = row_groups[self.replica], owner_groups[owner]
+        per = self.replicas_per_submodel
+        row_groups = [dist.new_group([g * per + q for g in range(size)]) for q in range(per)]
+        owner_groups = [dist.new_group(list(range(g * per, (g + 1) * per))) for g in range(size)]
+        self.row_group = row_groups[self.replica]
+        self.replicas = Replicas(self.replicas_per_submodel, self.replica, owner_groups[owner])
 
     @property
     def writes_checkpoint(self) -> bool:
         """One replica of each submodel writes its files."""
         return self.replica == 0
 
-    def batch_rows(self, n: int) -> slice:
-        """The rows of an n-row batch this rank works on: all of them unless it is one of several replicas."""
-        bounds = [n * q // self.replicas for q in range(self.replicas + 1)]
-        return slice(bounds[self.replica], bounds[self.replica + 1])
-
     def all_gather(self, owned_values: Tensor) -> Tensor:
         padded = owned_values.new_zeros((self.share, *owned_values.shape[1:]))
         padded[: len(self.owned)] = owned_values
-        parts = [torch.empty_like(padded) for _ in range(self.world // self.replicas)]
+        parts = [torch.empty_like(padded) for _ in range(self.world // self.replicas_per_submodel)]
         dist.all_gather(parts, padded.contiguous(), group=self.row_group)
         stacked = rearrange(torch.stack(parts), "rank share ... -> (rank share) ...")
         return stacked[self.rows]
@@ -156,23 +139,6 @@ class ProcessGroupPlacement:
 
     def share_input(self, x: Tensor) -> Tensor:
         return _ShareInput.apply(x, self.row_group)
-
-    def sum_over_replicas(self, values: Tensor, weight: float) -> Tensor:
-        """Σ over this submodel's replicas of weight × values (each weight: that replica's batch share)."""
-        if self.replicas == 1:
-            return values
-        values = values * weight
-        dist.all_reduce(values, group=self.owner_group)
-        return values
-
-    def reduce_gradients(self, model: torch.nn.Module, weight: float) -> None:
-        """Full-batch gradient from the replicas' part-batch gradients, in one collective per model."""
-        if self.replicas == 1:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = self.sum_over_replicas(torch.cat([g.reshape(-1) for g in grads]), weight)
-        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(new.view_as(g))
 
     def any(self, flag: bool) -> bool:
         vote = torch.tensor([int(flag)], device=self.device)

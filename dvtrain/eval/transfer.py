@@ -30,7 +30,9 @@ from dvtrain.errors import DvtrainError
 from dvtrain.eval.whitebox import _HEADERS, _format_eps, _model_label, evaluate_stage
 from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.distributed.placement import LocalPlacement
-from dvtrain.train.vanilla import vanilla_epoch
+from dvtrain.timing import DISABLED
+from dvtrain.train.stage import StageRun
+from dvtrain.train.vanilla import Vanilla
 from dvtrain.rng import derive_seed, stream
 
 SURROGATE_DIR = "surrogates"
@@ -218,11 +220,12 @@ def train_surrogates(scfg: Config, data: Dataset, device: torch.device) -> Owned
     ids = list(range(scfg.ensemble.size))
     owned = build_owned(scfg, data, ids, "vanilla", device)
     placement = LocalPlacement(scfg.ensemble.size)
-    padding = scfg.data.crop_padding if scfg.data.augment else None
+    # Vanilla draws from per-submodel streams only: the shared generator is never consumed.
+    run = StageRun("vanilla", scfg, owned, placement, placement.replicas, data, torch.Generator(), DISABLED)
     for epoch in range(scfg.vanilla.epochs):
         for i in ids:
             set_epoch_lr(owned.optimizers[i], scfg.vanilla.optim, epoch)
-        vanilla_epoch(owned, placement, data, scfg.vanilla, padding, lambda values, images: None)
+        Vanilla(run).epoch(epoch, 0, lambda figures, images: None)
     return owned
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
+from dvtrain.models.base import LayeredNet, Normalize, training_mode
 from dvtrain.models.conv import ConvNet
-from dvtrain.models.base import LayeredNet, Normalize
 from dvtrain.models.resnet import ResNet20
 
-__all__ = ["ConvNet", "LayeredNet", "Normalize", "ResNet20", "build_model"]
+__all__ = ["ConvNet", "LayeredNet", "Normalize", "ResNet20", "build_model", "training_mode"]
 
 
 def build_model(

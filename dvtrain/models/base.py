@@ -6,6 +6,7 @@ statistics travel with the weights in the state dict.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from itertools import islice
 
@@ -25,6 +26,20 @@ class Normalize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
+
+
+@contextlib.contextmanager
+def training_mode(models: nn.Module | Sequence[nn.Module], train: bool) -> Iterator[None]:
+    """Run a block with the model(s) in train (`True`) or eval mode, then give each back the mode it had."""
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    modes = [model.training for model in models]
+    for model in models:
+        model.train(train)
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
 
 
 class LayeredNet(nn.Module):

@@ -16,7 +16,6 @@ is that of the full loss. Input gradients keep their graph (double backpropagati
 from __future__ import annotations
 
 from itertools import combinations
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +23,10 @@ from torch import Tensor, nn
 
 from dvtrain.eval.attacks import project_linf
 from dvtrain.config import AdpConfig, GalConfig, TrsConfig
-from dvtrain.data import Dataset, batches
-from dvtrain.train.dverge import step_metrics
-from dvtrain.submodels import Owned
+from dvtrain.data import batches
 from dvtrain.distributed.placement import Placement
 from dvtrain.rng import stream
+from dvtrain.train.stage import OnStep, StageRun, StepFigures
 
 # ----------------------------------------------------------------------------- the regularisers
 
@@ -152,63 +150,75 @@ def trs_eps(cfg: TrsConfig, epoch: int) -> float:
     return cfg.init_eps + (cfg.adv_eps - cfg.init_eps) * epoch / cfg.epochs
 
 
-# ----------------------------------------------------------------------------- the training loop
+# ----------------------------------------------------------------------------- the stages
 
 
-def baseline_step(
-    stage: str, owned: Owned, placement: Placement, x: Tensor, y: Tensor, cfg: AdpConfig | GalConfig | TrsConfig,
-    noise: torch.Generator, epoch: int,
-) -> dict[str, Tensor]:
-    """One update of the owned submodels with the `stage` loss on the batch (x, y), which every process
-    draws alike, as it draws the batch's random inputs from `noise`: drawn for the whole batch, so a
-    replica's rows get what one process would give them. Returns the figures to log."""
-    ids = placement.owned
-    models = [owned.models[i] for i in ids]
-    full_batch = len(y)
-    rows = placement.batch_rows(full_batch)
-    weight = (rows.stop - rows.start) / full_batch
-    extra = {}
-    if stage == "gal":  # the reference trains GAL on noisy images
-        x = x + cfg.input_noise_std * torch.randn(x.shape, generator=noise).to(x.device)
-    if stage == "trs":
+class _Baseline:
+    """A baseline stage: every process draws the same batches from `run.shared` (the regularisers couple
+    the submodels on one batch) and one noise stream per step, so resuming can pass over steps."""
+
+    main_loss = "loss/clean"
+
+    def __init__(self, run: StageRun) -> None:
+        self.run = run
+
+    def epoch(self, epoch: int, skip: int, on_step: OnStep) -> dict[str, int | float]:
+        run, cfg = self.run, self.run.section
+        noise_seed = int(torch.randint(2**62, (1,), generator=run.shared))
+        for step, (x, y) in enumerate(batches(run.data.x_train, run.data.y_train, cfg.batch_size, run.shared,
+                                              run.augment_padding)):
+            if step < skip:
+                continue
+            on_step(self.step(x, y, stream(noise_seed, step), epoch), len(y))
+        return {}
+
+    def step(self, x: Tensor, y: Tensor, noise: torch.Generator, epoch: int) -> StepFigures:
+        """One update of the owned submodels on the batch (x, y) ([B, C, H, W], [B]). Random inputs are
+        drawn from `noise` for the whole batch, so a replica's rows get what one process gives them."""
+        run = self.run
+        models = run.models
+        for model in models:
+            model.train()
+        loss, logits, ce, per_submodel, ensemble, y = self.loss(models, x, y, noise, epoch)
+        run.zero_grad()
+        loss.backward()
+        run.step_optimizers()
+        figures = {"loss/clean": torch.stack(ce).detach()}
+        figures.update({f"loss/{name}": torch.stack(values).detach() for name, values in per_submodel.items()})
+        return StepFigures(figures, torch.stack(logits).detach(), y,
+                           ensemble={f"loss/{name}": value.detach() for name, value in ensemble.items()})
+
+
+class Adp(_Baseline):
+    name = "adp"
+    config = AdpConfig
+
+    def loss(self, models, x, y, noise, epoch):
+        full_batch = len(y)
+        x, y = self.run.replicas.shard(x, y)
+        return (*adp_loss(models, self.run.placement, x, y, full_batch, self.run.section), y)
+
+
+class Gal(_Baseline):
+    name = "gal"
+    config = GalConfig
+
+    def loss(self, models, x, y, noise, epoch):
+        cfg, full_batch = self.run.section, len(y)
+        x = x + cfg.input_noise_std * torch.randn(x.shape, generator=noise).to(x.device)  # the reference trains on noisy images
+        x, y = self.run.replicas.shard(x, y)
+        return (*gal_loss(models, self.run.placement, x, y, full_batch, cfg), y)
+
+
+class Trs(_Baseline):
+    name = "trs"
+    config = TrsConfig
+
+    def loss(self, models, x, y, noise, epoch):
+        cfg, full_batch = self.run.section, len(y)
         start = torch.rand(x.shape, generator=noise).to(x.device) * 2 - 1
-        split = min(max(full_batch // 2 - rows.start, 0), rows.stop - rows.start)
-        extra = {"start": start[rows], "split": split, "eps": trs_eps(cfg, epoch)}
-    x, y = x[rows], y[rows]
-    for i, model in zip(ids, models):
-        model.train()
-        owned.optimizers[i].zero_grad(set_to_none=True)
-    loss, logits, ce, per_submodel, ensemble = LOSSES[stage](models, placement, x, y, full_batch, cfg, **extra)
-    loss.backward()
-    for i, model in zip(ids, models):
-        placement.reduce_gradients(model, weight)
-        owned.optimizers[i].step()
-    detached = [out.detach() for out in logits]
-    out = step_metrics(placement, y, weight, detached, clean=[c.detach() for c in ce], **per_submodel)
-    out.update({f"loss/{name}": placement.sum_over_replicas(v.detach(), weight) for name, v in ensemble.items()})
-    return out
-
-
-def baseline_epoch(
-    stage: str,
-    owned: Owned,
-    placement: Placement,
-    data: Dataset,
-    cfg: AdpConfig | GalConfig | TrsConfig,
-    augment_padding: int | None,
-    shared: torch.Generator,
-    epoch: int,
-    on_step: Callable[[dict[str, Tensor], int], None],
-    skip: int = 0,
-) -> None:
-    """One epoch of ADP, GAL or TRS. `shared` draws the batches, identically on every process (the
-    regularisers couple the submodels on the same batch), and seeds one noise stream per step, so the
-    first `skip` steps can be passed over when resuming inside the epoch."""
-    noise_seed = int(torch.randint(2**62, (1,), generator=shared))
-    for step, (x, y) in enumerate(batches(data.x_train, data.y_train, cfg.batch_size, shared, augment_padding)):
-        if step < skip:
-            continue
-        on_step(baseline_step(stage, owned, placement, x, y, cfg, stream(noise_seed, step), epoch), len(y))
-
-
-LOSSES = {"adp": adp_loss, "gal": gal_loss, "trs": trs_loss}
+        second_half = torch.arange(full_batch) >= full_batch // 2  # the rows the smoothness PGD moves
+        x, y, start, second_half = self.run.replicas.shard(x, y, start, second_half)
+        split = int((~second_half).sum())
+        loss = trs_loss(models, self.run.placement, x, y, full_batch, cfg, start, split, trs_eps(cfg, epoch))
+        return (*loss, y)

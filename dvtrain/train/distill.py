@@ -11,26 +11,15 @@ weight gradients are computed and thrown away.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain.eval.attacks import project_linf
+from dvtrain.eval.attacks import linf_random_start, project_linf
 from dvtrain.config import DvergeConfig
-
-
-@contextlib.contextmanager
-def training_mode(model: nn.Module, train: bool):
-    """Run a block with the model in train or eval mode, then restore the mode it had."""
-    was_training = model.training
-    model.train(train)
-    try:
-        yield
-    finally:
-        model.train(was_training)
+from dvtrain.models import training_mode
 
 
 def feature_pgd(
@@ -45,10 +34,10 @@ def feature_pgd(
     """
     n = len(generators)
     anchor = x_s.repeat(n, *[1] * (x_s.ndim - 1))
-    z = anchor.clone()
     if cfg.random_start:
-        noise = torch.cat([torch.rand(x_s.shape, generator=g) for g in generators]).to(z.device)
-        z = project_linf(z + (2 * noise - 1) * cfg.eps, anchor, cfg.eps)
+        z = torch.cat([linf_random_start(x_s, cfg.eps, g) for g in generators])
+    else:
+        z = anchor.clone()
     per_model = target.numel() // n
     velocity = torch.zeros_like(z)
     tiny = torch.finfo(z.dtype).tiny

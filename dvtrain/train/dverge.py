@@ -1,139 +1,140 @@
-"""DVERGE training, in the order of Algorithm 1 (Yang et al., 2020).
+"""DVERGE training (Yang et al., NeurIPS 2020, Algorithm 1), top to bottom, loss included.
 
     for each epoch:
         draw a layer l uniformly                                       (same for every submodel)
         for each pair of batches (x, y), (x_s, y_s):
             every submodel i distills x'_i = x'_{f_i^l}(x, x_s)        (from the pre-update weights)
-            every submodel i minimises Σ_{j≠i} CE(f_i(x'_j), y_s)      (+ own adversarial CE for +AdvT)
+            every submodel i minimises
+                loss_i = α Σ_{j≠i} CE(f_i(x'_j), y_s) + β CE(f_i(x), y) + [CE(f_i(adv_i), y_s)]
 
-Where the submodels live is not this module's concern: it trains the ones `placement.owned` names
-and obtains the others' distilled batches with `placement.all_gather`.
+α = `diversity_weight`, β = `clean_weight` (the reference code: α = 1, β = 0; the report's eq. 4 adds
+the clean term); the bracket is DVERGE+AdvT's own adversarial examples (`plus_adv`, the reference's
+plus-adv option). The engine (`dvtrain.train.engines`) computes distilled batches, adversarial examples
+and logits for the owned submodels; where the submodels live is the placement's concern: this module
+trains `placement.owned` and obtains the others' distilled batches with `placement.all_gather`.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dvtrain.config import DvergeConfig
-from dvtrain.data import Dataset, paired_batches
-from dvtrain.train.distill import training_mode
-from dvtrain.submodels import Owned
-from dvtrain.mixture import mixture_log_probs
+from dvtrain.data import paired_batches
 from dvtrain.distributed.placement import Placement
+from dvtrain.errors import DvtrainError
+from dvtrain.models import training_mode
+from dvtrain.submodels import Owned
 from dvtrain.timing import DISABLED, PhaseTimer
+from dvtrain.train.engines import make_engine
+from dvtrain.train.stage import OnStep, StageRun, StepFigures
 
 
 def draw_layer(cfg: DvergeConfig, num_layers: int, generator: torch.Generator) -> int:
+    """The epoch's layer l: `cfg.layer` if set, else uniform over 1..num_layers (the reference draws
+    once per epoch, the same layer for every submodel and batch)."""
     if cfg.layer is not None:
         return cfg.layer
     return int(torch.randint(1, num_layers + 1, (1,), generator=generator))
 
 
+def mean_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of each batch of logits: [..., B, K] and labels [B] → [...]."""
+    per_image = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(logits[..., 0].numel() // len(y)),
+                                reduction="none")
+    return per_image.view(logits.shape[:-1]).mean(dim=-1)
+
+
 def dverge_step(
     owned: Owned, placement: Placement, engine, layer: int,
     x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig, timer: PhaseTimer = DISABLED,
-) -> dict[str, Tensor]:
-    """One DVERGE update of the owned submodels; returns per-submodel and mixture figures for logging."""
+) -> StepFigures:
+    """One DVERGE update of the owned submodels on the batch pair (x, y), (x_s, y_s).
+
+    Shapes: x, x_s [B, C, H, W] pixels in [0, 1]; y, y_s [B]. Returns the step's figures, on the device.
+    """
     ids = placement.owned
     models = [owned.models[i] for i in ids]
-    # A rank that is one of several replicas of its submodels works on its share of the batch rows.
-    rows = placement.batch_rows(len(y))
-    weight = (rows.stop - rows.start) / len(y)
-    x, y, x_s, y_s = x[rows], y[rows], x_s[rows], y_s[rows]
+    generators = [owned.generators[i] for i in ids]
 
-    # Distill every owned submodel's non-robust features of x into x_s, all from pre-update weights.
+    # Distill each owned submodel's non-robust features of x into x_s, from the pre-update weights.
     with timer("distill"):
-        distilled_own = engine.distill(models, layer, x, x_s, cfg, [owned.generators[i] for i in ids])
-    if timer.enabled:  # separate waiting for slower ranks from the transfer itself
-        with timer("wait"):
-            placement.barrier()
-    # Every submodel's distilled batch, on every process: [size, B, C, H, W]. Data, not a graph.
+        distilled_own = engine.distill(models, layer, x, x_s, cfg, generators)  # [n_own, B, C, H, W]
+    # Every submodel's distilled batch, on every process: [N, B, C, H, W]. Data, not a graph.
     with timer("all_gather"):
         distilled = placement.all_gather(distilled_own)
 
     with timer("train"):
-        return _train_on_distilled(owned, placement, engine, models, distilled, x, y, x_s, y_s, cfg, weight)
+        # DVERGE+AdvT: each submodel's own PGD examples of the source batch, also from the pre-update
+        # weights, before any training forward (the reference's order).
+        for model in models:
+            model.train()
+        adv = engine.adversarial(models, x_s, y_s, cfg, generators) if cfg.plus_adv else None
+        # The training forwards run in this order: adversarial, clean, diversity. BatchNorm running
+        # statistics are updated in that order; each weight's gradient sums the terms in the reverse one.
+        adv_loss = mean_cross_entropy(engine.logits(models, adv), y_s) if adv is not None else None
+        if cfg.clean_weight > 0:
+            clean_logits = engine.logits(models, x.expand(len(models), *x.shape))
+        else:  # the clean batch only feeds the figures: no gradient, no BatchNorm update
+            with torch.no_grad(), training_mode(models, False):
+                clean_logits = engine.logits(models, x.expand(len(models), *x.shape))
+        clean_loss = mean_cross_entropy(clean_logits, y)
+        # Submodel i classifies the others' distilled batches x'_j as their source labels y_s: what
+        # fools submodel j must not fool submodel i. Its own x'_i is never used.
+        others = [[j for j in range(placement.size) if j != i] for i in ids]
+        diversity = mean_cross_entropy(engine.logits_on(models, distilled, others), y_s).sum(dim=1)  # [n_own]
+
+        loss = cfg.diversity_weight * diversity + cfg.clean_weight * clean_loss
+        if adv_loss is not None:
+            loss = loss + adv_loss
+        for i in ids:
+            owned.optimizers[i].zero_grad(set_to_none=True)
+        loss.sum().backward()  # submodel i's weights receive exactly the gradient of loss_i
+        for i in ids:
+            owned.optimizers[i].step()
+
+    per_submodel = {"loss/dverge": diversity.detach(), "loss/clean": clean_loss.detach()}
+    if adv_loss is not None:
+        per_submodel["loss/adv"] = adv_loss.detach()
+    return StepFigures(per_submodel, clean_logits.detach(), y, ensemble={})
 
 
-def _train_on_distilled(
-    owned: Owned, placement: Placement, engine, models: list, distilled: Tensor,
-    x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig, weight: float,
-) -> dict[str, Tensor]:
-    ids = placement.owned
-    # Submodel i learns to classify the others' distilled batches as their source labels y_s:
-    # what fools submodel j must not fool submodel i. Its own batch x'_i is never used.
-    for i, model in zip(ids, models):
-        model.train()
-        owned.optimizers[i].zero_grad(set_to_none=True)
-    diversity = engine.diversity_backward(models, ids, distilled, y_s, cfg.diversity_weight)
+class Dverge:
+    """The `dverge` stage: DVERGE from the vanilla submodels (`dverge.init_from`)."""
 
-    clean_losses, clean_logits = [], []
-    for model in models:
-        if cfg.clean_weight > 0:  # the report's eq. (4): keep fitting clean data
-            logits = model(x)
-            clean = F.cross_entropy(logits, y)
-            # Now, not with the adversarial loss: the attack's forwards update BatchNorm statistics in place.
-            (cfg.clean_weight * clean).backward()
-        else:
-            with torch.no_grad(), training_mode(model, False):
-                logits = model(x)
-                clean = F.cross_entropy(logits, y)
-        clean_losses.append(clean.detach())
-        clean_logits.append(logits.detach())
-    # DVERGE+AdvT: each submodel also resists its own PGD adversarial examples of the source batch.
-    adv = engine.adversarial(models, x_s, y_s, cfg, [owned.generators[i] for i in ids]) if cfg.plus_adv else None
+    name = "dverge"
+    config = DvergeConfig
+    main_loss = "loss/dverge"
 
-    adv_losses = []
-    for k, (i, model) in enumerate(zip(ids, models)):
-        if adv is not None:
-            adv_loss = F.cross_entropy(model(adv[k]), y_s)
-            adv_loss.backward()
-            adv_losses.append(adv_loss.detach())
-        placement.reduce_gradients(model, weight)
-        owned.optimizers[i].step()
+    def __init__(self, run: StageRun) -> None:
+        """Raises DvtrainError: the configured layer is not one of the model's."""
+        self.run = run
+        num_layers = run.models[0].num_layers
+        if run.section.layer is not None and run.section.layer > num_layers:
+            raise DvtrainError(
+                f"{run.name}.layer={run.section.layer} is out of range: {run.cfg.model.arch} has layers 1..{num_layers}"
+            )
+        # One engine for the whole stage: it keeps its wide network (and compiled graphs) between epochs.
+        self.engine = make_engine(run.section.engine, run.cfg.compute)
 
-    return step_metrics(placement, y, weight, clean_logits, dverge=list(diversity), clean=clean_losses, adv=adv_losses)
+    def epoch(self, epoch: int, skip: int, on_step: OnStep) -> dict[str, int | float]:
+        """One epoch of Algorithm 1. `run.shared` draws the layer and the batch pairs identically on
+        every process; a data-parallel replica trains on its rows of each pair."""
+        run, cfg = self.run, self.run.section
+        layer = draw_layer(cfg, run.models[0].num_layers, run.shared)
+        pairs = paired_batches(run.data.x_train, run.data.y_train, cfg.batch_size, run.shared, run.augment_padding)
+        for step, ((x, y), (x_s, y_s)) in enumerate(pairs):
+            if step < skip:
+                continue
+            figures = dverge_step(
+                run.owned, run.placement, self.engine, layer, *run.replicas.shard(x, y, x_s, y_s), cfg, run.timer
+            )
+            on_step(figures, len(y))
+        return {"layer": layer}
 
 
-def step_metrics(
-    placement: Placement, y: Tensor, weight: float, clean_logits: list[Tensor], **per_submodel: list[Tensor]
-) -> dict[str, Tensor]:
-    """Per-submodel losses of every submodel, and the mixture's loss and accuracy on the clean batch.
-    `weight` is this rank's share of the batch rows (1 without replicas)."""
-    out = {}
-    for name, values in per_submodel.items():
-        if values:
-            out[f"loss/{name}"] = placement.all_gather(placement.sum_over_replicas(torch.stack(values), weight))
-    log_probs = mixture_log_probs(placement.all_gather(torch.stack(clean_logits)))
-    mixture = torch.stack([F.nll_loss(log_probs, y), (log_probs.argmax(dim=1) == y).float().mean() * 100])
-    out["mixture/loss"], out["mixture/acc"] = placement.sum_over_replicas(mixture, weight)
-    return out
+class DvergeAdvt(Dverge):
+    """The `dverge_advt` stage: DVERGE+AdvT (its section sets `plus_adv: true`)."""
 
-
-def dverge_epoch(
-    owned: Owned,
-    placement: Placement,
-    data: Dataset,
-    cfg: DvergeConfig,
-    num_layers: int,
-    augment_padding: int | None,
-    shared: torch.Generator,
-    engine,
-    on_step: Callable[[dict[str, Tensor], int], None],
-    timer: PhaseTimer = DISABLED,
-    skip: int = 0,
-) -> int:
-    """One epoch of Algorithm 1. `shared` drives the layer and the batch pairs, identically on every
-    process; the first `skip` pairs are drawn but not trained on (resuming inside an epoch).
-    Returns the layer drawn."""
-    layer = draw_layer(cfg, num_layers, shared)
-    pairs = paired_batches(data.x_train, data.y_train, cfg.batch_size, shared, augment_padding)
-    for step, ((x, y), (x_s, y_s)) in enumerate(pairs):
-        if step < skip:
-            continue
-        on_step(dverge_step(owned, placement, engine, layer, x, y, x_s, y_s, cfg, timer), len(y))
-    return layer
+    name = "dverge_advt"

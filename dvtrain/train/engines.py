@@ -1,7 +1,8 @@
 """Engines: how the owned submodels' share of a DVERGE step is computed.
 
-A DVERGE step asks an engine for two things: the distilled batches of the owned submodels, and the
-gradients of their diversity losses. `LoopEngine` does it one model at a time — the reference path,
+A DVERGE step asks an engine for the owned submodels' distilled batches, their own adversarial
+examples (DVERGE+AdvT), and their logits on given batches, differentiable in the weights; the loss and
+its one backward are the step's (`dvtrain.train.dverge`). `LoopEngine` does it one model at a time — the reference path,
 simple and obviously right, which faster engines are tested against. `GroupedEngine` runs the owned
 submodels as one network whose layers are n times wider (grouped convolutions, batched matrix
 products), so each distillation step is one forward and one backward whatever the ensemble size.
@@ -15,15 +16,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from dvtrain.eval.attacks import linf_random_start, pgd_linf, pgd_linf_from
 from dvtrain.compute import compile_features, uncompiled
 from dvtrain.config import ComputeConfig, DvergeConfig
-from dvtrain.train.distill import distill, feature_pgd, training_mode
-from dvtrain.models import LayeredNet, Normalize
+from dvtrain.models import LayeredNet, Normalize, training_mode
+from dvtrain.train.distill import distill, feature_pgd
 
 
 class LoopEngine:
@@ -36,20 +36,13 @@ class LoopEngine:
         """[len(models), B, C, H, W]: each model's distilled batch, from its current weights."""
         return torch.stack([distill(m, layer, x, x_s, cfg, g) for m, g in zip(models, generators)])
 
-    def diversity_backward(
-        self, models: list[LayeredNet], ids: list[int], distilled: Tensor, y_s: Tensor, weight: float
-    ) -> Tensor:
-        """For each model (submodel `ids[k]`): loss = Σ_{j≠ids[k]} CE(model(distilled[j]), y_s).
+    def logits(self, models: list[LayeredNet], inputs: Tensor) -> Tensor:
+        """[n, B, K]: model k's logits on inputs[k] ([n, B, C, H, W]), in the mode the models are in."""
+        return torch.stack([model(batch) for model, batch in zip(models, inputs)])
 
-        Accumulates `weight ×` its gradient into the model's `.grad` (as `backward` would) and returns
-        the unweighted losses, detached, as a [len(models)] tensor. Models must be in train mode.
-        """
-        losses = []
-        for model, i in zip(models, ids):
-            loss = sum(F.cross_entropy(model(distilled[j]), y_s) for j in range(len(distilled)) if j != i)
-            (weight * loss).backward()
-            losses.append(loss.detach())
-        return torch.stack(losses)
+    def logits_on(self, models: list[LayeredNet], batches: Tensor, which: list[list[int]]) -> Tensor:
+        """[n, R, B, K]: model k's logits on batches[which[k][r]] ([M, B, C, H, W]), model by model."""
+        return torch.stack([torch.stack([model(batches[j]) for j in row]) for model, row in zip(models, which)])
 
     def adversarial(
         self, models: list[LayeredNet], x: Tensor, y: Tensor, cfg: DvergeConfig, generators: list[torch.Generator]
@@ -243,23 +236,24 @@ class GroupedEngine:
         _write_back_buffers(models, joined, self._layouts)
         return z
 
-    def diversity_backward(
-        self, models: list[LayeredNet], ids: list[int], distilled: Tensor, y_s: Tensor, weight: float
-    ) -> Tensor:
-        """As `LoopEngine.diversity_backward`, with one wide forward per other submodel's batch.
+    def logits(self, models: list[LayeredNet], inputs: Tensor) -> Tensor:
+        """As `LoopEngine.logits`, in one wide forward."""
+        return self._logits(models, [inputs])[:, 0]
 
-        Round r feeds model k the r-th batch of its others (ascending), so BatchNorm running
-        statistics see the same sequence as in the loop. Models must be in train mode.
-        """
+    def logits_on(self, models: list[LayeredNet], batches: Tensor, which: list[list[int]]) -> Tensor:
+        """As `LoopEngine.logits_on`, one wide forward per round r (model k on batches[which[k][r]]),
+        so BatchNorm running statistics see the same sequence per model as in the loop."""
+        return self._logits(models, [batches[list(batch)] for batch in zip(*which)])
+
+    def _logits(self, models: list[LayeredNet], rounds: list[Tensor]) -> Tensor:
+        """[n, R, B, K] from R inputs of shape [n, B, C, H, W]. With gradients enabled, they flow back
+        into each model's own parameters."""
         shell, n = self._prepare(models), len(models)
-        others = [[j for j in range(len(distilled)) if j != i] for i in ids]
-        joined = _join(models, self._layouts, grad=True)
+        joined = _join(models, self._layouts, grad=torch.is_grad_enabled())
         with training_mode(shell, models[0].training), _bound(shell, joined):
-            losses = sum(_cross_entropies(shell(_fold(distilled[list(batch)])), y_s, n) for batch in zip(*others))
-        (weight * losses.sum()).backward()
+            outs = [rearrange(shell(_fold(batch)), "b (n k) -> n b k", n=n) for batch in rounds]
         _write_back_buffers(models, joined, self._layouts)
-        return losses.detach()
-
+        return torch.stack(outs, dim=1)
 
     def adversarial(
         self, models: list[LayeredNet], x: Tensor, y: Tensor, cfg: DvergeConfig, generators: list[torch.Generator]
@@ -282,12 +276,6 @@ class GroupedEngine:
             )
         _write_back_buffers(models, joined, self._layouts)
         return adv.view(n, *x.shape)
-
-
-def _cross_entropies(logits: Tensor, y: Tensor, n: int) -> Tensor:
-    """[B, n·K] logits of n models → each model's mean cross-entropy, [n]."""
-    per_sample = F.cross_entropy(rearrange(logits, "b (n k) -> (n b) k", n=n), y.repeat(n), reduction="none")
-    return per_sample.view(n, -1).mean(dim=1)
 
 
 def _fold(batches: Tensor) -> Tensor:

@@ -1,40 +1,41 @@
-"""The stage loop: composes data, submodels, the stage algorithms, checkpoints, tracking and evaluation.
+"""The stage loop: composes data, submodels, the stages, checkpoints, tracking and evaluation.
 
-For each configured stage (vanilla, the adp/gal/trs baselines, dverge, dverge_advt): restore its
-checkpoint or start it from the weights of the stage it builds on (or from fresh weights), train the
-remaining epochs (checkpointing at epoch ends and every `checkpoint.every_steps` steps; Ctrl-C checkpoints the step it is in), then evaluate the submodels and their mixture and record the table in `results.json`/`results.md`.
+For each configured stage (`dvtrain.train.registry`): restore its checkpoint or start it from the
+weights of the stage it builds on (or from fresh weights), train the remaining epochs (checkpointing at
+epoch ends and every `checkpoint.every_steps` steps; Ctrl-C checkpoints where it stops), then evaluate
+the submodels and their mixture and record the table in `results.json`/`results.md`. The loop knows no
+stage by name: a stage is its class in the registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from dvtrain import checkpoint
-from dvtrain.train.baselines import baseline_epoch
 from dvtrain.compute import autocast
-from dvtrain.config import BASELINES, Config, DvergeConfig, to_dict
+from dvtrain.config import Config, to_dict
 from dvtrain.data import Dataset, num_batches
-from dvtrain.train.dverge import dverge_epoch
-from dvtrain.train.engines import make_engine
-from dvtrain.submodels import Owned
-from dvtrain.train.optim import build_owned, set_epoch_lr
+from dvtrain.distributed.placement import Placement
 from dvtrain.errors import DvtrainError
+from dvtrain.eval.transfer import FULL_EVALUATION_KEYS, evaluation_markdown
 from dvtrain.eval.whitebox import evaluate_stage, results_markdown
 from dvtrain.mixture import mixture_log_probs
-from dvtrain.distributed.placement import Placement
-from dvtrain.train.vanilla import vanilla_epoch
+from dvtrain.models import training_mode
 from dvtrain.rng import stream
 from dvtrain.signals import SignalGuard, StopRequested
+from dvtrain.submodels import Owned
 from dvtrain.timing import PhaseTimer
 from dvtrain.tracking import Progress, Tracker
-from dvtrain.eval.transfer import FULL_EVALUATION_KEYS, evaluation_markdown
+from dvtrain.train.optim import build_owned, set_epoch_lr
+from dvtrain.train.registry import REGISTRY
+from dvtrain.train.stage import StageRun, StepFigures
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -85,11 +86,9 @@ def test_metrics(owned: Owned, placement: Placement, data: Dataset, batch_size: 
     """Clean test accuracy of every submodel and of the mixture, and the mixture's test loss."""
     logits = []
     for i in owned.ids:
-        model = owned.models[i]
-        was_training = model.training
-        model.eval()
-        logits.append(torch.cat([model(data.x_test[s : s + batch_size]) for s in range(0, len(data.y_test), batch_size)]))
-        model.train(was_training)
+        with training_mode(owned.models[i], False):
+            x = data.x_test
+            logits.append(torch.cat([owned.models[i](x[s : s + batch_size]) for s in range(0, len(x), batch_size)]))
     every = placement.all_gather(torch.stack(logits))  # [size, N, K]
     y = data.y_test
     out = {f"test/acc/sub{i}": float((every[i].argmax(1) == y).float().mean() * 100) for i in range(placement.size)}
@@ -99,26 +98,69 @@ def test_metrics(owned: Owned, placement: Placement, data: Dataset, batch_size: 
     return out
 
 
-def _flatten_step(values: dict[str, Tensor]) -> dict[str, float]:
-    out = {}
-    for name, value in values.items():
-        if value.ndim == 0:
-            out[name] = float(value)
-        else:
-            out.update({f"{name}/sub{i}": float(v) for i, v in enumerate(value.tolist())})
-    return out
+class StepLog:
+    """Step figures kept on the device and reduced every `logging.every_steps` steps (and before a
+    checkpoint), so a step never waits for the device; the non-finite check rides on the reduction.
 
+    One reduction: the owned submodels' figures are summed over data-parallel replicas (weighted by
+    their share of the rows) and gathered from every process; the mixture's loss and accuracy on each
+    step's clean batch come from the gathered clean logits.
+    """
 
-def _check_finite(values: dict[str, Tensor], stage: str, epoch: int, step: int) -> None:
-    for name, value in values.items():
-        bad = (~torch.isfinite(value.reshape(-1))).nonzero().flatten().tolist()
-        if bad:
-            where = f"submodel {bad[0]}" if value.ndim else "the mixture"
-            raise NonFiniteLoss(
-                f"{name} of {where} is not finite at {stage} epoch {epoch + 1} step {step}; "
-                f"the last good checkpoint is kept; lower {stage}.optim.lr "
-                "and start again (or resume a copy of the run with the config edited)"
-            )
+    def __init__(self, placement: Placement, stage: str, epoch: int) -> None:
+        self.placement, self.stage, self.epoch = placement, stage, epoch
+        self.pending: list[tuple[int, StepFigures, float]] = []
+
+    def add(self, step: int, figures: StepFigures) -> None:
+        self.pending.append((step, figures, self.placement.replicas.share))
+
+    def flush(self) -> list[tuple[int, dict[str, float]]]:
+        """(step, {key: value}) of every pending step, with per-submodel keys `NAME/sub<i>`.
+
+        Raises:
+            NonFiniteLoss: a figure is NaN or infinite (the checkpoint before it is kept).
+        """
+        if not self.pending:
+            return []
+        placement, replicas = self.placement, self.placement.replicas
+        steps = [step for step, _, _ in self.pending]
+        figures = [f for _, f, _ in self.pending]
+        shares = torch.tensor([share for _, _, share in self.pending])
+        names = list(figures[0].per_submodel)
+        # [n_own, S, names] → full-batch values → [N, S, names]
+        owned = torch.stack([torch.stack([f.per_submodel[n] for n in names], dim=-1) for f in figures], dim=1)
+        every = placement.all_gather(replicas.sum(owned, shares.to(owned.device)[None, :, None]))
+        ensemble_names = list(figures[0].ensemble)
+        columns = {f"{name}/sub{i}": every[i, :, k] for k, name in enumerate(names) for i in range(placement.size)}
+        scalars = [torch.stack([f.ensemble[n] for n in ensemble_names]) for f in figures] if ensemble_names else []
+        if figures[0].clean_logits is not None:
+            # The mixture on each step's clean batch: one gather of every step's logits at once.
+            logits = placement.all_gather(torch.cat([f.clean_logits for f in figures], dim=1))  # [N, ΣB, K]
+            y = torch.cat([f.y for f in figures])
+            log_probs = mixture_log_probs(logits)
+            per_image = torch.stack([F.nll_loss(log_probs, y, reduction="none"),
+                                     (log_probs.argmax(dim=1) == y).float() * 100], dim=1)
+            mixture = torch.stack([part.mean(dim=0) for part in per_image.split([len(f.y) for f in figures])])
+            scalars = [torch.cat([s, m]) for s, m in zip(scalars, mixture)] if scalars else list(mixture)
+            ensemble_names = ensemble_names + ["mixture/loss", "mixture/acc"]
+        if ensemble_names:
+            table = replicas.sum(torch.stack(scalars), shares.to(owned.device)[:, None])
+            columns.update({name: table[:, k] for k, name in enumerate(ensemble_names)})
+        keys = list(columns)
+        values = torch.stack([columns[k] for k in keys], dim=1).tolist()  # the one wait for the device
+        self.pending = []
+        rows = [(step, dict(zip(keys, row))) for step, row in zip(steps, values)]
+        for step, row in rows:
+            bad = [k for k, v in row.items() if not math.isfinite(v)]
+            if bad:
+                name, _, index = bad[0].rpartition("/sub")
+                where = f"{name} of submodel {index}" if name and index.isdigit() else f"{bad[0]} of the ensemble"
+                raise NonFiniteLoss(
+                    f"{where} is not finite at {self.stage} epoch {self.epoch + 1} step {step}; "
+                    f"the last good checkpoint is kept; lower {self.stage}.optim.lr "
+                    "and start again (or resume a copy of the run with the config edited)"
+                )
+        return rows
 
 
 def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
@@ -136,7 +178,7 @@ def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
         checkpoint.load_weights(path, owned)
         checkpoint.load_resume_state(path, owned)
         return state
-    source = None if stage == "vanilla" else cfg.stage_config(stage).init_from
+    source = getattr(cfg, stage).init_from
     if source is not None:  # None: the fresh initialisation build_owned made
         src = checkpoint.latest(checkpoint.stage_dir(ctx.run_dir, source))
         if src is None or not checkpoint.read_state(src).get("complete"):
@@ -152,91 +194,89 @@ def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
         "epoch": 0,
         "step": 0,
         "complete": False,
-        "layers": [],
+        "epoch_figures": [],
         "train_s": 0.0,
         "shared_generator": checkpoint.generator_to_text(stream(cfg.seed, "shared", stage)),
     }
 
 
-def run_stage(ctx: Context, stage: str, results: dict, guard: SignalGuard) -> None:
+def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> None:
     cfg, placement = ctx.cfg, ctx.placement
-    scfg = cfg.stage_config(stage)
-    owned = build_owned(cfg, ctx.data, placement.owned, stage, ctx.device)
-    num_layers = owned.models[owned.ids[0]].num_layers
-    if isinstance(scfg, DvergeConfig) and scfg.layer is not None and scfg.layer > num_layers:
-        raise DvtrainError(f"{stage}.layer={scfg.layer} is out of range: {cfg.model.arch} has layers 1..{num_layers}")
-    state = _start_state(ctx, stage, owned)
-    evaluated = any(row["stage"] == stage for row in results["eval"])
-    if state["complete"] and evaluated:
+    section = getattr(cfg, name)
+    owned = build_owned(cfg, ctx.data, placement.owned, name, ctx.device)
+    placement.replicas.check_batches(len(ctx.data.y_train), section.batch_size, f"{name}.batch_size")
+    for i in owned.ids:
+        placement.replicas.attach(owned.optimizers[i])
+    state = _start_state(ctx, name, owned)
+    if state["complete"] and any(row["stage"] == name for row in results["eval"]):
         if placement.is_main:
-            print(f"[{stage}] complete and evaluated; skipping", flush=True)
+            print(f"[{name}] complete and evaluated; skipping", flush=True)
         return
 
-    path = checkpoint.stage_dir(ctx.run_dir, stage)
-    tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, stage, to_dict(cfg), active=placement.is_main)
+    shared = checkpoint.generator_from_text(state["shared_generator"])
+    timer = PhaseTimer(cfg.logging.step_timing, ctx.device)
+    stage = REGISTRY[name](StageRun(name, cfg, owned, placement, placement.replicas, ctx.data, shared, timer))
+    path = checkpoint.stage_dir(ctx.run_dir, name)
+    tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg), active=placement.is_main)
     exit_code = 1
     try:
-        shared = checkpoint.generator_from_text(state["shared_generator"])
-        padding = cfg.data.crop_padding if cfg.data.augment else None
-        # One engine for the whole stage: it keeps its wide network (and compiled graphs) between epochs.
-        engine = make_engine(scfg.engine, cfg.compute) if isinstance(scfg, DvergeConfig) else None
-        steps_per_epoch = num_batches(len(ctx.data.y_train), scfg.batch_size)
-        for epoch in range(state["epoch"], scfg.epochs):
+        steps_per_epoch = num_batches(len(ctx.data.y_train), section.batch_size)
+        for epoch in range(state["epoch"], section.epochs):
             # Where this epoch's batches come from, so a checkpoint inside it can replay them.
             epoch_start = checkpoint.generator_to_text(shared)
             data_states = {i: owned.data_generators[i].get_state() for i in owned.ids}
-            skip = state["step"]
-            lrs = {set_epoch_lr(owned.optimizers[i], scfg.optim, epoch) for i in owned.ids}
-            progress = Progress(cfg.logging.progress and placement.is_main, stage, epoch, scfg.epochs, steps_per_epoch)
-            step_in_epoch = skip
-            epoch_losses: list[float] = []
-            timer = PhaseTimer(cfg.logging.step_timing, ctx.device)
+            lr = {set_epoch_lr(owned.optimizers[i], section.optim, epoch) for i in owned.ids}.pop()
+            progress = Progress(cfg.logging.progress and placement.is_main, name, epoch, section.epochs, steps_per_epoch)
+            log = StepLog(placement, name, epoch)
+            main_losses: list[float] = []
+            step_in_epoch = state["step"]
 
-            def on_step(values: dict[str, Tensor], images: int) -> None:
+            def flush() -> None:
+                for step, row in log.flush():
+                    main = [v for k, v in row.items() if k.startswith(stage.main_loss + "/sub")]
+                    main_losses.append(sum(main) / len(main))
+                    tracker.log(row, step=epoch * steps_per_epoch + step)
+                if main_losses:
+                    progress.show_loss(main_losses[-1])
+
+            def on_step(figures: StepFigures, images: int) -> None:
                 nonlocal step_in_epoch
                 step_in_epoch += 1
+                log.add(step_in_epoch, figures)
+                progress.update(images)
                 global_step = epoch * steps_per_epoch + step_in_epoch
-                _check_finite(values, stage, epoch, step_in_epoch)
-                main_loss = values["loss/dverge" if "loss/dverge" in values else "loss/clean"].mean().item()
-                epoch_losses.append(main_loss)
-                progress.update(images, main_loss)
-                tracker.log(_flatten_step(values), step=global_step)
                 every = cfg.checkpoint.every_steps
                 periodic = every > 0 and global_step % every == 0 and step_in_epoch < steps_per_epoch
+                if not (periodic or step_in_epoch % cfg.logging.every_steps == 0):
+                    return
+                flush()  # figures checked before any checkpoint is written
                 stop = placement.any(guard.stop_requested)
                 if periodic or stop:
                     state.update(epoch=epoch, step=step_in_epoch, shared_generator=epoch_start)
                     checkpoint.save_checkpoint(path, owned, placement, state, data_states)
                 if stop:
-                    raise StopRequested(f"stopped at {stage} epoch {epoch + 1} step {step_in_epoch}")
+                    raise StopRequested(f"stopped at {name} epoch {epoch + 1} step {step_in_epoch}")
 
             with autocast(cfg.compute, ctx.device):  # training only: evaluation stays fp32
-                layer = None
-                if stage == "vanilla":
-                    vanilla_epoch(owned, placement, ctx.data, scfg, padding, on_step, skip)
-                elif stage in BASELINES:
-                    baseline_epoch(stage, owned, placement, ctx.data, scfg, padding, shared, epoch, on_step, skip)
-                else:
-                    layer = dverge_epoch(
-                        owned, placement, ctx.data, scfg, num_layers, padding, shared, engine, on_step, timer, skip,
-                    )
+                epoch_figures = stage.epoch(epoch, state["step"], on_step)
+            flush()
             metrics = test_metrics(owned, placement, ctx.data, cfg.eval.batch_size)
             summary = (
-                (f"layer {layer} | " if layer is not None else "")
-                + f"loss {sum(epoch_losses) / max(len(epoch_losses), 1):.4f} | "
+                "".join(f"{k} {v} | " for k, v in epoch_figures.items())
+                + f"loss {sum(main_losses) / max(len(main_losses), 1):.4f} | "
                 + " ".join(f"{k.split('/')[-1]} {v:.2f}%" for k, v in metrics.items() if "/acc/" in k)
                 + (f" | {timer.summary()}" if timer.seconds else "")
             )
             state["train_s"] += progress.close(summary)
             tracker.log(
-                {**metrics, "epoch": epoch + 1, "lr": lrs.pop(), "images_per_s": progress.images_per_s}
+                {**metrics, "epoch": epoch + 1, "lr": lr, "images_per_s": progress.images_per_s}
                 | {f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()}
-                | ({"layer": layer} if layer is not None else {}),
+                | epoch_figures,
                 step=(epoch + 1) * steps_per_epoch,
             )
-            state["layers"].append(layer)
+            state.setdefault("epoch_figures", []).append(epoch_figures)
             state.update(
-                epoch=epoch + 1, step=0, complete=epoch + 1 == scfg.epochs,
+                epoch=epoch + 1, step=0, complete=epoch + 1 == section.epochs,
                 shared_generator=checkpoint.generator_to_text(shared),
             )
             checkpoint.save_checkpoint(path, owned, placement, state)
@@ -244,7 +284,7 @@ def run_stage(ctx: Context, stage: str, results: dict, guard: SignalGuard) -> No
             state["complete"] = True
             checkpoint.save_checkpoint(path, owned, placement, state)
 
-        rows = evaluate_into(ctx, stage, owned, state, results)
+        rows = evaluate_into(ctx, name, owned, state, results)
         tracker.summary({f"eval/{r['model']}/{r['attack']}": r["accuracy"] for r in rows})
         exit_code = 0
     finally:

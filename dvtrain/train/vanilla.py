@@ -6,53 +6,49 @@ independently trained classifiers, and the result does not depend on which proce
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from dvtrain.config import VanillaConfig
-from dvtrain.data import Dataset, batches, num_batches
-from dvtrain.submodels import Owned
-from dvtrain.distributed.placement import Placement
+from dvtrain.data import batches, num_batches
+from dvtrain.train.stage import OnStep, StageRun, StepFigures
 
 
-def vanilla_epoch(
-    owned: Owned,
-    placement: Placement,
-    data: Dataset,
-    cfg: VanillaConfig,
-    augment_padding: int | None,
-    on_step: Callable[[dict[str, Tensor], int], None],
-    skip: int = 0,
-) -> None:
-    """One epoch; the first `skip` batches are drawn but not trained on (resuming inside an epoch)."""
-    ids = placement.owned
-    streams = {
-        i: batches(data.x_train, data.y_train, cfg.batch_size, owned.data_generators[i], augment_padding) for i in ids
-    }
-    for step in range(num_batches(len(data.y_train), cfg.batch_size)):
-        if step < skip:
-            for i in ids:
-                next(streams[i])
-            continue
-        losses, accs, seen, weight = [], [], 0, 1.0
-        for i in ids:
-            x, y = next(streams[i])
-            seen = len(y)
-            rows = placement.batch_rows(seen)  # a replica's share of the batch
-            weight = (rows.stop - rows.start) / seen
-            x, y = x[rows], y[rows]
-            model, optimizer = owned.models[i], owned.optimizers[i]
-            model.train()
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            placement.reduce_gradients(model, weight)
-            optimizer.step()
-            losses.append(loss.detach())
-            accs.append((logits.argmax(dim=1) == y).float().mean().detach() * 100)
-        figures = placement.sum_over_replicas(torch.stack([torch.stack(losses), torch.stack(accs)]), weight)
-        on_step({"loss/clean": placement.all_gather(figures[0]), "acc/train": placement.all_gather(figures[1])}, seen)
+class Vanilla:
+    """Each owned submodel minimises CE(f_i(x), y) on its own batches (plain classifiers)."""
+
+    name = "vanilla"
+    config = VanillaConfig
+    main_loss = "loss/clean"
+
+    def __init__(self, run: StageRun) -> None:
+        self.run = run
+
+    def epoch(self, epoch: int, skip: int, on_step: OnStep) -> dict[str, int | float]:
+        run, cfg = self.run, self.run.section
+        ids = run.placement.owned
+        streams = [
+            batches(run.data.x_train, run.data.y_train, cfg.batch_size, run.owned.data_generators[i], run.augment_padding)
+            for i in ids
+        ]
+        for step in range(num_batches(len(run.data.y_train), cfg.batch_size)):
+            drawn = [next(stream) for stream in streams]  # every stream advances, skipped steps included
+            if step < skip:
+                continue
+            losses, accs, logits_all = [], [], []
+            for i, model, (x, y) in zip(ids, run.models, drawn):
+                x, y = run.replicas.shard(x, y)
+                model.train()
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                run.owned.optimizers[i].zero_grad(set_to_none=True)
+                loss.backward()
+                run.owned.optimizers[i].step()
+                losses.append(loss.detach())
+                accs.append((logits.argmax(dim=1) == y).float().mean().detach() * 100)
+                logits_all.append(logits.detach())
+            # Each submodel saw its own batch: the mixture's figures are those of the last one's batch
+            # under every submodel's pre-step logits would need extra forwards, so none are reported here.
+            on_step(StepFigures({"loss/clean": torch.stack(losses), "acc/train": torch.stack(accs)},
+                                clean_logits=None, y=None, ensemble={}), len(drawn[0][1]))
+        return {}
