@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from dvtrain.errors import DvtrainError
+from dvtrain.paths import read_text
 
 # Choices are Literal types: the validator checks a value against them and lists them in its message.
 # In training order; `dvtrain compare` orders its columns the same way.
@@ -463,10 +464,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass an existing file with --config")
+    text = read_text(path, "config file", "pass an existing file with --config")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
