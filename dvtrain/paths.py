@@ -48,6 +48,9 @@ def check_folder(path: Path, what: str, fix: str) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise PathError(f"{what} {path} is a file, not a folder; {fix}")
+    above = next((parent for parent in path.absolute().parents if parent.exists()), None)
+    if not path.exists() and above is not None and not above.is_dir():
+        raise PathError(f"{what} {path} lies inside {above}, which is a file; {fix}")
     if path.is_dir():
         try:
             next(path.iterdir(), None)

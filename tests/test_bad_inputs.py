@@ -64,8 +64,9 @@ CASES = {
     "CIFAR-10 truncated": (lambda t, r: [*fresh(t), "data.name=cifar10", f"data.root={_truncated_cifar(t)}",
                                          "data.verify_checksums=false"], "truncated or corrupt"),
     "existing run directory": (lambda t, r: ["--run-dir", str(r), *TINY], "already exists; pass --resume"),
-    "unwritable run directory": (lambda t, r: ["--run-dir", str(_file(t, "x") / "run"), *TINY],
-                                 "cannot write to run directory"),
+    "run directory inside a file": (lambda t, r: ["--run-dir", str(_file(t, "x") / "run"), *TINY],
+                                    "file.yaml, which is a file; pass a folder"),
+    "unwritable run directory": (lambda t, r: ["--run-dir", "/proc/dvtrain-test/run", *TINY], "cannot write to run directory"),
     "nothing to resume": (lambda t, r: ["--run-dir", str(t / "none"), "--resume"], "nothing to resume"),
     "resume and overwrite": (lambda t, r: ["--run-dir", str(r), "--resume", "--overwrite"], "contradict"),
     "resume with a changed config": (lambda t, r: ["--run-dir", str(r), "--resume", "seed=5", "dverge.eps=0.01"],
@@ -80,7 +81,48 @@ CASES = {
         lambda t, r: ["--run-dir", str(copy_of(r, t, {"ensemble.size": 4})), "--resume"],
         "'ensemble_size': 3}, but the config asks for {'arch': 'conv', 'ensemble_size': 4}"),
     "W&B online without a key": (lambda t, r: [*fresh(t), "logging.wandb=online"], "no W&B API key is configured"),
+    # numbers outside their meaning (issue 13, kind 1; every field: test_config_ranges.py)
+    "negative PGD steps": (lambda t, r: [*fresh(t), "eval.step_size=-0.025", "eval.l2_step_size=-0.125"],
+                           "eval.step_size=-0.025 must be > 0"),
+    "learning rate not finite": (lambda t, r: [*fresh(t), "vanilla.optim.lr=nan"], "vanilla.optim.lr=nan must be a finite number > 0"),
+    "budget of the sweep above 1": (lambda t, r: [*fresh(t), "eval.transfer.sweep_eps=[0.01, 2]"],
+                                    "eval.transfer.sweep_eps[1]=2.0 must be in [0, 1]"),
+    "infinite timeout": (lambda t, r: [*fresh(t), "logging.init_timeout_s=.inf"], "logging.init_timeout_s=inf must be a finite number"),
+    # paths of the wrong kind, unreadable or damaged files (kind 2)
+    "run directory is a file": (lambda t, r: ["--run-dir", str(_file(t, "x")), *TINY], "is a file, not a folder"),
+    "resuming a file": (lambda t, r: ["--run-dir", str(_file(t, "x")), "--resume"], "is a file, not a folder"),
+    "config is a folder": (lambda t, r: ["--config", str(t), *fresh(t)], "is a folder, not a file; pass an existing file"),
+    "config is binary": (lambda t, r: ["--config", str(_binary(t)), *fresh(t)], "is not UTF-8 text"),
+    "config is a list": (lambda t, r: ["--config", str(_file(t, "- 1\n- 2\n")), *fresh(t)], "must hold a mapping"),
+    "Fashion-MNIST root is a file": (lambda t, r: [*fresh(t), "data.name=fashion_mnist", f"data.root={_file(t, 'x')}"],
+                                     "data.root " + "{t}/file.yaml is a file, not a folder"),
+    "CIFAR-10 root is a file": (lambda t, r: [*fresh(t), "data.name=cifar10", f"data.root={_file(t, 'x')}"],
+                                "is a file, not a folder; point data.root at the folder"),
+    "data root below a file": (lambda t, r: [*fresh(t), "data.name=fashion_mnist", f"data.root={_file(t, 'x')}/sub"],
+                               "file.yaml, which is a file; point data.root at the folder"),
+    "saved config is binary": (lambda t, r: ["--run-dir", str(_damage(copy_of(r, t), "config.yaml", b"\xff\xfe")), "--resume"],
+                               "config.yaml is not UTF-8 text"),
+    "results.json not JSON": (lambda t, r: ["--run-dir", str(_damage(copy_of(r, t), "results.json", b"{")), "--resume"],
+                              "results.json is not valid JSON"),
+    "results.json a list": (lambda t, r: ["--run-dir", str(_damage(copy_of(r, t), "results.json", b"[]")), "--resume"],
+                            "holds a JSON list, not the object dvtrain writes"),
+    "state.json not JSON": (lambda t, r: ["--run-dir", str(_damage(copy_of(r, t), STATE, b"{1")), "--resume"],
+                            "state.json is not valid JSON"),
+    "state.json binary": (lambda t, r: ["--run-dir", str(_damage(copy_of(r, t), STATE, b"\x80\x81")), "--resume"],
+                          "state.json is not UTF-8 text"),
 }
+STATE = "checkpoints/vanilla/state.json"
+
+
+def _binary(tmp_path: Path) -> Path:
+    f = tmp_path / "binary.yaml"
+    f.write_bytes(bytes(range(256)))
+    return f
+
+
+def _damage(run_dir: Path, name: str, content: bytes) -> Path:
+    (run_dir / name).write_bytes(content)
+    return run_dir
 
 
 def _file(tmp_path: Path, text: str) -> Path:
@@ -108,7 +150,7 @@ def test_bad_input(case, trained, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert cli.train_main(args) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err
-    assert expected in err, err
+    assert expected.replace("{t}", str(tmp_path)) in err, err
     assert err.startswith("dvtrain: error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert digest(trained) == before
-    assert len(CASES) >= 20
+    assert len(CASES) >= 40
