@@ -62,10 +62,12 @@ def _unstarted_sections(cfg: Config, run_dir: Path) -> tuple[str, ...]:
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, config_given: bool,
-                    overrides: list[str], placement: Placement) -> Config:
-    """Create or reopen the run directory; returns the configuration the run will use.
+                    overrides: list[str], placement: Placement, load_data: Callable[[Config], object]):
+    """Create or reopen the run directory; returns the configuration the run will use and its data.
 
-    Every process checks; only the main process writes, after all have checked."""
+    Every process checks, and loads the data with `load_data(cfg)` (a missing or damaged dataset is
+    refused there); only the main process writes, after all have checked, so a refusal leaves no new run
+    directory behind."""
     check_folder(run_dir, "run directory", "pass a folder (new or a run of dvtrain train) with --run-dir")
     saved = run_dir / CONFIG_FILE
     if resume:
@@ -87,6 +89,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
             f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
             "or choose another name=... / --run-dir"
         )
+    check_stages_can_run(cfg, run_dir if resume else None)
+    data = load_data(cfg)
+    check_layers(cfg, data)
     placement.barrier()
     if placement.is_main:
         try:
@@ -97,7 +102,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
         except OSError as exc:
             raise DvtrainError(f"cannot write to run directory {run_dir} ({exc.strerror}); choose a writable --run-dir") from None
     placement.barrier()
-    return cfg
+    return cfg, data
 
 
 def check_results(run_dir: Path) -> dict | None:
@@ -110,6 +115,53 @@ def check_results(run_dir: Path) -> dict | None:
     if not isinstance(results.get("eval", []), list):
         raise PathError(f"results file {path} has no list under 'eval'; restore it, or move it away to start a new one")
     return results
+
+
+def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
+    """What would stop training at the start of a stage, checked before any stage (and on every rank alike,
+    so that rank 0 alone prints it): each stage's starting weights come from a stage trained earlier in
+    `stages` or already finished in the run; the run's checkpoints are of this architecture and ensemble
+    size; W&B can log in the mode asked for. `run_dir` None: a new run, with no checkpoints yet."""
+    from dvtrain.tracking import resolve_mode
+
+    resolve_mode(cfg.logging)
+
+    def finished(stage: str) -> bool:
+        path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
+        return path is not None and bool(checkpoint.read_state(path).get("complete"))
+
+    expected = {"arch": cfg.model.arch, "ensemble_size": cfg.ensemble.size}
+    for k, stage in enumerate(cfg.stages):
+        path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
+        if path is not None:
+            found = {key: checkpoint.read_state(path).get(key) for key in expected}
+            if found != expected:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path} holds {found}, but the config asks for {expected}; use another run directory"
+                )
+            if checkpoint.read_state(path).get("complete"):
+                continue
+        source = None if stage == "vanilla" else cfg.stage_config(stage).init_from
+        if source is not None and source not in cfg.stages[:k] and not finished(source):
+            raise DvtrainError(
+                f"stage {stage} starts from the final weights of stage {source}, which this run has not finished; "
+                f"add {source} to stages before {stage} or resume a run directory that has it"
+            )
+
+
+def check_layers(cfg: Config, data) -> None:
+    """A fixed distillation layer (dverge.layer, dverge_advt.layer) exists in the configured model."""
+    from dvtrain.models import build_model
+
+    fixed = {stage: cfg.stage_config(stage).layer for stage in cfg.stages if stage in ("dverge", "dverge_advt")}
+    if not any(layer is not None for layer in fixed.values()):
+        return
+    with torch.random.fork_rng(devices=[]):  # the submodels' own initialisation draws stay untouched
+        num_layers = build_model(cfg.model.arch, data.channels, data.image_size, data.num_classes, data.mean,
+                                 data.std, cfg.model.conv_padding).num_layers
+    for stage, layer in fixed.items():
+        if layer is not None and layer > num_layers:
+            raise DvtrainError(f"{stage}.layer={layer} is out of range: {cfg.model.arch} has layers 1..{num_layers}")
 
 
 def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) -> list[str]:
@@ -157,11 +209,10 @@ def interruptible(command: Callable[[], int], interrupted: str) -> int:
         return stop.code
 
 
-def _context(cfg: Config, run_dir: Path, placement, device):
-    from dvtrain.data import load_dataset
+def _context(cfg: Config, run_dir: Path, data, placement, device):
     from dvtrain.train.loop import Context
 
-    return Context(cfg, run_dir, load_dataset(cfg.data).to(device), placement, device)
+    return Context(cfg, run_dir, data, placement, device)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -184,13 +235,16 @@ def train_main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / cfg.name
             placement, device = init_runtime(cfg)
             try:
-                cfg = prepare_run_dir(
-                    cfg, run_dir, args.resume, args.overwrite, args.config is not None, args.overrides, placement
+                from dvtrain.data import load_dataset
+
+                cfg, data = prepare_run_dir(
+                    cfg, run_dir, args.resume, args.overwrite, args.config is not None, args.overrides, placement,
+                    lambda resolved: load_dataset(resolved.data).to(device),
                 )
                 from dvtrain.train.loop import train
 
                 started = True
-                train(_context(cfg, run_dir, placement, device))
+                train(_context(cfg, run_dir, data, placement, device))
                 placement.barrier()  # no rank tears the group down while another still uses it
             finally:
                 shutdown()

@@ -73,6 +73,11 @@ CASES = {
                                      "differs from the saved one in dverge.eps, seed"),
     "stage without its starting weights": (lambda t, r: [*fresh(t), "stages=[dverge]"],
                                            "starts from the final weights of stage vanilla"),
+    "starting stage listed after": (lambda t, r: [*fresh(t), "stages=[dverge, vanilla]"],
+                                    "add vanilla to stages before dverge"),
+    "resuming a stage whose start is missing": (lambda t, r: ["--run-dir", str(r), "--resume", "stages=[vanilla, dverge_advt]",
+                                                                     "dverge_advt.init_from=dverge"],
+                                                "stage dverge_advt starts from the final weights of stage dverge"),
     "corrupt checkpoint": (lambda t, r: ["--run-dir", str(corrupt(copy_of(r, t))), "--resume"], "corrupt or truncated"),
     "checkpoint of another architecture": (
         lambda t, r: ["--run-dir", str(copy_of(r, t, {"model.arch": "resnet20"})), "--resume"],
@@ -153,4 +158,5 @@ def test_bad_input(case, trained, tmp_path, capsys, monkeypatch):
     assert expected.replace("{t}", str(tmp_path)) in err, err
     assert err.startswith("dvtrain: error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert digest(trained) == before
+    assert not (tmp_path / "new").exists()  # a refused new run leaves no directory that would block the next try
     assert len(CASES) >= 40
