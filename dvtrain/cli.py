@@ -21,7 +21,9 @@ from dvtrain import checkpoint
 from dvtrain.config import Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.distributed.placement import Placement
-from dvtrain.distributed.runtime import init_runtime, is_main_rank, launched_world_size, report_to_launcher, resolve_device, shutdown
+from dvtrain.distributed.runtime import (
+    init_runtime, is_main_rank, launched_world_size, report_to_launcher, resolve_device, shutdown,
+)
 from dvtrain.paths import PathError, check_folder, read_json_object
 from dvtrain.signals import StopRequested, TerminateGuard, Terminated
 
@@ -34,8 +36,8 @@ RESUMABLE_CHANGES = ("logging.", "device", "dist.", "eval.batch_size", "stages")
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
-RESULTS_JSON = "results.json"  # as dvtrain.train.loop writes it
 EXIT_PEER_FAILED = 1
+RESULTS_JSON = "results.json"  # as dvtrain.train.loop writes it
 PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out")
 
 
@@ -132,6 +134,8 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
 
     expected = {"arch": cfg.model.arch, "ensemble_size": cfg.ensemble.size}
     for k, stage in enumerate(cfg.stages):
+        if run_dir is not None:
+            check_folder(checkpoint.stage_dir(run_dir, stage), "checkpoint folder", "move that file away")
         path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
         if path is not None:
             found = {key: checkpoint.read_state(path).get(key) for key in expected}

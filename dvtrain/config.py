@@ -128,7 +128,7 @@ class OptimConfig:
     lr: float = ranged(1e-3, gt=0)
     momentum: float = ranged(0.9, ge=0, lt=1)  # SGD only (Adam keeps its default betas)
     weight_decay: float = ranged(0.0, ge=0)
-    milestones: list[int] = ranged(factory=list, ge=1, note="epochs (1-based) after which the rate is multiplied by gamma")
+    milestones: list[int] = ranged(factory=list, ge=1, note="numbers of epochs after which the rate is multiplied by gamma")
     gamma: float = ranged(0.1, gt=0)
     eps: float = ranged(1e-8, gt=0)  # Adam only: added to the denominator
 

@@ -1,6 +1,8 @@
-"""Every user mistake: a one-line error naming the problem and the fix, exit status 2, no traceback,
-and nothing already saved is touched. (Further cases with their own machinery: NaN loss, full disk,
-Ctrl-C and W&B unreachable in test_reliability.py; too many ranks in test_distributed.py.)"""
+"""Every user mistake of `dvtrain train`: a one-line error naming the problem and the fix, exit status 2,
+no traceback, nothing already saved touched, and no new run directory left behind. (Further cases with
+their own machinery: NaN loss, full disk, Ctrl-C and W&B unreachable in test_reliability.py; a refusal
+under torchrun in test_distributed.py; every declared range in test_config_ranges.py; `dvtrain eval`
+and `dvtrain compare`, Ctrl-C and SIGTERM in test_fail_cleanly.py.)"""
 
 import hashlib
 import shutil
@@ -113,10 +115,18 @@ CASES = {
                             "holds a JSON list, not the object dvtrain writes"),
     "state.json not JSON": (lambda t, r: ["--run-dir", str(_damage(copy_of(r, t), STATE, b"{1")), "--resume"],
                             "state.json is not valid JSON"),
+    "checkpoints is a file": (lambda t, r: ["--run-dir", str(_checkpoints_a_file(copy_of(r, t))), "--resume"],
+                              "lies inside " + "{t}/copy/checkpoints, which is a file; move that file away"),
     "state.json binary": (lambda t, r: ["--run-dir", str(_damage(copy_of(r, t), STATE, b"\x80\x81")), "--resume"],
                           "state.json is not UTF-8 text"),
 }
 STATE = "checkpoints/vanilla/state.json"
+
+
+def _checkpoints_a_file(run_dir: Path) -> Path:
+    shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "checkpoints").write_text("x")
+    return run_dir
 
 
 def _binary(tmp_path: Path) -> Path:

@@ -5,6 +5,7 @@ declares its range, and a numeric field that declares none fails the first test.
 
 import dataclasses
 import math
+import re
 import typing
 
 import pytest
@@ -63,7 +64,7 @@ def test_values_outside_the_declared_range_are_refused(key, value):
     list_field = typing.get_origin(FIELDS[key][1]) is list
     text = f"{key}=[{value}]" if list_field else f"{key}={value}"
     shown = f"{key}[0]={value!r}" if list_field else f"{key}={value!r}"
-    with pytest.raises(ConfigError, match=f"^{re_escape(shown)} must be {re_escape(str(FIELDS[key][0].metadata['range']))}") as info:
+    with pytest.raises(ConfigError, match=f"^{re.escape(shown)} must be {re.escape(str(FIELDS[key][0].metadata['range']))}") as info:
         load_config(None, [text])
     assert "\n" not in str(info.value)
 
@@ -105,11 +106,5 @@ def test_dvtrain_eval_refuses_them_before_any_work(overrides, message, tmp_path,
     before = sorted(p.name for p in run_dir.iterdir())
     assert cli.main(["eval", str(run_dir), *overrides]) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err
-    assert err == f"dvtrain: error: {err.removeprefix('dvtrain: error: ')}" and message in err and err.count("\n") == 1
+    assert err.startswith("dvtrain: error: ") and message in err and err.count("\n") == 1
     assert sorted(p.name for p in run_dir.iterdir()) == before
-
-
-def re_escape(text: str) -> str:
-    import re
-
-    return re.escape(text)
