@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from dvtrain.submodels import Owned
 from dvtrain.errors import DvtrainError
+from dvtrain.paths import PathError, read_json_object
 from dvtrain.distributed.placement import Placement
 
 STATE_FILE = "state.json"
@@ -149,9 +150,9 @@ def latest(path: Path) -> Path | None:
 
 def read_state(path: Path) -> dict:
     try:
-        return json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint state {path / STATE_FILE} is unreadable ({exc}); remove {path} to start that stage over") from None
+        return read_json_object(path / STATE_FILE, "checkpoint state", f"remove {path} to start that stage over")
+    except PathError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _load(file: Path) -> dict[str, torch.Tensor]:
@@ -159,6 +160,16 @@ def _load(file: Path) -> dict[str, torch.Tensor]:
         return load_file(file)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint file {file} is corrupt or truncated ({exc}); remove {file.parent} to start that stage over") from None
+
+
+def check_weights(path: Path, size: int) -> None:
+    """Every submodel's weights file of a checkpoint is present and whole (read in full, not kept): lets a
+    command refuse a damaged checkpoint before it spends time. Raises CheckpointError."""
+    for i in range(size):
+        file = path / f"sub{i}.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} has no weights for submodel {i}; was it saved with a smaller ensemble.size?")
+        _load(file)
 
 
 def load_weights(path: Path, owned: Owned) -> None:

@@ -1,6 +1,9 @@
-"""Command line: `dvtrain train` (also `python launch/train.py`) and `dvtrain eval`.
+"""Command line: `dvtrain train` (also `python launch/train.py`), `dvtrain eval` and `dvtrain compare`.
 
-User mistakes surface as one line on stderr and exit status 2; nothing already saved is touched.
+User mistakes surface as one line on stderr and exit status 2, printed once (by rank 0 when every rank
+refuses alike); nothing already saved is touched. Ctrl-C exits 130 and SIGTERM 143, each with one line,
+leaving checkpoints, results.json and caches as they were or complete. Every command checks what it
+needs (config, run directory, finished stages, readable results) before it spends time.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,8 +21,11 @@ from dvtrain import checkpoint
 from dvtrain.config import Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.distributed.placement import Placement
-from dvtrain.distributed.runtime import init_runtime, launched_world_size, resolve_device, shutdown
-from dvtrain.signals import StopRequested
+from dvtrain.distributed.runtime import (
+    init_runtime, is_main_rank, launched_world_size, report_to_launcher, resolve_device, shutdown,
+)
+from dvtrain.paths import PathError, check_folder, read_json_object
+from dvtrain.signals import StopRequested, TerminateGuard, Terminated
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "digits_quickstart.yaml"
@@ -28,7 +35,9 @@ CONFIG_FILE = "config.yaml"
 RESUMABLE_CHANGES = ("logging.", "device", "dist.", "eval.batch_size", "stages")
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_PEER_FAILED = 1
+RESULTS_JSON = "results.json"  # as dvtrain.train.loop writes it
 PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out")
 
 
@@ -55,10 +64,13 @@ def _unstarted_sections(cfg: Config, run_dir: Path) -> tuple[str, ...]:
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, config_given: bool,
-                    overrides: list[str], placement: Placement) -> Config:
-    """Create or reopen the run directory; returns the configuration the run will use.
+                    overrides: list[str], placement: Placement, load_data: Callable[[Config], object]):
+    """Create or reopen the run directory; returns the configuration the run will use and its data.
 
-    Every process checks; only the main process writes, after all have checked."""
+    Every process checks, and loads the data with `load_data(cfg)` (a missing or damaged dataset is
+    refused there); only the main process writes, after all have checked, so a refusal leaves no new run
+    directory behind."""
+    check_folder(run_dir, "run directory", "pass a folder (new or a run of dvtrain train) with --run-dir")
     saved = run_dir / CONFIG_FILE
     if resume:
         if not saved.is_file():
@@ -73,11 +85,15 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
                 f"cannot resume {run_dir}: the config differs from the saved one in {', '.join(changed)}; "
                 "resume with the saved config (drop those overrides) or start a new run directory"
             )
+        check_results(run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise DvtrainError(
             f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
             "or choose another name=... / --run-dir"
         )
+    check_stages_can_run(cfg, run_dir if resume else None)
+    data = load_data(cfg)
+    check_layers(cfg, data)
     placement.barrier()
     if placement.is_main:
         try:
@@ -88,14 +104,119 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
         except OSError as exc:
             raise DvtrainError(f"cannot write to run directory {run_dir} ({exc.strerror}); choose a writable --run-dir") from None
     placement.barrier()
-    return cfg
+    return cfg, data
 
 
-def _context(cfg: Config, run_dir: Path, placement, device):
-    from dvtrain.data import load_dataset
+def check_results(run_dir: Path) -> dict | None:
+    """The run's results.json, if there is one, as the JSON object dvtrain wrote; a damaged one is refused
+    before any work (training or evaluation would otherwise end by failing to extend it)."""
+    path = run_dir / RESULTS_JSON
+    if not path.exists():
+        return None
+    results = read_json_object(path, "results file", "restore it, or move it away to start a new one")
+    if not isinstance(results.get("eval", []), list):
+        raise PathError(f"results file {path} has no list under 'eval'; restore it, or move it away to start a new one")
+    return results
+
+
+def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
+    """What would stop training at the start of a stage, checked before any stage (and on every rank alike,
+    so that rank 0 alone prints it): each stage's starting weights come from a stage trained earlier in
+    `stages` or already finished in the run; the run's checkpoints are of this architecture and ensemble
+    size; W&B can log in the mode asked for. `run_dir` None: a new run, with no checkpoints yet."""
+    from dvtrain.tracking import resolve_mode
+
+    resolve_mode(cfg.logging)
+
+    def finished(stage: str) -> bool:
+        path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
+        return path is not None and bool(checkpoint.read_state(path).get("complete"))
+
+    expected = {"arch": cfg.model.arch, "ensemble_size": cfg.ensemble.size}
+    for k, stage in enumerate(cfg.stages):
+        if run_dir is not None:
+            check_folder(checkpoint.stage_dir(run_dir, stage), "checkpoint folder", "move that file away")
+        path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
+        if path is not None:
+            found = {key: checkpoint.read_state(path).get(key) for key in expected}
+            if found != expected:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path} holds {found}, but the config asks for {expected}; use another run directory"
+                )
+            if checkpoint.read_state(path).get("complete"):
+                continue
+        source = None if stage == "vanilla" else cfg.stage_config(stage).init_from
+        if source is not None and source not in cfg.stages[:k] and not finished(source):
+            raise DvtrainError(
+                f"stage {stage} starts from the final weights of stage {source}, which this run has not finished; "
+                f"add {source} to stages before {stage} or resume a run directory that has it"
+            )
+
+
+def check_layers(cfg: Config, data) -> None:
+    """A fixed distillation layer (dverge.layer, dverge_advt.layer) exists in the configured model."""
+    from dvtrain.models import build_model
+
+    fixed = {stage: cfg.stage_config(stage).layer for stage in cfg.stages if stage in ("dverge", "dverge_advt")}
+    if not any(layer is not None for layer in fixed.values()):
+        return
+    with torch.random.fork_rng(devices=[]):  # the submodels' own initialisation draws stay untouched
+        num_layers = build_model(cfg.model.arch, data.channels, data.image_size, data.num_classes, data.mean,
+                                 data.std, cfg.model.conv_padding).num_layers
+    for stage, layer in fixed.items():
+        if layer is not None and layer > num_layers:
+            raise DvtrainError(f"{stage}.layer={layer} is out of range: {cfg.model.arch} has layers 1..{num_layers}")
+
+
+def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) -> list[str]:
+    """The stages `dvtrain eval` will evaluate, each with a finished, whole checkpoint; refuses when there is
+    none, so that no surrogate ensemble is trained for nothing."""
+    from dvtrain.eval.transfer import finished_stages
+
+    for stage in requested or []:
+        if stage not in cfg.stages:
+            raise DvtrainError(f"--stage {stage} is not a stage of {run_dir} (its stages: {', '.join(cfg.stages)}); "
+                               "pass one of those")
+    stages = finished_stages(run_dir, cfg, requested)
+    if not stages:
+        raise DvtrainError(f"{run_dir} has no finished stage to evaluate (stages: {', '.join(cfg.stages)}); "
+                           f"finish training first: dvtrain train --run-dir {run_dir} --resume")
+    for stage in stages:
+        checkpoint.check_weights(checkpoint.latest(checkpoint.stage_dir(run_dir, stage)), cfg.ensemble.size)
+    return stages
+
+
+def refuse(exc: DvtrainError, every_rank_alike: bool = True) -> int:
+    """Print a refusal as one line and return exit status 2. A refusal every rank reaches alike (config,
+    launch, run directory) is printed by rank 0 only; every rank also hands the line to the launcher
+    (torchrun's error file), so its failure summary names the problem instead of a bare exit code."""
+    line = f"dvtrain: error: {exc}"
+    if is_main_rank() or not every_rank_alike:
+        print(line, file=sys.stderr, flush=True)
+    report_to_launcher(line)
+    return EXIT_USER_ERROR
+
+
+def interruptible(command: Callable[[], int], interrupted: str) -> int:
+    """Run a command so that Ctrl-C (exit 130) and SIGTERM (exit 143) end it with one line, "dvtrain:
+    <how>; <interrupted>", after `finally` blocks ran; refusals are one line with exit 2 (`refuse`)."""
+    try:
+        with TerminateGuard():
+            return command()
+    except DvtrainError as exc:
+        return refuse(exc)
+    except KeyboardInterrupt:
+        print(f"dvtrain: interrupted; {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated as stop:
+        print(f"dvtrain: {stop}; {interrupted}", file=sys.stderr)
+        return stop.code
+
+
+def _context(cfg: Config, run_dir: Path, data, placement, device):
     from dvtrain.train.loop import Context
 
-    return Context(cfg, run_dir, load_dataset(cfg.data).to(device), placement, device)
+    return Context(cfg, run_dir, data, placement, device)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -109,34 +230,46 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dverge.eps=0.03")
     args = parser.parse_args(argv)
+    started = False  # from here on a rank may fail alone, and prints its own error
     try:
-        if args.resume and args.overwrite:
-            raise DvtrainError("--resume and --overwrite contradict each other; pass one of them")
-        cfg = load_config(args.config or default_config_path(), args.overrides)
-        run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / cfg.name
-        placement, device = init_runtime(cfg)
-        try:
-            cfg = prepare_run_dir(
-                cfg, run_dir, args.resume, args.overwrite, args.config is not None, args.overrides, placement
-            )
-            from dvtrain.train.loop import train
+        with TerminateGuard():  # SIGTERM before training unwinds too (the stage loop installs its own handler)
+            if args.resume and args.overwrite:
+                raise DvtrainError("--resume and --overwrite contradict each other; pass one of them")
+            cfg = load_config(args.config or default_config_path(), args.overrides)
+            run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / cfg.name
+            placement, device = init_runtime(cfg)
+            try:
+                from dvtrain.data import load_dataset
 
-            train(_context(cfg, run_dir, placement, device))
-            placement.barrier()  # no rank tears the group down while another still uses it
-        finally:
-            shutdown()
+                cfg, data = prepare_run_dir(
+                    cfg, run_dir, args.resume, args.overwrite, args.config is not None, args.overrides, placement,
+                    lambda resolved: load_dataset(resolved.data).to(device),
+                )
+                from dvtrain.train.loop import train
+
+                started = True
+                train(_context(cfg, run_dir, data, placement, device))
+                placement.barrier()  # no rank tears the group down while another still uses it
+            finally:
+                shutdown()
         if placement.is_main:
             print(f"results: {run_dir / 'results.md'}", flush=True)
         return 0
     except DvtrainError as exc:
-        print(f"dvtrain: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return refuse(exc, every_rank_alike=not started)
     except StopRequested as stop:
         print(f"dvtrain: {stop}; a checkpoint was saved there: continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("dvtrain: interrupted; the last checkpoint is kept: continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (Terminated, SystemExit) as stop:  # the stage loop turns SIGTERM into SystemExit(143)
+        code = stop.code
+        if code != EXIT_TERMINATED:
+            raise
+        if is_main_rank():
+            print("dvtrain: stopped by SIGTERM; the last checkpoint is kept: continue with --resume", file=sys.stderr)
+        return EXIT_TERMINATED
     except RuntimeError as exc:
         if not peer_failure(exc):
             raise
@@ -159,8 +292,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", action="append", help="stage to evaluate (repeatable; default: every saved stage)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation overrides, e.g. eval.eps=0.01")
     args = parser.parse_args(argv)
-    try:
+
+    def evaluate() -> int:
         run_dir = Path(args.run_dir)
+        check_folder(run_dir, "run directory", "pass the directory dvtrain train wrote")
         if not (run_dir / CONFIG_FILE).is_file():
             raise DvtrainError(f"{run_dir} is not a dvtrain run directory (no {CONFIG_FILE}); pass the directory train wrote")
         bad = [o for o in args.overrides if not o.startswith(("eval.", "device="))]
@@ -169,13 +304,15 @@ def eval_main(argv: list[str] | None = None) -> int:
         cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
         if launched_world_size() > 1:
             raise DvtrainError("dvtrain eval loads every submodel in one process; run it with python, not a launcher")
+        stages = evaluable_stages(run_dir, cfg, args.stage)
+        check_results(run_dir)
+        device = resolve_device(cfg.device)
         from dvtrain.eval.transfer import full_evaluation
 
-        full_evaluation(run_dir, cfg, args.stage, resolve_device(cfg.device), cfg.eval.transfer)
+        full_evaluation(run_dir, cfg, stages, device, cfg.eval.transfer)
         return 0
-    except DvtrainError as exc:
-        print(f"dvtrain: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+
+    return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 def compare_main(argv: list[str]) -> int:
     from dvtrain.eval.compare import compare_main as compare
 
-    return compare(argv)
+    return interruptible(lambda: compare(argv), "no file was written half: run it again")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from dvtrain.config import DataConfig
 from dvtrain.errors import DvtrainError
+from dvtrain.paths import PathError, check_folder
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
@@ -75,6 +76,11 @@ class Dataset:
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     loader = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10}[cfg.name]
+    if loader is not _digits:  # digits come with scikit-learn; the others are read from data.root
+        try:
+            check_folder(Path(cfg.root), "data.root", f"point data.root at the folder that holds (or will hold) {cfg.name}")
+        except PathError as exc:
+            raise DataError(str(exc)) from None
     ds = loader(cfg)
     if cfg.train_limit:
         ds = replace(ds, x_train=ds.x_train[: cfg.train_limit], y_train=ds.y_train[: cfg.train_limit])
@@ -150,7 +156,10 @@ def _prepare_fashion_mnist_raw(root: Path) -> None:
             f"Fashion-MNIST file {still_missing[0]}(.gz) not found in {root} or {FASHION_MNIST_SYSTEM_DIR}; "
             "install it with `apt-get install dataset-fashion-mnist` or point data.root at a folder holding the .gz files"
         )
-    raw.mkdir(parents=True, exist_ok=True)
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create {raw} ({exc.strerror}); point data.root at a writable folder") from None
     for name, source in found.items():
         tmp = raw / f"{name}.part"
         try:

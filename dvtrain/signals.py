@@ -43,3 +43,32 @@ class SignalGuard:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+class Terminated(BaseException):
+    """SIGTERM during a command without checkpoints (`dvtrain eval`, `dvtrain compare`): unwinds like
+    Ctrl-C, so `finally` blocks run and only whole files stay behind. `code` is the exit status, 128 + 15."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.code = 128 + signum
+
+
+class TerminateGuard:
+    """Within it, SIGTERM raises `Terminated` in the main thread (Ctrl-C raises KeyboardInterrupt as usual)."""
+
+    def __init__(self) -> None:
+        self._previous = None
+
+    @staticmethod
+    def _on_sigterm(signum, frame) -> None:
+        raise Terminated(signum)
+
+    def __enter__(self) -> "TerminateGuard":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -150,7 +150,7 @@ def test_errors_are_one_line_and_name_the_fix(runs, tmp_path, capsys, case):
     args, message = {
         "missing": ([str(tmp_path / "nope")], "does not exist; pass a run directory"),
         "not a run": ([str(other)], "neither a dvtrain run directory"),
-        "corrupt results": ([str(other)], "is unreadable"),
+        "corrupt results": ([str(other)], "is not valid JSON"),
         "stage absent": ([str(runs["a"]), "--stage", "dverge"], "has no numbers for stage dverge; drop --stage"),
         "same name twice": ([str(runs["a"]), str(other)], None),
     }[case]

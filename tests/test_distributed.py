@@ -143,10 +143,20 @@ def test_a_failing_rank_stops_every_rank_quickly(tmp_path):
     assert "lost a peer process" in done.stderr
 
 
-def test_ranks_neither_below_nor_a_multiple_of_the_submodels_are_refused(tmp_path):
-    done = launch(3, tmp_path / "run", *SHORT, "ensemble.size=2", timeout=120)
+@pytest.mark.parametrize("override, message", [
+    ("ensemble.size=2", "launched 3 processes for ensemble.size=2; launch at most 2 processes, or a multiple of 2"),
+    ("dverge.eps=2", "dverge.eps=2.0 must be in [0, 1]"),
+])
+def test_a_refusal_of_every_rank_is_printed_once_and_ends_the_launchers_summary(override, message, tmp_path):
+    """Ranks neither below nor a multiple of the submodels, or a bad value: rank 0 prints the line once (the
+    others stay silent), every rank exits 2, and torchrun's failure summary (its exit status is its own, 1)
+    names the same line as the root cause instead of "To enable traceback see ..."."""
+    done = launch(3, tmp_path / "run", *SHORT, override, timeout=120)
     assert done.returncode != 0
-    assert "launched 3 processes for ensemble.size=2" in done.stderr and "a multiple of 2" in done.stderr
+    printed = [line for line in done.stderr.splitlines() if line.startswith("dvtrain: ")]
+    assert printed == [f"dvtrain: error: {message}" + printed[0].split(message, 1)[1]], done.stderr
+    root_cause = done.stderr.split("Root Cause")[1]
+    assert f"traceback : dvtrain: error: {message}" in root_cause and "exitcode  : 2" in root_cause
     assert not (tmp_path / "run").exists()
 
 

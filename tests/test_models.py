@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -122,3 +123,17 @@ def test_bad_arguments() -> None:
         build_model("vgg", 3, 32, 10, (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(ValueError, match="channels"):
         build_model("conv", 3, 32, 10, (0.5,), (0.25,))
+
+
+def test_resnet20_convolutions_use_kaiming_normal_over_the_fan_out() -> None:
+    """The reference draws each conv from N(0, 2/(k²·out_channels)) (zjysteven/DVERGE models/resnet.py); the
+    sample std of each weight tensor is within 4 standard errors of that (fan-in would differ by up to 2×)."""
+    torch.manual_seed(0)
+    convs = [m for m in make("resnet20", 3, 32).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 + 9 * 2 + 2  # stem, two per block, two 1×1 shortcuts
+    for conv in convs:
+        k, out = conv.kernel_size[0], conv.out_channels
+        expected = math.sqrt(2.0 / (k * k * out))
+        n = conv.weight.numel()
+        assert abs(conv.weight.std().item() - expected) < 4 * expected / math.sqrt(2 * n), (conv, expected)
+        assert abs(conv.weight.mean().item()) < 4 * expected / math.sqrt(n)

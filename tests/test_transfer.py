@@ -28,7 +28,7 @@ from dvtrain.eval.transfer import (
     TransferConfig,
     blackbox_examples,
     blackbox_table,
-    check_transfer_config,
+    check_section,
     correct_by_all,
     epsilon_sweep,
     full_evaluation,
@@ -255,11 +255,11 @@ def test_epsilon_sweep_starts_at_clean_accuracy_and_falls(ensemble):
 
 
 def test_transfer_config_is_checked():
-    check_transfer_config(TransferConfig())
+    check_section(TransferConfig(), "eval.transfer.")
     with pytest.raises(ConfigError, match=r"eval\.transfer\.eps=1\.5 must be in \[0, 1\]"):
-        check_transfer_config(TransferConfig(eps=1.5))
-    with pytest.raises(ConfigError, match="sweep_eps"):
-        check_transfer_config(TransferConfig(sweep_eps=[]))
+        check_section(TransferConfig(eps=1.5), "eval.transfer.")
+    with pytest.raises(ConfigError, match=r"eval\.transfer\.sweep_eps=\[\] must list at least one value"):
+        check_section(TransferConfig(sweep_eps=[]), "eval.transfer.")
 
 
 # ----------------------------------------------------------------------------- the whole evaluation

@@ -8,7 +8,9 @@ different submodels of different ranks identical.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -28,6 +30,26 @@ def resolve_device(name: str) -> torch.device:
 
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_rank() -> bool:
+    """Rank 0 of a launch, or the only process; known from the launcher's environment before any process group."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def report_to_launcher(line: str) -> None:
+    """Hand a one-line error to torchrun (its TORCHELASTIC_ERROR_FILE, in the format torch's elastic
+    error handler writes), so the launcher's failure summary shows that line instead of "To enable
+    traceback see ...". Nothing happens outside a torchrun launch."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except OSError:
+        pass  # the line was printed already; the launcher then shows its generic summary
 
 
 def init_runtime(cfg: Config) -> tuple[Placement, torch.device]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dvtrain.config import STAGES, LoggingConfig, WANDB_MODES
 from dvtrain.errors import DvtrainError
+from dvtrain.paths import read_json_object
 from dvtrain.eval.transfer import BLACKBOX_PREFIX, TRANSFER_OFFDIAG, WHITEBOX_ATTACKS, result_metrics
 
 RESULTS_JSON = "results.json"  # as dvtrain.train.loop writes it
@@ -74,14 +75,15 @@ def read_source(arg: str) -> RunNumbers:
 
 
 def read_run_dir(path: Path) -> RunNumbers:
+    fix = f"evaluate the run again with `dvtrain eval {path}`"
+    results = read_json_object(path / RESULTS_JSON, "results file", fix)
     try:
-        results = json.loads((path / RESULTS_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DvtrainError(f"{path / RESULTS_JSON} is unreadable ({exc}); evaluate the run again with `dvtrain eval {path}`") from None
-    values = result_metrics(results)
+        values = result_metrics(results)
+    except (KeyError, TypeError, AttributeError, IndexError):
+        raise DvtrainError(f"{path / RESULTS_JSON} does not hold dvtrain's results; {fix}") from None
     if not values:
         raise DvtrainError(f"{path} has no evaluation results yet; run `dvtrain eval {path}` first")
-    return RunNumbers(results.get("run", path.name), str(path), values)
+    return RunNumbers(str(results.get("run", path.name)), str(path), values)
 
 
 def offline_run_file(path: Path) -> Path | None:
@@ -199,10 +201,12 @@ def markdown_table(labels: list[str], columns: list[Column], values: list[list[f
 
 def write_csv(path: Path, labels: list[str], columns: list[Column], values: list[list[float | None]]) -> None:
     """The same numbers at full precision; empty cells where a run lacks a column."""
-    with open(path, "w", newline="") as f:
+    tmp = path.with_name(path.name + ".tmp")  # renamed into place once whole: never a half-written table
+    with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", *(column_label(c) for c in columns)])
         writer.writerows([label, *("" if v is None else repr(v) for v in row)] for label, row in zip(labels, values))
+    tmp.replace(path)
 
 
 def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path, labels: list[str],

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from dvtrain import checkpoint
 from dvtrain.eval.apgd import apgd_ce
 from dvtrain.eval.attacks import _input_grad, _noise, _per_sample, pgd_linf, project_linf
-from dvtrain.config import STAGES, Config, EvalConfig, TransferConfig, check_transfer_config, to_dict
+from dvtrain.config import STAGES, Config, EvalConfig, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
 from dvtrain.submodels import Owned
 from dvtrain.train.optim import build_owned, set_epoch_lr
@@ -405,7 +405,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     from dvtrain.train.loop import Context, load_results, save_results
 
     run_dir = Path(run_dir)
-    check_transfer_config(tcfg)
+    check_section(tcfg, "eval.transfer.")
     stages = finished_stages(run_dir, cfg, stages)
     data = load_dataset(cfg.data).to(device)
     results = load_results(run_dir)

@@ -54,10 +54,12 @@ class ResNet20(LayeredNet):
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(64, num_classes)
         self.num_layers = 2 + 2 * len(self.blocks)
-        # Kaiming-normal conv weights (fan_in, ReLU gain) as the DVERGE reference; the rest keep torch defaults.
+        # Every conv (shortcuts too) drawn from N(0, 2 / (k·k·out_channels)): Kaiming normal over the fan-out,
+        # as the DVERGE reference (zjysteven/DVERGE models/resnet.py); the rest keep torch's defaults
+        # (BatchNorm weight 1 and bias 0, as the reference sets them).
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def layers(self, x: Tensor) -> Iterator[Tensor]:
         out = self.bn(self.conv(self.normalize(x)))

@@ -1,0 +1,58 @@
+"""Reading the files and folders a user names or dvtrain wrote earlier, with a one-line error for each
+way they can be wrong: missing, of the wrong kind (a file where a folder belongs, or the reverse),
+unreadable, not UTF-8 text, not the JSON object dvtrain wrote. `what` names the path for the user
+("config file", "results file"); `fix` says what to do, e.g. "pass an existing file with --config"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dvtrain.errors import DvtrainError
+
+
+class PathError(DvtrainError):
+    pass
+
+
+def read_text(path: Path, what: str, fix: str) -> str:
+    """The UTF-8 text of the file at `path`; raises PathError (missing, a folder, unreadable, not text)."""
+    path = Path(path)
+    if not path.exists():
+        raise PathError(f"{what} {path} does not exist; {fix}")
+    if not path.is_file():
+        raise PathError(f"{what} {path} is a folder, not a file; {fix}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PathError(f"{what} {path} is not UTF-8 text (a binary or damaged file?); {fix}") from None
+    except OSError as exc:
+        raise PathError(f"{what} {path} cannot be read ({exc.strerror}); {fix}") from None
+
+
+def read_json_object(path: Path, what: str, fix: str) -> dict:
+    """The JSON object (a dict) in the file at `path`; raises PathError as `read_text`, or when the text
+    is not JSON or holds something other than an object."""
+    text = read_text(path, what, fix)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PathError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
+    if not isinstance(data, dict):
+        raise PathError(f"{what} {path} holds a JSON {type(data).__name__}, not the object dvtrain writes; {fix}")
+    return data
+
+
+def check_folder(path: Path, what: str, fix: str) -> None:
+    """An existing path must be a folder dvtrain can list; a missing one is fine (it is created later)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PathError(f"{what} {path} is a file, not a folder; {fix}")
+    above = next((parent for parent in path.absolute().parents if parent.exists()), None)
+    if not path.exists() and above is not None and not above.is_dir():
+        raise PathError(f"{what} {path} lies inside {above}, which is a file; {fix}")
+    if path.is_dir():
+        try:
+            next(path.iterdir(), None)
+        except OSError as exc:
+            raise PathError(f"{what} {path} cannot be read ({exc.strerror}); {fix}") from None
