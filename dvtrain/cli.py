@@ -145,7 +145,7 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
                 )
             if checkpoint.read_state(path).get("complete"):
                 continue
-        source = None if stage == "vanilla" else cfg.stage_config(stage).init_from
+        source = getattr(cfg, stage).init_from
         if source is not None and source not in cfg.stages[:k] and not finished(source):
             raise DvtrainError(
                 f"stage {stage} starts from the final weights of stage {source}, which this run has not finished; "
@@ -154,10 +154,10 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
 
 
 def check_layers(cfg: Config, data) -> None:
-    """A fixed distillation layer (dverge.layer, dverge_advt.layer) exists in the configured model."""
+    """A fixed distillation layer (e.g. dverge.layer) exists in the configured model."""
     from dvtrain.models import build_model
 
-    fixed = {stage: cfg.stage_config(stage).layer for stage in cfg.stages if stage in ("dverge", "dverge_advt")}
+    fixed = {stage: getattr(getattr(cfg, stage), "layer", None) for stage in cfg.stages}
     if not any(layer is not None for layer in fixed.values()):
         return
     with torch.random.fork_rng(devices=[]):  # the submodels' own initialisation draws stay untouched

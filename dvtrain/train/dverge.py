@@ -23,7 +23,6 @@ from torch import Tensor
 from dvtrain.config import DvergeConfig
 from dvtrain.data import paired_batches
 from dvtrain.distributed.placement import Placement
-from dvtrain.errors import DvtrainError
 from dvtrain.models import training_mode
 from dvtrain.submodels import Owned
 from dvtrain.timing import DISABLED, PhaseTimer
@@ -108,13 +107,7 @@ class Dverge:
     main_loss = "loss/dverge"
 
     def __init__(self, run: StageRun) -> None:
-        """Raises DvtrainError: the configured layer is not one of the model's."""
         self.run = run
-        num_layers = run.models[0].num_layers
-        if run.section.layer is not None and run.section.layer > num_layers:
-            raise DvtrainError(
-                f"{run.name}.layer={run.section.layer} is out of range: {run.cfg.model.arch} has layers 1..{num_layers}"
-            )
         # One engine for the whole stage: it keeps its wide network (and compiled graphs) between epochs.
         self.engine = make_engine(run.section.engine, run.cfg.compute)
 
