@@ -94,6 +94,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
     check_stages_can_run(cfg, run_dir if resume else None)
     data = load_data(cfg)
     check_layers(cfg, data)
+    for stage in cfg.stages:  # data-parallel replicas each need rows of every batch
+        placement.replicas.check_batches(len(data.y_train), getattr(cfg, stage).batch_size, f"{stage}.batch_size")
     placement.barrier()
     if placement.is_main:
         try:

@@ -160,6 +160,17 @@ def test_a_refusal_of_every_rank_is_printed_once_and_ends_the_launchers_summary(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_batch_that_leaves_a_replica_without_rows_is_refused_before_training(tmp_path):
+    """4 ranks for 2 submodels: 2 replicas each. 512 images in batches of 511 leave a last batch of one row,
+    so one replica would get none: refused up front, once, naming the batch size (not the learning rate)."""
+    done = launch(4, tmp_path / "run", *SHORT, "ensemble.size=2", "stages=[vanilla]", "vanilla.batch_size=511",
+                  timeout=120)
+    assert done.returncode != 0
+    printed = [line for line in done.stderr.splitlines() if line.startswith("dvtrain: ")]
+    assert len(printed) == 1 and "vanilla.batch_size=511 with 512 training images gives a batch of 1 row(s)" in printed[0]
+    assert "lr" not in printed[0] and not (tmp_path / "run").exists()
+
+
 def _workers(launcher_pid: int) -> list[int]:
     """The training processes torchrun started (its children running launch/train.py)."""
     found = []

@@ -204,7 +204,6 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
     cfg, placement = ctx.cfg, ctx.placement
     section = getattr(cfg, name)
     owned = build_owned(cfg, ctx.data, placement.owned, name, ctx.device)
-    placement.replicas.check_batches(len(ctx.data.y_train), section.batch_size, f"{name}.batch_size")
     for i in owned.ids:
         placement.replicas.attach(owned.optimizers[i])
     state = _start_state(ctx, name, owned)
