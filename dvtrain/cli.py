@@ -152,7 +152,8 @@ def train_main(argv: list[str] | None = None) -> int:
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dvtrain eval",
-        description="The paper's whole evaluation of a run's saved stages: white-box table with APGD-CE, "
+        description="The whole evaluation of a run's saved stages: white-box table (AutoAttack, margin PGD, the "
+        "ensemble-adaptive attack, worst case per image, 95%% intervals) with gradient-masking checks, "
         "transferability matrix, black-box transfer from a surrogate ensemble, ε sweep, plots.",
     )
     parser.add_argument("run_dir")
@@ -169,13 +170,31 @@ def eval_main(argv: list[str] | None = None) -> int:
         cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
         if launched_world_size() > 1:
             raise DvtrainError("dvtrain eval loads every submodel in one process; run it with python, not a launcher")
-        from dvtrain.eval.transfer import full_evaluation
+        from dvtrain.eval.evaluate import full_evaluation
 
-        full_evaluation(run_dir, cfg, args.stage, resolve_device(cfg.device), cfg.eval.transfer)
+        full_evaluation(run_dir, cfg, args.stage, resolve_device(cfg.device), cfg.eval.transfer, train_surrogates)
         return 0
     except DvtrainError as exc:
         print(f"dvtrain: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def train_surrogates(scfg: Config, data, device: torch.device):
+    """The black-box surrogate ensemble, trained exactly as the vanilla stage trains its submodels.
+    Handed to `dvtrain.eval.evaluate.full_evaluation` so that evaluation imports no training code."""
+    from dvtrain.distributed.placement import LocalPlacement
+    from dvtrain.train.optim import build_owned, set_epoch_lr
+    from dvtrain.train.vanilla import vanilla_epoch
+
+    ids = list(range(scfg.ensemble.size))
+    owned = build_owned(scfg, data, ids, "vanilla", device)
+    placement = LocalPlacement(scfg.ensemble.size)
+    padding = scfg.data.crop_padding if scfg.data.augment else None
+    for epoch in range(scfg.vanilla.epochs):
+        for i in ids:
+            set_epoch_lr(owned.optimizers[i], scfg.vanilla.optim, epoch)
+        vanilla_epoch(owned, placement, data, scfg.vanilla, padding, lambda values, images: None)
+    return owned
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,9 +205,6 @@ class TransferConfig:
     restarts: int = 5
     # Reference white-box budgets.
     sweep_eps: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07])
-    # APGD-CE in the white-box table, at eval.eps (Croce & Hein 2020 / AutoAttack: 100 iterations).
-    apgd_steps: int = 100
-    apgd_restarts: int = 1
     # Black-box: a surrogate ensemble of plain classifiers with other seeds (reference: 3, 5 or 8),
     # trained like the vanilla stage; None epochs = vanilla.epochs.
     surrogate_size: int = 3
@@ -232,8 +229,6 @@ def check_transfer_config(cfg: TransferConfig, prefix: str = "eval.transfer.") -
         "restarts": (cfg.restarts >= 1, ">= 1"),
         "sweep_eps": (len(cfg.sweep_eps) > 0 and all(0.0 <= e <= 1.0 for e in cfg.sweep_eps),
                       "a non-empty list of budgets in [0, 1]"),
-        "apgd_steps": (cfg.apgd_steps >= 1, ">= 1"),
-        "apgd_restarts": (cfg.apgd_restarts >= 1, ">= 1"),
         "surrogate_size": (cfg.surrogate_size >= 1, ">= 1"),
         "surrogate_epochs": (cfg.surrogate_epochs is None or cfg.surrogate_epochs >= 0, ">= 0 or null (vanilla.epochs)"),
         "blackbox_steps": (cfg.blackbox_steps >= 1, ">= 1"),
@@ -245,6 +240,56 @@ def check_transfer_config(cfg: TransferConfig, prefix: str = "eval.transfer.") -
     for key, (ok, requirement) in checks.items():
         if not ok:
             raise ConfigError(f"{prefix}{key}={getattr(cfg, key)!r} must be {requirement}")
+
+
+# White-box attacks of the tables (dvtrain.eval.whitebox): "_margin" / "_dlr" use the CW margin / DLR loss
+# instead of cross-entropy; "autoattack" runs at each norm of eval.autoattack.norms.
+WHITEBOX_ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin", "pgd_l2_margin", "pgd_linf_dlr",
+                    "pgd_l2_dlr", "autoattack", "adaptive")
+AUTOATTACK_VERSIONS = ("standard", "rand", "custom")
+AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")  # pyautoattack's names
+AUTOATTACK_NORMS = ("Linf", "L2")
+
+
+@dataclass
+class AutoAttackConfig:
+    """AutoAttack (Croce & Hein, ICML 2020) from the `pyautoattack` package, at eval.eps (Linf) and
+    eval.l2_eps (L2). "standard" is RobustBench's version: APGD-CE, APGD-T, FAB-T, Square."""
+
+    version: str = "standard"
+    attacks: list[str] = field(default_factory=list)  # version "custom" only: a subset of AUTOATTACK_ATTACKS
+    norms: list[str] = field(default_factory=lambda: ["Linf", "L2"])
+    # None keeps the library's budget (100 iterations, 5000 Square queries); a number caps it (quick runs).
+    iterations: Optional[int] = None
+    square_queries: Optional[int] = None
+    # 0: the table's images (eval.num_examples); N: its first N of them.
+    num_examples: int = 0
+
+
+@dataclass
+class AdaptiveConfig:
+    """The ensemble-adaptive attack on the mixture (MORA-style submodel reweighing, dvtrain.eval.adaptive)
+    at eval.eps, L∞."""
+
+    steps: int = 50
+    step_fraction: float = 0.1  # step size = step_fraction × eval.eps
+    # Softmax temperature of the per-image submodel weights over their margins (logit units).
+    temperature: float = 1.0
+    # A submodel whose margin reaches this many logits counts as fooled enough: its term stops pulling
+    # (the confidence κ of Carlini & Wagner's objective), so the step turns to the submodels still resisting.
+    confidence: float = 5.0
+    restarts: int = 1
+
+
+@dataclass
+class MaskingChecksConfig:
+    """Gradient-masking checks printed under the `dvtrain eval` tables (Carlini et al. 2019, "On
+    evaluating adversarial robustness", §4 and §5: what a sound evaluation shows)."""
+
+    enabled: bool = True
+    long_steps: int = 100  # PGD-L∞ with eval.steps vs this many steps: more steps must not raise accuracy
+    unbounded_eps: float = 1.0  # L∞ budget that covers the whole pixel range: accuracy must reach 0 %
+    unbounded_step_size: float = 0.1
 
 
 @dataclass
@@ -262,7 +307,17 @@ class EvalConfig:
     # 0 evaluates the whole test set; N uses its first N images.
     num_examples: int = 0
     batch_size: int = 500
-    # `dvtrain eval`: transferability, black-box transfer, ε sweep, APGD (see docs/evaluation.md).
+    # The training run's table after each stage (keep it fast) and `dvtrain eval`'s table; names from
+    # WHITEBOX_ATTACKS. Each table adds the worst case per image of what it ran.
+    attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin"])
+    full_attacks: list[str] = field(default_factory=lambda: [
+        "clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin", "pgd_l2_margin", "autoattack", "adaptive"])
+    # Randomised attacks (random starts) are repeated with this many seeds; rows give mean ± s.d.
+    seeds: int = 1
+    autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    checks: MaskingChecksConfig = field(default_factory=MaskingChecksConfig)
+    # `dvtrain eval`: transferability, black-box transfer, ε sweep (see docs/evaluation.md).
     transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
@@ -549,11 +604,41 @@ def validate(cfg: Config) -> None:
            f"eval.restarts={cfg.eval.restarts} needs eval.random_start=true: restarts from one start repeat one attack")
     _check(cfg.eval.num_examples >= 0 and cfg.eval.batch_size >= 1, "eval.num_examples >= 0 and eval.batch_size >= 1")
     check_transfer_config(cfg.eval.transfer)
+    check_eval_attacks(cfg.eval)
     _check(cfg.compute.precision in PRECISIONS,
            f"compute.precision={cfg.compute.precision!r} must be one of {', '.join(PRECISIONS)}")
     _check(cfg.logging.wandb in WANDB_MODES, f"logging.wandb={cfg.logging.wandb!r} must be one of {', '.join(WANDB_MODES)}")
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s must be >= 1")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: epoch ends only)")
+
+
+def check_eval_attacks(e: EvalConfig) -> None:
+    """Attack names and the budgets of AutoAttack, the adaptive attack and the masking checks."""
+    for key in ("attacks", "full_attacks"):
+        names = getattr(e, key)
+        _check(len(names) > 0, f"eval.{key} is empty; list attacks from {', '.join(WHITEBOX_ATTACKS)}")
+        for name in names:
+            _check(name in WHITEBOX_ATTACKS, f"eval.{key}: attack {name!r} is unknown; choose from {', '.join(WHITEBOX_ATTACKS)}")
+    _check(e.seeds >= 1, f"eval.seeds={e.seeds} must be at least 1")
+    a = e.autoattack
+    _check(a.version in AUTOATTACK_VERSIONS, f"eval.autoattack.version={a.version!r} must be one of {', '.join(AUTOATTACK_VERSIONS)}")
+    _check(all(x in AUTOATTACK_ATTACKS for x in a.attacks),
+           f"eval.autoattack.attacks={a.attacks} may only list {', '.join(AUTOATTACK_ATTACKS)}")
+    _check((a.version == "custom") == bool(a.attacks),
+           "eval.autoattack.attacks is for version=custom only, and version=custom needs a non-empty attacks list")
+    _check(len(a.norms) > 0 and all(n in AUTOATTACK_NORMS for n in a.norms),
+           f"eval.autoattack.norms={a.norms} must be a non-empty list of {', '.join(AUTOATTACK_NORMS)}")
+    _check(a.iterations is None or a.iterations >= 1, "eval.autoattack.iterations must be >= 1 or null (library default)")
+    _check(a.square_queries is None or a.square_queries >= 1, "eval.autoattack.square_queries must be >= 1 or null")
+    _check(a.num_examples >= 0, "eval.autoattack.num_examples must be >= 0 (0: the table's images)")
+    d = e.adaptive
+    _check(d.steps >= 1 and d.restarts >= 1, "eval.adaptive.steps and eval.adaptive.restarts must be >= 1")
+    _check(d.step_fraction > 0 and d.temperature > 0 and d.confidence > 0,
+           "eval.adaptive.step_fraction, eval.adaptive.temperature and eval.adaptive.confidence must be > 0")
+    c = e.checks
+    _check(c.long_steps >= 1, "eval.checks.long_steps must be >= 1")
+    _check_eps("eval.checks.unbounded_eps", c.unbounded_eps)
+    _check(c.unbounded_step_size > 0, "eval.checks.unbounded_step_size must be > 0")
 
 
 def _validate_baseline(cfg: Config, stage: str) -> None:
