@@ -23,7 +23,7 @@ from dvtrain.eval.report import (
     evaluation_markdown, load_results, metric_key, result_metrics, results_markdown, save_results,
 )
 from dvtrain.eval.transfer import epsilon_sweep, first, shuffled_test_set, transfer_matrix
-from dvtrain.eval.whitebox import evaluate_stage
+from dvtrain.eval.whitebox import check_finite, evaluate_stage
 from dvtrain.mixture import Mixture
 
 
@@ -65,9 +65,13 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     stages = finished_stages(run_dir, cfg, stages)
     data = load_dataset(cfg.data).to(device)
     results = load_results(run_dir)
+    loaded = {stage: load_stage(run_dir, cfg, data, stage, device) for stage in stages}
+    for stage, submodels in loaded.items():  # refuse a broken checkpoint before any long computation
+        for i, model in enumerate(submodels):
+            check_finite(model, data.x_test[: cfg.eval.batch_size], f"submodel {i + 1} of stage {stage}")
     examples, results["blackbox_surrogate"] = prepare_blackbox(run_dir, cfg, tcfg, data, device, train_surrogates)
-    for stage in stages:
-        evaluate_stage_fully(stage, load_stage(run_dir, cfg, data, stage, device), data, cfg, tcfg, examples, results)
+    for stage, submodels in loaded.items():
+        evaluate_stage_fully(stage, submodels, data, cfg, tcfg, examples, results)
     results["plots"] = evaluation_plots(run_dir, results)
     save_results(run_dir, cfg, results)
     log_evaluation(cfg, run_dir, results)

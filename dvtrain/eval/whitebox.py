@@ -87,7 +87,8 @@ def _perturb(model: nn.Module, x: Tensor, y: Tensor, cell: Cell, cfg: EvalConfig
     return pgd_l2(model, x, y, cfg.l2_eps, cfg.l2_step_size, cfg.steps, cfg.random_start, generator, loss)
 
 
-def _check_finite(model: nn.Module, x: Tensor, name: str) -> None:
+def check_finite(model: nn.Module, x: Tensor, name: str) -> None:
+    """Raise NonFiniteOutput (naming `name`) if the model returns NaN or ±inf on x [N, C, H, W]."""
     with torch.no_grad():
         out = model(x)
     if not bool(torch.isfinite(out).all()):
@@ -224,7 +225,7 @@ def evaluate_stage(
         for model in submodels:
             model.eval()
         for i, model in zip(placement.owned, submodels):
-            _check_finite(model, x[: eval_cfg.batch_size], f"submodel {i + 1} of stage {stage}")
+            check_finite(model, x[: eval_cfg.batch_size], f"submodel {i + 1} of stage {stage}")
         owned = [_trimmed(_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed))
                  for i, model in zip(placement.owned, submodels)]
         n = {c: (len(y) if c.attack != "autoattack" or eval_cfg.autoattack.num_examples == 0
