@@ -35,6 +35,7 @@ from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.timing import PhaseTimer
 from dvtrain.tracking import Progress, Tracker
 
+
 class NonFiniteLoss(DvtrainError):
     pass
 
