@@ -273,11 +273,13 @@ class AdaptiveConfig:
 
     steps: int = 50
     step_fraction: float = 0.1  # step size = step_fraction × eval.eps
-    # Softmax temperature of the per-image submodel weights over their margins (logit units).
-    temperature: float = 1.0
+    # Softmax temperature of the per-image submodel weights over their margins (logit units). Chosen on
+    # the digits quickstart (DVERGE mixture, 50 steps): T 10 gave 66.3 % vs CE-PGD 69.1 %; T ≤ 1
+    # (focusing hard on the submodel closest to flipping) was weaker than PGD (72–88 %).
+    temperature: float = 10.0
     # A submodel whose margin reaches this many logits counts as fooled enough: its term stops pulling
     # (the confidence κ of Carlini & Wagner's objective), so the step turns to the submodels still resisting.
-    confidence: float = 5.0
+    confidence: float = 2.0
     restarts: int = 1
 
 

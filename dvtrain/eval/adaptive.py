@@ -9,9 +9,12 @@ defenses. This is dvtrain's MORA-style attack (written from the paper's idea, no
 
 - the objective of image n is Σ_i w_{i,n} · min(m_i(x_n), κ), where m_i is submodel i's CW margin
   (best other logit − true logit, positive when i is fooled) and κ is `AdaptiveConfig.confidence`;
-- the weights w_{·,n} = softmax_i(min(m_i, κ) / T) are recomputed at every step without gradient, so
-  the step concentrates on the submodels closest to flipping; a submodel past κ stops pulling, and the
-  effort moves on to the next one (fooling most of the mixture's probability mass fools the mixture);
+- the weights w_{·,n} = softmax_i(min(m_i, κ) / T) are recomputed at every step without gradient: a
+  preference, as soft as the temperature T makes it, for the submodels closest to flipping; a submodel
+  past κ stops pulling, and the effort moves on to the others (fooling most of the mixture's
+  probability mass fools the mixture). Unlike the mixture's cross-entropy, no confident submodel can
+  drown the others' gradients. On the digits quickstart soft weights (T = 10) beat PGD and sharp
+  ones (T ≤ 1) did not (docs/evaluation.md);
 - sign steps of `step_fraction · ε` in the L∞ ball from a random start; an image's result is the
   first iterate that fools the mixture (judged on the mixture's own prediction), else the last one.
 
