@@ -4,6 +4,10 @@ Packages: `dvtrain.train` (the stage loop, the stages, engines, distillation), `
 (attacks and the robustness evaluation; imports no training code), `dvtrain.distributed` (process
 group and placement of submodels on ranks), `dvtrain.models`; and the shared core: config, data,
 submodels, checkpoint, tracking.
+
+Public API: `load_submodels(run_dir, stage, device=None)` and `load_mixture(run_dir, stage, device=None)`
+load a trained run's models for any attack library (images in [0, 1]; the mixture returns log mean
+probabilities, usable as logits).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -12,3 +16,17 @@ try:
     __version__ = version("dvtrain")
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
+
+
+def load_submodels(run_dir, stage: str, device=None):
+    """The submodels of a finished stage, in eval mode (see `dvtrain.eval.load.load_submodels`)."""
+    from dvtrain.eval.load import load_submodels as load
+
+    return load(run_dir, stage, device)
+
+
+def load_mixture(run_dir, stage: str, device=None):
+    """The mixture of a finished stage as one nn.Module (see `dvtrain.eval.load.load_mixture`)."""
+    from dvtrain.eval.load import load_mixture as load
+
+    return load(run_dir, stage, device)

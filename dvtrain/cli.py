@@ -173,7 +173,7 @@ def check_layers(cfg: Config, data) -> None:
 def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) -> list[str]:
     """The stages `dvtrain eval` will evaluate, each with a finished, whole checkpoint; refuses when there is
     none, so that no surrogate ensemble is trained for nothing."""
-    from dvtrain.eval.transfer import finished_stages
+    from dvtrain.eval.load import finished_stages
 
     for stage in requested or []:
         if stage not in cfg.stages:
@@ -287,7 +287,8 @@ def train_main(argv: list[str] | None = None) -> int:
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dvtrain eval",
-        description="The paper's whole evaluation of a run's saved stages: white-box table with APGD-CE, "
+        description="The whole evaluation of a run's saved stages: white-box table (AutoAttack, margin PGD, the "
+        "ensemble-adaptive attack, worst case per image, 95%% intervals) with gradient-masking checks, "
         "transferability matrix, black-box transfer from a surrogate ensemble, ε sweep, plots.",
     )
     parser.add_argument("run_dir")
@@ -308,10 +309,10 @@ def eval_main(argv: list[str] | None = None) -> int:
             raise DvtrainError("dvtrain eval loads every submodel in one process; run it with python, not a launcher")
         stages = evaluable_stages(run_dir, cfg, args.stage)
         check_results(run_dir)
-        device = resolve_device(cfg.device)
-        from dvtrain.eval.transfer import full_evaluation
+        from dvtrain.eval.evaluate import full_evaluation
+        from dvtrain.train.vanilla import train_plain_ensemble
 
-        full_evaluation(run_dir, cfg, stages, device, cfg.eval.transfer)
+        full_evaluation(run_dir, cfg, stages, resolve_device(cfg.device), cfg.eval.transfer, train_plain_ensemble)
         return 0
 
     return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")

@@ -259,9 +259,6 @@ class TransferConfig:
     # Reference white-box budgets.
     sweep_eps: list[float] = ranged(factory=lambda: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07], ge=0, le=1,
                                     nonempty=True, note=PIXELS)
-    # APGD-CE in the white-box table, at eval.eps (Croce & Hein 2020 / AutoAttack: 100 iterations).
-    apgd_steps: int = ranged(100, ge=1)
-    apgd_restarts: int = ranged(1, ge=1)
     # Black-box: a surrogate ensemble of plain classifiers with other seeds (reference: 3, 5 or 8),
     # trained like the vanilla stage; None epochs = vanilla.epochs.
     surrogate_size: int = ranged(3, ge=1)
@@ -274,6 +271,64 @@ class TransferConfig:
     di_prob: float = ranged(0.5, ge=0, le=1, note="a probability")
     # DI²-FGSM: resize-and-pad 299 px up to 330 (Xie et al., CVPR 2019)
     di_resize: float = ranged(330 / 299, ge=1, note="padded size / image size")
+
+
+# White-box attacks of the tables (dvtrain.eval.whitebox): "_margin" / "_dlr" use the CW margin / DLR loss
+# instead of cross-entropy; "autoattack" runs at each norm of eval.autoattack.norms.
+WhiteboxAttack = Literal["clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin", "pgd_l2_margin", "pgd_linf_dlr",
+                         "pgd_l2_dlr", "autoattack", "adaptive"]
+AutoAttackVersion = Literal["standard", "rand", "custom"]
+AutoAttackName = Literal["apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square"]  # pyautoattack's names
+AutoAttackNorm = Literal["Linf", "L2"]
+WHITEBOX_ATTACKS = typing.get_args(WhiteboxAttack)
+AUTOATTACK_VERSIONS = typing.get_args(AutoAttackVersion)
+AUTOATTACK_ATTACKS = typing.get_args(AutoAttackName)
+AUTOATTACK_NORMS = typing.get_args(AutoAttackNorm)
+
+
+@dataclass
+class AutoAttackConfig:
+    """AutoAttack (Croce & Hein, ICML 2020) from the `pyautoattack` package, at eval.eps (Linf) and
+    eval.l2_eps (L2). "standard" is RobustBench's version: APGD-CE, APGD-T, FAB-T, Square."""
+
+    version: AutoAttackVersion = "standard"
+    attacks: list[AutoAttackName] = field(default_factory=list)  # version "custom" only
+    norms: list[AutoAttackNorm] = ranged(factory=lambda: ["Linf", "L2"], nonempty=True)
+    # None keeps the library's budget (100 iterations, 5000 Square queries); a number caps it (quick runs).
+    iterations: Optional[int] = ranged(None, ge=1, note="null: the library's budget")
+    square_queries: Optional[int] = ranged(None, ge=1, note="null: the library's budget")
+    # 0: the table's images (eval.num_examples); N: its first N of them.
+    num_examples: int = ranged(0, ge=0, note="0: the table's images")
+
+
+@dataclass
+class AdaptiveConfig:
+    """The ensemble-adaptive attack on the mixture (MORA-style submodel reweighing, dvtrain.eval.adaptive)
+    at eval.eps, L∞."""
+
+    steps: int = ranged(50, ge=1)
+    step_fraction: float = ranged(0.1, gt=0, note="step size = step_fraction × eval.eps")
+    # Softmax temperature of the per-image submodel weights over their margins (logit units). Chosen on
+    # the digits quickstart (DVERGE mixture, 50 steps): T 10 gave 66.3 % vs CE-PGD 69.1 %; T ≤ 1
+    # (focusing hard on the submodel closest to flipping) was weaker than PGD (72–88 %).
+    temperature: float = ranged(10.0, gt=0, note="logit units")
+    # A submodel whose margin reaches this many logits counts as fooled enough: its term stops pulling
+    # (the confidence κ of Carlini & Wagner's objective), so the step turns to the submodels still resisting.
+    confidence: float = ranged(2.0, gt=0, note="logit units")
+    restarts: int = ranged(1, ge=1)
+
+
+@dataclass
+class MaskingChecksConfig:
+    """Gradient-masking checks printed under the `dvtrain eval` tables (Carlini et al. 2019, "On
+    evaluating adversarial robustness", §4 and §5: what a sound evaluation shows)."""
+
+    enabled: bool = True
+    # PGD-L∞ with eval.steps vs this many steps: more steps must not raise accuracy
+    long_steps: int = ranged(100, ge=1)
+    # L∞ budget that covers the whole pixel range: accuracy must reach 0 %
+    unbounded_eps: float = ranged(1.0, ge=0, le=1, note=PIXELS)
+    unbounded_step_size: float = ranged(0.1, gt=0, note="pixel units")
 
 
 @dataclass
@@ -291,7 +346,19 @@ class EvalConfig:
     # 0 evaluates the whole test set; N uses its first N images.
     num_examples: int = ranged(0, ge=0, note="0: the whole test set")
     batch_size: int = ranged(500, ge=1)
-    # `dvtrain eval`: transferability, black-box transfer, ε sweep, APGD (see docs/evaluation.md).
+    # The training run's table after each stage (keep it fast) and `dvtrain eval`'s table. Each table
+    # adds the worst case per image of what it ran.
+    attacks: list[WhiteboxAttack] = ranged(
+        factory=lambda: ["clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin"], nonempty=True)
+    full_attacks: list[WhiteboxAttack] = ranged(factory=lambda: [
+        "clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin", "pgd_l2_margin", "autoattack", "adaptive"],
+        nonempty=True)
+    # Randomised attacks (random starts) are repeated with this many seeds; rows give mean ± s.d.
+    seeds: int = ranged(1, ge=1)
+    autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    checks: MaskingChecksConfig = field(default_factory=MaskingChecksConfig)
+    # `dvtrain eval`: transferability, black-box transfer, ε sweep (see docs/evaluation.md).
     transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
@@ -582,3 +649,6 @@ def validate(cfg: Config) -> None:
                + f" another stage ({', '.join(STAGES)})")
     _check(cfg.eval.restarts == 1 or cfg.eval.random_start,
            f"eval.restarts={cfg.eval.restarts} needs eval.random_start=true: restarts from one start repeat one attack")
+    a = cfg.eval.autoattack
+    _check((a.version == "custom") == bool(a.attacks),
+           "eval.autoattack.attacks is for version=custom only, and version=custom needs a non-empty attacks list")

@@ -14,7 +14,7 @@ from dvtrain import cli
 from dvtrain.eval import compare
 from dvtrain.eval.compare import compare_main
 from dvtrain.tracking import read_offline_run
-from dvtrain.eval.transfer import result_metrics
+from dvtrain.eval.report import result_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2")
@@ -86,7 +86,7 @@ def test_stage_filter_and_the_evaluation_numbers_of_full_evaluation(tmp_path, ca
     run.mkdir()
     results = {
         "run": "gamma",
-        "eval": [{"stage": "dverge", "model": "mixture", "attack": "apgd_ce", "eps": 0.1, "accuracy": 50.0},
+        "eval": [{"stage": "dverge", "model": "mixture", "attack": "autoattack", "norm": "Linf", "eps": 0.1, "accuracy": 50.0},
                  {"stage": "vanilla", "model": "mixture", "attack": "clean", "eps": 0.0, "accuracy": 99.0}],
         "blackbox": {"dverge": {"attacks": ["mi_pgd", "m_di2_fgsm", "all"], "models": ["sub0", "mixture"],
                                 "accuracy": [[70.0, 60.0, 55.0], [80.0, 75.0, 72.5]]}},
@@ -96,7 +96,7 @@ def test_stage_filter_and_the_evaluation_numbers_of_full_evaluation(tmp_path, ca
     (run / "results.json").write_text(json.dumps(results))
     assert compare_main([str(run), "--stage", "dverge"]) == 0
     table = markdown_rows(capsys.readouterr().out)
-    assert table == {"gamma": {"dverge apgd_ce": "50.00", "dverge bb_mi_pgd": "80.00", "dverge bb_m_di2_fgsm": "75.00",
+    assert table == {"gamma": {"dverge autoattack_linf": "50.00", "dverge bb_mi_pgd": "80.00", "dverge bb_m_di2_fgsm": "75.00",
                                "dverge bb_all": "72.50", "dverge transfer_offdiag": "20.00"}}
 
 

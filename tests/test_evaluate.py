@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from dvtrain.eval.attacks import fgsm
 from dvtrain.config import EvalConfig
-from dvtrain.eval.whitebox import ATTACKS, _perturb, evaluate_stage, results_markdown, robust_accuracy
+from dvtrain.eval.report import format_eps, results_markdown
+from dvtrain.eval.whitebox import cells, evaluate_stage, robust_accuracy, robust_mask
 from dvtrain.mixture import Mixture, mixture_log_probs
 
 K = 4
@@ -87,7 +88,10 @@ def test_mixture_gradient_reaches_every_submodel():
 
 # ----------------------------------------------------------------------------- evaluation
 
-CFG = EvalConfig(eps=0.1, steps=3, step_size=0.04, l2_eps=0.5, l2_step_size=0.2, random_start=True, batch_size=32)
+ATTACKS = ["clean", "fgsm", "pgd_linf", "pgd_l2"]
+CFG = EvalConfig(eps=0.1, steps=3, step_size=0.04, l2_eps=0.5, l2_step_size=0.2, random_start=True, batch_size=32,
+                 attacks=ATTACKS)
+NORMS = {"clean": None, "fgsm": "Linf", "pgd_linf": "Linf", "pgd_l2": "L2"}
 
 
 def test_evaluate_stage_rows_and_determinism(trained):
@@ -96,15 +100,17 @@ def test_evaluate_stage_rows_and_determinism(trained):
     models[1].eval()
     rows = evaluate_stage("dverge", models, x, y, CFG, seed=0)
     assert models[0].training and not models[1].training  # modes handed back
-    assert len(rows) == (len(models) + 1) * len(ATTACKS)
-    assert [(r["model"], r["attack"]) for r in rows] == [(m, a) for m in ("sub0", "sub1", "mixture") for a in ATTACKS]
+    order = [*ATTACKS, "worst_case", "worst_case"]
+    assert [(r["model"], r["attack"]) for r in rows] == [(m, a) for m in ("sub0", "sub1", "mixture") for a in order]
     for row in rows:
-        assert set(row) == {"stage", "model", "attack", "eps", "accuracy"}
-        assert row["stage"] == "dverge"
+        assert set(row) >= {"stage", "model", "attack", "norm", "eps", "accuracy", "n", "ci_low", "ci_high"}
+        assert row["stage"] == "dverge" and row["n"] == len(y)
         assert isinstance(row["eps"], float) and isinstance(row["accuracy"], float)
-        assert 0.0 <= row["accuracy"] <= 100.0
-        assert row["eps"] == {"clean": 0.0, "fgsm": 0.1, "pgd_linf": 0.1, "pgd_l2": 0.5}[row["attack"]]
-    acc = {(r["model"], r["attack"]): r["accuracy"] for r in rows}
+        assert 0.0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 100.0
+        if row["attack"] != "worst_case":
+            assert row["norm"] == NORMS[row["attack"]]
+        assert row["eps"] == {None: 0.0, "Linf": 0.1, "L2": 0.5}[row["norm"]]
+    acc = {(r["model"], r["attack"]): r["accuracy"] for r in rows if r["attack"] != "worst_case"}
     with torch.no_grad():
         for i, model in enumerate(models):
             assert acc[(f"sub{i}", "clean")] == pytest.approx(float((model(x).argmax(1) == y).float().mean() * 100))
@@ -134,6 +140,8 @@ def test_robust_accuracy_does_not_depend_on_batching(trained):
         assert one == pytest.approx(float((model(adv).argmax(1) == y).float().mean() * 100))
     with pytest.raises(ValueError, match="unknown attack"):
         robust_accuracy(model, x, y, "cw", CFG, 32, torch.Generator())
+    with pytest.raises(ValueError, match="unknown attack loss"):
+        fgsm(model, x, y, CFG.eps, loss="hinge")
 
 
 @pytest.mark.parametrize("attack", ["pgd_linf", "pgd_l2"])
@@ -148,11 +156,10 @@ def test_restarts_count_an_image_robust_only_if_every_run_fails(attack):
 
     replay, survives, per_run = torch.Generator().manual_seed(5), torch.ones(len(y), dtype=torch.bool), []
     single = EvalConfig(**{**vars(weak), "restarts": 1})
+    single = EvalConfig(**{**vars(single), "batch_size": 40})
+    (cell,) = cells([attack], single)
     for _ in range(weak.restarts):
-        correct = torch.cat([
-            model(_perturb(model, x[s : s + 40], y[s : s + 40], attack, single, replay)).argmax(1) == y[s : s + 40]
-            for s in range(0, len(y), 40)
-        ])
+        correct = robust_mask(model, x, y, cell, single, replay)
         survives &= correct
         per_run.append(100.0 * int(correct.sum()) / len(y))
     assert got == pytest.approx(100.0 * int(survives.sum()) / len(y))
@@ -172,23 +179,25 @@ def test_results_markdown_renders_a_table_per_stage():
     rows = []
     for stage in ("vanilla", "dverge"):
         for model, base in (("sub0", 90.0), ("sub1", 80.5), ("mixture", 95.123)):
-            for k, attack in enumerate(ATTACKS):
-                eps = {"clean": 0.0, "fgsm": 0.03, "pgd_linf": 0.03, "pgd_l2": 8 / 255}[attack]
-                rows.append({"stage": stage, "model": model, "attack": attack, "eps": eps, "accuracy": base - 10 * k})
-    text = results_markdown(rows)
+            for k, attack in enumerate([*ATTACKS, "worst_case"]):
+                norm = NORMS.get(attack, "Linf")
+                eps = {None: 0.0, "Linf": 0.03, "L2": 8 / 255}[norm]
+                rows.append({"stage": stage, "model": model, "attack": attack, "norm": norm, "eps": eps,
+                             "accuracy": base - 10 * k, "n": 200, "ci_low": base - 10 * k - 1.25, "ci_high": base - 10 * k + 1})
+    text = results_markdown(rows, {"dverge": ["pass: a check"]})
     assert text.index("### vanilla") < text.index("### dverge")
-    header = "| Model | Clean (%) | FGSM ε=0.03 (%) | PGD L∞ ε=0.03 (%) | PGD L2 ε=8/255 (%) |"
+    header = ("| Model | Clean (%) | **Worst case** L∞ ε=0.03 (%) | FGSM L∞ ε=0.03 (%) | PGD L∞ ε=0.03 (%) "
+              "| PGD L2 ε=8/255 (%) |")
     assert text.count(header) == 2
+    assert text.count("n = 200 test images; accuracy (%) with its 95 % Wilson interval") == 2
     vanilla, dverge = text.split("### dverge")
-    assert "| Submodel 1 | 90.00 | 80.00 | 70.00 | 60.00 |" in vanilla
-    assert "| Submodel 2 | 80.50 | 70.50 | 60.50 | 50.50 |" in vanilla
-    assert "| Mixture (plain ensemble) | 95.12 | 85.12 | 75.12 | 65.12 |" in vanilla
-    assert "| Mixture | 95.12 |" in dverge and "plain ensemble" not in dverge
+    assert "| Submodel 1 | 90.00 [88.8, 91.0] | 50.00 [48.8, 51.0] | 80.00 [78.8, 81.0] | 70.00 [68.8, 71.0] | 60.00 [58.8, 61.0] |" in vanilla
+    assert "| Mixture (plain ensemble) | 95.12 [93.9, 96.1] |" in vanilla
+    assert "| Mixture | 95.12 [93.9, 96.1] |" in dverge and "plain ensemble" not in dverge
+    assert "- pass: a check" in dverge and "pass:" not in vanilla
     table = [line for line in vanilla.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 3 and all(line.count("|") == 6 for line in table)
+    assert len(table) == 2 + 3 and all(line.count("|") == 7 for line in table)
 
 
 def test_budgets_print_as_fractions_of_255_only_below_one():
-    from dvtrain.eval.whitebox import _format_eps
-
-    assert (_format_eps(8 / 255), _format_eps(0.03), _format_eps(1.0), _format_eps(2.0)) == ("8/255", "0.03", "1", "2")
+    assert (format_eps(8 / 255), format_eps(0.03), format_eps(1.0), format_eps(2.0)) == ("8/255", "0.03", "1", "2")

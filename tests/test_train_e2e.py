@@ -12,7 +12,7 @@ from dvtrain import cli
 from dvtrain.train.dverge import Dverge
 from dvtrain.config import load_config
 
-ATTACKS = {"clean", "fgsm", "pgd_linf", "pgd_l2"}
+ATTACKS = {"clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin"}  # the default eval.attacks
 
 
 def _digest(run_dir: Path) -> dict[str, str]:
@@ -35,14 +35,14 @@ def test_cli_writes_a_valid_run_and_protects_it(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     cfg = load_config(run_dir / "config.yaml")
     rows = results["eval"]
-    assert len(rows) == 3 * 4 * 4
+    assert len(rows) == 3 * 4 * (5 + 2)  # stages × models × (attacks + worst case L∞ and L2)
     for row in rows:
-        assert set(row) == {"stage", "model", "attack", "eps", "accuracy"}
-        assert row["stage"] in {"vanilla", "dverge", "dverge_advt"}
-        assert row["model"] in {"sub0", "sub1", "sub2", "mixture"} and row["attack"] in ATTACKS
-        assert 0.0 <= row["accuracy"] <= 100.0
-        expected_eps = {"clean": 0.0, "fgsm": cfg.eval.eps, "pgd_linf": cfg.eval.eps, "pgd_l2": cfg.eval.l2_eps}
-        assert row["eps"] == expected_eps[row["attack"]]
+        assert set(row) == {"stage", "model", "attack", "norm", "eps", "accuracy", "n", "ci_low", "ci_high"} | (
+            {"of"} if row["attack"] == "worst_case" else set())
+        assert row["stage"] in {"vanilla", "dverge", "dverge_advt"} and row["n"] == 64
+        assert row["model"] in {"sub0", "sub1", "sub2", "mixture"} and row["attack"] in ATTACKS | {"worst_case"}
+        assert 0.0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 100.0
+        assert row["eps"] == {None: 0.0, "Linf": cfg.eval.eps, "L2": cfg.eval.l2_eps}[row["norm"]]
     assert set(results["stages"]) == {"vanilla", "dverge", "dverge_advt"}
     assert (run_dir / "config.yaml").is_file() and "Mixture" in (run_dir / "results.md").read_text()
     for stage in ("vanilla", "dverge", "dverge_advt"):
@@ -131,12 +131,14 @@ def test_eval_command_reevaluates_saved_stages(tmp_path):
     run_dir = tmp_path / "e"
     assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]"]) == 0
     small = ["eval.transfer.num_images=40", "eval.transfer.steps=2", "eval.transfer.restarts=1",
-             "eval.transfer.apgd_steps=2", "eval.transfer.blackbox_steps=2", "eval.transfer.blackbox_restarts=1",
-             "eval.transfer.surrogate_size=2", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]"]
+             "eval.transfer.blackbox_steps=2", "eval.transfer.blackbox_restarts=1",
+             "eval.transfer.surrogate_size=2", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]",
+             "eval.autoattack.version=custom", "eval.autoattack.attacks=[apgd-ce]", "eval.autoattack.iterations=2",
+             "eval.adaptive.steps=2", "eval.checks.long_steps=3"]
     assert cli.main(["eval", str(run_dir), "eval.eps=0.1", *small]) == 0
     rows = json.loads((run_dir / "results.json").read_text())["eval"]
     assert {r["eps"] for r in rows if r["attack"] == "fgsm"} == {0.1}
-    assert {r["attack"] for r in rows} >= {"apgd_ce", "pgd_linf"}
+    assert {r["attack"] for r in rows} >= {"autoattack", "adaptive", "pgd_linf", "pgd_linf_margin", "worst_case"}
     results = json.loads((run_dir / "results.json").read_text())
     assert "vanilla" in results["transfer"] and (run_dir / "results.md").read_text().count("### vanilla") >= 1
     assert cli.main(["eval", str(run_dir), "dverge.eps=0.1"]) == 2

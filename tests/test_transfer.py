@@ -1,4 +1,4 @@
-"""Transferability matrix, APGD-CE, black-box transfer, ε sweep and the whole `full_evaluation`, on
+"""Transferability matrix, AutoAttack's APGD-CE, black-box transfer, ε sweep and the whole `full_evaluation`, on
 small conv nets trained for seconds on the digits data; FGSM/PGD cross-checked against an
 independent implementation on the same weights and data."""
 
@@ -14,39 +14,28 @@ from torch import Tensor, nn
 
 from conftest import TINY
 from dvtrain import cli
-from dvtrain.eval import transfer
-from dvtrain.eval.apgd import apgd_ce, checkpoints
+from dvtrain.eval import blackbox
 from dvtrain.eval.attacks import fgsm, pgd_linf
-from dvtrain.config import Config, ConfigError, DataConfig, EvalConfig, load_config
+from dvtrain.eval.autoattack import autoattack_robust
+from dvtrain.config import AutoAttackConfig, Config, ConfigError, DataConfig, EvalConfig, TransferConfig, check_section, load_config
+from dvtrain.errors import DvtrainError
+from dvtrain.eval.evaluate import full_evaluation
 from dvtrain.data import load_dataset
 from dvtrain.submodels import build_submodel
 from dvtrain.eval.whitebox import robust_accuracy
 from dvtrain.mixture import Mixture
 from dvtrain.rng import stream
-from dvtrain.eval.transfer import (
-    DiverseInputs,
-    TransferConfig,
-    blackbox_examples,
-    blackbox_table,
-    check_section,
-    correct_by_all,
-    epsilon_sweep,
-    full_evaluation,
-    mean_off_diagonal,
-    momentum_pgd,
-    shuffled_test_set,
-    transfer_matrix,
-)
+from dvtrain.eval.blackbox import DiverseInputs, blackbox_examples, blackbox_table, momentum_pgd
+from dvtrain.eval.transfer import correct_by_all, epsilon_sweep, mean_off_diagonal, shuffled_test_set, transfer_matrix
 
 EPS = 0.1  # digits are 8×8 and coarse: the quickstart's evaluation budget
 SEED = 0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SHORT_BUDGET, LONG_BUDGET = 5, 20  # APGD iterations = PGD steps
-SHORT_BUDGET_MARGIN = 3.0  # percentage points APGD must beat PGD by on the short budget (≈7 measured)
-TIE_TOLERANCE = 1.0  # percentage points (≈3 of 359 images) on the long budget
+APGD_ITERATIONS = 20  # per restart; PGD gets the same number of steps
+TIE_TOLERANCE = 1.0  # percentage points (≈3 of 359 images)
 CROSSCHECK_IMAGES = 200
 FAST = TransferConfig(num_images=150, batch_size=64, eps=EPS, steps=5, restarts=1, sweep_eps=[0.0, 0.05, EPS],
-                      apgd_steps=5, surrogate_epochs=1, blackbox_steps=3, blackbox_restarts=2)
+                      surrogate_epochs=1, blackbox_steps=3, blackbox_restarts=2)
 
 
 def train(model: nn.Module, x: Tensor, y: Tensor, seed: int, epochs: int = 3, batch: int = 64) -> nn.Module:
@@ -170,40 +159,18 @@ def test_fgsm_and_pgd_match_an_independent_implementation(ensemble):
 # ----------------------------------------------------------------------------- APGD
 
 
-def test_apgd_checkpoints_follow_the_paper():
-    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # Croce & Hein 2020, §3.2, N_iter = 100
-    assert checkpoints(1) == []
-
-
-def test_apgd_is_at_least_as_strong_as_pgd_on_the_same_budget(ensemble):
-    """Same ε, same number of gradient steps; PGD with the quickstart's tuned step ε/4. On a short
-    budget APGD's adaptive step wins clearly; on a longer one the two tie within a few images (as
-    torchattacks' port of the authors' APGD does on these nets), so APGD must not fall behind."""
+def test_autoattack_apgd_ce_is_at_least_as_strong_as_pgd_and_leaves_the_model_alone(ensemble):
+    """dvtrain's own APGD-CE was dropped for the library's: on the same ε and iterations per restart
+    (PGD with the quickstart's tuned step ε/4), the library's APGD-CE must not fall behind PGD."""
     models, data = ensemble
     x, y = data.x_test, data.y_test
+    apgd = AutoAttackConfig(version="custom", attacks=["apgd-ce"], iterations=APGD_ITERATIONS)
     for model in (models[1], Mixture(models)):
-        results = {}
-        for steps in (SHORT_BUDGET, LONG_BUDGET):
-            pgd = pgd_linf(model, x, y, EPS, EPS / 4, steps, True, stream(SEED, "pgd"))
-            apgd = apgd_ce(model, x, y, EPS, steps, generator=stream(SEED, "apgd"))
-            assert (apgd - x).abs().max() <= EPS + 1e-6 and apgd.min() >= 0.0 and apgd.max() <= 1.0
-            results[steps] = accuracy(model, apgd, y), accuracy(model, pgd, y)
-        apgd_short, pgd_short = results[SHORT_BUDGET]
-        apgd_long, pgd_long = results[LONG_BUDGET]
-        assert apgd_short <= pgd_short - SHORT_BUDGET_MARGIN
-        assert apgd_long <= pgd_long + TIE_TOLERANCE
-        assert apgd_long <= apgd_short  # more steps never make APGD weaker here
-
-
-def test_apgd_leaves_the_model_alone_and_restarts_never_hurt(ensemble):
-    models, data = ensemble
-    model, x, y = models[2], data.x_test[:100], data.y_test[:100]
-    before = [p.detach().clone() for p in model.parameters()]
-    one = apgd_ce(model, x, y, EPS, 5, restarts=1, generator=stream(SEED, "r"))
-    three = apgd_ce(model, x, y, EPS, 5, restarts=3, generator=stream(SEED, "r"))
-    assert accuracy(model, three, y) <= accuracy(model, one, y)
-    assert all(torch.equal(a, p) and p.grad is None for a, p in zip(before, model.parameters()))
-    assert not model.training
+        before = [p.detach().clone() for p in model.parameters()]
+        robust = autoattack_robust(model, x, y, "Linf", EPS, apgd, SEED, 500)
+        pgd = pgd_linf(model, x, y, EPS, EPS / 4, APGD_ITERATIONS, True, stream(SEED, "pgd"))
+        assert float(robust.double().mean() * 100) <= accuracy(model, pgd, y) + TIE_TOLERANCE
+        assert all(torch.equal(a, p) and p.grad is None for a, p in zip(before, model.parameters()))
 
 
 # ----------------------------------------------------------------------------- black box and ε sweep
@@ -276,36 +243,47 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
     assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla,dverge]"]) == 0
     cfg = load_config(run_dir / "config.yaml")
     cfg_small = TransferConfig(**{**vars(FAST), "num_images": 40, "sweep_eps": [0.0, EPS]})
-    results = full_evaluation(run_dir, cfg, None, torch.device("cpu"), cfg_small)
+    cfg.eval.full_attacks = ["clean", "pgd_linf", "pgd_linf_margin", "autoattack", "adaptive"]
+    cfg.eval.autoattack = AutoAttackConfig(version="custom", attacks=["apgd-ce"], norms=["Linf"], iterations=3)
+    cfg.eval.adaptive.steps, cfg.eval.checks.long_steps = 3, 6
+    results = full_evaluation(run_dir, cfg, None, torch.device("cpu"), cfg_small, cli.train_surrogates)
 
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["transfer"] == results["transfer"] and set(saved["transfer"]) == {"vanilla", "dverge"}
     for stage in ("vanilla", "dverge"):
-        rows = {(r["model"], r["attack"]) for r in saved["eval"] if r["stage"] == stage}
-        assert rows == {(m, a) for m in ("sub0", "sub1", "sub2", "mixture") for a in transfer.WHITEBOX_ATTACKS}
+        rows = {(r["model"], r["attack"], r["norm"]) for r in saved["eval"] if r["stage"] == stage}
+        per_model = {("clean", None), ("pgd_linf", "Linf"), ("pgd_linf_margin", "Linf"), ("autoattack", "Linf"),
+                     ("worst_case", "Linf")}
+        assert rows == {(m, a, n) for m in ("sub0", "sub1", "sub2", "mixture") for a, n in per_model} | {
+            ("mixture", "adaptive", "Linf")}
+        checks = saved["checks"][stage]  # unbounded ε, more steps, white vs black box; AutoAttack ≤ PGD per model
+        assert len(checks) == 3 + 4 and all(line.startswith(("pass: ", "warn: ")) for line in checks)
         assert saved["blackbox"][stage]["models"] == ["sub0", "sub1", "sub2", "mixture"]
         assert saved["eps_sweep"][stage]["eps"] == [0.0, EPS]
     assert saved["stages"]["dverge"]["epochs"] == 1  # the training record is kept
     md = (run_dir / "results.md").read_text()
-    for section in ("### dverge", "APGD-CE", "## Transferability: dverge", "## Black-box transfer", "## Accuracy vs ε: vanilla"):
+    for section in ("### dverge", "AutoAttack L∞", "Adaptive L∞", "**Worst case** L∞", "- pass: ",
+                    "## Transferability: dverge", "## Black-box transfer", "## Accuracy vs ε: vanilla"):
         assert section in md
     links = [line[line.index("(") + 1 : -1] for line in md.splitlines() if line.startswith("![")]
     assert len(links) == 4 and all(is_png(run_dir / link) for link in links)
     assert all(link.startswith("plots/") for link in links)
 
     # The surrogates are cached: the same settings load them, other settings train new ones.
-    monkeypatch.setattr(transfer, "train_surrogates", lambda *a: pytest.fail("surrogates were trained again"))
+    def again(*args):
+        pytest.fail("surrogates were trained again")
+
     data = load_dataset(cfg.data)
-    cached = transfer.load_or_train_surrogates(run_dir, cfg, cfg_small, data, torch.device("cpu"))
+    cached = blackbox.load_or_train_surrogates(run_dir, cfg, cfg_small, data, torch.device("cpu"), again)
     assert len(cached) == cfg_small.surrogate_size and not cached[0].training
     with pytest.raises(pytest.fail.Exception, match="trained again"):
-        transfer.load_or_train_surrogates(run_dir, cfg, TransferConfig(**{**vars(cfg_small), "surrogate_epochs": 2}),
-                                          data, torch.device("cpu"))
+        blackbox.load_or_train_surrogates(run_dir, cfg, TransferConfig(**{**vars(cfg_small), "surrogate_epochs": 2}),
+                                          data, torch.device("cpu"), again)
 
 
 def test_full_evaluation_refuses_an_unfinished_stage(tmp_path):
     run_dir = tmp_path / "run"
     assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]"]) == 0
     cfg = load_config(run_dir / "config.yaml")
-    with pytest.raises(transfer.DvtrainError, match="stage dverge has no finished checkpoint"):
-        full_evaluation(run_dir, cfg, ["dverge"], torch.device("cpu"), FAST)
+    with pytest.raises(DvtrainError, match="stage dverge has no finished checkpoint"):
+        full_evaluation(run_dir, cfg, ["dverge"], torch.device("cpu"), FAST, cli.train_surrogates)

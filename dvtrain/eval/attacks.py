@@ -1,4 +1,11 @@
-"""White-box attacks that maximise the cross-entropy of a model on images in [0, 1].
+"""White-box attacks (FGSM, PGD-L∞, PGD-L2) that maximise a loss of a model on images in [0, 1].
+
+The loss is selectable per attack (`LOSSES`): cross-entropy ("ce"), the CW margin ("cw", Carlini &
+Wagner, S&P 2017, objective f6 without its confidence clamp: max_{j≠y} z_j − z_y) or the
+difference-of-logits ratio ("dlr", Croce & Hein, ICML 2020, eq. 5). Cross-entropy is blind to
+saturated logits: when a model's softmax is one-hot in float32, its gradient underflows to zero and
+sign-PGD stands still, while the margin losses' gradients are as large as the logits'. DLR is also
+invariant to the scale of the logits.
 
 Used both to score models (`dvtrain.eval.whitebox`) and inside training (DVERGE+AdvT), so each is batched
 with no per-sample Python loop. The model is called as `model(x)` and may return logits or
@@ -18,15 +25,45 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _input_grad(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
-    """Gradient of the mean cross-entropy with respect to x alone (works under a caller's no_grad)."""
+LOSSES = ("ce", "cw", "dlr")
+DLR_DENOMINATOR_FLOOR = 1e-12  # Croce & Hein 2020: keeps DLR finite when the top logits tie
+
+
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """CW margin per image [N] of logits [N, K]: the best other class's logit minus the true class's.
+    Positive exactly where the image is misclassified."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return others.max(dim=1).values - true
+
+
+def dlr(logits: Tensor, y: Tensor) -> Tensor:
+    """Difference-of-logits ratio per image [N]: margin / (z_π1 − z_π3), z sorted in decreasing order
+    (Croce & Hein, ICML 2020, eq. 5, sign flipped so that larger is better for the attacker)."""
+    top = logits.sort(dim=1, descending=True).values
+    return margin(logits, y) / (top[:, 0] - top[:, 2] + DLR_DENOMINATOR_FLOOR)
+
+
+def attack_loss(logits: Tensor, y: Tensor, loss: str) -> Tensor:
+    """Mean over the batch of the named loss (one of `LOSSES`); raises ValueError for another name."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y)
+    if loss == "cw":
+        return margin(logits, y).mean()
+    if loss == "dlr":
+        return dlr(logits, y).mean()
+    raise ValueError(f"unknown attack loss {loss!r}; choose from {', '.join(LOSSES)}")
+
+
+def input_grad(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, loss: str = "ce") -> Tensor:
+    """Gradient of the mean `loss` with respect to x alone (works under a caller's no_grad)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+        (grad,) = torch.autograd.grad(attack_loss(model(x), y, loss), x)
     return grad
 
 
-def _noise(
+def noise(
     sample: Callable[..., Tensor], shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None
 ) -> Tensor:
     """Noise on `like`'s device and dtype, reproducible from `generator` wherever that lives."""
@@ -34,12 +71,12 @@ def _noise(
     return sample(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+def per_sample(values: Tensor, like: Tensor) -> Tensor:
     """Broadcast one value per sample [N] over the image dimensions of `like`."""
     return values.view(-1, *[1] * (like.ndim - 1))
 
 
-def _l2_norms(t: Tensor) -> Tensor:
+def l2_norms(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1)
 
 
@@ -55,13 +92,13 @@ def project_l2(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     """
     delta = x_adv - x
     tiny = torch.finfo(delta.dtype).tiny
-    scale = (eps / _l2_norms(delta).clamp_min(tiny)).clamp(max=1.0)
-    return (x + delta * _per_sample(scale, delta)).clamp(0.0, 1.0)
+    scale = (eps / l2_norms(delta).clamp_min(tiny)).clamp(max=1.0)
+    return (x + delta * per_sample(scale, delta)).clamp(0.0, 1.0)
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, loss: str = "ce") -> Tensor:
     """One signed-gradient step of size eps (Goodfellow et al., 2015)."""
-    return (x + eps * _input_grad(model, x, y).sign()).clamp(0.0, 1.0).detach()
+    return (x + eps * input_grad(model, x, y, loss).sign()).clamp(0.0, 1.0).detach()
 
 
 def pgd_linf(
@@ -73,25 +110,27 @@ def pgd_linf(
     steps: int,
     random_start: bool,
     generator: torch.Generator | None = None,
+    loss: str = "ce",
 ) -> Tensor:
-    """PGD in the L∞ ball (Madry et al., 2018): signed steps, each followed by projection."""
+    """PGD in the L∞ ball (Madry et al., 2018): signed steps of `loss`'s gradient, each followed by projection."""
     x = x.detach()
     start = linf_random_start(x, eps, generator) if random_start else x.clone()
-    return pgd_linf_from(model, x, y, start, eps, step_size, steps)
+    return pgd_linf_from(model, x, y, start, eps, step_size, steps, loss)
 
 
 def linf_random_start(x: Tensor, eps: float, generator: torch.Generator | None) -> Tensor:
     """A uniformly random point of the L∞ ε-ball around x, clamped to [0, 1]."""
-    return (x + (2 * _noise(torch.rand, x.shape, x, generator) - 1) * eps).clamp(0.0, 1.0)
+    return (x + (2 * noise(torch.rand, x.shape, x, generator) - 1) * eps).clamp(0.0, 1.0)
 
 
 def pgd_linf_from(
-    model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, start: Tensor, eps: float, step_size: float, steps: int
+    model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, start: Tensor, eps: float, step_size: float, steps: int,
+    loss: str = "ce",
 ) -> Tensor:
     """The steps of `pgd_linf` from a given start inside the ε-ball of x."""
     x_adv = start
     for _ in range(steps):
-        x_adv = project_linf(x_adv + step_size * _input_grad(model, x_adv, y).sign(), x, eps)
+        x_adv = project_linf(x_adv + step_size * input_grad(model, x_adv, y, loss).sign(), x, eps)
     return x_adv.detach()
 
 
@@ -104,6 +143,7 @@ def pgd_l2(
     steps: int,
     random_start: bool,
     generator: torch.Generator | None = None,
+    loss: str = "ce",
 ) -> Tensor:
     """PGD in the L2 ball: steps along each sample's unit-L2 gradient, each followed by projection.
 
@@ -113,12 +153,12 @@ def pgd_l2(
     x_adv = x.clone()
     tiny = torch.finfo(x.dtype).tiny
     if random_start:
-        direction = _noise(torch.randn, x.shape, x, generator)
-        direction = direction / _per_sample(_l2_norms(direction).clamp_min(tiny), x)
-        radius = _noise(torch.rand, (len(x),), x, generator) * eps
-        x_adv = (x + direction * _per_sample(radius, x)).clamp(0.0, 1.0)
+        direction = noise(torch.randn, x.shape, x, generator)
+        direction = direction / per_sample(l2_norms(direction).clamp_min(tiny), x)
+        radius = noise(torch.rand, (len(x),), x, generator) * eps
+        x_adv = (x + direction * per_sample(radius, x)).clamp(0.0, 1.0)
     for _ in range(steps):
-        grad = _input_grad(model, x_adv, y)
-        unit = grad / _per_sample(_l2_norms(grad).clamp_min(tiny), grad)
+        grad = input_grad(model, x_adv, y, loss)
+        unit = grad / per_sample(l2_norms(grad).clamp_min(tiny), grad)
         x_adv = project_l2(x_adv + step_size * unit, x, eps)
     return x_adv.detach()

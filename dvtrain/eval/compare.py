@@ -3,7 +3,7 @@
 Each argument is a run directory (its results.json), a local offline W&B run (an offline-run-*
 directory or its .wandb file, read back with wandb's own `wandb leet inspect`), or an online W&B run
 path entity/project/run_id (through `wandb.Api`). Every source becomes the same flat map
-(stage, model, metric) → number: results.json through `dvtrain.eval.transfer.result_metrics`, W&B runs
+(stage, model, metric) → number: results.json through `dvtrain.eval.report.result_metrics`, W&B runs
 through their summary keys, which dvtrain writes as eval/<model>/<attack> in a stage's training run
 (the stage is the run's job type, or its name's suffix) and as eval/<stage>/<model>/<metric> in the
 run of `dvtrain eval`. Rows are runs; columns are (stage, metric) of the mixture, or of every model
@@ -25,15 +25,13 @@ from pathlib import Path
 
 from dvtrain.config import STAGES, LoggingConfig, WANDB_MODES
 from dvtrain.errors import DvtrainError
+from dvtrain.eval.report import METRIC_ORDER, RESULTS_JSON, result_metrics
 from dvtrain.paths import read_json_object
-from dvtrain.eval.transfer import BLACKBOX_PREFIX, TRANSFER_OFFDIAG, WHITEBOX_ATTACKS, result_metrics
 
-RESULTS_JSON = "results.json"  # as dvtrain.train.loop writes it
 EXIT_USER_ERROR = 2  # as dvtrain.cli
 ONLINE_RUN = re.compile(r"^[^/\s]+/[^/\s]+/[^/\s]+$")
 WANDB_READ_TIMEOUT_S = 120
 MIXTURE = "mixture"
-METRIC_ORDER = (*WHITEBOX_ATTACKS, *(BLACKBOX_PREFIX + a for a in ("mi_pgd", "m_di2_fgsm", "all")), TRANSFER_OFFDIAG)
 LEGEND = (
     "Accuracy (%) of the mixture (with --submodels, of each model) per stage and attack; bb_*: black-box transfer "
     "from a surrogate ensemble; transfer_offdiag: mean success (%) of one submodel's PGD examples on the others "

@@ -1,130 +1,242 @@
-"""The robustness table: every submodel and the whole ensemble under every white-box attack.
+"""The robustness table: every submodel and the mixture under every configured white-box attack,
+with the worst case per image as the headline and a 95 % Wilson interval on every accuracy.
 
 The ensemble is scored as the `Mixture` of its submodels and attacked end to end, so the adversary
-sees the same averaged prediction that is being scored. Each (model, attack) cell draws its random
-start from its own generator derived from the run seed, so a cell does not depend on which other cells
+sees the same averaged prediction that is being scored; the adaptive attack (`dvtrain.eval.adaptive`)
+attacks the mixture through its submodels. Each (model, attack, seed) cell draws its random numbers
+from its own generator derived from the run seed, so a cell does not depend on which other cells
 were computed, and re-running an evaluation reproduces it exactly.
+
+Rows (what results.json stores): {stage, model, attack, norm, eps, accuracy (%), n, ci_low, ci_high}
+(+ sd and seed_accuracies when eval.seeds > 1). `attack: "worst_case"` rows give, per model and
+threat model (norm, ε), the share of images that survive every attack of that norm that was run,
+under every seed, and are classified correctly when clean.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from dvtrain.eval.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.config import EvalConfig
-from dvtrain.mixture import Mixture
 from dvtrain.distributed.placement import LocalPlacement, Placement
-from dvtrain.rng import stream
+from dvtrain.errors import DvtrainError
+from dvtrain.eval.adaptive import adaptive_linf
+from dvtrain.eval.attacks import fgsm, pgd_l2, pgd_linf
+from dvtrain.eval.autoattack import autoattack_robust
+from dvtrain.eval.stats import PERCENT, accuracy_fields, wilson_interval
+from dvtrain.mixture import Mixture
+from dvtrain.rng import derive_seed, stream
 
-ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2")
-RESTARTED = ("pgd_linf", "pgd_l2")  # the attacks with random starts
-_HEADERS = {"clean": "Clean", "fgsm": "FGSM", "pgd_linf": "PGD L∞", "pgd_l2": "PGD L2"}
+WORST_CASE = "worst_case"
+LINF, L2 = "Linf", "L2"
+MIXTURE = "mixture"
+# PGD variants: attack name → (norm, loss).
+PGD = {"pgd_linf": (LINF, "ce"), "pgd_l2": (L2, "ce"), "pgd_linf_margin": (LINF, "cw"), "pgd_l2_margin": (L2, "cw"),
+       "pgd_linf_dlr": (LINF, "dlr"), "pgd_l2_dlr": (L2, "dlr")}
+MIXTURE_ONLY = ("adaptive",)  # attacks that exist only for an ensemble
 
 
-def attack_eps(attack: str, eval_cfg: EvalConfig) -> float:
-    """The budget an attack runs with (0 for clean images)."""
-    return {"clean": 0.0, "fgsm": eval_cfg.eps, "pgd_linf": eval_cfg.eps, "pgd_l2": eval_cfg.l2_eps}[attack]
+class NonFiniteOutput(DvtrainError):
+    pass
 
 
-def _perturb(model: nn.Module, x: Tensor, y: Tensor, attack: str, cfg: EvalConfig, generator: torch.Generator) -> Tensor:
-    if attack == "clean":
+@dataclass(frozen=True)
+class Cell:
+    """One column of the table: an attack at a threat model (norm None for clean images)."""
+
+    attack: str
+    norm: str | None
+    eps: float
+
+
+def cells(attacks: list[str], cfg: EvalConfig) -> list[Cell]:
+    """The table's columns for `attacks` (autoattack once per eval.autoattack.norms), in the given order."""
+    eps = {LINF: cfg.eps, L2: cfg.l2_eps}
+    out = []
+    for attack in attacks:
+        if attack == "clean":
+            out.append(Cell(attack, None, 0.0))
+        elif attack in ("fgsm", "adaptive"):
+            out.append(Cell(attack, LINF, cfg.eps))
+        elif attack in PGD:
+            out.append(Cell(attack, PGD[attack][0], eps[PGD[attack][0]]))
+        elif attack == "autoattack":
+            out += [Cell(attack, norm, eps[norm]) for norm in cfg.autoattack.norms]
+        else:
+            raise ValueError(f"unknown attack {attack!r}")
+    return out
+
+
+def randomised(cell: Cell, cfg: EvalConfig) -> bool:
+    """Whether the attack draws random numbers (and is therefore repeated over eval.seeds)."""
+    return cell.attack == "autoattack" or cell.attack == "adaptive" or (cell.attack in PGD and cfg.random_start)
+
+
+def _perturb(model: nn.Module, x: Tensor, y: Tensor, cell: Cell, cfg: EvalConfig, generator: torch.Generator) -> Tensor:
+    if cell.attack == "clean":
         return x
-    if attack == "fgsm":
+    if cell.attack == "fgsm":
         return fgsm(model, x, y, cfg.eps)
-    if attack == "pgd_linf":
-        return pgd_linf(model, x, y, cfg.eps, cfg.step_size, cfg.steps, cfg.random_start, generator)
-    if attack == "pgd_l2":
-        return pgd_l2(model, x, y, cfg.l2_eps, cfg.l2_step_size, cfg.steps, cfg.random_start, generator)
-    raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+    norm, loss = PGD[cell.attack]
+    if norm == LINF:
+        return pgd_linf(model, x, y, cfg.eps, cfg.step_size, cfg.steps, cfg.random_start, generator, loss)
+    return pgd_l2(model, x, y, cfg.l2_eps, cfg.l2_step_size, cfg.steps, cfg.random_start, generator, loss)
+
+
+def check_finite(model: nn.Module, x: Tensor, name: str) -> None:
+    """Raise NonFiniteOutput (naming `name`) if the model returns NaN or ±inf on x [N, C, H, W]."""
+    with torch.no_grad():
+        out = model(x)
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteOutput(
+            f"{name} returns non-finite outputs (NaN or ±inf) on clean test images: its robustness cannot be measured; "
+            "check the checkpoint (retrain or resume the stage from an earlier one)"
+        )
+
+
+def robust_mask(
+    model: nn.Module, x: Tensor, y: Tensor, cell: Cell, cfg: EvalConfig, generator: torch.Generator,
+    submodels: list[nn.Module] | None = None, placement: Placement | None = None, aa_seed: int = 0,
+) -> Tensor:
+    """Per image [N] (bool): classified correctly on the attacked copy, in batches of eval.batch_size.
+
+    PGD runs eval.restarts times, each from the generator's next random starts; an image counts as
+    robust only if it withstands every run, as the reference evaluation counts restarts. "adaptive"
+    needs the mixture's `submodels` and `placement`; "autoattack" runs the library in this process.
+    """
+    if cell.attack == "autoattack":
+        keep = len(y) if cfg.autoattack.num_examples == 0 else cfg.autoattack.num_examples
+        return autoattack_robust(model, x[:keep], y[:keep], cell.norm, cell.eps, cfg.autoattack, aa_seed, cfg.batch_size)
+    runs = cfg.restarts if cell.attack in PGD else 1
+    correct = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    for _ in range(runs):
+        for start in range(0, len(y), cfg.batch_size):
+            xb, yb = x[start : start + cfg.batch_size], y[start : start + cfg.batch_size]
+            if cell.attack == "adaptive":
+                x_adv = adaptive_linf(submodels, xb, yb, cfg.eps, cfg.adaptive, generator, placement)
+            else:
+                x_adv = _perturb(model, xb, yb, cell, cfg, generator)
+            with torch.no_grad():
+                correct[start : start + cfg.batch_size] &= model(x_adv).argmax(dim=1) == yb
+    return correct
 
 
 def robust_accuracy(
     model: nn.Module, x: Tensor, y: Tensor, attack: str, eval_cfg: EvalConfig, batch_size: int, generator: torch.Generator
 ) -> float:
-    """Accuracy in percent on attacked copies of x, in batches so large test sets fit in memory.
+    """Accuracy in percent under one single-norm attack (clean, fgsm or a PGD variant) in batches of `batch_size`."""
+    cfg = dataclasses.replace(eval_cfg, batch_size=batch_size)
+    (cell,) = cells([attack], cfg)
+    return PERCENT * float(robust_mask(model, x, y, cell, cfg, generator).double().mean())
 
-    The PGD attacks run `eval_cfg.restarts` times, each from the generator's next random starts; an
-    image counts as robust only if it withstands every run, as the reference evaluation counts restarts.
-    """
-    runs = eval_cfg.restarts if attack in RESTARTED else 1
-    correct = torch.ones(len(y), dtype=torch.bool, device=y.device)
-    for _ in range(runs):
-        for start in range(0, len(y), batch_size):
-            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            x_adv = _perturb(model, xb, yb, attack, eval_cfg, generator)
-            with torch.no_grad():
-                correct[start : start + batch_size] &= model(x_adv).argmax(dim=1) == yb
-    return 100.0 * int(correct.sum()) / len(y)
+
+def _model_masks(
+    name: str, model: nn.Module, x: Tensor, y: Tensor, columns: list[Cell], cfg: EvalConfig, seed: int,
+    submodels: list[nn.Module] | None = None, placement: Placement | None = None,
+) -> dict[Cell, list[Tensor]]:
+    """Per cell, one robustness mask per seed (one for deterministic attacks)."""
+    out = {}
+    for cell in columns:
+        repeats = cfg.seeds if randomised(cell, cfg) else 1
+        out[cell] = [
+            robust_mask(model, x, y, cell, cfg, _generator(seed, name, cell, s), submodels, placement,
+                        derive_seed(seed, "autoattack", name, cell.norm, s))
+            for s in range(repeats)
+        ]
+    return out
+
+
+def _generator(seed: int, name: str, cell: Cell, s: int) -> torch.Generator:
+    # Seed 0 keeps the stream every earlier dvtrain release drew from, so old tables reproduce.
+    return stream(seed, "eval", name, cell.attack) if s == 0 else stream(seed, "eval", name, cell.attack, "seed", s)
+
+
+def worst_case(masks: dict[Cell, list[Tensor]]) -> dict[str, Tensor]:
+    """Per norm, images correct when clean and under every attack of that norm and every seed."""
+    clean = [m for c, ms in masks.items() if c.attack == "clean" for m in ms]
+    out = {}
+    for norm in dict.fromkeys(c.norm for c in masks if c.norm is not None):
+        survived = torch.stack(clean + [m for c, ms in masks.items() if c.norm == norm for m in ms]).all(dim=0)
+        out[norm] = survived
+    return out
+
+
+def _values(masks: dict[Cell, list[Tensor]], columns: list[Cell], n_seeds: int) -> Tensor:
+    """Correct-image counts as one flat float64 vector: every (cell, seed) slot, then the worst cases;
+    a deterministic cell repeats its one count so that every model's vector has the same length."""
+    counts = [float(ms[min(s, len(ms) - 1)].sum()) for c in columns for ms in [masks[c]] for s in range(n_seeds)]
+    worst = worst_case(masks)
+    return torch.tensor(counts + [float(worst[norm].sum()) for norm in worst], dtype=torch.float64)
+
+
+def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: EvalConfig, n: dict[Cell, int]) -> list[dict]:
+    rows = []
+    for k, cell in enumerate(columns):
+        per_seed = values[k * cfg.seeds : (k + 1) * cfg.seeds]
+        if not randomised(cell, cfg):
+            per_seed = per_seed[:1]
+        accs = [PERCENT * v / n[cell] for v in per_seed]
+        rows.append({"stage": stage, "model": name, "attack": cell.attack, "norm": cell.norm, "eps": float(cell.eps)}
+                    | accuracy_fields(accs, n[cell]))
+    eps = {c.norm: c.eps for c in columns}
+    norms = list(dict.fromkeys(c.norm for c in columns if c.norm is not None))
+    n_all = min(n.values())  # the worst case covers the images every attack saw
+    for norm, count in zip(norms, values[len(columns) * cfg.seeds :]):
+        low, high = wilson_interval(count, n_all)
+        rows.append({"stage": stage, "model": name, "attack": WORST_CASE, "norm": norm, "eps": float(eps[norm]),
+                     "accuracy": PERCENT * count / n_all, "n": n_all, "ci_low": low, "ci_high": high,
+                     "of": [c.attack for c in columns if c.norm == norm]})
+    return rows
+
+
+def _trimmed(masks: dict[Cell, list[Tensor]]) -> dict[Cell, list[Tensor]]:
+    """Every mask cut to the shortest one's images (AutoAttack may run on fewer), for the worst case."""
+    n = min(m.numel() for ms in masks.values() for m in ms)
+    return {c: [m[:n] for m in ms] for c, ms in masks.items()}
 
 
 def evaluate_stage(
     stage: str, submodels: list[nn.Module], x: Tensor, y: Tensor, eval_cfg: EvalConfig, seed: int,
-    placement: Placement | None = None,
+    placement: Placement | None = None, attacks: list[str] | None = None,
 ) -> list[dict]:
-    """Rows {stage, model, attack, eps, accuracy} for each submodel and the mixture under each attack.
+    """Rows for each submodel and the mixture under each attack (default eval.attacks), then worst-case rows.
 
     `submodels` are the ones `placement` says this process owns (all of them by default): each
     process scores its own, and all take part in attacking the mixture. Every process returns every
     row. Models are scored in eval mode (BatchNorm running statistics, as at test time) and handed
-    back in the mode they came in.
+    back in the mode they came in. Raises NonFiniteOutput for a model with NaN/inf outputs, and
+    DvtrainError for AutoAttack with submodels spread over several processes.
     """
     placement = placement if placement is not None else LocalPlacement(len(submodels))
+    attacks = list(eval_cfg.attacks if attacks is None else attacks)
+    if "autoattack" in attacks and len(placement.owned) != placement.size:
+        raise DvtrainError("AutoAttack runs in one process holding every submodel; drop autoattack from eval.attacks "
+                           "for a multi-process training run and use `dvtrain eval RUN_DIR` afterwards")
     if eval_cfg.num_examples > 0:
         x, y = x[: eval_cfg.num_examples], y[: eval_cfg.num_examples]
+    columns = cells([a for a in attacks if a not in MIXTURE_ONLY], eval_cfg)
+    mixture_columns = cells(attacks, eval_cfg)
     was_training = [model.training for model in submodels]
-
-    def score(name: str, model: nn.Module, attack: str) -> float:
-        return robust_accuracy(model, x, y, attack, eval_cfg, eval_cfg.batch_size, stream(seed, "eval", name, attack))
-
     try:
         for model in submodels:
             model.eval()
-        owned = torch.tensor(
-            [[score(f"sub{i}", model, attack) for attack in ATTACKS] for i, model in zip(placement.owned, submodels)],
-            dtype=torch.float64,
-            device=x.device,
-        )
-        table = {f"sub{i}": accs.tolist() for i, accs in enumerate(placement.all_gather(owned))}
+        for i, model in zip(placement.owned, submodels):
+            check_finite(model, x[: eval_cfg.batch_size], f"submodel {i + 1} of stage {stage}")
+        owned = [_trimmed(_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed))
+                 for i, model in zip(placement.owned, submodels)]
+        n = {c: (len(y) if c.attack != "autoattack" or eval_cfg.autoattack.num_examples == 0
+                 else min(len(y), eval_cfg.autoattack.num_examples)) for c in mixture_columns}
+        local = torch.stack([_values(m, columns, eval_cfg.seeds) for m in owned]).to(x.device)
+        table = {f"sub{i}": v.tolist() for i, v in enumerate(placement.all_gather(local))}
         mixture = Mixture(submodels, placement)
-        table["mixture"] = [score("mixture", mixture, attack) for attack in ATTACKS]
+        masks = _trimmed(_model_masks(MIXTURE, mixture, x, y, mixture_columns, eval_cfg, seed, submodels, placement))
+        mixture_values = _values(masks, mixture_columns, eval_cfg.seeds).tolist()
     finally:
         for model, mode in zip(submodels, was_training):
             model.train(mode)
-    return [
-        {"stage": stage, "model": name, "attack": attack, "eps": float(attack_eps(attack, eval_cfg)), "accuracy": acc}
-        for name, accs in table.items()
-        for attack, acc in zip(ATTACKS, accs)
-    ]
-
-
-def _model_label(stage: str, model: str) -> str:
-    if model == "mixture":
-        return "Mixture (plain ensemble)" if stage == "vanilla" else "Mixture"
-    return f"Submodel {int(model.removeprefix('sub')) + 1}"
-
-
-def _format_eps(eps: float) -> str:
-    """ε as k/255 when it is one (the usual way of writing image budgets), else as a short decimal."""
-    k = round(eps * 255)
-    return f"{k}/255" if 0 < k < 255 and abs(eps * 255 - k) < 1e-6 else f"{eps:g}"
-
-
-def results_markdown(rows: list[dict]) -> str:
-    """One table per stage, in order of first appearance: a row per model, a column per attack."""
-    stages = list(dict.fromkeys(row["stage"] for row in rows))
-    out = []
-    for stage in stages:
-        cells = {(r["model"], r["attack"]): r for r in rows if r["stage"] == stage}
-        models = list(dict.fromkeys(model for model, _ in cells))
-        header = ["Model"]
-        for attack in ATTACKS:
-            eps = next((r["eps"] for (_, a), r in cells.items() if a == attack), 0.0)
-            budget = f" ε={_format_eps(eps)}" if attack != "clean" else ""
-            header.append(f"{_HEADERS[attack]}{budget} (%)")
-        lines = [f"### {stage}", "", "| " + " | ".join(header) + " |", "|---" + "|---:" * len(ATTACKS) + "|"]
-        for model in models:
-            accs = [f"{cells[(model, a)]['accuracy']:.2f}" if (model, a) in cells else "—" for a in ATTACKS]
-            lines.append("| " + " | ".join([_model_label(stage, model), *accs]) + " |")
-        out.append("\n".join(lines) + "\n")
-    return "\n".join(out)
+    rows = [r for name, values in table.items() for r in _rows(stage, name, values, columns, eval_cfg, n)]
+    return rows + _rows(stage, MIXTURE, mixture_values, mixture_columns, eval_cfg, n)

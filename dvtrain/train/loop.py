@@ -10,7 +10,6 @@ stage by name: a stage is its class in the registry.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ from dvtrain.config import Config, to_dict
 from dvtrain.data import Dataset, num_batches
 from dvtrain.distributed.placement import Placement
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.transfer import FULL_EVALUATION_KEYS, evaluation_markdown
-from dvtrain.eval.whitebox import evaluate_stage, results_markdown
+from dvtrain.eval.report import FULL_EVALUATION_KEYS, load_results, metric_name, results_markdown, save_results
+from dvtrain.eval.whitebox import evaluate_stage
 from dvtrain.mixture import mixture_log_probs
 from dvtrain.models import training_mode
 from dvtrain.rng import stream
@@ -36,9 +35,6 @@ from dvtrain.tracking import Progress, Tracker
 from dvtrain.train.optim import build_owned, set_epoch_lr
 from dvtrain.train.registry import REGISTRY
 from dvtrain.train.stage import StageRun, StepFigures
-
-RESULTS_JSON = "results.json"
-RESULTS_MD = "results.md"
 
 
 class NonFiniteLoss(DvtrainError):
@@ -52,33 +48,6 @@ class Context:
     data: Dataset
     placement: Placement
     device: torch.device
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def load_results(run_dir: Path) -> dict:
-    path = run_dir / RESULTS_JSON
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"eval": [], "stages": {}}
-
-
-def save_results(ctx: Context, results: dict) -> None:
-    if not ctx.placement.is_main:
-        return
-    results["run"] = ctx.cfg.name
-    write_atomic(ctx.run_dir / RESULTS_JSON, json.dumps(results, indent=1))
-    header = f"# dvtrain results: {ctx.cfg.name}\n\ndata: {ctx.cfg.data.name}, model: {ctx.cfg.model.arch} ×{ctx.cfg.ensemble.size}\n\n"
-    epochs = "".join(
-        f"- {stage}: {info['epochs']} epochs, {info['train_s']:.0f} s training\n"
-        for stage, info in results["stages"].items()
-    )
-    tables = results_markdown(results["eval"]) + evaluation_markdown(results)
-    write_atomic(ctx.run_dir / RESULTS_MD, header + epochs + "\n" + tables)
 
 
 @torch.no_grad()
@@ -284,7 +253,7 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
             checkpoint.save_checkpoint(path, owned, placement, state)
 
         rows = evaluate_into(ctx, name, owned, state, results)
-        tracker.summary({f"eval/{r['model']}/{r['attack']}": r["accuracy"] for r in rows})
+        tracker.summary({f"eval/{r['model']}/{metric_name(r['attack'], r['norm'])}": r["accuracy"] for r in rows})
         exit_code = 0
     finally:
         tracker.finish(exit_code)
@@ -307,8 +276,8 @@ def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: 
         "images_per_s": round(images / state["train_s"], 1) if state["train_s"] > 0 else None,
         "eval_s": round(time.perf_counter() - start, 2),
     }
-    save_results(ctx, results)
     if ctx.placement.is_main:
+        save_results(ctx.run_dir, ctx.cfg, results)
         print(results_markdown(rows), flush=True)
     return rows
 

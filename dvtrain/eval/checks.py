@@ -1,0 +1,89 @@
+"""Gradient-masking checks, printed as pass/warn lines under each `dvtrain eval` table.
+
+A defense that only hides its gradients looks robust to gradient attacks and is not. Carlini et al.
+("On evaluating adversarial robustness", arXiv 1902.06705, §5) and Athalye et al. (ICML 2018) list
+the signs; dvtrain checks four on the mixture (the model whose robustness is claimed):
+
+1. an unbounded L∞ attack (ε covering the pixel range) drives accuracy to 0 %;
+2. more PGD iterations never raise accuracy (eval.steps vs eval.checks.long_steps);
+3. the white-box worst case is not above black-box transfer accuracy at the same ε;
+4. AutoAttack is not above any PGD row of its norm (per model).
+A warning names the likely cause.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from dvtrain.config import EvalConfig
+from dvtrain.eval.report import format_eps, model_label
+from dvtrain.eval.whitebox import MIXTURE, WORST_CASE, robust_accuracy
+from dvtrain.rng import stream
+
+PASS, WARN = "pass", "warn"
+
+
+def masking_probe(mixture: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, seed: int) -> dict:
+    """The two extra attacks the checks need, on the table's images: PGD-L∞ at the unbounded budget and
+    PGD-L∞ at eval.eps with long_steps iterations of the same step size."""
+    c = cfg.checks
+    if cfg.num_examples > 0:
+        x, y = x[: cfg.num_examples], y[: cfg.num_examples]
+    unbounded = dataclasses.replace(cfg, eps=c.unbounded_eps, step_size=c.unbounded_step_size, steps=c.long_steps)
+    longer = dataclasses.replace(cfg, steps=c.long_steps)
+    with torch.no_grad():
+        return {
+            "unbounded_eps": c.unbounded_eps, "long_steps": c.long_steps,
+            "unbounded": robust_accuracy(mixture, x, y, "pgd_linf", unbounded, cfg.batch_size,
+                                         stream(seed, "checks", "unbounded")),
+            "long": robust_accuracy(mixture, x, y, "pgd_linf", longer, cfg.batch_size, stream(seed, "checks", "long")),
+        }
+
+
+def _row(rows: list[dict], model: str, attack: str, norm: str | None) -> dict | None:
+    return next((r for r in rows if r["model"] == model and r["attack"] == attack and r.get("norm") == norm), None)
+
+
+def masking_checks(stage: str, rows: list[dict], probe: dict | None, blackbox: dict | None, cfg: EvalConfig,
+                   blackbox_eps: float | None = None) -> list[str]:
+    """The check lines ("pass: …" / "warn: … likely cause …") for one stage's rows (`dvtrain.eval.whitebox`)."""
+    lines = []
+    if probe is not None:
+        eps, acc = probe["unbounded_eps"], probe["unbounded"]
+        lines.append(f"{PASS}: PGD-L∞ at ε={format_eps(eps)} ({probe['long_steps']} steps) leaves {acc:.2f} % of the mixture correct"
+                     if acc == 0 else
+                     f"{WARN}: PGD-L∞ at ε={format_eps(eps)} ({probe['long_steps']} steps) leaves {acc:.2f} % of the mixture "
+                     "correct, not 0 %: the attack cannot follow the gradient (gradient masking: saturated or "
+                     "non-differentiable outputs) or the evaluation has a bug")
+        short = _row(rows, MIXTURE, "pgd_linf", "Linf")
+        if short is not None:
+            verdict = PASS if probe["long"] <= short["accuracy"] else WARN
+            cause = "" if verdict == PASS else (": more iterations helped the model; the step size is too large for "
+                                                 "the budget or the gradients are noisy (gradient masking)")
+            lines.append(f"{verdict}: PGD-L∞ with {probe['long_steps']} steps {probe['long']:.2f} % vs {cfg.steps} steps "
+                         f"{short['accuracy']:.2f} % on the mixture{cause}")
+    worst = _row(rows, MIXTURE, WORST_CASE, "Linf")
+    if blackbox is not None and worst is not None:
+        transfer = blackbox["accuracy"][blackbox["models"].index(MIXTURE)][-1]
+        if blackbox_eps is not None and abs(blackbox_eps - worst["eps"]) > 1e-12:
+            lines.append(f"{PASS}: white-box vs black-box skipped: transfer ran at ε={format_eps(blackbox_eps)}, "
+                         f"the table at ε={format_eps(worst['eps'])} (set eval.transfer.eps=eval.eps to compare)")
+        elif transfer is not None:
+            verdict = PASS if worst["accuracy"] <= transfer else WARN
+            cause = "" if verdict == PASS else (": transferred examples beat white-box attacks, the classic sign of "
+                                                 "gradient masking (obfuscated gradients)")
+            lines.append(f"{verdict}: white-box worst case L∞ {worst['accuracy']:.2f} % vs black-box transfer "
+                         f"{transfer:.2f} % on the mixture{cause}")
+    for aa in (r for r in rows if r["attack"] == "autoattack"):
+        pgd = [r for r in rows if r["model"] == aa["model"] and r["attack"].startswith("pgd_") and r.get("norm") == aa["norm"]]
+        above = [r for r in pgd if aa["accuracy"] > r["accuracy"]]
+        who = f"{model_label(stage, aa['model'])}, {aa['norm']}"
+        if above:
+            lines.append(f"{WARN}: AutoAttack {aa['accuracy']:.2f} % is above {above[0]['attack']} {above[0]['accuracy']:.2f} % "
+                         f"({who}): AutoAttack ran with a reduced budget (eval.autoattack) or PGD is luckier on few images")
+        elif pgd:
+            lines.append(f"{PASS}: AutoAttack {aa['accuracy']:.2f} % ≤ every PGD row ({who})")
+    return lines
