@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,12 @@ PRECISIONS = typing.get_args(Precision)
 OPTIMIZERS = typing.get_args(Optimizer)
 # Sections renamed so that each stage's section carries the stage's name: old name → new name.
 RENAMED_SECTIONS = {"pretrain": "vanilla"}
+# Keys that no longer mean anything, with why: older run directories still hold them in config.yaml,
+# so they are ignored with a note instead of refused.
+RETIRED_KEYS = {
+    "eval.transfer.apgd_steps": "pyautoattack's APGD-CE replaced dvtrain's own (see eval.autoattack)",
+    "eval.transfer.apgd_restarts": "pyautoattack's APGD-CE replaced dvtrain's own (see eval.autoattack)",
+}
 
 
 class ConfigError(DvtrainError):
@@ -482,6 +489,9 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
                 f"config section '{key}' is now called '{RENAMED_SECTIONS[key]}' (sections are named after their stage); "
                 f"rename it in the YAML file or the override"
             )
+        if prefix + key in RETIRED_KEYS:
+            print(f"dvtrain: note: config key '{prefix}{key}' is ignored: {RETIRED_KEYS[prefix + key]}", file=sys.stderr)
+            continue
         if key not in known:
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'; known keys under '{prefix or '<top>'}': {', '.join(sorted(known))}"

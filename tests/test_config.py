@@ -115,3 +115,10 @@ def test_default_stages_are_dverges_and_baselines_are_opt_in():
     cfg = load_config(None, [])
     assert cfg.stages == ["vanilla", "dverge", "dverge_advt"]
     assert load_config(None, ["stages=[vanilla, adp, gal, trs]", "adp.init_from=vanilla"]).adp.init_from == "vanilla"
+
+
+def test_a_retired_key_of_an_older_run_is_ignored_with_a_note(capsys):
+    """Run directories written before dvtrain dropped its own APGD still hold its keys in config.yaml."""
+    cfg = load_config(None, ["eval.transfer.apgd_steps=100", "eval.transfer.eps=0.05"])
+    assert cfg.eval.transfer.eps == 0.05 and not hasattr(cfg.eval.transfer, "apgd_steps")
+    assert "config key 'eval.transfer.apgd_steps' is ignored: pyautoattack's APGD-CE" in capsys.readouterr().err
