@@ -25,6 +25,7 @@ from dvtrain.submodels import build_submodel
 from dvtrain.eval.whitebox import robust_accuracy
 from dvtrain.mixture import Mixture
 from dvtrain.rng import stream
+from dvtrain.train.vanilla import train_plain_ensemble
 from dvtrain.eval.blackbox import DiverseInputs, blackbox_examples, blackbox_table, momentum_pgd
 from dvtrain.eval.transfer import correct_by_all, epsilon_sweep, mean_off_diagonal, shuffled_test_set, transfer_matrix
 
@@ -246,7 +247,7 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
     cfg.eval.full_attacks = ["clean", "pgd_linf", "pgd_linf_margin", "autoattack", "adaptive"]
     cfg.eval.autoattack = AutoAttackConfig(version="custom", attacks=["apgd-ce"], norms=["Linf"], iterations=3)
     cfg.eval.adaptive.steps, cfg.eval.checks.long_steps = 3, 6
-    results = full_evaluation(run_dir, cfg, None, torch.device("cpu"), cfg_small, cli.train_surrogates)
+    results = full_evaluation(run_dir, cfg, None, torch.device("cpu"), cfg_small, train_plain_ensemble)
 
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["transfer"] == results["transfer"] and set(saved["transfer"]) == {"vanilla", "dverge"}
@@ -286,4 +287,4 @@ def test_full_evaluation_refuses_an_unfinished_stage(tmp_path):
     assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]"]) == 0
     cfg = load_config(run_dir / "config.yaml")
     with pytest.raises(DvtrainError, match="stage dverge has no finished checkpoint"):
-        full_evaluation(run_dir, cfg, ["dverge"], torch.device("cpu"), FAST, cli.train_surrogates)
+        full_evaluation(run_dir, cfg, ["dverge"], torch.device("cpu"), FAST, train_plain_ensemble)
