@@ -11,17 +11,19 @@ from torch import nn
 
 from dvtrain import cli
 from dvtrain.config import DvergeConfig, OptimConfig, load_config
-from dvtrain.data import load_dataset, paired_batches
+from dvtrain.data import batches, load_dataset, paired_batches
 from dvtrain.distributed.placement import LocalPlacement
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.attacks import pgd_linf
 from dvtrain.models import build_model
+from dvtrain.rng import stream
 from dvtrain.timing import DISABLED
 from dvtrain.tracking import Tracker
 from dvtrain.train.distill import distill
 from dvtrain.train.dverge import Dverge, draw_layer
 from dvtrain.train.engines import LoopEngine
 from dvtrain.train.optim import build_optimizer, build_owned, set_epoch_lr
+from dvtrain.train.registry import REGISTRY
 from dvtrain.train.stage import StageRun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -234,3 +236,31 @@ def test_pgd_takes_the_configured_steps_from_a_random_start(steps):
     torch.testing.assert_close(got, _hand_pgd(model, x, y, eps, step_size, steps, start), rtol=0, atol=1e-12)
     no_start = pgd_linf(model, x, y, eps, step_size, steps, random_start=False)
     torch.testing.assert_close(no_start, _hand_pgd(model, x, y, eps, step_size, steps, x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+def test_a_baseline_epoch_trains_the_shared_batches_with_one_noise_stream_per_step(skip):
+    """ADP/GAL/TRS: every process draws the epoch's noise seed, then the batches, from the shared stream;
+    step k's random inputs come from stream(seed, k), so a resumed epoch passes over steps exactly."""
+    cfg = load_config(None, ["data.train_limit=64", "gal.batch_size=24"])
+    data = load_dataset(cfg.data)
+    owned = build_owned(cfg, data, [0, 1, 2], "gal", torch.device("cpu"))
+    placement = LocalPlacement(3)
+    shared = torch.Generator().manual_seed(5)
+    replay = torch.Generator().set_state(shared.get_state())
+    stage = REGISTRY["gal"](StageRun("gal", cfg, owned, placement, placement.replicas, data, shared, DISABLED))
+    calls, images = [], []
+
+    def step(x, y, noise, epoch):
+        calls.append((x, y, noise.get_state(), epoch))
+        return "figures"
+
+    stage.step = step
+    assert stage.epoch(2, skip, lambda figures, n: images.append((figures, n))) == {}
+    noise_seed = int(torch.randint(2**62, (1,), generator=replay))
+    expected = list(batches(data.x_train, data.y_train, 24, replay, None))[skip:]
+    assert images == [("figures", len(y)) for _, y in expected] and [n for _, n in images] == [24, 24, 16][skip:]
+    for (x, y, noise_state, epoch), (k, (xe, ye)) in zip(calls, enumerate(expected, start=skip)):
+        assert torch.equal(x, xe) and torch.equal(y, ye) and epoch == 2
+        assert torch.equal(noise_state, stream(noise_seed, k).get_state())
+    assert torch.equal(shared.get_state(), replay.get_state())

@@ -5,12 +5,14 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from conftest import TINY, run_cli
 from dvtrain import cli
 from dvtrain.train.dverge import Dverge
 from dvtrain.config import load_config
+from dvtrain.eval.whitebox import results_markdown
 
 ATTACKS = {"clean", "fgsm", "pgd_linf", "pgd_l2"}
 
@@ -40,11 +42,12 @@ def test_cli_writes_a_valid_run_and_protects_it(tmp_path):
         assert set(row) == {"stage", "model", "attack", "eps", "accuracy"}
         assert row["stage"] in {"vanilla", "dverge", "dverge_advt"}
         assert row["model"] in {"sub0", "sub1", "sub2", "mixture"} and row["attack"] in ATTACKS
-        assert 0.0 <= row["accuracy"] <= 100.0
+        images = row["accuracy"] * cfg.eval.num_examples / 100  # a share of the evaluated images
+        assert 0 <= round(images) <= cfg.eval.num_examples and images == pytest.approx(round(images), abs=1e-9)
         expected_eps = {"clean": 0.0, "fgsm": cfg.eval.eps, "pgd_linf": cfg.eval.eps, "pgd_l2": cfg.eval.l2_eps}
         assert row["eps"] == expected_eps[row["attack"]]
     assert set(results["stages"]) == {"vanilla", "dverge", "dverge_advt"}
-    assert (run_dir / "config.yaml").is_file() and "Mixture" in (run_dir / "results.md").read_text()
+    assert (run_dir / "config.yaml").is_file() and results_markdown(rows) in (run_dir / "results.md").read_text()
     for stage in ("vanilla", "dverge", "dverge_advt"):
         assert sorted(_weights(run_dir, stage)) == ["sub0.safetensors", "sub1.safetensors", "sub2.safetensors"]
     # the table is printed like the report's
