@@ -264,3 +264,31 @@ def test_a_baseline_epoch_trains_the_shared_batches_with_one_noise_stream_per_st
         assert torch.equal(x, xe) and torch.equal(y, ye) and epoch == 2
         assert torch.equal(noise_state, stream(noise_seed, k).get_state())
     assert torch.equal(shared.get_state(), replay.get_state())
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_distillation_uses_batch_statistics_only_in_bn_mode_train(bn_mode):
+    """ResNet-20: `bn_mode` train distils with the batch's BatchNorm statistics (and updates the running
+    ones, as the reference does); eval uses the running statistics and leaves them. The mode is handed back."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 8, 10, mean=(0.5,), std=(0.25,)).double().eval()
+    (x, _), (x_s, _) = _images(1), _images(2)
+    cfg = DvergeConfig(eps=0.1, step_size=0.03, steps=2, bn_mode=bn_mode)
+    reference = build_model("resnet20", 1, 8, 10, mean=(0.5,), std=(0.25,)).double()
+    reference.load_state_dict(model.state_dict())
+    reference.train(bn_mode == "train")
+    expected = _hand_distill(reference, 7, x, x_s, cfg.eps, cfg.step_size, cfg.steps, cfg.momentum, x_s)
+    running = model.state_dict()["bn.running_mean"].clone()
+    got = distill(model, 7, x, x_s, cfg, torch.Generator())
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert not model.training
+    assert torch.equal(model.state_dict()["bn.running_mean"], running) == (bn_mode == "eval")
+
+
+@pytest.mark.parametrize("momentum", [1.0, 0.0])
+def test_an_image_that_already_has_the_features_is_left_where_it_is(momentum):
+    """x_s = x: the feature distance is 0 with a zero gradient, so distillation does not move the image."""
+    model = _model()
+    x, _ = _images(1)
+    cfg = DvergeConfig(eps=0.1, step_size=0.03, steps=3, momentum=momentum, bn_mode="eval")
+    torch.testing.assert_close(distill(model, 2, x, x.clone(), cfg, torch.Generator()), x, rtol=0, atol=0)
