@@ -16,6 +16,8 @@ from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.models import build_model
 from dvtrain.rng import stream
 from dvtrain.train.loop import NonFiniteLoss, StepLog, test_metrics as epoch_test_metrics
+from dvtrain.train.dverge import dverge_step
+from dvtrain.train.engines import LoopEngine
 from dvtrain.train.optim import build_owned
 from dvtrain.train.stage import StepFigures
 from dvtrain.eval.whitebox import ATTACKS, evaluate_stage, results_markdown
@@ -183,3 +185,21 @@ def test_results_table_equals_a_direct_computation_of_every_cell():
     for name, label in (("sub0", "Submodel 1"), ("sub1", "Submodel 2"), ("mixture", "Mixture")):
         line = next(line for line in markdown.splitlines() if line.startswith(f"| {label} |"))
         assert line == "| " + " | ".join([label, *(f"{table[(name, a)]:.2f}" for a in ATTACKS)]) + " |"
+
+
+def test_a_dverge_steps_logged_mixture_is_that_of_the_pre_update_submodels_on_its_clean_batch():
+    cfg = load_config(None, ["data.train_limit=64", "dverge.steps=1"])
+    data = load_dataset(cfg.data)
+    owned = build_owned(cfg, data, [0, 1, 2], "dverge", torch.device("cpu"))
+    x, y, x_s, y_s = data.x_train[:16], data.y_train[:16], data.x_train[16:32], data.y_train[16:32]
+    with torch.no_grad():
+        logits = torch.stack([owned.models[i](x) for i in owned.ids]).double()
+    figures = dverge_step(owned, LocalPlacement(3), LoopEngine(), 2, x, y, x_s, y_s, cfg.dverge)
+    log = StepLog(LocalPlacement(3), "dverge", 0)
+    log.add(1, figures)
+    [(step, row)] = log.flush()
+    loss, acc = _mixture_by_hand(logits, y)
+    assert step == 1 and row["mixture/loss"] == pytest.approx(loss, rel=1e-5)
+    assert row["mixture/acc"] == pytest.approx(acc, abs=1e-4)
+    assert set(row) == {f"{n}/sub{i}" for n in ("loss/dverge", "loss/clean") for i in range(3)} | {
+        "mixture/loss", "mixture/acc"}

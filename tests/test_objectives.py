@@ -20,7 +20,7 @@ from dvtrain.config import load_config
 from dvtrain.data import load_dataset
 from dvtrain.distributed.placement import LocalPlacement
 from dvtrain.eval.attacks import pgd_linf
-from dvtrain.timing import DISABLED
+from dvtrain.timing import DISABLED, PhaseTimer
 from dvtrain.train.distill import distill
 from dvtrain.train.dverge import dverge_step
 from dvtrain.train.engines import GroupedEngine, LoopEngine
@@ -305,3 +305,20 @@ def test_trs_update_follows_yang_et_al(plus_adv):
     assert float(figures.ensemble["loss/cosine"]) == pytest.approx(float(cosine.detach()), rel=1e-9)
     assert [float(v) for v in figures.per_submodel["loss/smoothness"]] == pytest.approx(
         [float(v.detach()) for v in smooth], rel=1e-9)
+
+
+@pytest.mark.parametrize("beta, plus_adv", [(0.0, False), (0.3, False), (0.0, True)])
+def test_dverge_training_forwards_update_batchnorm_once_each(beta, plus_adv):
+    """ResNet-20 at layer 1 (distillation never reaches the last BatchNorm): the last BatchNorm counts
+    one update per training forward — the N−1 diversity batches, the clean batch only when β > 0 (with
+    β = 0 it only feeds the figures), and with +AdvT the PGD's adv_steps forwards plus its training one."""
+    cfg, data, owned = _owned("dverge", "model.arch=resnet20", f"dverge.clean_weight={beta}",
+                              f"dverge.plus_adv={plus_adv}", "dverge.steps=1", "dverge.adv_steps=2")
+    x, y, x_s, y_s = _pairs(data, batch=8)
+    last_bn = [m for m in owned.models[0].modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    before = int(last_bn.num_batches_tracked)
+    timer = PhaseTimer(True, torch.device("cpu"))
+    dverge_step(owned, LocalPlacement(3), LoopEngine(), 1, x, y, x_s, y_s, cfg.dverge, timer)
+    expected = 2 + (beta > 0) + (3 if plus_adv else 0)
+    assert int(last_bn.num_batches_tracked) - before == expected
+    assert set(timer.seconds) == {"distill", "all_gather", "train"}
