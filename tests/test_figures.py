@@ -203,3 +203,15 @@ def test_a_dverge_steps_logged_mixture_is_that_of_the_pre_update_submodels_on_it
     assert row["mixture/acc"] == pytest.approx(acc, abs=1e-4)
     assert set(row) == {f"{n}/sub{i}" for n in ("loss/dverge", "loss/clean") for i in range(3)} | {
         "mixture/loss", "mixture/acc"}
+
+
+def test_a_mixture_of_a_processs_submodels_gathers_the_others_outputs():
+    """With a placement, the mixture averages every submodel's prediction, the others' brought in by it."""
+    models = [torch.nn.Linear(4, 3).double() for _ in range(3)]
+    x = torch.rand(5, 4, dtype=torch.float64)
+
+    class OwnsLast(LocalPlacement):
+        def gather_outputs(self, owned_values):
+            return torch.cat([torch.stack([m(x) for m in models[:2]]), owned_values])
+
+    torch.testing.assert_close(Mixture(models[2:], OwnsLast(3))(x), Mixture(models)(x), rtol=1e-12, atol=1e-12)

@@ -272,7 +272,7 @@ def test_trs_update_follows_yang_et_al(plus_adv):
         "trs", f"trs.lambda_a={lam_a}", f"trs.lambda_b={lam_b}", f"trs.scale={scale}", f"trs.plus_adv={plus_adv}",
         "trs.pgd_steps=2", "trs.epochs=4", "trs.init_eps=0.1", "trs.adv_eps=0.3",
     )
-    x, y = _baseline_batch(data)
+    x, y = _baseline_batch(data, batch=13)  # odd: the first 6 rows stay, the other 7 are moved
     before = [copy.deepcopy(owned.models[i]).train() for i in owned.ids]
     eps = 0.1 + (0.3 - 0.1) * epoch / 4
     start = torch.rand(x.shape, generator=torch.Generator().manual_seed(7)) * 2 - 1

@@ -17,11 +17,11 @@ from dvtrain.errors import DvtrainError
 from dvtrain.eval.attacks import pgd_linf
 from dvtrain.models import build_model
 from dvtrain.rng import stream
-from dvtrain.timing import DISABLED
+from dvtrain.timing import DISABLED, PhaseTimer
 from dvtrain.tracking import Tracker
 from dvtrain.train.distill import distill
 from dvtrain.train.dverge import Dverge, draw_layer
-from dvtrain.train.engines import LoopEngine
+from dvtrain.train.engines import GroupedEngine, LoopEngine
 from dvtrain.train.optim import build_optimizer, build_owned, set_epoch_lr
 from dvtrain.train.registry import REGISTRY
 from dvtrain.train.stage import StageRun
@@ -129,32 +129,66 @@ class RecordingEngine(LoopEngine):
         return super().distill(models, layer, x, x_s, cfg, generators)
 
 
-def _dverge_stage(*overrides):
+class OneOfThree(LocalPlacement):
+    """A process that owns submodel 1 of 3; the others' distilled batches are copies of its own."""
+
+    def __init__(self):
+        super().__init__(3)
+        self.owned = [1]
+
+    def all_gather(self, owned_values):
+        return owned_values.expand(3, *owned_values.shape[1:])
+
+
+def _dverge_stage(*overrides, placement=None, timer=DISABLED):
     cfg = load_config(None, ["data.train_limit=64", "dverge.batch_size=32", "dverge.steps=1", *overrides])
     data = load_dataset(cfg.data)
-    owned = build_owned(cfg, data, [0, 1, 2], "dverge", torch.device("cpu"))
-    placement = LocalPlacement(3)
+    placement = placement or LocalPlacement(3)
+    owned = build_owned(cfg, data, placement.owned, "dverge", torch.device("cpu"))
     shared = torch.Generator().manual_seed(11)
-    run = StageRun("dverge", cfg, owned, placement, placement.replicas, data, shared, DISABLED)
+    run = StageRun("dverge", cfg, owned, placement, placement.replicas, data, shared, timer)
     stage = Dverge(run)
     stage.engine = RecordingEngine()
     return stage, data, shared
 
 
-@pytest.mark.parametrize("layer", [None, 2])
-def test_the_stage_distils_every_step_of_an_epoch_at_its_layer(layer):
-    stage, data, shared = _dverge_stage(f"dverge.layer={'null' if layer is None else layer}")
-    replay = torch.Generator().set_state(shared.get_state())
+@pytest.mark.parametrize("layer, augment, one_owned", [(None, False, False), (5, True, False), (2, False, True)])
+def test_the_stage_distils_every_step_of_an_epoch_at_its_layer(layer, augment, one_owned):
+    """The epoch's layer (drawn, or the configured one up to the last), its batch pairs (augmented when
+    asked), each step's figures and timings; also on a process that owns one submodel."""
+    timer = PhaseTimer(True, torch.device("cpu"))
+    stage, data, shared = _dverge_stage(f"dverge.layer={'null' if layer is None else layer}",
+                                        f"data.augment={str(augment).lower()}", "data.crop_padding=2",
+                                        placement=OneOfThree() if one_owned else None, timer=timer)
+    start = shared.get_state()
+    replay = torch.Generator().set_state(start)
     expected_layer = draw_layer(stage.run.section, 5, replay)
-    pairs = list(paired_batches(data.x_train, data.y_train, 32, replay, None))
-    images = []
-    figures = stage.epoch(0, 0, lambda f, n: images.append(n))
+    pairs = list(paired_batches(data.x_train, data.y_train, 32, replay, 2 if augment else None))
+    steps = []
+    figures = stage.epoch(0, 0, lambda f, n: steps.append((f, n)))
     assert figures == {"layer": expected_layer}
     if layer is not None:
         assert expected_layer == layer
-    assert [call[0] for call in stage.engine.calls] == [expected_layer] * len(pairs) and images == [32, 32]
+    assert [call[0] for call in stage.engine.calls] == [expected_layer] * len(pairs) and len(pairs) == 2
     for (lay, x, x_s), ((xp, _), (xsp, _)) in zip(stage.engine.calls, pairs):
         assert torch.equal(x, xp) and torch.equal(x_s, xsp)
+    assert [n for _, n in steps] == [32, 32]
+    for step_figures, _ in steps:
+        assert step_figures.per_submodel["loss/dverge"].shape == (len(stage.run.placement.owned),)
+    assert set(timer.seconds) == {"distill", "all_gather", "train"}
+    if augment:  # the same images as without augmentation, but cropped
+        plain, _ = next(batches(data.x_train, data.y_train, 32, torch.Generator().set_state(start), None))
+        assert plain.shape == pairs[0][0][0].shape and not torch.equal(plain, pairs[0][0][0])
+
+
+@pytest.mark.parametrize("name, engine", [("loop", LoopEngine), ("grouped", GroupedEngine)])
+def test_the_stage_runs_the_configured_engine(name, engine):
+    cfg = load_config(None, ["data.train_limit=64", f"dverge.engine={name}"])
+    data = load_dataset(cfg.data)
+    owned = build_owned(cfg, data, [0, 1, 2], "dverge", torch.device("cpu"))
+    placement = LocalPlacement(3)
+    run = StageRun("dverge", cfg, owned, placement, placement.replicas, data, torch.Generator(), DISABLED)
+    assert type(Dverge(run).engine) is engine
 
 
 def test_resuming_inside_an_epoch_draws_the_skipped_steps_but_trains_only_the_rest():
