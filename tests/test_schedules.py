@@ -272,11 +272,13 @@ def test_pgd_takes_the_configured_steps_from_a_random_start(steps):
     torch.testing.assert_close(no_start, _hand_pgd(model, x, y, eps, step_size, steps, x), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("skip", [0, 1])
-def test_a_baseline_epoch_trains_the_shared_batches_with_one_noise_stream_per_step(skip):
-    """ADP/GAL/TRS: every process draws the epoch's noise seed, then the batches, from the shared stream;
-    step k's random inputs come from stream(seed, k), so a resumed epoch passes over steps exactly."""
-    cfg = load_config(None, ["data.train_limit=64", "gal.batch_size=24"])
+@pytest.mark.parametrize("skip, augment", [(0, False), (1, True)])
+def test_a_baseline_epoch_trains_the_shared_batches_with_one_noise_stream_per_step(skip, augment):
+    """ADP/GAL/TRS: every process draws the epoch's noise seed, then the batches (augmented when asked),
+    from the shared stream; step k's random inputs come from stream(seed, k), so a resumed epoch passes
+    over steps exactly."""
+    cfg = load_config(None, ["data.train_limit=64", "gal.batch_size=24", f"data.augment={str(augment).lower()}",
+                             "data.crop_padding=2"])
     data = load_dataset(cfg.data)
     owned = build_owned(cfg, data, [0, 1, 2], "gal", torch.device("cpu"))
     placement = LocalPlacement(3)
@@ -292,7 +294,7 @@ def test_a_baseline_epoch_trains_the_shared_batches_with_one_noise_stream_per_st
     stage.step = step
     assert stage.epoch(2, skip, lambda figures, n: images.append((figures, n))) == {}
     noise_seed = int(torch.randint(2**62, (1,), generator=replay))
-    expected = list(batches(data.x_train, data.y_train, 24, replay, None))[skip:]
+    expected = list(batches(data.x_train, data.y_train, 24, replay, 2 if augment else None))[skip:]
     assert images == [("figures", len(y)) for _, y in expected] and [n for _, n in images] == [24, 24, 16][skip:]
     for (x, y, noise_state, epoch), (k, (xe, ye)) in zip(calls, enumerate(expected, start=skip)):
         assert torch.equal(x, xe) and torch.equal(y, ye) and epoch == 2
