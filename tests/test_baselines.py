@@ -193,3 +193,16 @@ def test_step_updates_every_submodel_and_reports_its_terms(stage, ensemble_terms
     assert all(torch.isfinite(v).all() for v in [*figures.per_submodel.values(), *figures.ensemble.values()])
     assert all(not owned.models[i].conv1.weight.equal(before[i]) for i in range(3))
     assert all(isinstance(owned.optimizers[i], torch.optim.Adam) for i in range(3))
+
+
+def test_trs_smoothness_pgd_leaves_a_pixel_no_submodel_reads_at_its_start():
+    """A zero ascent direction (sign 0) does not move the point."""
+    models = _linear_models(3)
+    with torch.no_grad():
+        for model in models:
+            model.weight[:, 0] = 0
+    x, y = _batch(rows=8)
+    start = torch.rand(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype) * 2 - 1
+    moved = baselines.smoothness_pgd(models, LocalPlacement(3), x, y, start, 0.2, load_config(None, ["trs.pgd_steps=3"]).trs)
+    first = (x + 0.2 * start).clamp(0, 1)
+    assert torch.equal(moved[:, 0], first[:, 0]) and not torch.equal(moved[:, 1:], first[:, 1:])

@@ -56,7 +56,7 @@ def test_conv_flatten_width_follows_input() -> None:
     assert make("conv", 3, 32).fc1.in_features == 400
     padded = build_model("conv", 3, 32, 10, (0.5,) * 3, (0.25,) * 3, conv_padding=2)
     assert padded.fc1.in_features == 16 * 8 * 8
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="conv net: a 8 px input with padding 0 shrinks to nothing"):
         build_model("conv", 1, 8, 10, (0.5,), (0.25,), conv_padding=0)
 
 

@@ -5,12 +5,14 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from conftest import TINY, run_cli
 from dvtrain import cli
 from dvtrain.train.dverge import Dverge
 from dvtrain.config import load_config
+from dvtrain.eval.report import results_markdown
 
 ATTACKS = {"clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin"}  # the default eval.attacks
 
@@ -43,8 +45,10 @@ def test_cli_writes_a_valid_run_and_protects_it(tmp_path):
         assert row["model"] in {"sub0", "sub1", "sub2", "mixture"} and row["attack"] in ATTACKS | {"worst_case"}
         assert 0.0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 100.0
         assert row["eps"] == {None: 0.0, "Linf": cfg.eval.eps, "L2": cfg.eval.l2_eps}[row["norm"]]
+        images = row["accuracy"] * row["n"] / 100  # a share of the evaluated images
+        assert images == pytest.approx(round(images), abs=1e-9)
     assert set(results["stages"]) == {"vanilla", "dverge", "dverge_advt"}
-    assert (run_dir / "config.yaml").is_file() and "Mixture" in (run_dir / "results.md").read_text()
+    assert (run_dir / "config.yaml").is_file() and results_markdown(rows) in (run_dir / "results.md").read_text()
     for stage in ("vanilla", "dverge", "dverge_advt"):
         assert sorted(_weights(run_dir, stage)) == ["sub0.safetensors", "sub1.safetensors", "sub2.safetensors"]
     # the table is printed like the report's
