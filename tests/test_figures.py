@@ -20,7 +20,8 @@ from dvtrain.train.dverge import dverge_step
 from dvtrain.train.engines import LoopEngine
 from dvtrain.train.optim import build_owned
 from dvtrain.train.stage import StepFigures
-from dvtrain.eval.whitebox import ATTACKS, evaluate_stage, results_markdown
+from dvtrain.eval.report import results_markdown
+from dvtrain.eval.whitebox import evaluate_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,6 +155,9 @@ def _hand_attack(model, x, y, attack, cfg: EvalConfig, generator) -> torch.Tenso
     return adv
 
 
+ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2")
+
+
 def test_results_table_equals_a_direct_computation_of_every_cell():
     """Every (model, attack) cell, restarts and batches included, and the markdown table shows them."""
     cfg = load_config(None, ["data.train_limit=300", "data.test_limit=30"])
@@ -162,10 +166,10 @@ def test_results_table_equals_a_direct_computation_of_every_cell():
     x, y = data.x_test, data.y_test
     eval_cfg = EvalConfig(eps=0.1, steps=3, step_size=0.04, l2_eps=0.5, l2_step_size=0.2, random_start=True,
                           restarts=2, num_examples=25, batch_size=10)
-    rows = evaluate_stage("dverge", models, x, y, eval_cfg, seed=3)
+    rows = evaluate_stage("dverge", models, x, y, eval_cfg, seed=3, attacks=list(ATTACKS))
     x, y = x[:25], y[:25]
     named = {"sub0": models[0], "sub1": models[1], "mixture": Mixture(models)}
-    table = {}
+    table, masks = {}, {}
     for name, model in named.items():
         for attack in ATTACKS:
             generator = stream(3, "eval", name, attack)
@@ -176,15 +180,24 @@ def test_results_table_equals_a_direct_computation_of_every_cell():
                     adv = _hand_attack(model, xb, yb, attack, eval_cfg, generator)
                     with torch.no_grad():
                         robust[start:start + eval_cfg.batch_size] &= model(adv).argmax(1) == yb
+            masks[(name, attack)] = robust
             table[(name, attack)] = 100.0 * int(robust.sum()) / len(y)
-    got = {(r["model"], r["attack"]): r["accuracy"] for r in rows}
+    got = {(r["model"], r["attack"]): r["accuracy"] for r in rows if r["attack"] != "worst_case"}
     assert got == pytest.approx(table, abs=1e-9)
+    # the worst case per norm: images correct when clean and under every attack of that norm
+    worst = {(name, norm): 100.0 * int((masks[(name, "clean")] & torch.stack([masks[(name, a)] for a in of]).all(0)).sum())
+             / len(y) for name in named for norm, of in (("Linf", ("fgsm", "pgd_linf")), ("L2", ("pgd_l2",)))}
+    assert {(r["model"], r["norm"]): r["accuracy"] for r in rows if r["attack"] == "worst_case"} == pytest.approx(worst)
+    assert all(r["n"] == 25 for r in rows)
     assert table[("mixture", "clean")] == _accuracy(named["mixture"], x, y) > 50  # trained models: the
     assert table[("mixture", "pgd_linf")] < table[("mixture", "clean")]  # cells are not all alike
     markdown = results_markdown(rows)
     for name, label in (("sub0", "Submodel 1"), ("sub1", "Submodel 2"), ("mixture", "Mixture")):
         line = next(line for line in markdown.splitlines() if line.startswith(f"| {label} |"))
-        assert line == "| " + " | ".join([label, *(f"{table[(name, a)]:.2f}" for a in ATTACKS)]) + " |"
+        cells = [cell.split(" [")[0] for cell in line.strip("| ").split(" | ")[1:]]  # value before its interval
+        shown = [f"{table[(name, 'clean')]:.2f}", f"{worst[(name, 'Linf')]:.2f}", f"{worst[(name, 'L2')]:.2f}",
+                 *(f"{table[(name, a)]:.2f}" for a in ATTACKS[1:])]
+        assert cells == shown
 
 
 def test_a_dverge_steps_logged_mixture_is_that_of_the_pre_update_submodels_on_its_clean_batch():

@@ -200,9 +200,10 @@ def test_resuming_inside_an_epoch_draws_the_skipped_steps_but_trains_only_the_re
     assert torch.equal(shared.get_state(), replay.get_state())
 
 
-def test_a_layer_beyond_the_model_is_refused():
+def test_a_layer_beyond_the_model_is_refused_before_training():
+    cfg = load_config(None, ["data.train_limit=64", "dverge.layer=6"])
     with pytest.raises(DvtrainError, match=r"dverge.layer=6 is out of range: conv has layers 1\.\.5"):
-        _dverge_stage("dverge.layer=6")
+        cli.check_layers(cfg, load_dataset(cfg.data))
 
 
 # ----------------------------------------------------------------------------- steps taken
