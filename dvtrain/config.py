@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -277,6 +277,9 @@ class ComputeConfig:
     channels_last: bool = False
     # torch.compile the models' layer-indexed features (one graph per layer); eager if compiling fails.
     compile: bool = False
+    # Torch CPU threads per process: N, or auto (the cores available divided by this node's processes,
+    # at most torch's own default). Weights are bit-identical across placements only at equal thread counts.
+    threads: Union[int, str] = "auto"
 
 
 @dataclass
@@ -293,6 +296,8 @@ class LoggingConfig:
     # Step figures stay on the device and are reduced, checked and logged every this many steps
     # (and before every checkpoint); Ctrl-C is answered at these points too.
     every_steps: int = 10
+    # Also upload each stage's final checkpoint to W&B as a model artifact.
+    artifacts: bool = False
 
 
 @dataclass
@@ -357,7 +362,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key)
+        for arg in args[:-1]:  # the first type the value fits, e.g. int | str for `N` or `auto`
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], key)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -552,6 +562,8 @@ def validate(cfg: Config) -> None:
     check_transfer_config(cfg.eval.transfer)
     _check(cfg.compute.precision in PRECISIONS,
            f"compute.precision={cfg.compute.precision!r} must be one of {', '.join(PRECISIONS)}")
+    _check(cfg.compute.threads == "auto" or (isinstance(cfg.compute.threads, int) and cfg.compute.threads >= 1),
+           f"compute.threads={cfg.compute.threads!r} must be auto or a number of threads >= 1")
     _check(cfg.logging.wandb in WANDB_MODES, f"logging.wandb={cfg.logging.wandb!r} must be one of {', '.join(WANDB_MODES)}")
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s must be >= 1")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: epoch ends only)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dvtrain import checkpoint
+from dvtrain import checkpoint, provenance
 from dvtrain.compute import autocast
 from dvtrain.config import Config, to_dict
 from dvtrain.data import Dataset, num_batches
@@ -32,13 +32,16 @@ from dvtrain.rng import stream
 from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.submodels import Owned
 from dvtrain.timing import PhaseTimer
-from dvtrain.tracking import Progress, Tracker
+from dvtrain.distributed.runtime import launched_world_size
+from dvtrain.tracking import Progress, Tracker, resolve_mode, sync_command
 from dvtrain.train.optim import build_owned, set_epoch_lr
 from dvtrain.train.registry import REGISTRY
 from dvtrain.train.stage import StageRun, StepFigures
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+# W&B key prefix of the step figures (`train/<metric>/sub<i>`, `train/<metric>/mixture`).
+TRAIN = "train"
 
 
 class NonFiniteLoss(DvtrainError):
@@ -115,7 +118,8 @@ class StepLog:
         self.pending.append((step, figures, self.placement.replicas.share))
 
     def flush(self) -> list[tuple[int, dict[str, float]]]:
-        """(step, {key: value}) of every pending step, with per-submodel keys `NAME/sub<i>`.
+        """(step, {key: value}) of every pending step: `train/NAME/sub<i>` per submodel, `train/NAME/mixture`
+        for the mixture on the step's clean batch, `train/NAME` for ensemble terms.
 
         Raises:
             NonFiniteLoss: a figure is NaN or infinite (the checkpoint before it is kept).
@@ -131,7 +135,7 @@ class StepLog:
         owned = torch.stack([torch.stack([f.per_submodel[n] for n in names], dim=-1) for f in figures], dim=1)
         every = placement.all_gather(replicas.sum(owned, shares.to(owned.device)[None, :, None]))
         ensemble_names = list(figures[0].ensemble)
-        columns = {f"{name}/sub{i}": every[i, :, k] for k, name in enumerate(names) for i in range(placement.size)}
+        columns = {f"{TRAIN}/{name}/sub{i}": every[i, :, k] for k, name in enumerate(names) for i in range(placement.size)}
         scalars = [torch.stack([f.ensemble[n] for n in ensemble_names]) for f in figures] if ensemble_names else []
         if figures[0].clean_logits is not None:
             # The mixture on each step's clean batch: one gather of every step's logits at once.
@@ -142,10 +146,10 @@ class StepLog:
                                      (log_probs.argmax(dim=1) == y).float() * 100], dim=1)
             mixture = torch.stack([part.mean(dim=0) for part in per_image.split([len(f.y) for f in figures])])
             scalars = [torch.cat([s, m]) for s, m in zip(scalars, mixture)] if scalars else list(mixture)
-            ensemble_names = ensemble_names + ["mixture/loss", "mixture/acc"]
+            ensemble_names = ensemble_names + ["loss/mixture", "acc/mixture"]
         if ensemble_names:
             table = replicas.sum(torch.stack(scalars), shares.to(owned.device)[:, None])
-            columns.update({name: table[:, k] for k, name in enumerate(ensemble_names)})
+            columns.update({f"{TRAIN}/{name}": table[:, k] for k, name in enumerate(ensemble_names)})
         keys = list(columns)
         values = torch.stack([columns[k] for k in keys], dim=1).tolist()  # the one wait for the device
         self.pending = []
@@ -153,7 +157,7 @@ class StepLog:
         for step, row in rows:
             bad = [k for k, v in row.items() if not math.isfinite(v)]
             if bad:
-                name, _, index = bad[0].rpartition("/sub")
+                name, _, index = bad[0].removeprefix(TRAIN + "/").rpartition("/sub")
                 where = f"{name} of submodel {index}" if name and index.isdigit() else f"{bad[0]} of the ensemble"
                 raise NonFiniteLoss(
                     f"{where} is not finite at {self.stage} epoch {self.epoch + 1} step {step}; "
@@ -196,11 +200,14 @@ def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
         "complete": False,
         "epoch_figures": [],
         "train_s": 0.0,
+        "wandb_run_id": None,  # the stage's W&B run, continued on resume
+        "wandb_rows": [],  # [step, row] logged since the epoch started: logged again on resume
         "shared_generator": checkpoint.generator_to_text(stream(cfg.seed, "shared", stage)),
     }
 
 
-def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> None:
+def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, session: dict) -> None:
+    started = time.perf_counter()
     cfg, placement = ctx.cfg, ctx.placement
     section = getattr(cfg, name)
     owned = build_owned(cfg, ctx.data, placement.owned, name, ctx.device)
@@ -217,7 +224,12 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
     timer = PhaseTimer(cfg.logging.step_timing, ctx.device)
     stage = REGISTRY[name](StageRun(name, cfg, owned, placement, placement.replicas, ctx.data, shared, timer))
     path = checkpoint.stage_dir(ctx.run_dir, name)
-    tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg), active=placement.is_main)
+    tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg) | {"provenance": session},
+                      active=placement.is_main, run_id=state.get("wandb_run_id"))
+    state["wandb_run_id"] = tracker.run_id
+    # Steps a kill may have kept from W&B (the checkpoint covers them); W&B skips those it has online.
+    for step, row in state.get("wandb_rows", []):
+        tracker.log(row, step=step)
     exit_code = 1
     try:
         steps_per_epoch = num_batches(len(ctx.data.y_train), section.batch_size)
@@ -233,9 +245,11 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
 
             def flush() -> None:
                 for step, row in log.flush():
-                    main = [v for k, v in row.items() if k.startswith(stage.main_loss + "/sub")]
+                    main = [v for k, v in row.items() if k.startswith(f"{TRAIN}/{stage.main_loss}/sub")]
                     main_losses.append(sum(main) / len(main))
                     tracker.log(row, step=epoch * steps_per_epoch + step)
+                    if tracker.run is not None:
+                        state.setdefault("wandb_rows", []).append([epoch * steps_per_epoch + step, row])
                 if main_losses:
                     progress.show_loss(main_losses[-1])
 
@@ -268,15 +282,16 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
                 + (f" | {timer.summary()}" if timer.seconds else "")
             )
             state["train_s"] += progress.close(summary)
-            tracker.log(
-                {**metrics, "epoch": epoch + 1, "lr": lr, "images_per_s": progress.images_per_s}
-                | {f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()}
-                | epoch_figures,
+            tracker.log_epoch(
+                {**metrics, "epoch": epoch + 1}
+                | {f"{TRAIN}/{key}": value for key, value in
+                   ({"lr": lr, "images_per_s": progress.images_per_s} | epoch_figures).items()}
+                | {f"{TRAIN}/time/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
                 step=(epoch + 1) * steps_per_epoch,
             )
             state.setdefault("epoch_figures", []).append(epoch_figures)
             state.update(
-                epoch=epoch + 1, step=0, complete=epoch + 1 == section.epochs,
+                epoch=epoch + 1, step=0, complete=epoch + 1 == section.epochs, wandb_rows=[],
                 shared_generator=checkpoint.generator_to_text(shared),
             )
             checkpoint.save_checkpoint(path, owned, placement, state)
@@ -284,8 +299,16 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
             state["complete"] = True
             checkpoint.save_checkpoint(path, owned, placement, state)
 
+        results["provenance"] = provenance.record_stage(results.get("provenance"), session, name,
+                                                        time.perf_counter() - started)
         rows = evaluate_into(ctx, name, owned, state, results)
-        tracker.summary({f"eval/{r['model']}/{r['attack']}": r["accuracy"] for r in rows})
+        tracker.table("eval/table", rows)
+        tracker.summary({f"eval/{r['attack']}/{r['model']}": r["accuracy"] for r in rows}
+                        | {f"eval/{r['attack']}/eps": r["eps"] for r in rows})
+        tracker.config_update({"provenance": results["provenance"]})
+        if cfg.logging.artifacts:
+            tracker.artifact(f"{cfg.name}-{name}", "model", checkpoint.latest(path),
+                             {"stage": name, "epochs": state["epoch"], "provenance": results["provenance"]})
         exit_code = 0
     finally:
         tracker.finish(exit_code)
@@ -316,7 +339,11 @@ def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: 
 
 def train(ctx: Context) -> dict:
     results = load_results(ctx.run_dir)
+    session = provenance.session(ctx.cfg, ctx.device, launched_world_size())
     with SignalGuard() as guard:
         for stage in ctx.cfg.stages:
-            run_stage(ctx, stage, results, guard)
+            run_stage(ctx, stage, results, guard, session)
+    sync = sync_command(ctx.run_dir) if resolve_mode(ctx.cfg.logging) == "offline" else None
+    if ctx.placement.is_main and sync is not None:
+        print(f"W&B runs are offline; upload them with: {sync}", flush=True)
     return results
