@@ -19,7 +19,7 @@ import torch
 import dvtrain
 from dvtrain.config import STAGES, Config
 
-PACKAGES = ("torch", "accelerate", "wandb")
+PACKAGES = ("accelerate", "wandb")  # torch: its own __version__, which names the build (+cpu, +cu130)
 GIT_TIMEOUT_S = 10
 SOURCE_ROOT = Path(dvtrain.__file__).resolve().parent.parent
 
@@ -63,6 +63,7 @@ def session(cfg: Config, device: torch.device, world_size: int) -> dict:
     return {
         "dvtrain": dvtrain.__version__,
         "git_commit": git_commit(),
+        "torch": torch.__version__,
         **{name: _package_version(name) for name in PACKAGES},
         "python": platform.python_version(),
         "device": device_name(device),

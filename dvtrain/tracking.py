@@ -15,7 +15,9 @@ import json
 import netrc
 import os
 import re
+import secrets
 import shlex
+import string
 import subprocess
 import sys
 import time
@@ -30,6 +32,8 @@ from dvtrain.errors import DvtrainError
 WANDB_HOST = "api.wandb.ai"
 WANDB_READ_TIMEOUT_S = 120
 OFFLINE_RUN_GLOB = "offline-run-*"
+RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
+RUN_ID_LENGTH = 8
 
 
 def has_wandb_key() -> bool:
@@ -52,11 +56,16 @@ def resolve_mode(cfg: LoggingConfig) -> str:
     return cfg.wandb
 
 
+def new_run_id() -> str:
+    """A fresh W&B run id (8 characters of [a-z0-9], as W&B makes them)."""
+    return "".join(secrets.choice(RUN_ID_ALPHABET) for _ in range(RUN_ID_LENGTH))
+
+
 class Tracker:
     """A W&B run for one stage, or nothing (disabled, or not the main process).
 
-    `run_id`: the id of the stage's run before an interruption; the run is continued
-    (`resume="allow"`), and steps W&B already holds (online) are not logged twice."""
+    `run_id`: the stage's run id (kept in its checkpoint); a run with this id that already exists is
+    continued (`resume="allow"`), and steps W&B already holds (online) are not logged twice."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, stage: str, config: dict, active: bool,
                  run_id: str | None = None):
@@ -91,8 +100,8 @@ class Tracker:
                 f"W&B could not start in {self.mode} mode ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                 "use logging.wandb=offline and `wandb sync` later"
             ) from None
-        # Online, a resumed run knows its last step; offline it starts at 0 and the steps are merged on sync.
-        self.resumed_step = self.run.step if run_id else 0
+        # Online, a resumed run knows its last step; offline it starts at 0 and the pieces merge on sync.
+        self.resumed_step = self.run.step
         self.run.define_metric("epoch")
 
     @property
@@ -148,6 +157,46 @@ class Tracker:
         self.run.finish(exit_code=exit_code)
         wandb.teardown()
         self.run = None
+
+
+class StepHistory:
+    """Every row a stage logged, appended to `<run_dir>/wandb/<stage>-history.jsonl` and synced to disk
+    before the checkpoint that covers it.
+
+    W&B's writer buffers: a kill -9 loses what it had not written yet, offline easily the whole run so
+    far. A resumed stage logs this history again up to its checkpoint (online, W&B skips the steps it
+    holds), so its run's steps have no gap."""
+
+    def __init__(self, run_dir: Path, stage: str, active: bool) -> None:
+        self.path = run_dir / "wandb" / f"{stage}-history.jsonl"
+        self.active = active
+
+    def append(self, step: int, row: dict, epoch_level: bool = False) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "row": row, "epoch": epoch_level}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def replay(self, tracker: "Tracker", upto: int) -> None:
+        """Log the rows of steps 1..`upto` (the checkpoint's) again and forget later ones, which the
+        resumed run recomputes. A line torn by the kill is dropped."""
+        if not self.active or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry["step"] <= upto:
+                kept.append(entry)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+        tmp.replace(self.path)
+        for entry in kept:
+            (tracker.log_epoch if entry["epoch"] else tracker.log)(entry["row"], entry["step"])
 
 
 def sync_command(run_dir: Path) -> str | None:

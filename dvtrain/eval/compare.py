@@ -44,7 +44,7 @@ LEGEND = (
     "others (lower is better); with --group-by: mean ± s.d. over the n runs of a row."
 )
 
-Column = tuple[str, str, str, float | None]  # (stage, model, metric, ε)
+Column = tuple[str, str, str, float | None]  # (stage, model, metric, ε); ε None where it is 0 or not known
 
 
 @dataclass
@@ -105,7 +105,7 @@ def read_run_dir(path: Path) -> Experiment:
     except (OSError, json.JSONDecodeError) as exc:
         raise DvtrainError(f"{path / RESULTS_JSON} is unreadable ({exc}); evaluate the run again with `dvtrain eval {path}`") from None
     eps = {(r["stage"], r["model"], r["attack"]): r.get("eps") for r in results.get("eval", [])}
-    values = {(stage, model, metric, eps.get((stage, model, metric))): value
+    values = {(stage, model, metric, eps.get((stage, model, metric)) or None): value
               for (stage, model, metric), value in result_metrics(results).items()}
     if not values:
         raise DvtrainError(f"{path} has no evaluation results yet; run `dvtrain eval {path}` first")
@@ -182,7 +182,7 @@ def experiment_from_wandb(label: str, runs: list[tuple[str, str | None, dict, di
             if len(key) == 3:
                 values[(key[0], key[1], key[2], None)] = float(value)
             elif len(key) == 2 and stage is not None and key[1] != EPS:
-                values[(stage, key[1], key[0], numbers.get((key[0], EPS)))] = float(value)
+                values[(stage, key[1], key[0], numbers.get((key[0], EPS)) or None)] = float(value)
     if not values:
         raise DvtrainError(f"the W&B runs of {source} have no evaluation numbers (summary keys eval/...); pass runs "
                            "of `dvtrain train` or `dvtrain eval` that finished")

@@ -33,7 +33,7 @@ from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.submodels import Owned
 from dvtrain.timing import PhaseTimer
 from dvtrain.distributed.runtime import launched_world_size
-from dvtrain.tracking import Progress, Tracker, resolve_mode, sync_command
+from dvtrain.tracking import Progress, StepHistory, Tracker, new_run_id, resolve_mode, sync_command
 from dvtrain.train.optim import build_owned, set_epoch_lr
 from dvtrain.train.registry import REGISTRY
 from dvtrain.train.stage import StageRun, StepFigures
@@ -201,7 +201,6 @@ def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
         "epoch_figures": [],
         "train_s": 0.0,
         "wandb_run_id": None,  # the stage's W&B run, continued on resume
-        "wandb_rows": [],  # [step, row] logged since the epoch started: logged again on resume
         "shared_generator": checkpoint.generator_to_text(stream(cfg.seed, "shared", stage)),
     }
 
@@ -224,15 +223,18 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, sessio
     timer = PhaseTimer(cfg.logging.step_timing, ctx.device)
     stage = REGISTRY[name](StageRun(name, cfg, owned, placement, placement.replicas, ctx.data, shared, timer))
     path = checkpoint.stage_dir(ctx.run_dir, name)
+    if state.get("wandb_run_id") is None and resolve_mode(cfg.logging) != "disabled":
+        # The stage's W&B run id, checkpointed with its starting point before the run exists: a kill
+        # at any later moment resumes this run rather than opening a second one.
+        state["wandb_run_id"] = new_run_id()
+        checkpoint.save_checkpoint(path, owned, placement, state)
     tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg) | {"provenance": session},
                       active=placement.is_main, run_id=state.get("wandb_run_id"))
-    state["wandb_run_id"] = tracker.run_id
-    # Steps a kill may have kept from W&B (the checkpoint covers them); W&B skips those it has online.
-    for step, row in state.get("wandb_rows", []):
-        tracker.log(row, step=step)
+    history = StepHistory(ctx.run_dir, name, active=tracker.run is not None)
     exit_code = 1
     try:
         steps_per_epoch = num_batches(len(ctx.data.y_train), section.batch_size)
+        history.replay(tracker, upto=state["epoch"] * steps_per_epoch + state["step"])
         for epoch in range(state["epoch"], section.epochs):
             # Where this epoch's batches come from, so a checkpoint inside it can replay them.
             epoch_start = checkpoint.generator_to_text(shared)
@@ -248,8 +250,7 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, sessio
                     main = [v for k, v in row.items() if k.startswith(f"{TRAIN}/{stage.main_loss}/sub")]
                     main_losses.append(sum(main) / len(main))
                     tracker.log(row, step=epoch * steps_per_epoch + step)
-                    if tracker.run is not None:
-                        state.setdefault("wandb_rows", []).append([epoch * steps_per_epoch + step, row])
+                    history.append(epoch * steps_per_epoch + step, row)
                 if main_losses:
                     progress.show_loss(main_losses[-1])
 
@@ -282,16 +283,17 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, sessio
                 + (f" | {timer.summary()}" if timer.seconds else "")
             )
             state["train_s"] += progress.close(summary)
-            tracker.log_epoch(
+            epoch_row = (
                 {**metrics, "epoch": epoch + 1}
                 | {f"{TRAIN}/{key}": value for key, value in
                    ({"lr": lr, "images_per_s": progress.images_per_s} | epoch_figures).items()}
-                | {f"{TRAIN}/time/{phase}_s": seconds for phase, seconds in timer.seconds.items()},
-                step=(epoch + 1) * steps_per_epoch,
+                | {f"{TRAIN}/time/{phase}_s": seconds for phase, seconds in timer.seconds.items()}
             )
+            tracker.log_epoch(epoch_row, step=(epoch + 1) * steps_per_epoch)
+            history.append((epoch + 1) * steps_per_epoch, epoch_row, epoch_level=True)
             state.setdefault("epoch_figures", []).append(epoch_figures)
             state.update(
-                epoch=epoch + 1, step=0, complete=epoch + 1 == section.epochs, wandb_rows=[],
+                epoch=epoch + 1, step=0, complete=epoch + 1 == section.epochs,
                 shared_generator=checkpoint.generator_to_text(shared),
             )
             checkpoint.save_checkpoint(path, owned, placement, state)
