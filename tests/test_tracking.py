@@ -52,3 +52,15 @@ def test_keys_epoch_axis_final_table_and_provenance(seed_runs):
     if head.returncode == 0:
         assert prov["git_commit"].startswith(head.stdout.strip())
     assert info.config["provenance"] == prov  # the W&B config carries the same
+
+
+def test_final_checkpoint_is_an_artifact_when_asked(seed_runs):
+    def artifacts(run_dir):
+        (records,) = _offline_runs(run_dir)
+        return [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model"]
+
+    assert artifacts(seed_runs["seed0"]) == []  # logging.artifacts=false (default)
+    (artifact,) = artifacts(seed_runs["seed1"])
+    assert artifact["name"] == "seed1-vanilla"
+    files = {entry["path"] for entry in artifact["manifest"]["contents"]}
+    assert {"sub0.safetensors", "sub2.safetensors", "state.json"} <= files

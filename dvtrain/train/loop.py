@@ -23,6 +23,7 @@ from dvtrain.compute import autocast
 from dvtrain.config import Config, to_dict
 from dvtrain.data import Dataset, num_batches
 from dvtrain.distributed.placement import Placement
+from dvtrain.distributed.runtime import launched_world_size
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.transfer import FULL_EVALUATION_KEYS, evaluation_markdown
 from dvtrain.eval.whitebox import evaluate_stage, results_markdown
@@ -32,7 +33,6 @@ from dvtrain.rng import stream
 from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.submodels import Owned
 from dvtrain.timing import PhaseTimer
-from dvtrain.distributed.runtime import launched_world_size
 from dvtrain.tracking import Progress, StepHistory, Tracker, new_run_id, resolve_mode, sync_command
 from dvtrain.train.optim import build_owned, set_epoch_lr
 from dvtrain.train.registry import REGISTRY
