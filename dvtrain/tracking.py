@@ -104,10 +104,6 @@ class Tracker:
         self.resumed_step = self.run.step
         self.run.define_metric("epoch")
 
-    @property
-    def run_id(self) -> str | None:
-        return None if self.run is None else self.run.id
-
     def log(self, values: dict, step: int) -> None:
         if self.run is not None and step >= self.resumed_step:
             self.run.log(values, step=step)
