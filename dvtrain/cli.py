@@ -9,6 +9,7 @@ needs (config, run directory, finished stages, readable results) before it spend
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -17,8 +18,11 @@ from pathlib import Path
 
 import torch
 
+import dvtrain
 from dvtrain import checkpoint
-from dvtrain.config import Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config, read_yaml
+from dvtrain.compute import set_threads
+from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config,
+                            parse_override, read_yaml)
 from dvtrain.errors import DvtrainError
 from dvtrain.distributed.placement import Placement
 from dvtrain.distributed.runtime import (
@@ -32,7 +36,8 @@ DEFAULT_CONFIG = "digits_quickstart.yaml"
 CONFIG_FILE = "config.yaml"
 # Keys that may change when a run is resumed: they do not change what any stage computes
 # (stages: a run may be extended by later stages).
-RESUMABLE_CHANGES = ("logging.", "device", "dist.", "eval.batch_size", "stages")
+# (compute.threads changes rounding only, as the number of processes does.)
+RESUMABLE_CHANGES = ("logging.", "device", "dist.", "eval.batch_size", "stages", "compute.threads")
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -44,6 +49,29 @@ PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "
 def peer_failure(exc: BaseException) -> bool:
     """A collective that failed because another rank died, raised or hung (gloo raises RuntimeError)."""
     return isinstance(exc, torch.distributed.DistError) or any(sign in str(exc) for sign in PEER_FAILURE_SIGNS)
+
+
+def single_cpu_process_note() -> str | None:
+    """A note for `accelerate launch --cpu`, which starts one process whatever --num_processes says
+    (it sets ACCELERATE_USE_CPU and no rank variables)."""
+    if "ACCELERATE_USE_CPU" not in os.environ or any(v in os.environ for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return None
+    from accelerate.utils import parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return None
+    return ("dvtrain: note: `accelerate launch --cpu` starts a single process whatever --num_processes says; for N CPU "
+            "processes run `accelerate launch --multi_gpu --num_processes N --main_process_port 0 launch/train.py` "
+            "or `torchrun --nproc_per_node N launch/train.py`")
+
+
+def experiment_name(cfg: Config, run_dir: str | None, overrides: list[str]) -> Config:
+    """The experiment's name (W&B group, results title) is the run directory's name unless `name=` is
+    given: runs in different directories must not share a W&B group."""
+    named = any(parse_override(o)[0] == "name" for o in overrides)
+    if run_dir is None or named or not Path(run_dir).resolve().name:
+        return cfg
+    return dataclasses.replace(cfg, name=Path(run_dir).resolve().name)
 
 
 def default_config_path() -> Path:
@@ -230,6 +258,8 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", help="run directory (default: <runs_dir>/<name>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the run directory")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as YAML and exit without training")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dverge.eps=0.03")
     args = parser.parse_args(argv)
     started = False  # from here on a rank may fail alone, and prints its own error
@@ -238,7 +268,16 @@ def train_main(argv: list[str] | None = None) -> int:
             if args.resume and args.overwrite:
                 raise DvtrainError("--resume and --overwrite contradict each other; pass one of them")
             cfg = load_config(args.config or default_config_path(), args.overrides)
+            cfg = experiment_name(cfg, args.run_dir, args.overrides)
             run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / cfg.name
+            if args.print_config:
+                if args.resume and args.config is None and (run_dir / CONFIG_FILE).is_file():
+                    cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
+                print(dump_yaml(cfg), end="")
+                return 0
+            note = single_cpu_process_note()
+            if note:
+                print(note, file=sys.stderr)
             placement, device = init_runtime(cfg)
             try:
                 from dvtrain.data import load_dataset
@@ -247,6 +286,7 @@ def train_main(argv: list[str] | None = None) -> int:
                     cfg, run_dir, args.resume, args.overwrite, args.config is not None, args.overrides, placement,
                     lambda resolved: load_dataset(resolved.data).to(device),
                 )
+                set_threads(cfg.compute)
                 from dvtrain.train.loop import train
 
                 started = True
@@ -291,7 +331,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         "ensemble-adaptive attack, worst case per image, 95%% intervals) with gradient-masking checks, "
         "transferability matrix, black-box transfer from a surrogate ensemble, ε sweep, plots.",
     )
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory `dvtrain train` wrote (it holds config.yaml)")
     parser.add_argument("--stage", action="append", help="stage to evaluate (repeatable; default: every saved stage)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation overrides, e.g. eval.eps=0.01")
     args = parser.parse_args(argv)
@@ -309,6 +349,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             raise DvtrainError("dvtrain eval loads every submodel in one process; run it with python, not a launcher")
         stages = evaluable_stages(run_dir, cfg, args.stage)
         check_results(run_dir)
+        set_threads(cfg.compute)
         from dvtrain.eval.evaluate import full_evaluation
         from dvtrain.train.vanilla import train_plain_ensemble
 
@@ -318,19 +359,34 @@ def eval_main(argv: list[str] | None = None) -> int:
     return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main, "eval": eval_main, "compare": compare_main}
-    if not argv or argv[0] not in commands:
-        print("usage: dvtrain {train,eval,compare} ...  (dvtrain COMMAND --help for details)", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return commands[argv[0]](argv[1:])
-
-
 def compare_main(argv: list[str]) -> int:
     from dvtrain.eval.compare import compare_main as compare
 
     return interruptible(lambda: compare(argv), "no file was written half: run it again")
+
+
+COMMANDS = {
+    "train": (train_main, "train an ensemble: vanilla, DVERGE, DVERGE+AdvT (or the baselines), evaluated after each stage"),
+    "eval": (eval_main, "the paper's whole evaluation of a run's saved stages (APGD, transferability, black-box, ε sweep)"),
+    "compare": (compare_main, "runs side by side: one row per run, config differences, mean ± s.d. over seeds"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][0](argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="dvtrain",
+        description="Distributed trainer for robust model ensembles with DVERGE (Yang et al., NeurIPS 2020).",
+        epilog="commands:\n" + "".join(f"  {name:<9}{line}\n" for name, (_, line) in COMMANDS.items())
+        + "\n`dvtrain COMMAND --help` describes each.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dvtrain {dvtrain.__version__}")
+    parser.add_argument("command", choices=list(COMMANDS), help="what to do (see below)")
+    parser.parse_args(argv[:1])  # prints help or the version and exits 0; exits 2 on anything else
+    return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

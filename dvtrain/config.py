@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -378,6 +378,9 @@ class ComputeConfig:
     channels_last: bool = False
     # torch.compile the models' layer-indexed features (one graph per layer); eager if compiling fails.
     compile: bool = False
+    # Torch CPU threads per process: N, or auto (the cores available divided by this node's processes,
+    # at most torch's own default). Weights are bit-identical across placements only at equal thread counts.
+    threads: Union[int, str] = "auto"
 
 
 @dataclass
@@ -394,6 +397,8 @@ class LoggingConfig:
     # Step figures stay on the device and are reduced, checked and logged every this many steps
     # (and before every checkpoint); Ctrl-C is answered at these points too.
     every_steps: int = ranged(10, ge=1)
+    # Also upload each stage's final checkpoint to W&B as a model artifact.
+    artifacts: bool = False
 
 
 @dataclass
@@ -460,7 +465,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key)
+        for arg in args[:-1]:  # the first type the value fits, e.g. int | str for `N` or `auto`
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], key)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -662,3 +672,5 @@ def validate(cfg: Config) -> None:
     a = cfg.eval.autoattack
     _check((a.version == "custom") == bool(a.attacks),
            "eval.autoattack.attacks is for version=custom only, and version=custom needs a non-empty attacks list")
+    _check(cfg.compute.threads == "auto" or (isinstance(cfg.compute.threads, int) and cfg.compute.threads >= 1),
+           f"compute.threads={cfg.compute.threads!r} must be auto or a number of threads >= 1")

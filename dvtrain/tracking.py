@@ -1,8 +1,12 @@
 """Weights & Biases runs and the terminal progress display.
 
-One W&B run per stage, grouped by the run name, so the W&B UI lays vanilla, DVERGE and DVERGE+AdvT
-side by side. Without an API key, `logging.wandb=auto` logs offline (no account, no network); the
-files sit in `<run_dir>/wandb/` and `wandb sync` uploads them later. Only the main process logs.
+One W&B run per stage (job type = the stage), grouped by the experiment's name (group = `name`, by
+default the run directory's name), so the W&B UI lays vanilla, DVERGE and DVERGE+AdvT side by side.
+A resumed stage continues its run: the run id is kept in the stage's checkpoint. Keys:
+`train/<metric>/sub<i>` and `train/<metric>/mixture` per step, `test/<metric>/<model>` per epoch
+(plotted against `epoch`), `eval/<attack>/<model>` in the summary. Without an API key,
+`logging.wandb=auto` logs offline (no account, no network); the files sit in `<run_dir>/wandb/` and
+`wandb sync` uploads them later. Only the main process logs.
 """
 
 from __future__ import annotations
@@ -10,9 +14,14 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
+import secrets
+import shlex
+import string
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,6 +30,10 @@ from dvtrain.config import LoggingConfig
 from dvtrain.errors import DvtrainError
 
 WANDB_HOST = "api.wandb.ai"
+WANDB_READ_TIMEOUT_S = 120
+OFFLINE_RUN_GLOB = "offline-run-*"
+RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
+RUN_ID_LENGTH = 8
 
 
 def has_wandb_key() -> bool:
@@ -43,13 +56,24 @@ def resolve_mode(cfg: LoggingConfig) -> str:
     return cfg.wandb
 
 
-class Tracker:
-    """A W&B run for one stage, or nothing (disabled, or not the main process)."""
+def new_run_id() -> str:
+    """A fresh W&B run id (8 characters of [a-z0-9], as W&B makes them)."""
+    return "".join(secrets.choice(RUN_ID_ALPHABET) for _ in range(RUN_ID_LENGTH))
 
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, stage: str, config: dict, active: bool):
+
+class Tracker:
+    """A W&B run for one stage, or nothing (disabled, or not the main process).
+
+    `run_id`: the stage's run id (kept in its checkpoint); a run with this id that already exists is
+    continued (`resume="allow"`), and steps W&B already holds (online) are not logged twice."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, stage: str, config: dict, active: bool,
+                 run_id: str | None = None):
         self.run = None
-        mode = resolve_mode(cfg)
-        if not active or mode == "disabled":
+        self.resumed_step = 0
+        self.epoch_keys: set[str] = set()
+        self.mode = resolve_mode(cfg)
+        if not active or self.mode == "disabled":
             return
         import wandb
 
@@ -66,22 +90,59 @@ class Tracker:
                 job_type=stage,
                 config=config,
                 dir=str(run_dir),
-                mode=mode,
+                mode=self.mode,
+                id=run_id,
+                resume="allow" if run_id else None,
                 settings=wandb.Settings(init_timeout=cfg.init_timeout_s, silent=True),
             )
         except Exception as exc:  # wandb raises many types for network/auth failures
             raise DvtrainError(
-                f"W&B could not start in {mode} mode ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                f"W&B could not start in {self.mode} mode ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                 "use logging.wandb=offline and `wandb sync` later"
             ) from None
+        # Online, a resumed run knows its last step; offline it starts at 0 and the pieces merge on sync.
+        self.resumed_step = self.run.step
+        self.run.define_metric("epoch")
 
     def log(self, values: dict, step: int) -> None:
-        if self.run is not None:
+        if self.run is not None and step >= self.resumed_step:
             self.run.log(values, step=step)
+
+    def log_epoch(self, values: dict, step: int) -> None:
+        """Epoch-level figures: plotted against `epoch` (which `values` must hold) in the W&B UI."""
+        if self.run is None:
+            return
+        for key in values.keys() - self.epoch_keys - {"epoch"}:
+            self.run.define_metric(key, step_metric="epoch")
+            self.epoch_keys.add(key)
+        self.log(values, step)
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        """Rows of equal keys as a wandb.Table (the final evaluation table of a stage)."""
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        columns = list(rows[0])
+        self.run.log({key: wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])})
 
     def summary(self, values: dict) -> None:
         if self.run is not None:
             self.run.summary.update(values)
+
+    def config_update(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.config.update(values, allow_val_change=True)
+
+    def artifact(self, name: str, kind: str, folder: Path, metadata: dict) -> None:
+        """Upload a folder (a checkpoint) as a W&B artifact; names keep W&B's allowed characters only."""
+        if self.run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(re.sub(r"[^\w.-]", "_", name), type=kind, metadata=metadata)
+        artifact.add_dir(str(folder))
+        self.run.log_artifact(artifact)
 
     def finish(self, exit_code: int = 0) -> None:
         """Finish and flush: `finish` alone can return before the run file is written; `teardown` waits."""
@@ -94,18 +155,98 @@ class Tracker:
         self.run = None
 
 
+class StepHistory:
+    """Every row a stage logged, appended to `<run_dir>/wandb/<stage>-history.jsonl` and synced to disk
+    before the checkpoint that covers it.
+
+    W&B's writer buffers: a kill -9 loses what it had not written yet, offline easily the whole run so
+    far. A resumed stage logs this history again up to its checkpoint (online, W&B skips the steps it
+    holds), so its run's steps have no gap."""
+
+    def __init__(self, run_dir: Path, stage: str, active: bool) -> None:
+        self.path = run_dir / "wandb" / f"{stage}-history.jsonl"
+        self.active = active
+
+    def append(self, step: int, row: dict, epoch_level: bool = False) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "row": row, "epoch": epoch_level}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def replay(self, tracker: "Tracker", upto: int) -> None:
+        """Log the rows of steps 1..`upto` (the checkpoint's) again and forget later ones, which the
+        resumed run recomputes. A line torn by the kill is dropped."""
+        if not self.active or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry["step"] <= upto:
+                kept.append(entry)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+        tmp.replace(self.path)
+        for entry in kept:
+            (tracker.log_epoch if entry["epoch"] else tracker.log)(entry["row"], entry["step"])
+
+
+def sync_command(run_dir: Path) -> str | None:
+    """The `wandb sync` command that uploads a run directory's offline W&B runs (a resumed stage's
+    pieces in the order they were written), or None when it has none."""
+    wandb_dir = run_dir / "wandb"
+    if not any(wandb_dir.glob(OFFLINE_RUN_GLOB)):
+        return None
+    return f"wandb sync {shlex.quote(str(wandb_dir))}/{OFFLINE_RUN_GLOB}"
+
+
 def read_offline_run(path: Path) -> list[dict]:
-    """The records of an offline W&B run (a run directory or its .wandb file), oldest first.
+    """The records of an offline W&B run (its offline-run-* directory or its .wandb file), oldest first.
 
     wandb ships no Python reader for its transaction log; its own `wandb leet inspect --json`
-    prints one JSON record per line."""
+    prints one JSON record per line.
+
+    Raises:
+        DvtrainError: wandb cannot read it (not a run, or one still being written)."""
     wandb_cli = Path(sys.executable).with_name("wandb")
-    done = subprocess.run(
-        [str(wandb_cli), "leet", "inspect", "--json", str(path)], capture_output=True, text=True, timeout=120
-    )
+    try:
+        done = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(path)],
+                              capture_output=True, text=True, timeout=WANDB_READ_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DvtrainError(f"cannot read the W&B run at {path} ({type(exc).__name__}); pass an offline-run-* directory") from None
     if done.returncode != 0:
         raise DvtrainError(f"cannot read the W&B run at {path} ({done.stderr.strip()[:200]}); pass an offline-run-* directory")
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@dataclass
+class OfflineRun:
+    """What an offline run's records say about it: identity, config and final summary."""
+
+    run_id: str
+    name: str
+    group: str
+    job_type: str
+    config: dict
+    summary: dict
+
+
+def offline_run_info(records: list[dict]) -> OfflineRun:
+    """Fold the records of `read_offline_run` into the run's identity, config and summary."""
+    run = next((r["run"] for r in records if r["type"] == "run"), {})
+    config = {k: v for k, v in (run.get("config") or {}).get("update", {}).items() if k != "_wandb"}
+    summary: dict = {}
+    for record in records:
+        if record["type"] == "config":
+            config.update({k: v for k, v in record["config"].get("update", {}).items() if k != "_wandb"})
+        elif record["type"] == "summary":
+            summary.update(record["summary"].get("update", {}))
+    return OfflineRun(run.get("run_id", ""), run.get("display_name", ""), run.get("run_group", ""),
+                      run.get("job_type", ""), config, summary)
 
 
 class Progress:

@@ -83,3 +83,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def seed_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two experiments that differ only in the seed, in run directories seed0 and seed1 (no `name=`),
+    vanilla only (long enough to learn, so the seeds' accuracies differ), each logged to an offline W&B run
+    (seed 1 with its final checkpoint as a W&B artifact)."""
+    from dvtrain import cli
+
+    root = tmp_path_factory.mktemp("seeds")
+    args = [o for o in TINY if not o.startswith("logging.wandb")] + [
+        "stages=[vanilla]", "vanilla.epochs=4", "data.train_limit=512", "logging.wandb=offline"]
+    runs = {f"seed{seed}": root / f"seed{seed}" for seed in (0, 1)}
+    for seed, run_dir in enumerate(runs.values()):  # seed 1 also uploads its checkpoint as an artifact
+        assert cli.train_main(["--run-dir", str(run_dir), *args, f"seed={seed}", f"logging.artifacts={bool(seed)}"]) == 0
+    return runs

@@ -1,10 +1,11 @@
-"""`dvtrain compare`: run directories, an offline W&B run written here, online run paths (dispatch
-only: no network), CSV, the W&B table, and one-line errors."""
+"""`dvtrain compare`: run directories, offline W&B runs written here, online groups and runs (dispatch
+only: no network), config differences, ε in the headers, --group-by, CSV, the W&B table, and one-line errors."""
 
 from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from conftest import TINY
 from dvtrain import cli
 from dvtrain.eval import compare
-from dvtrain.eval.compare import compare_main
+from dvtrain.eval.compare import column_label, compare_main
 from dvtrain.tracking import read_offline_run
 from dvtrain.eval.report import result_metrics
 
@@ -37,6 +38,13 @@ def mixture(run_dir: Path) -> dict[tuple[str, str], float]:
     return {(r["stage"], r["attack"]): r["accuracy"] for r in rows if r["model"] == "mixture"}
 
 
+def header(run_dir: Path, stage: str, attack: str, model: str = "mixture") -> str:
+    """The column a results.json row lands in: stage, attack and its ε."""
+    rows = json.loads((run_dir / "results.json").read_text())["eval"]
+    (eps,) = {r["eps"] for r in rows if (r["stage"], r["model"], r["attack"]) == (stage, model, attack)}
+    return column_label((stage, model, attack, eps))
+
+
 def markdown_rows(text: str) -> dict[str, dict[str, str]]:
     """Run label → column → cell, from the printed table."""
     lines = [line for line in text.splitlines() if line.startswith("|")]
@@ -48,17 +56,43 @@ def markdown_rows(text: str) -> dict[str, dict[str, str]]:
     return rows
 
 
-def test_compare_reads_run_dirs_and_an_offline_wandb_run(runs, capsys):
-    assert compare_main([str(runs["a"]), str(runs["b"]), str(runs["offline"])]) == 0
+def test_one_row_per_experiment_with_all_stages_config_differences_and_eps(runs, capsys):
+    assert compare_main([str(runs["a"]), str(runs["b"]), str(runs["a"] / "wandb")]) == 0
     table = markdown_rows(capsys.readouterr().out)
-    assert list(table) == ["alpha", "beta", "alpha-vanilla"]
+    # the W&B runs of run A are one row, named like the run directory's (so both are named by their argument)
+    assert list(table) == [str(runs["a"]), "beta", str(runs["a"] / "wandb")]
     a, b = mixture(runs["a"]), mixture(runs["b"])
     for attack in ATTACKS:
-        assert table["alpha"][f"vanilla {attack}"] == f"{a[('vanilla', attack)]:.2f}"
-        assert table["alpha-vanilla"][f"vanilla {attack}"] == table["alpha"][f"vanilla {attack}"]  # same numbers via W&B
-        assert table["alpha"][f"dverge {attack}"] == "—"  # run A has no dverge stage
+        column = header(runs["a"], "vanilla", attack)
+        assert column.endswith("ε=0.1") == (attack in ("fgsm", "pgd_linf"))
+        assert table[str(runs["a"])][column] == f"{a[('vanilla', attack)]:.2f}"
+        assert table[str(runs["a"] / "wandb")][column] == table[str(runs["a"])][column]  # the same numbers via W&B
+        assert table[str(runs["a"])][header(runs["b"], "dverge", attack)] == "—"  # run A has no dverge stage
         for stage in ("vanilla", "dverge"):
-            assert table["beta"][f"{stage} {attack}"] == f"{b[(stage, attack)]:.2f}"
+            assert table["beta"][header(runs["b"], stage, attack)] == f"{b[(stage, attack)]:.2f}"
+    # the config keys the runs differ in are columns (name, run dir and logging are not)
+    assert table["beta"]["seed"] == "1" and table[str(runs["a"])]["seed"] == "0"
+    assert table["beta"]["stages"] == '["vanilla", "dverge"]' and "name" not in table["beta"]
+    assert not any(column.startswith("logging.") for column in table["beta"])
+
+
+def test_group_by_seed_gives_mean_and_sd(seed_runs, capsys):
+    args = [str(run) for run in seed_runs.values()]
+    assert compare_main([*args, "--group-by", "seed"]) == 0
+    table = markdown_rows(capsys.readouterr().out)
+    assert list(table) == ["seed0, seed1"]
+    (row,) = table.values()
+    assert row["n"] == "2" and row["seed"] == "0, 1" and len(row) == 2 + len(ATTACKS)  # no other config differs
+    spread = 0.0
+    for attack in ATTACKS:
+        values = [mixture(run)[("vanilla", attack)] for run in seed_runs.values()]
+        cell = row[header(seed_runs["seed0"], "vanilla", attack)]
+        assert cell == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        spread += statistics.stdev(values)
+    assert spread > 0  # the seeds' numbers differ: the s.d. is of real spread
+    # the same from the runs' wandb folders, and without --group-by one row per seed
+    assert compare_main([str(run / "wandb") for run in seed_runs.values()]) == 0
+    assert set(markdown_rows(capsys.readouterr().out)) == {"seed0", "seed1"}
 
 
 def test_csv_holds_the_same_numbers_at_full_precision(runs, tmp_path, capsys):
@@ -68,14 +102,14 @@ def test_csv_holds_the_same_numbers_at_full_precision(runs, tmp_path, capsys):
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["alpha", "beta"]
-    assert set(rows[0]) - {"run"} == set(printed["alpha"])
-    assert "vanilla sub2 pgd_l2" in rows[0]  # --submodels adds every model's columns
+    numbers = [c for c in printed["alpha"] if c not in ("seed", "stages")]
+    assert {c for c in rows[0] if not c.endswith(" sd")} - {"run", "n", "seed", "stages"} == set(numbers)
+    assert header(runs["a"], "vanilla", "pgd_l2", "sub2") in rows[0]  # --submodels adds every model's columns
     for row, run in zip(rows, (runs["a"], runs["b"])):
-        expected = {f"{s} {a}" if m == "mixture" else f"{s} {m} {a}": v
-                    for (s, m, a), v in result_metrics(json.loads((run / "results.json").read_text())).items()}
-        for column, cell in row.items():
-            if column == "run":
-                continue
+        metrics = result_metrics(json.loads((run / "results.json").read_text()))
+        expected = {header(run, s, a, m): v for (s, m, a), v in metrics.items()}
+        for column in numbers:
+            cell = row[column]
             assert (float(cell) if cell else None) == expected.get(column)
             assert printed[row["run"]][column] == (f"{float(cell):.2f}" if cell else "—")
 
@@ -96,26 +130,34 @@ def test_stage_filter_and_the_evaluation_numbers_of_full_evaluation(tmp_path, ca
     (run / "results.json").write_text(json.dumps(results))
     assert compare_main([str(run), "--stage", "dverge"]) == 0
     table = markdown_rows(capsys.readouterr().out)
-    assert table == {"gamma": {"dverge autoattack_linf": "50.00", "dverge bb_mi_pgd": "80.00", "dverge bb_m_di2_fgsm": "75.00",
+    assert table == {"gamma": {"dverge autoattack_linf ε=0.1": "50.00", "dverge bb_mi_pgd": "80.00", "dverge bb_m_di2_fgsm": "75.00",
                                "dverge bb_all": "72.50", "dverge transfer_offdiag": "20.00"}}
 
 
-def test_online_runs_go_through_the_wandb_api(runs, monkeypatch, capsys):
+def test_online_groups_and_runs_go_through_the_wandb_api(runs, monkeypatch, capsys):
     class FakeRun:
-        name, job_type = "delta-dverge", "dverge"
-        summary_metrics = {"eval/mixture/clean": 97.5, "eval/mixture/pgd_linf": 60.25, "eval/table": {"_type": "table-file"},
-                           "test/acc/mixture": 97.0}
+        def __init__(self, stage: str, clean: float):
+            self.name, self.job_type = f"delta-{stage}", stage
+            self.config = {"seed": 3, "provenance": {"started": stage}}
+            self.summary_metrics = {"eval/clean/mixture": clean, "eval/pgd_linf/mixture": 60.25, "eval/pgd_linf/eps": 0.1,
+                                    "eval/table": {"_type": "table-file"}, "test/acc/mixture": 97.0}
 
     class FakeApi:
+        def runs(self, path: str, filters: dict) -> list[FakeRun]:
+            assert path == "team/dvtrain"
+            return [FakeRun("vanilla", 99.0), FakeRun("dverge", 97.5)] if filters == {"group": "delta"} else []
+
         def run(self, path: str) -> FakeRun:
             assert path == "team/dvtrain/abc123"
-            return FakeRun()
+            return FakeRun("dverge", 96.0)
 
     monkeypatch.setattr(compare, "_wandb_api", FakeApi)
-    assert compare_main(["team/dvtrain/abc123", str(runs["b"])]) == 0
+    assert compare_main(["team/dvtrain/delta", "team/dvtrain/abc123", str(runs["b"])]) == 0
     table = markdown_rows(capsys.readouterr().out)
-    assert table["delta-dverge"]["dverge clean"] == "97.50" and table["delta-dverge"]["dverge pgd_linf"] == "60.25"
-    assert table["delta-dverge"]["vanilla clean"] == "—"
+    group, run = table["delta"], table["abc123"]
+    assert group["vanilla clean"] == "99.00" and group["dverge clean"] == "97.50"  # a group: all its stages in one row
+    assert group["dverge pgd_linf ε=0.1"] == "60.25" and run["dverge clean"] == "96.00" and run["vanilla clean"] == "—"
+    assert group["seed"] == "3" and table["beta"]["seed"] == "1"
 
     def unreachable():
         raise ConnectionError("no network")
@@ -123,7 +165,7 @@ def test_online_runs_go_through_the_wandb_api(runs, monkeypatch, capsys):
     monkeypatch.setattr(compare, "_wandb_api", unreachable)
     assert compare_main(["team/dvtrain/abc123"]) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err
-    assert "cannot read the W&B run team/dvtrain/abc123 (ConnectionError)" in err and "wandb login" in err
+    assert "cannot read the W&B group or run team/dvtrain/abc123 (ConnectionError)" in err and "wandb login" in err
 
 
 def test_wandb_logs_the_table_and_the_chart(runs, tmp_path, capsys):
@@ -137,13 +179,14 @@ def test_wandb_logs_the_table_and_the_chart(runs, tmp_path, capsys):
     logged = {k: v for item in history for k, v in item.items()}
     assert logged["compare/table._type"] == "table-file" and logged["compare/chart._type"] == "image-file"
     table = json.loads((offline / "files" / logged["compare/table.path"]).read_text())
-    assert table["columns"][0] == "run" and [row[0] for row in table["data"]] == ["alpha", "beta"]
+    assert table["columns"][:3] == ["run", "seed", "stages"] and [row[0] for row in table["data"]] == ["alpha", "beta"]
     for row in table["data"]:
-        for column, value in zip(table["columns"][1:], row[1:]):
+        for column, value in zip(table["columns"][3:], row[3:]):
             assert printed[row[0]][column] == ("—" if value is None else f"{value:.2f}")
 
 
-@pytest.mark.parametrize("case", ["missing", "not a run", "corrupt results", "stage absent", "same name twice"])
+@pytest.mark.parametrize("case", ["missing", "not a run", "corrupt results", "stage absent", "group-by unknown key",
+                                  "same name twice"])
 def test_errors_are_one_line_and_name_the_fix(runs, tmp_path, capsys, case):
     other = tmp_path / "other"
     other.mkdir()
@@ -152,6 +195,7 @@ def test_errors_are_one_line_and_name_the_fix(runs, tmp_path, capsys, case):
         "not a run": ([str(other)], "neither a dvtrain run directory"),
         "corrupt results": ([str(other)], "is not valid JSON"),
         "stage absent": ([str(runs["a"]), "--stage", "dverge"], "has no numbers for stage dverge; drop --stage"),
+        "group-by unknown key": ([str(runs["a"]), "--group-by", "sed"], "--group-by sed is not a config key"),
         "same name twice": ([str(runs["a"]), str(other)], None),
     }[case]
     if case == "corrupt results":

@@ -141,3 +141,28 @@ def test_a_run_with_every_speed_option_trains_checkpoints_and_resumes(tmp_path):
     again = run_cli("--run-dir", str(run_dir), "--resume")
     assert again.returncode == 0, again.stderr
     assert "complete and evaluated; skipping" in again.stdout
+
+
+def test_threads_auto_shares_the_cores_among_the_nodes_processes():
+    assert compute.resolve_threads("auto", processes=1, cores=2) == min(2, compute.TORCH_DEFAULT_THREADS)
+    assert compute.resolve_threads("auto", processes=3, cores=2) == 1  # never 0
+    assert compute.resolve_threads("auto", processes=2, cores=64) <= compute.TORCH_DEFAULT_THREADS
+    assert compute.resolve_threads(3, processes=1, cores=2) == 3  # as asked, even if too many
+    assert load_config(None, ["compute.threads=4"]).compute.threads == 4
+    with pytest.raises(ConfigError, match="compute.threads=0 must be auto or a number of threads >= 1"):
+        load_config(None, ["compute.threads=0"])
+
+
+def test_more_threads_than_cores_warns_and_sets_the_count(monkeypatch):
+    monkeypatch.setattr(compute, "available_cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    threads = torch.get_num_threads()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"compute.threads=2 × 2 process\(es\) on this node exceeds its 2 cores"):
+            assert compute.set_threads(ComputeConfig(threads=2)) == 2
+        assert torch.get_num_threads() == 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one thread each on two cores: nothing to warn about, busy or not
+            assert compute.set_threads(ComputeConfig(threads="auto")) == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from dvtrain import checkpoint, cli
-from dvtrain.tracking import read_offline_run
+from dvtrain.tracking import offline_run_info, read_offline_run
 
 # Several epochs of a few steps each, a checkpoint every 2 steps: kills land inside epochs.
 LONG = [
@@ -132,6 +132,34 @@ def test_sigterm_flushes_every_logged_step_to_wandb(tmp_path):
     steps_per_epoch = 10 if stage == "vanilla" else 5
     assert len(steps) >= epoch * steps_per_epoch + step  # at least everything the checkpoint covers
     assert any(r["type"] == "exit" for r in records)  # the run was finished, not abandoned
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_one_wandb_run_per_stage_without_a_gap(tmp_path):
+    """kill -9 at a random checkpoint, --resume: each stage is one W&B run (one id) whose pieces hold
+    every step 1..N, and the end of the run names the `wandb sync` command."""
+    run_dir = tmp_path / "run"
+    after = random.Random().randint(3, 12)
+    killed = run_until_then(1, run_dir, signal.SIGKILL, after, ["logging.wandb=offline"])
+    assert killed.returncode != 0
+    resumed = subprocess.run(command(1, "--run-dir", str(run_dir), "--resume"), env=ENV, cwd=REPO,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"wandb sync {run_dir / 'wandb'}/offline-run-*" in resumed.stdout
+    pieces: dict[str, list] = {}
+    for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
+        records = read_offline_run(folder)
+        info = offline_run_info(records)
+        steps = {r["history"]["step"]["num"] for r in records if r["type"] == "history"}
+        if info.run_id or steps:  # (a run killed while W&B started holds no record at all)
+            pieces.setdefault(info.job_type, []).append((info.run_id, steps))
+    steps_per_epoch = {"vanilla": 10, "dverge": 5}  # 320 images in batches of 32 and 64
+    epochs = {"vanilla": 6, "dverge": 4}
+    assert set(pieces) == set(epochs), f"killed after {after} checkpoints"
+    for stage, found in pieces.items():
+        assert len({run_id for run_id, _ in found}) == 1, (stage, after, found)
+        logged = set().union(*(steps for _, steps in found))
+        assert logged == set(range(1, epochs[stage] * steps_per_epoch[stage] + 1)), (stage, after)
 
 
 def test_nan_loss_stops_with_step_and_submodel_and_keeps_the_checkpoint(tmp_path, capsys):

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dvtrain import checkpoint
+from dvtrain import checkpoint, provenance
 from dvtrain.compute import autocast
 from dvtrain.config import Config, to_dict
 from dvtrain.data import Dataset, num_batches
 from dvtrain.distributed.placement import Placement
+from dvtrain.distributed.runtime import launched_world_size
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import FULL_EVALUATION_KEYS, load_results, metric_name, results_markdown, save_results
 from dvtrain.eval.whitebox import evaluate_stage
@@ -31,10 +32,13 @@ from dvtrain.rng import stream
 from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.submodels import Owned
 from dvtrain.timing import PhaseTimer
-from dvtrain.tracking import Progress, Tracker
+from dvtrain.tracking import Progress, StepHistory, Tracker, new_run_id, resolve_mode, sync_command
 from dvtrain.train.optim import build_owned, set_epoch_lr
 from dvtrain.train.registry import REGISTRY
 from dvtrain.train.stage import StageRun, StepFigures
+
+# W&B key prefix of the step figures (`train/<metric>/sub<i>`, `train/<metric>/mixture`).
+TRAIN = "train"
 
 
 class NonFiniteLoss(DvtrainError):
@@ -84,7 +88,8 @@ class StepLog:
         self.pending.append((step, figures, self.placement.replicas.share))
 
     def flush(self) -> list[tuple[int, dict[str, float]]]:
-        """(step, {key: value}) of every pending step, with per-submodel keys `NAME/sub<i>`.
+        """(step, {key: value}) of every pending step: `train/NAME/sub<i>` per submodel, `train/NAME/mixture`
+        for the mixture on the step's clean batch, `train/NAME` for ensemble terms.
 
         Raises:
             NonFiniteLoss: a figure is NaN or infinite (the checkpoint before it is kept).
@@ -100,7 +105,7 @@ class StepLog:
         owned = torch.stack([torch.stack([f.per_submodel[n] for n in names], dim=-1) for f in figures], dim=1)
         every = placement.all_gather(replicas.sum(owned, shares.to(owned.device)[None, :, None]))
         ensemble_names = list(figures[0].ensemble)
-        columns = {f"{name}/sub{i}": every[i, :, k] for k, name in enumerate(names) for i in range(placement.size)}
+        columns = {f"{TRAIN}/{name}/sub{i}": every[i, :, k] for k, name in enumerate(names) for i in range(placement.size)}
         scalars = [torch.stack([f.ensemble[n] for n in ensemble_names]) for f in figures] if ensemble_names else []
         if figures[0].clean_logits is not None:
             # The mixture on each step's clean batch: one gather of every step's logits at once.
@@ -111,10 +116,10 @@ class StepLog:
                                      (log_probs.argmax(dim=1) == y).float() * 100], dim=1)
             mixture = torch.stack([part.mean(dim=0) for part in per_image.split([len(f.y) for f in figures])])
             scalars = [torch.cat([s, m]) for s, m in zip(scalars, mixture)] if scalars else list(mixture)
-            ensemble_names = ensemble_names + ["mixture/loss", "mixture/acc"]
+            ensemble_names = ensemble_names + ["loss/mixture", "acc/mixture"]
         if ensemble_names:
             table = replicas.sum(torch.stack(scalars), shares.to(owned.device)[:, None])
-            columns.update({name: table[:, k] for k, name in enumerate(ensemble_names)})
+            columns.update({f"{TRAIN}/{name}": table[:, k] for k, name in enumerate(ensemble_names)})
         keys = list(columns)
         values = torch.stack([columns[k] for k in keys], dim=1).tolist()  # the one wait for the device
         self.pending = []
@@ -122,7 +127,7 @@ class StepLog:
         for step, row in rows:
             bad = [k for k, v in row.items() if not math.isfinite(v)]
             if bad:
-                name, _, index = bad[0].rpartition("/sub")
+                name, _, index = bad[0].removeprefix(TRAIN + "/").rpartition("/sub")
                 where = f"{name} of submodel {index}" if name and index.isdigit() else f"{bad[0]} of the ensemble"
                 raise NonFiniteLoss(
                     f"{where} is not finite at {self.stage} epoch {self.epoch + 1} step {step}; "
@@ -165,11 +170,13 @@ def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
         "complete": False,
         "epoch_figures": [],
         "train_s": 0.0,
+        "wandb_run_id": None,  # the stage's W&B run, continued on resume
         "shared_generator": checkpoint.generator_to_text(stream(cfg.seed, "shared", stage)),
     }
 
 
-def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> None:
+def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, session: dict) -> None:
+    started = time.perf_counter()
     cfg, placement = ctx.cfg, ctx.placement
     section = getattr(cfg, name)
     owned = build_owned(cfg, ctx.data, placement.owned, name, ctx.device)
@@ -185,10 +192,18 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
     timer = PhaseTimer(cfg.logging.step_timing, ctx.device)
     stage = REGISTRY[name](StageRun(name, cfg, owned, placement, placement.replicas, ctx.data, shared, timer))
     path = checkpoint.stage_dir(ctx.run_dir, name)
-    tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg), active=placement.is_main)
+    if state.get("wandb_run_id") is None and resolve_mode(cfg.logging) != "disabled":
+        # The stage's W&B run id, checkpointed with its starting point before the run exists: a kill
+        # at any later moment resumes this run rather than opening a second one.
+        state["wandb_run_id"] = new_run_id()
+        checkpoint.save_checkpoint(path, owned, placement, state)
+    tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg) | {"provenance": session},
+                      active=placement.is_main, run_id=state.get("wandb_run_id"))
+    history = StepHistory(ctx.run_dir, name, active=tracker.run is not None)
     exit_code = 1
     try:
         steps_per_epoch = num_batches(len(ctx.data.y_train), section.batch_size)
+        history.replay(tracker, upto=state["epoch"] * steps_per_epoch + state["step"])
         for epoch in range(state["epoch"], section.epochs):
             # Where this epoch's batches come from, so a checkpoint inside it can replay them.
             epoch_start = checkpoint.generator_to_text(shared)
@@ -201,9 +216,10 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
 
             def flush() -> None:
                 for step, row in log.flush():
-                    main = [v for k, v in row.items() if k.startswith(stage.main_loss + "/sub")]
+                    main = [v for k, v in row.items() if k.startswith(f"{TRAIN}/{stage.main_loss}/sub")]
                     main_losses.append(sum(main) / len(main))
                     tracker.log(row, step=epoch * steps_per_epoch + step)
+                    history.append(epoch * steps_per_epoch + step, row)
                 if main_losses:
                     progress.show_loss(main_losses[-1])
 
@@ -236,12 +252,14 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
                 + (f" | {timer.summary()}" if timer.seconds else "")
             )
             state["train_s"] += progress.close(summary)
-            tracker.log(
-                {**metrics, "epoch": epoch + 1, "lr": lr, "images_per_s": progress.images_per_s}
-                | {f"time/{phase}_s": seconds for phase, seconds in timer.seconds.items()}
-                | epoch_figures,
-                step=(epoch + 1) * steps_per_epoch,
+            epoch_row = (
+                {**metrics, "epoch": epoch + 1}
+                | {f"{TRAIN}/{key}": value for key, value in
+                   ({"lr": lr, "images_per_s": progress.images_per_s} | epoch_figures).items()}
+                | {f"{TRAIN}/time/{phase}_s": seconds for phase, seconds in timer.seconds.items()}
             )
+            tracker.log_epoch(epoch_row, step=(epoch + 1) * steps_per_epoch)
+            history.append((epoch + 1) * steps_per_epoch, epoch_row, epoch_level=True)
             state.setdefault("epoch_figures", []).append(epoch_figures)
             state.update(
                 epoch=epoch + 1, step=0, complete=epoch + 1 == section.epochs,
@@ -252,8 +270,16 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
             state["complete"] = True
             checkpoint.save_checkpoint(path, owned, placement, state)
 
+        results["provenance"] = provenance.record_stage(results.get("provenance"), session, name,
+                                                        time.perf_counter() - started)
         rows = evaluate_into(ctx, name, owned, state, results)
-        tracker.summary({f"eval/{r['model']}/{metric_name(r['attack'], r['norm'])}": r["accuracy"] for r in rows})
+        tracker.table("eval/table", rows)
+        tracker.summary({f"eval/{metric_name(r['attack'], r['norm'])}/{r['model']}": r["accuracy"] for r in rows}
+                        | {f"eval/{metric_name(r['attack'], r['norm'])}/eps": r["eps"] for r in rows})
+        tracker.config_update({"provenance": results["provenance"]})
+        if cfg.logging.artifacts:
+            tracker.artifact(f"{cfg.name}-{name}", "model", checkpoint.latest(path),
+                             {"stage": name, "epochs": state["epoch"], "provenance": results["provenance"]})
         exit_code = 0
     finally:
         tracker.finish(exit_code)
@@ -284,7 +310,11 @@ def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: 
 
 def train(ctx: Context) -> dict:
     results = load_results(ctx.run_dir)
+    session = provenance.session(ctx.cfg, ctx.device, launched_world_size())
     with SignalGuard() as guard:
         for stage in ctx.cfg.stages:
-            run_stage(ctx, stage, results, guard)
+            run_stage(ctx, stage, results, guard, session)
+    sync = sync_command(ctx.run_dir) if resolve_mode(ctx.cfg.logging) == "offline" else None
+    if ctx.placement.is_main and sync is not None:
+        print(f"W&B runs are offline; upload them with: {sync}", flush=True)
     return results

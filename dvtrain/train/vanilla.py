@@ -53,7 +53,7 @@ class Vanilla:
                 logits_all.append(logits.detach())
             # Each submodel saw its own batch: the mixture's figures are those of the last one's batch
             # under every submodel's pre-step logits would need extra forwards, so none are reported here.
-            on_step(StepFigures({"loss/clean": torch.stack(losses), "acc/train": torch.stack(accs)},
+            on_step(StepFigures({"loss/clean": torch.stack(losses), "acc": torch.stack(accs)},
                                 clean_logits=None, y=None, ensemble={}), len(drawn[0][1]))
         return {}
 
