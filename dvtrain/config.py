@@ -379,8 +379,10 @@ class ComputeConfig:
     # torch.compile the models' layer-indexed features (one graph per layer); eager if compiling fails.
     compile: bool = False
     # Torch CPU threads per process: N, or auto (the cores available divided by this node's processes,
-    # at most torch's own default). Weights are bit-identical across placements only at equal thread counts.
-    threads: Union[int, str] = "auto"
+    # at most torch's own default). Default 1: on a busy 2-core machine 2 threads made a DVERGE step of
+    # the Conv net 10x slower and of ResNet-20 >6x slower, while on an idle one they gained at most 1.3x
+    # (docs/performance.md); and one thread per process gives the same weights whatever the process count.
+    threads: Union[int, str] = 1
 
 
 @dataclass
