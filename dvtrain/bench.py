@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dvtrain.eval.attacks import project_linf
 from dvtrain.compute import autocast
@@ -231,7 +233,9 @@ def make_step(column: str, cfg: Config, data: Batches, device: torch.device) -> 
     d = cfg.dverge
     if column == "reference":
         models = [owned.models[i].train() for i in owned.ids]
-        optimizers = [owned.optimizers[i] for i in owned.ids]
+        o = d.optim  # torch's own defaults (for-loop SGD on the CPU, foreach on GPUs), as the authors' code
+        optimizers = [torch.optim.SGD(m.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+                      for m in models]
         return lambda layer, k: reference_step(models, optimizers, layer, data.x[k], data.x_s[k], data.y_s[k], d)
     engine, placement = make_engine(column, cfg.compute), LocalPlacement(ENSEMBLE_SIZE)
 
@@ -240,6 +244,120 @@ def make_step(column: str, cfg: Config, data: Batches, device: torch.device) -> 
             dverge_step(owned, placement, engine, layer, data.x[k], data.y[k], data.x_s[k], data.y_s[k], d)
 
     return step
+
+
+# ----------------------------------------------------------------------------- counting
+
+# Operators whose output shape or value the host must read from the device before it can go on.
+READS_DEVICE = {
+    "_local_scalar_dense",  # .item(), float(t), int(t), bool(t): an `if` on a tensor's value
+    "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "equal",
+}
+# Tensor methods that read the whole tensor on the host; on the CPU they dispatch nothing to count.
+HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__",
+              "__repr__", "__str__", "__format__"}
+
+
+class StepCounter(TorchDispatchMode):
+    """The aten operators dispatched inside the block (`ops`; on a GPU each is a kernel launch, or a
+    metadata-only view), and those that make the host wait for the device (`syncs`, by kind):
+
+    - a read of a tensor on the host: `.item()`, `float(t)`, `bool(t)` (a data-dependent `if`),
+      `.tolist()`, `.cpu()`, `.numpy()`, printing (seen as Tensor methods by a `TorchFunctionMode`,
+      since on the CPU some of them dispatch nothing) and `_local_scalar_dense` reached from C++;
+    - operators whose output shape depends on values (`nonzero`, `masked_select`, `unique`, ...);
+    - copies between devices (`_to_copy`/`copy_` from one device to another);
+    - on the CPU only: random draws from a CPU generator, because dvtrain's generators live on the
+      CPU and on a GPU each such draw is followed by a host→device copy (counted there as a copy).
+
+    So the figure means the same on any machine: what would wait for a GPU.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.ops = 0
+        self.syncs: dict[str, int] = {}
+        self.inside_read = 0
+        self.reads = _HostReads(self)
+
+    def __enter__(self) -> "StepCounter":
+        self.reads.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self.reads.__exit__(*exc)
+
+    def note(self, kind: str) -> None:
+        self.syncs[kind] = self.syncs.get(kind, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        name = func.overloadpacket.__name__
+        out = func(*args, **kwargs)
+        if self.inside_read:
+            return out
+        if name in READS_DEVICE:
+            self.note(name)
+        elif name in ("_to_copy", "copy_") and _devices(args, out) > 1:
+            self.note("copy between devices")
+        elif self.device.type == "cpu" and getattr(kwargs.get("generator"), "device", None) == torch.device("cpu"):
+            self.note("random draw on a CPU generator")
+        return out
+
+
+class _HostReads(TorchFunctionMode):
+    def __init__(self, counter: StepCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name not in HOST_READS or self.counter.inside_read:
+            return func(*args, **(kwargs or {}))
+        self.counter.note(name)
+        self.counter.inside_read += 1  # what it dispatches is part of this one read
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter.inside_read -= 1
+
+
+def _devices(args: tuple, out: object) -> int:
+    """Distinct devices holding data among an operator's tensors ("meta" tensors hold none)."""
+    return len({t.device for t in (*args, out) if isinstance(t, Tensor) and t.device.type != "meta"})
+
+
+def count_step(step: StepFn, layer: int, k: int, device: torch.device) -> tuple[int, dict[str, int]]:
+    """Operators and host synchronisations of one step (call it after a warm-up step: steady state)."""
+    with StepCounter(device) as counter:
+        step(layer, k)
+    return counter.ops, counter.syncs
+
+
+def count_columns(setting: Setting, layers: list[int], compute: ComputeConfig, device: torch.device) -> dict:
+    """Per column: operators and host synchronisations per steady-state step, averaged over `layers`.
+
+    Counted at the reference's DISTILL_STEPS distillation steps even in a quick run: counts do not
+    depend on the batch size, so a small batch makes this cheap."""
+    cfg = _config(replace(setting, batch=QUICK_BATCH), DISTILL_STEPS, compute)
+    data = random_batches(2, QUICK_BATCH, device)
+    ops: dict[str, float] = {}
+    syncs: dict[str, float] = {}
+    kinds: dict[str, dict[str, int]] = {}
+    for column in COLUMNS:
+        step = make_step(column, cfg, data, device)
+        counts = []
+        for layer in layers:
+            step(layer, 0)  # warm-up at this layer: lazily built state, compiled graphs
+            counts.append(count_step(step, layer, 1, device))
+        ops[column] = round(statistics.mean(c[0] for c in counts), 1)
+        syncs[column] = round(statistics.mean(sum(c[1].values()) for c in counts), 1)
+        found = {kind for _, per_kind in counts for kind in per_kind}
+        kinds[column] = {kind: round(statistics.mean(c[1].get(kind, 0) for c in counts), 1) for kind in sorted(found)}
+    return {"ops_per_step": ops, "host_syncs_per_step": syncs, "host_sync_kinds": kinds}
 
 
 def timed_step(step: StepFn, layer: int, k: int, device: torch.device) -> tuple[float, float]:
@@ -302,6 +420,7 @@ def run_setting(setting: Setting, args: argparse.Namespace, device: torch.device
     reference = result["images_per_s"]["reference"]
     for column in ENGINES:
         result["speedup_vs_reference"][column] = round(result["images_per_s"][column] / reference, 2)
+    result.update(count_columns(setting, layers, compute_options(args), device))
     return result
 
 
@@ -316,12 +435,13 @@ def projected_hours(settings: dict[str, dict]) -> dict[str, dict[str, float]]:
 
 
 def print_table(settings: dict[str, dict], hours: dict[str, dict[str, float]]) -> None:
-    print(f"{'setting':<20}{'column':<11}{'images/s':>10}{'× ref':>8}{'peak MiB':>10}")
+    print(f"{'setting':<20}{'column':<11}{'images/s':>10}{'× ref':>8}{'peak MiB':>10}{'ops/step':>10}{'syncs/step':>11}")
     for name, r in settings.items():
         for column in COLUMNS:
             ips, mib = r["images_per_s"][column], r["peak_mem_mib"][column]
             ratio = r["speedup_vs_reference"].get(column, 1.0)
-            print(f"{name:<20}{column:<11}{ips:>10.1f}{ratio:>8.2f}{mib:>10.1f}")
+            ops, syncs = r["ops_per_step"][column], r["host_syncs_per_step"][column]
+            print(f"{name:<20}{column:<11}{ips:>10.1f}{ratio:>8.2f}{mib:>10.1f}{ops:>10.0f}{syncs:>11.1f}")
     for run, per_column in hours.items():
         print(f"projected {run}: " + ", ".join(f"{c} {h} h" for c, h in per_column.items()))
 
@@ -355,11 +475,19 @@ def compute_options(args: argparse.Namespace) -> ComputeConfig:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    load_before = os.getloadavg()
     settings = {s.name: run_setting(s, args, device) for s in SETTINGS if s.name in args.settings}
     hours = projected_hours(settings)
     print_table(settings, hours)
+    first = next(iter(settings.values()))
     report = {
         "device": describe(device), "torch": torch.__version__, "quick": args.quick,
+        # The machine's load (1, 5, 15 min averages, as `uptime` prints) before and after: timings on a
+        # shared machine mean little without it.
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        # Machine-independent figures of the first setting, keyed by column (every setting has its own).
+        "ops_per_step": first["ops_per_step"], "host_syncs_per_step": first["host_syncs_per_step"],
+        "counted_on": next(iter(settings)),
         "compute": dataclasses.asdict(compute_options(args)), "ensemble_size": ENSEMBLE_SIZE, "distill_steps": QUICK_DISTILL_STEPS if args.quick else DISTILL_STEPS,
         "timed_steps": QUICK_TIMED_STEPS if args.quick else args.steps,
         "settings": settings, "projected_hours": hours,

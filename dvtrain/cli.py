@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dvtrain import checkpoint
+from dvtrain.compute import check_compute
 from dvtrain.config import Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.distributed.placement import Placement
@@ -116,6 +117,7 @@ def train_main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / cfg.name
         placement, device = init_runtime(cfg)
         try:
+            check_compute(cfg, device, launched_world_size())
             cfg = prepare_run_dir(
                 cfg, run_dir, args.resume, args.overwrite, args.config is not None, args.overrides, placement
             )

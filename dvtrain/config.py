@@ -49,6 +49,9 @@ class DataConfig:
     # Random crop (zero padding) + horizontal flip, done on the device each epoch.
     augment: bool = False
     crop_padding: int = 4
+    # Skip each epoch's last partial training batch, so every step has the same shapes (needed for
+    # compute.cuda_graphs to capture every step; off: every image is used, as the reference does).
+    drop_last: bool = False
     # digits only: share of the 1797 images held out; the split is fixed by `split_seed`, not `seed`,
     # so runs with different seeds are scored on the same test images.
     test_fraction: float = 0.2
@@ -277,6 +280,9 @@ class ComputeConfig:
     channels_last: bool = False
     # torch.compile the models' layer-indexed features (one graph per layer); eager if compiling fails.
     compile: bool = False
+    # GPU only: capture each DVERGE step (distillation PGD, training forwards, backward, optimizer step)
+    # as one CUDA graph per layer and batch shape, and replay it (see dvtrain.compute.CapturedStep).
+    cuda_graphs: bool = False
 
 
 @dataclass

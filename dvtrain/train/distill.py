@@ -11,47 +11,50 @@ weight gradients are computed and thrown away.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain.eval.attacks import linf_random_start, project_linf
+from dvtrain.eval.attacks import linf_random_start
 from dvtrain.config import DvergeConfig
 from dvtrain.models import training_mode
 
 
 def feature_pgd(
-    features: Callable[[Tensor], Tensor], target: Tensor, x_s: Tensor, cfg: DvergeConfig,
-    generators: Sequence[torch.Generator],
+    features: Callable[[Tensor], Tensor], target: Tensor, start: Tensor, anchor: Tensor, cfg: DvergeConfig,
+    groups: int = 1,
 ) -> Tensor:
-    """The PGD of distillation for n models at once: z stacks their n copies of x_s, [n·B, C, H, W].
+    """The PGD of distillation, for `groups` models at once, from `start` within ε of `anchor`.
 
-    `features(z)` returns all n models' features, `target` those of x. The loss sums each model's
-    mean squared error, so each model's share of the gradient is exactly its own; `generators` (one per
-    model) feed the optional random start.
+    z, `start` and `anchor` are [B, groups·C, H, W]: model k's images in channel group k (one model:
+    [B, C, H, W]), in whatever memory format `features` prefers. `features(z)` returns all models'
+    features, `target` those of x, in the same layout. The loss sums each model's mean squared error,
+    so each model's share of the gradient is exactly its own, and the L1 norm is taken per image and
+    model. Each step is a handful of whole-batch operations: the L∞ ball and [0, 1] are one interval
+    per pixel, [max(anchor − ε, 0), min(anchor + ε, 1)], computed once (the same projection as
+    `project_linf`, bit for bit, since the anchor lies in [0, 1]).
     """
-    n = len(generators)
-    anchor = x_s.repeat(n, *[1] * (x_s.ndim - 1))
-    if cfg.random_start:
-        z = torch.cat([linf_random_start(x_s, cfg.eps, g) for g in generators])
-    else:
-        z = anchor.clone()
-    per_model = target.numel() // n
+    per_model = target.numel() // groups
+    lower = (anchor - cfg.eps).clamp_min(0.0)
+    upper = (anchor + cfg.eps).clamp_max(1.0)
+    z = start.detach()
     velocity = torch.zeros_like(z)
     tiny = torch.finfo(z.dtype).tiny
     for _ in range(cfg.steps):
         z.requires_grad_(True)
         loss = F.mse_loss(features(z), target, reduction="sum") / per_model
         (grad,) = torch.autograd.grad(loss, z)
-        if cfg.momentum > 0:
-            l1 = grad.abs().flatten(1).sum(dim=1).clamp_min(tiny).view(-1, *[1] * (grad.ndim - 1))
-            velocity = cfg.momentum * velocity + grad / l1
-        else:
-            velocity = grad
-        z = project_linf(z.detach() - cfg.step_size * velocity.sign(), anchor, cfg.eps)
-    return z.detach()
+        with torch.no_grad():
+            if cfg.momentum > 0:
+                per_image = grad.unflatten(1, (groups, -1))  # [B, groups, C, H, W], a view
+                l1 = per_image.abs().sum(dim=(2, 3, 4), keepdim=True).clamp_min(tiny)
+                velocity.unflatten(1, (groups, -1)).mul_(cfg.momentum).addcdiv_(per_image, l1)
+            else:
+                velocity = grad
+            z = z.sub(velocity.sign(), alpha=cfg.step_size).clamp_(lower, upper)
+    return z
 
 
 def distill(
@@ -66,4 +69,5 @@ def distill(
     with training_mode(model, cfg.bn_mode == "train"):
         with torch.no_grad():
             target = model.features(x, layer)
-        return feature_pgd(lambda z: model.features(z, layer), target, x_s, cfg, [generator])
+        start = linf_random_start(x_s, cfg.eps, generator) if cfg.random_start else x_s
+        return feature_pgd(lambda z: model.features(z, layer), target, start, x_s, cfg)

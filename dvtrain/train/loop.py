@@ -204,7 +204,7 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
     cfg, placement = ctx.cfg, ctx.placement
     section = getattr(cfg, name)
     owned = build_owned(cfg, ctx.data, placement.owned, name, ctx.device)
-    placement.replicas.check_batches(len(ctx.data.y_train), section.batch_size, f"{name}.batch_size")
+    placement.replicas.check_batches(len(ctx.data.y_train), section.batch_size, f"{name}.batch_size", cfg.data.drop_last)
     for i in owned.ids:
         placement.replicas.attach(owned.optimizers[i])
     state = _start_state(ctx, name, owned)
@@ -220,7 +220,7 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard) -> Non
     tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg), active=placement.is_main)
     exit_code = 1
     try:
-        steps_per_epoch = num_batches(len(ctx.data.y_train), section.batch_size)
+        steps_per_epoch = num_batches(len(ctx.data.y_train), section.batch_size, cfg.data.drop_last)
         for epoch in range(state["epoch"], section.epochs):
             # Where this epoch's batches come from, so a checkpoint inside it can replay them.
             epoch_start = checkpoint.generator_to_text(shared)
