@@ -1,7 +1,7 @@
 """Throughput of a DVERGE step: a reference-style baseline against dvtrain's engines, in one process.
 
     python -m dvtrain.bench [--device cpu|cuda|auto] [--steps N] [--quick] [--settings NAME ...]
-                            [--precision fp32|bf16] [--channels-last] [--compile]
+                            [--precision fp32|bf16] [--channels-last] [--compile] [--cuda-graphs]
 
 Columns: "reference" is written the way the authors' code works (one submodel at a time; every
 distillation iteration recomputes the target features and runs a full `backward` that also fills
@@ -25,6 +25,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -37,7 +38,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dvtrain.eval.attacks import project_linf
-from dvtrain.compute import autocast
+from dvtrain.cli import EXIT_USER_ERROR
+from dvtrain.compute import CapturedStep, autocast, check_compute
+from dvtrain.errors import DvtrainError
 from dvtrain.config import ENGINES, PRECISIONS, ComputeConfig, Config, DvergeConfig, load_config
 from dvtrain.data import Dataset
 from dvtrain.train.dverge import dverge_step
@@ -69,6 +72,7 @@ QUICK_LAYERS_TIMED = 2
 MIB = 2**20
 SECONDS_PER_HOUR = 3600
 COLUMNS = ("reference", *ENGINES)
+CAPTURED = "captured"  # the grouped engine's step replayed from CUDA graphs (--cuda-graphs, GPUs only)
 
 
 @dataclass(frozen=True)
@@ -237,11 +241,17 @@ def make_step(column: str, cfg: Config, data: Batches, device: torch.device) -> 
         optimizers = [torch.optim.SGD(m.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
                       for m in models]
         return lambda layer, k: reference_step(models, optimizers, layer, data.x[k], data.x_s[k], data.y_s[k], d)
-    engine, placement = make_engine(column, cfg.compute), LocalPlacement(ENSEMBLE_SIZE)
+    engine = make_engine("grouped" if column == CAPTURED else column, cfg.compute)
+    placement = LocalPlacement(ENSEMBLE_SIZE)
+    captured = CapturedStep(engine.forget) if column == CAPTURED else None
 
     def step(layer: int, k: int) -> None:
+        batch = (data.x[k], data.y[k], data.x_s[k], data.y_s[k])
         with autocast(cfg.compute, device):
-            dverge_step(owned, placement, engine, layer, data.x[k], data.y[k], data.x_s[k], data.y_s[k], d)
+            if captured is None:
+                dverge_step(owned, placement, engine, layer, *batch, d)
+            else:
+                captured(layer, lambda *b: dverge_step(owned, placement, engine, layer, *b, d), *batch)
 
     return step
 
@@ -337,7 +347,9 @@ def count_step(step: StepFn, layer: int, k: int, device: torch.device) -> tuple[
     return counter.ops, counter.syncs
 
 
-def count_columns(setting: Setting, layers: list[int], compute: ComputeConfig, device: torch.device) -> dict:
+def count_columns(
+    setting: Setting, layers: list[int], compute: ComputeConfig, device: torch.device, columns: tuple[str, ...] = COLUMNS
+) -> dict:
     """Per column: operators and host synchronisations per steady-state step, averaged over `layers`.
 
     Counted at the reference's DISTILL_STEPS distillation steps even in a quick run: counts do not
@@ -347,11 +359,12 @@ def count_columns(setting: Setting, layers: list[int], compute: ComputeConfig, d
     ops: dict[str, float] = {}
     syncs: dict[str, float] = {}
     kinds: dict[str, dict[str, int]] = {}
-    for column in COLUMNS:
+    for column in columns:
         step = make_step(column, cfg, data, device)
         counts = []
         for layer in layers:
-            step(layer, 0)  # warm-up at this layer: lazily built state, compiled graphs
+            for _ in range(WARMUP_STEPS + (column == CAPTURED)):  # lazily built state, compiled or captured graphs
+                step(layer, 0)
             counts.append(count_step(step, layer, 1, device))
         ops[column] = round(statistics.mean(c[0] for c in counts), 1)
         syncs[column] = round(statistics.mean(sum(c[1].values()) for c in counts), 1)
@@ -377,9 +390,9 @@ def time_columns(
 
     The columns take turns step by step, so a change of load on a shared machine hits them alike.
     """
-    for step in steps.values():  # the deepest layer exercises every shape; compiling needs each layer
+    for column, step in steps.items():  # the deepest layer exercises every shape; compiling needs each layer
         for layer in layers if warm_every_layer else layers[-1:]:
-            for k in range(WARMUP_STEPS):
+            for k in range(WARMUP_STEPS + (column == CAPTURED)):  # a captured step: warm-up, then capture
                 step(layer, k % count)
     seconds = {c: {layer: [] for layer in layers} for c in steps}
     peak = dict.fromkeys(steps, 0.0)
@@ -412,16 +425,62 @@ def run_setting(setting: Setting, args: argparse.Namespace, device: torch.device
     data = random_batches(steps, batch, device)
     result = {"arch": setting.arch, "batch": batch, "layers": layers,
               "images_per_s": {}, "peak_mem_mib": {}, "speedup_vs_reference": {}}
-    steps_of = {c: make_step(c, cfg, data, device) for c in COLUMNS}
-    timed = time_columns(steps_of, layers, steps, device, warm_every_layer=cfg.compute.compile)
+    columns = (*COLUMNS, CAPTURED) if cfg.compute.cuda_graphs else COLUMNS
+    steps_of = {c: make_step(c, cfg, data, device) for c in columns}
+    timed = time_columns(steps_of, layers, steps, device, warm_every_layer=cfg.compute.compile or cfg.compute.cuda_graphs)
     for column, (seconds, mib) in timed.items():
         result["images_per_s"][column] = round(batch / seconds, 2)
         result["peak_mem_mib"][column] = round(mib, 1)
     reference = result["images_per_s"]["reference"]
-    for column in ENGINES:
+    for column in columns[1:]:
         result["speedup_vs_reference"][column] = round(result["images_per_s"][column] / reference, 2)
-    result.update(count_columns(setting, layers, compute_options(args), device))
+    result.update(count_columns(setting, layers, compute_options(args), device, columns))
     return result
+
+
+# The search of the best CPU configuration (--search): the reference at each thread count against
+# dvtrain at each combination of engine, precision and thread count, all taking turns in one run.
+SEARCH_THREADS = (1, 2)
+
+
+def with_threads(step: StepFn, threads: int) -> StepFn:
+    def run(layer: int, k: int) -> None:
+        torch.set_num_threads(threads)
+        step(layer, k)
+    return run
+
+
+def run_search(setting: Setting, args: argparse.Namespace, device: torch.device) -> dict:
+    """Images/s of every candidate configuration of `setting`, and the best of each side.
+
+    Names: "reference@T" and "ENGINE/PRECISION@T" (T torch threads). Processes are not searched here
+    (one process per measurement); see docs/performance.md for launches of several CPU processes.
+    """
+    quick = args.quick
+    batch = QUICK_BATCH if quick else setting.batch
+    count = QUICK_TIMED_STEPS if quick else args.steps
+    distill_steps = QUICK_DISTILL_STEPS if quick else DISTILL_STEPS
+    data = random_batches(count, batch, device)
+    steps: dict[str, StepFn] = {}
+    for threads in SEARCH_THREADS:
+        cfg = _config(replace(setting, batch=batch), distill_steps, ComputeConfig())
+        steps[f"reference@{threads}"] = with_threads(make_step("reference", cfg, data, device), threads)
+        for engine in ENGINES:
+            for precision in PRECISIONS:
+                cfg = _config(replace(setting, batch=batch), distill_steps, ComputeConfig(precision=precision))
+                steps[f"{engine}/{precision}@{threads}"] = with_threads(make_step(engine, cfg, data, device), threads)
+    num_layers = build_submodel(cfg, _random_dataset(batch), 0).num_layers
+    layers = timed_layers(num_layers, QUICK_LAYERS_TIMED if quick else LAYERS_TIMED)
+    threads_before = torch.get_num_threads()
+    try:
+        timed = time_columns(steps, layers, count, device)
+    finally:
+        torch.set_num_threads(threads_before)
+    ips = {name: round(batch / seconds, 2) for name, (seconds, _) in timed.items()}
+    reference = max((n for n in ips if n.startswith("reference")), key=ips.get)
+    best = max((n for n in ips if not n.startswith("reference")), key=ips.get)
+    return {"setting": setting.name, "batch": batch, "layers": layers, "images_per_s": ips,
+            "best_reference": reference, "best_dvtrain": best, "ratio": round(ips[best] / ips[reference], 2)}
 
 
 def projected_hours(settings: dict[str, dict]) -> dict[str, dict[str, float]]:
@@ -437,7 +496,7 @@ def projected_hours(settings: dict[str, dict]) -> dict[str, dict[str, float]]:
 def print_table(settings: dict[str, dict], hours: dict[str, dict[str, float]]) -> None:
     print(f"{'setting':<20}{'column':<11}{'images/s':>10}{'× ref':>8}{'peak MiB':>10}{'ops/step':>10}{'syncs/step':>11}")
     for name, r in settings.items():
-        for column in COLUMNS:
+        for column in r["images_per_s"]:
             ips, mib = r["images_per_s"][column], r["peak_mem_mib"][column]
             ratio = r["speedup_vs_reference"].get(column, 1.0)
             ops, syncs = r["ops_per_step"][column], r["host_syncs_per_step"][column]
@@ -465,20 +524,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="dvtrain's columns: compute.precision")
     p.add_argument("--channels-last", action="store_true", help="dvtrain's columns: compute.channels_last")
     p.add_argument("--compile", action="store_true", help="dvtrain's columns: compute.compile (warm-up compiles)")
+    p.add_argument("--search", action="store_true",
+                   help="also search the best CPU configuration of the first setting (engine × precision × threads)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help=f"add a '{CAPTURED}' column: the grouped step replayed from CUDA graphs (GPUs only)")
     return p.parse_args(argv)
 
 
 def compute_options(args: argparse.Namespace) -> ComputeConfig:
-    return ComputeConfig(precision=args.precision, channels_last=args.channels_last, compile=args.compile)
+    return ComputeConfig(precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+                         cuda_graphs=args.cuda_graphs)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+        check_compute(replace(Config(), compute=compute_options(args)), device, world_size=1)
+    except DvtrainError as exc:
+        print(f"python -m dvtrain.bench: error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
     load_before = os.getloadavg()
     settings = {s.name: run_setting(s, args, device) for s in SETTINGS if s.name in args.settings}
     hours = projected_hours(settings)
     print_table(settings, hours)
+    search = None
+    if args.search:
+        search = run_search(next(s for s in SETTINGS if s.name in args.settings), args, device)
+        for name, ips in sorted(search["images_per_s"].items(), key=lambda item: -item[1]):
+            print(f"search {search['setting']:<14}{name:<20}{ips:>10.1f}")
+        print(f"best dvtrain configuration: {search['best_dvtrain']}, {search['ratio']}× the reference at its best "
+              f"({search['best_reference']})")
     first = next(iter(settings.values()))
     report = {
         "device": describe(device), "torch": torch.__version__, "quick": args.quick,
@@ -490,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
         "counted_on": next(iter(settings)),
         "compute": dataclasses.asdict(compute_options(args)), "ensemble_size": ENSEMBLE_SIZE, "distill_steps": QUICK_DISTILL_STEPS if args.quick else DISTILL_STEPS,
         "timed_steps": QUICK_TIMED_STEPS if args.quick else args.steps,
-        "settings": settings, "projected_hours": hours,
+        "settings": settings, "projected_hours": hours, "search": search,
     }
     print(json.dumps(report))
     return report

@@ -78,3 +78,19 @@ def test_the_stage_loop_waits_only_when_it_reduces_the_figures(monkeypatch, tmp_
     short, long = (_epoch_syncs(monkeypatch, tmp_path, n) for n in (128, 256))
     assert short == long
     assert sum(long.values()) <= 8
+
+
+def test_cuda_graphs_are_refused_on_the_cpu_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, run_cli
+
+    bench_run = subprocess.run([sys.executable, "-m", "dvtrain.bench", "--quick", "--device", "cpu", "--cuda-graphs"],
+                               cwd=REPO, capture_output=True, text=True, timeout=120)
+    train_run = run_cli("--run-dir", str(tmp_path / "run"), "device=cpu", "compute.cuda_graphs=true",
+                        "logging.wandb=disabled")
+    for done in (bench_run, train_run):
+        assert done.returncode == 2
+        assert done.stderr.count("\n") == 1 and "compute.cuda_graphs=true needs a CUDA device" in done.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
