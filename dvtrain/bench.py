@@ -415,7 +415,9 @@ def timed_layers(num_layers: int, count: int) -> list[int]:
     return sorted({round(v) for v in torch.linspace(1, num_layers, count).tolist()})
 
 
-def run_setting(setting: Setting, args: argparse.Namespace, device: torch.device) -> dict:
+def run_setting(setting: Setting, args: argparse.Namespace, device: torch.device, counted: dict | None = None) -> dict:
+    """Timings of every column at `setting`, and its counts (`counted` keeps them per architecture
+    and layers, since they do not depend on the batch size)."""
     quick = args.quick
     batch = QUICK_BATCH if quick else setting.batch
     steps = QUICK_TIMED_STEPS if quick else args.steps
@@ -434,7 +436,11 @@ def run_setting(setting: Setting, args: argparse.Namespace, device: torch.device
     reference = result["images_per_s"]["reference"]
     for column in columns[1:]:
         result["speedup_vs_reference"][column] = round(result["images_per_s"][column] / reference, 2)
-    result.update(count_columns(setting, layers, compute_options(args), device, columns))
+    counted = {} if counted is None else counted
+    key = (setting.arch, tuple(layers))
+    if key not in counted:
+        counted[key] = count_columns(setting, layers, compute_options(args), device, columns)
+    result.update(counted[key])
     return result
 
 
@@ -545,7 +551,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"python -m dvtrain.bench: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     load_before = os.getloadavg()
-    settings = {s.name: run_setting(s, args, device) for s in SETTINGS if s.name in args.settings}
+    counted: dict = {}
+    settings = {s.name: run_setting(s, args, device, counted) for s in SETTINGS if s.name in args.settings}
     hours = projected_hours(settings)
     print_table(settings, hours)
     search = None

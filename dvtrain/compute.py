@@ -136,6 +136,11 @@ class CapturedStep:
     `before_eager` runs before every call that executes Python (warm-up and capture): a cache of
     device tensors keyed on version counters, which replays do not move, must be dropped there.
 
+    All graphs share one memory pool, so a ResNet-20's 20 layers do not hold 20 sets of activations.
+    That is safe because each replay is self-contained: what outlives it (weights, optimizer state,
+    running statistics, the static inputs) was allocated outside the pool, and its outputs are
+    cloned at once; gradients live in the pool and are rewritten by every replay before use.
+
     Follows the recipe of torch.cuda.graphs ("whole network capture", PyTorch CUDA semantics notes).
     """
 
@@ -143,6 +148,7 @@ class CapturedStep:
         self.before_eager = before_eager or (lambda: None)
         self.warm: set[Hashable] = set()
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Any]] = {}
+        self.pool = None
 
     def __call__(self, key: Hashable, step: Callable[..., Any], *tensors: Tensor) -> Any:
         """`step(*tensors)`, or the replay of its graph captured under `key` (and the tensors' shapes)."""
@@ -164,7 +170,8 @@ class CapturedStep:
             return out
         static = tuple(t.clone() for t in tensors)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
             out = step(*static)
         self.graphs[key] = (graph, static, out)
         graph.replay()

@@ -127,6 +127,10 @@ class Dverge:
                     print(f"[{run.name}] compute.cuda_graphs: runs eagerly (its random starts are drawn on the host)")
             else:
                 self.captured = CapturedStep(getattr(self.engine, "forget", None))
+                for i in run.placement.owned:  # Adam keeps its step count on the GPU to be captured
+                    for group in run.owned.optimizers[i].param_groups:
+                        if "capturable" in group:  # Adam has the option, SGD needs none
+                            group["capturable"] = True
 
     def epoch(self, epoch: int, skip: int, on_step: OnStep) -> dict[str, int | float]:
         """One epoch of Algorithm 1. `run.shared` draws the layer and the batch pairs identically on
