@@ -10,8 +10,14 @@ are `dvtrain.train.dverge.dverge_step` with `LocalPlacement` and that engine, wi
 given on the command line (the reference always runs fp32, eager, NCHW). Every setting is timed at
 several layers and averaged, because the layer changes every epoch; the columns take turns step by
 step. Peak memory is the largest growth during one of a column's timed steps:
-`torch.cuda.max_memory_allocated` on a GPU, the resident-set high-water mark on the CPU. The last
-line printed is one JSON object with every figure.
+`torch.cuda.max_memory_allocated` on a GPU, the resident-set high-water mark on the CPU.
+
+Machine-independent figures per column: `ops_per_step` (aten operators one steady-state step
+dispatches: on a GPU, kernel launches) and `host_syncs_per_step` (those that make the host wait for
+the device), see `StepCounter`. `--search` times the best CPU configuration (engine × precision ×
+threads) against the reference at its best; `--cuda-graphs` adds the captured step (GPUs only). The
+last line printed is one JSON object with every figure, and the machine's load average (`uptime`)
+before and after.
 """
 
 from __future__ import annotations

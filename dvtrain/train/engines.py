@@ -4,8 +4,9 @@ A DVERGE step asks an engine for the owned submodels' distilled batches, their o
 examples (DVERGE+AdvT), and their logits on given batches, differentiable in the weights; the loss and
 its one backward are the step's (`dvtrain.train.dverge`). `LoopEngine` does it one model at a time — the reference path,
 simple and obviously right, which faster engines are tested against. `GroupedEngine` runs the owned
-submodels as one network whose layers are n times wider (grouped convolutions, batched matrix
-products), so each distillation step is one forward and one backward whatever the ensemble size.
+submodels as one network whose layers are n times wider (grouped convolutions, block-diagonal
+matrix products), so each distillation step is one forward and one backward whatever the ensemble
+size, and a step dispatches about a quarter of the reference's operators (docs/performance.md).
 """
 
 from __future__ import annotations
