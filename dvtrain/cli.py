@@ -20,7 +20,7 @@ import torch
 
 import dvtrain
 from dvtrain import checkpoint
-from dvtrain.compute import set_threads
+from dvtrain.compute import check_compute, set_threads
 from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config,
                             parse_override, read_yaml)
 from dvtrain.errors import DvtrainError
@@ -123,7 +123,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
     data = load_data(cfg)
     check_layers(cfg, data)
     for stage in cfg.stages:  # data-parallel replicas each need rows of every batch
-        placement.replicas.check_batches(len(data.y_train), getattr(cfg, stage).batch_size, f"{stage}.batch_size")
+        placement.replicas.check_batches(len(data.y_train), getattr(cfg, stage).batch_size, f"{stage}.batch_size",
+                                            cfg.data.drop_last)
     placement.barrier()
     if placement.is_main:
         try:
@@ -280,6 +281,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 print(note, file=sys.stderr)
             placement, device = init_runtime(cfg)
             try:
+                check_compute(cfg, device, launched_world_size())
                 from dvtrain.data import load_dataset
 
                 cfg, data = prepare_run_dir(

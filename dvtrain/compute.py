@@ -1,4 +1,5 @@
-"""How the hot loop runs on the device: CPU threads, bf16 autocast, channels-last memory, torch.compile.
+"""How the hot loop runs on the device: CPU threads, bf16 autocast, channels-last memory, torch.compile,
+CUDA graphs.
 
 These are speed options, not part of the algorithm: each changes results only as far as its
 precision does. All are off by default, which is what a CPU wants; on a GPU the report's small nets
@@ -9,15 +10,18 @@ attack, while bf16 and channels-last speed up the arithmetic of the larger ResNe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 import torch._dynamo
-from torch import nn
+from torch import Tensor, nn
 
-from dvtrain.config import ComputeConfig
+from dvtrain.config import ComputeConfig, Config
+from dvtrain.errors import DvtrainError
 
 # Compiled graphs a model's `features` may need per layer: grad or no grad (distillation target),
 # train or eval mode, and the batch shapes before dynamo marks the batch dimension dynamic.
@@ -132,3 +136,97 @@ def prepare_model(model: nn.Module, cfg: ComputeConfig, models_sharing_code: int
     if cfg.compile:
         compile_features(model, models_sharing_code)
     return model
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+
+def check_compute(cfg: Config, device: torch.device, world_size: int) -> None:
+    """Refuse, before any work, compute options this run cannot honour.
+
+    Raises:
+        DvtrainError: `compute.cuda_graphs` on a device other than CUDA, in a multi-process launch
+        (the collectives of the step are not captured), or with `logging.step_timing` (which
+        synchronises inside the step).
+    """
+    if not cfg.compute.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise DvtrainError(
+            f"compute.cuda_graphs=true needs a CUDA device but this run is on {device.type}; set compute.cuda_graphs=false"
+        )
+    if world_size > 1:
+        raise DvtrainError(
+            f"compute.cuda_graphs=true captures single-process steps but {world_size} processes were launched; "
+            "launch one process or set compute.cuda_graphs=false"
+        )
+    if cfg.logging.step_timing:
+        raise DvtrainError("compute.cuda_graphs=true cannot time the phases of a replayed step; set logging.step_timing=false")
+
+
+def _clone_tensors(value: Any) -> Any:
+    """A copy of `value` whose tensors are clones (dataclasses, dicts, lists and tuples are walked)."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _clone_tensors(getattr(value, f.name)) for f in dataclasses.fields(value)})
+    if isinstance(value, dict):
+        return {k: _clone_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
+class CapturedStep:
+    """A training step replayed from CUDA graphs: one graph per key (the caller's: layer, batch
+    shapes, learning rates — whatever the step's kernels bake in).
+
+    The step must run on the GPU without host synchronisation or host-side random draws,
+    read its parameters, gradients and optimizer state from persistent tensors (updated in place)
+    and return tensors. The first call for a key runs eagerly on a side stream (warm-up: cuDNN
+    chooses its kernels, the optimizer creates its state), the second captures the step with
+    static copies of its tensor inputs and replays it, later calls copy their inputs into those
+    copies and replay. Outputs are cloned out of the graph's memory, which the next replay reuses.
+    `before_eager` runs before every call that executes Python (warm-up and capture): a cache of
+    device tensors keyed on version counters, which replays do not move, must be dropped there.
+
+    All graphs share one memory pool, so a ResNet-20's 20 layers do not hold 20 sets of activations.
+    That is safe because each replay is self-contained: what outlives it (weights, optimizer state,
+    running statistics, the static inputs) was allocated outside the pool, and its outputs are
+    cloned at once; gradients live in the pool and are rewritten by every replay before use.
+
+    Follows the recipe of torch.cuda.graphs ("whole network capture", PyTorch CUDA semantics notes).
+    """
+
+    def __init__(self, before_eager: Callable[[], None] | None = None) -> None:
+        self.before_eager = before_eager or (lambda: None)
+        self.warm: set[Hashable] = set()
+        self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Any]] = {}
+        self.pool = None
+
+    def __call__(self, key: Hashable, step: Callable[..., Any], *tensors: Tensor) -> Any:
+        """`step(*tensors)`, or the replay of its graph captured under `key` (and the tensors' shapes)."""
+        key = (key, *((t.shape, t.dtype) for t in tensors))
+        if key in self.graphs:
+            graph, static, out = self.graphs[key]
+            for s, t in zip(static, tensors):
+                s.copy_(t)
+            graph.replay()
+            return _clone_tensors(out)
+        self.before_eager()
+        if key not in self.warm:
+            self.warm.add(key)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = step(*tensors)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        static = tuple(t.clone() for t in tensors)
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = step(*static)
+        self.graphs[key] = (graph, static, out)
+        graph.replay()
+        return _clone_tensors(out)

@@ -106,6 +106,9 @@ class DataConfig:
     # Random crop (zero padding) + horizontal flip, done on the device each epoch.
     augment: bool = False
     crop_padding: int = ranged(4, ge=0, note="pixels")
+    # Skip each epoch's last partial training batch, so every step has the same shapes (needed for
+    # compute.cuda_graphs to capture every step; off: every image is used, as the reference does).
+    drop_last: bool = False
     # digits only: share of the 1797 images held out; the split is fixed by `split_seed`, not `seed`,
     # so runs with different seeds are scored on the same test images.
     test_fraction: float = ranged(0.2, gt=0, lt=1)
@@ -383,6 +386,9 @@ class ComputeConfig:
     # the Conv net 10x slower and of ResNet-20 >6x slower, while on an idle one they gained at most 1.3x
     # (docs/performance.md); and one thread per process gives the same weights whatever the process count.
     threads: Union[int, str] = 1
+    # GPU only: capture each DVERGE step (distillation PGD, training forwards, backward, optimizer step)
+    # as one CUDA graph per layer and batch shape, and replay it (see dvtrain.compute.CapturedStep).
+    cuda_graphs: bool = False
 
 
 @dataclass

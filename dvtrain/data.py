@@ -244,11 +244,22 @@ def _cifar10(cfg: DataConfig) -> Dataset:
 # ----------------------------------------------------------------------------- batches
 
 
-def augment(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """Random crop with zero padding and random horizontal flip, per image, vectorised on x's device."""
+def augmentation_draws(n: int, padding: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """An epoch's random crops and flips for n images: offsets [2, n] in 0..2·padding, flips [n] bool.
+
+    Drawn once per epoch (on the CPU generator, then one copy to the device), so no training step
+    waits for a host→device copy."""
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5
+    return offsets, flips
+
+
+def augment(x: Tensor, padding: int, offsets: Tensor, flips: Tensor) -> Tensor:
+    """Random crop with zero padding and random horizontal flip, per image, vectorised on x's device.
+
+    x [n, C, H, W]; offsets [2, n] (rows, columns) and flips [n] from `augmentation_draws`, on x's device.
+    """
     n, _, h, w = x.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
-    flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
     rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]
@@ -259,27 +270,36 @@ def augment(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
 
 
 def batches(
-    x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator, augment_padding: int | None
+    x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator, augment_padding: int | None,
+    drop_last: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """One shuffled pass over (x, y); `augment_padding` None means no augmentation."""
+    """One shuffled pass over (x, y); `augment_padding` None means no augmentation; `drop_last` skips
+    the last partial batch, so every batch has the same shape (what a captured step needs).
+
+    Everything random is drawn at the start of the pass, so the batches themselves never wait for
+    the host."""
     order = torch.randperm(len(y), generator=generator).to(y.device)
-    for start in range(0, len(y), batch_size):
+    if augment_padding is not None:
+        offsets, flips = (t.to(y.device) for t in augmentation_draws(len(y), augment_padding, generator))
+    for start in range(0, num_batches(len(y), batch_size, drop_last) * batch_size, batch_size):
         idx = order[start : start + batch_size]
         xb = x[idx]
         if augment_padding is not None:
-            xb = augment(xb, augment_padding, generator)
+            xb = augment(xb, augment_padding, offsets[:, start : start + batch_size], flips[start : start + batch_size])
         yield xb, y[idx]
 
 
 def paired_batches(
-    x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator, augment_padding: int | None
+    x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator, augment_padding: int | None,
+    drop_last: bool = False,
 ) -> Iterator[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
     """((x, y), (x_s, y_s)) from two independently shuffled passes, as the reference code pairs them."""
     return zip(
-        batches(x, y, batch_size, generator, augment_padding),
-        batches(x, y, batch_size, generator, augment_padding),
+        batches(x, y, batch_size, generator, augment_padding, drop_last),
+        batches(x, y, batch_size, generator, augment_padding, drop_last),
     )
 
 
-def num_batches(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches in one pass over n images."""
+    return n // batch_size if drop_last else -(-n // batch_size)

@@ -9,7 +9,9 @@ import torch
 
 from conftest import write_cifar10
 from dvtrain.config import DataConfig
-from dvtrain.data import FASHION_MNIST_SYSTEM_DIR, DataError, augment, batches, load_dataset, paired_batches
+from dvtrain.data import (
+    FASHION_MNIST_SYSTEM_DIR, DataError, augment, augmentation_draws, batches, load_dataset, num_batches, paired_batches,
+)
 
 
 def test_digits_split_is_fixed_and_disjoint():
@@ -104,6 +106,17 @@ def test_batches_cover_the_data_once_and_repeat_with_the_seed():
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
+def test_drop_last_gives_batches_of_one_shape():
+    x = torch.arange(10.0).view(10, 1, 1, 1)
+    y = torch.arange(10)
+    kept = [b for _, b in batches(x, y, 4, torch.Generator().manual_seed(3), None, drop_last=True)]
+    assert [len(b) for b in kept] == [4, 4] == [4] * num_batches(10, 4, drop_last=True)
+    full = [b for _, b in batches(x, y, 4, torch.Generator().manual_seed(3), None)]
+    assert all(torch.equal(a, b) for a, b in zip(kept, full))  # the same order, only the tail dropped
+    augmented = [b for b, _ in batches(x.expand(10, 1, 4, 4), y, 4, torch.Generator().manual_seed(3), 1, drop_last=True)]
+    assert [b.shape for b in augmented] == [(4, 1, 4, 4)] * 2
+
+
 def test_paired_batches_are_two_independent_orders():
     x = torch.arange(64.0).view(64, 1, 1, 1)
     y = torch.arange(64)
@@ -117,7 +130,7 @@ def test_paired_batches_are_two_independent_orders():
 
 def test_augment_crops_and_flips_within_the_padding():
     x = torch.rand(64, 3, 8, 8)
-    out = augment(x, 2, torch.Generator().manual_seed(0))
+    out = augment(x, 2, *augmentation_draws(64, 2, torch.Generator().manual_seed(0)))
     assert out.shape == x.shape
     # every output is a shifted (and maybe flipped) window of the zero-padded input
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))

@@ -58,7 +58,7 @@ class Replicas:
 
         optimizer.register_step_pre_hook(reduce_gradients)
 
-    def check_batches(self, num_rows: int, batch_size: int, key: str) -> None:
+    def check_batches(self, num_rows: int, batch_size: int, key: str, drop_last: bool = False) -> None:
         """Refuse, before any work, batches that would leave a replica without rows.
 
         Raises:
@@ -66,7 +66,7 @@ class Replicas:
         """
         if self.count == 1:
             return
-        last = num_rows % batch_size or batch_size
+        last = batch_size if drop_last else num_rows % batch_size or batch_size
         smallest = min(batch_size, last, num_rows)
         if smallest < self.count:
             raise DvtrainError(

@@ -166,7 +166,7 @@ class _Baseline:
         run, cfg = self.run, self.run.section
         noise_seed = int(torch.randint(2**62, (1,), generator=run.shared))
         for step, (x, y) in enumerate(batches(run.data.x_train, run.data.y_train, cfg.batch_size, run.shared,
-                                              run.augment_padding)):
+                                              run.augment_padding, run.cfg.data.drop_last)):
             if step < skip:
                 continue
             on_step(self.step(x, y, stream(noise_seed, step), epoch), len(y))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dvtrain.compute import CapturedStep
 from dvtrain.config import DvergeConfig
 from dvtrain.data import paired_batches
 from dvtrain.distributed.placement import Placement
@@ -110,21 +111,45 @@ class Dverge:
         self.run = run
         # One engine for the whole stage: it keeps its wide network (and compiled graphs) between epochs.
         self.engine = make_engine(run.section.engine, run.cfg.compute)
+        # compute.cuda_graphs: steps replayed from CUDA graphs, unless a step draws random starts on
+        # the host (DVERGE+AdvT's PGD, dverge.random_start), which a graph would replay unchanged.
+        self.captured = None
+        if run.cfg.compute.cuda_graphs:
+            if run.section.random_start or run.section.plus_adv:
+                if run.placement.is_main:
+                    print(f"[{run.name}] compute.cuda_graphs: runs eagerly (its random starts are drawn on the host)")
+            else:
+                self.captured = CapturedStep(getattr(self.engine, "forget", None))
+                for i in run.placement.owned:  # Adam keeps its step count on the GPU to be captured
+                    for group in run.owned.optimizers[i].param_groups:
+                        if "capturable" in group:  # Adam has the option, SGD needs none
+                            group["capturable"] = True
 
     def epoch(self, epoch: int, skip: int, on_step: OnStep) -> dict[str, int | float]:
         """One epoch of Algorithm 1. `run.shared` draws the layer and the batch pairs identically on
         every process; a data-parallel replica trains on its rows of each pair."""
         run, cfg = self.run, self.run.section
         layer = draw_layer(cfg, run.models[0].num_layers, run.shared)
-        pairs = paired_batches(run.data.x_train, run.data.y_train, cfg.batch_size, run.shared, run.augment_padding)
+        pairs = paired_batches(
+            run.data.x_train, run.data.y_train, cfg.batch_size, run.shared, run.augment_padding, run.cfg.data.drop_last
+        )
         for step, ((x, y), (x_s, y_s)) in enumerate(pairs):
             if step < skip:
                 continue
-            figures = dverge_step(
-                run.owned, run.placement, self.engine, layer, *run.replicas.shard(x, y, x_s, y_s), cfg, run.timer
-            )
-            on_step(figures, len(y))
+            on_step(self.step(layer, *run.replicas.shard(x, y, x_s, y_s)), len(y))
         return {"layer": layer}
+
+    def step(self, layer: int, x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor) -> StepFigures:
+        """`dverge_step` on this stage's submodels, eager or replayed from the CUDA graph of (layer,
+        learning rates), both of which its kernels bake in."""
+        run, cfg = self.run, self.run.section
+        if self.captured is None:
+            return dverge_step(run.owned, run.placement, self.engine, layer, x, y, x_s, y_s, cfg, run.timer)
+        lrs = tuple(run.owned.optimizers[i].param_groups[0]["lr"] for i in run.placement.owned)
+        return self.captured(
+            (layer, lrs), lambda *batch: dverge_step(run.owned, run.placement, self.engine, layer, *batch, cfg),
+            x, y, x_s, y_s,
+        )
 
 
 class DvergeAdvt(Dverge):

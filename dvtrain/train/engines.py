@@ -4,8 +4,9 @@ A DVERGE step asks an engine for the owned submodels' distilled batches, their o
 examples (DVERGE+AdvT), and their logits on given batches, differentiable in the weights; the loss and
 its one backward are the step's (`dvtrain.train.dverge`). `LoopEngine` does it one model at a time — the reference path,
 simple and obviously right, which faster engines are tested against. `GroupedEngine` runs the owned
-submodels as one network whose layers are n times wider (grouped convolutions, batched matrix
-products), so each distillation step is one forward and one backward whatever the ensemble size.
+submodels as one network whose layers are n times wider (grouped convolutions, block-diagonal
+matrix products), so each distillation step is one forward and one backward whatever the ensemble
+size, and a step dispatches about a quarter of the reference's operators (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -58,39 +59,24 @@ class LoopEngine:
 # ----------------------------------------------------------------------------- grouped engine
 
 
-class GroupedLinear(nn.Module):
-    """n Linear layers side by side: input [B, n·in] → output [B, n·out], one batched product.
-
-    `baddbmm` adds the bias inside the product as `addmm` (nn.Linear) does, so each model's output
-    is bit-for-bit the one its own Linear gives; that keeps sign-gradient distillation identical.
-    """
-
-    def __init__(self, linear: nn.Linear, n: int) -> None:
-        super().__init__()
-        self.n = n
-        self.weight = linear.weight  # placeholders: replaced by the joined tensors at each call
-        self.bias = linear.bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = rearrange(x, "b (n i) -> n b i", n=self.n)
-        if self.bias is None:
-            out = torch.bmm(x, self.weight.transpose(1, 2))
-        else:
-            out = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
-        return rearrange(out, "n b o -> b (n o)")
-
-
 @dataclass(frozen=True)
 class _Layout:
-    """How n models' copies of one tensor are joined: concatenated along `dim`, or stacked on a new dim 0."""
+    """How n models' copies of one tensor are joined: concatenated along `dim`, stacked on a new dim 0,
+    or (matrices) placed on the diagonal of one block-diagonal matrix."""
 
     dim: int
     stacked: bool = False
+    diagonal: bool = False
 
     def join(self, tensors: Sequence[Tensor]) -> Tensor:
+        if self.diagonal:
+            return torch.block_diag(*tensors)
         return torch.stack(tuple(tensors)) if self.stacked else torch.cat(tuple(tensors), dim=self.dim)
 
     def split(self, joined: Tensor, n: int) -> tuple[Tensor, ...]:
+        if self.diagonal:
+            rows, cols = joined.shape[0] // n, joined.shape[1] // n
+            return tuple(joined[k * rows:(k + 1) * rows, k * cols:(k + 1) * cols] for k in range(n))
         return joined.unbind(0) if self.stacked else joined.chunk(n, dim=self.dim)
 
 
@@ -104,7 +90,9 @@ _LAYOUTS: dict[type, dict[str, _Layout]] = {
         "weight": _CHANNELS, "bias": _CHANNELS, "running_mean": _CHANNELS, "running_var": _CHANNELS,
         "num_batches_tracked": _STACKED,
     },
-    nn.Linear: {"weight": _STACKED, "bias": _STACKED},
+    # One Linear of n·in → n·out features with a block-diagonal weight: one matrix product (and one
+    # for each gradient) however many models; the zero blocks cost arithmetic, not launches.
+    nn.Linear: {"weight": _Layout(dim=0, diagonal=True), "bias": _CHANNELS},
     Normalize: {"mean": _Layout(dim=1), "std": _Layout(dim=1)},
 }
 
@@ -139,12 +127,9 @@ def _widen(model: nn.Module, n: int) -> nn.Module:
     """
     shell = copy.deepcopy(model).to("meta")
     uncompiled(shell)
-    for module in list(shell.modules()):
+    for module in shell.modules():
         if isinstance(module, nn.Conv2d):
             module.groups *= n
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, GroupedLinear(child, n))
     return shell
 
 
@@ -157,12 +142,32 @@ def _layout_of(model: nn.Module) -> dict[str, _Layout]:
     }
 
 
-def _join(models: Sequence[nn.Module], layouts: dict[str, _Layout], grad: bool) -> dict[str, Tensor]:
-    """Each tensor of the n models joined into one. With `grad`, gradients of the joined parameters
-    flow back into each model's own `.grad`; buffers are fresh copies the forwards may update."""
-    states = [{**dict(m.named_parameters()), **dict(m.named_buffers())} for m in models]
-    with torch.set_grad_enabled(grad):
-        return {name: layout.join([s[name] for s in states]) for name, layout in layouts.items()}
+class _JoinCache:
+    """The n models' tensors joined, rejoined only where a source tensor changed.
+
+    A DVERGE step joins the same weights for distillation, the clean logits and the diversity
+    logits; the optimizer step (in place) changes their versions, so the next step joins afresh.
+    Constant tensors (Normalize's statistics) are joined once. Parameters are joined with autograd
+    enabled, so gradients flow back into each model's own `.grad` whatever the caller's grad mode;
+    buffers are copies the forwards may update (see `_write_back_buffers`).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple[Tensor, ...], tuple[int, ...], Tensor]] = {}
+
+    def join(self, models: Sequence[nn.Module], layouts: dict[str, _Layout]) -> dict[str, Tensor]:
+        states = [{**dict(m.named_parameters()), **dict(m.named_buffers())} for m in models]
+        joined = {}
+        with torch.enable_grad():
+            for name, layout in layouts.items():
+                sources = tuple(s[name] for s in states)
+                versions = tuple(t._version for t in sources)
+                entry = self._entries.get(name)
+                if entry is None or entry[1] != versions or any(a is not b for a, b in zip(entry[0], sources)):
+                    entry = (sources, versions, layout.join(sources))
+                    self._entries[name] = entry
+                joined[name] = entry[2]
+        return joined
 
 
 @contextlib.contextmanager
@@ -186,11 +191,21 @@ def _bound(shell: nn.Module, joined: dict[str, Tensor]) -> Iterator[None]:
             store[name] = placeholder
 
 
-def _write_back_buffers(models: Sequence[nn.Module], joined: dict[str, Tensor], layouts: dict[str, _Layout]) -> None:
-    """Copy the buffers the forwards updated (BatchNorm running statistics) back into each model."""
+def _running_statistics(model: nn.Module) -> list[str]:
+    """Dotted names of the buffers a forward in train mode updates: BatchNorm's running statistics.
+    (Their version counters do not move when batch_norm updates them, so they are listed by type.)"""
+    return [f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for name, _ in module.named_buffers(recurse=False)]
+
+
+def _write_back_buffers(
+    models: Sequence[nn.Module], joined: dict[str, Tensor], layouts: dict[str, _Layout], names: list[str]
+) -> None:
+    """Copy the named buffers, which the forwards updated, back into each model."""
     per_model = [dict(m.named_buffers()) for m in models]
     with torch.no_grad():
-        for name in per_model[0]:
+        for name in names:
             for buffers, part in zip(per_model, layouts[name].split(joined[name], len(models))):
                 buffers[name].copy_(part)
 
@@ -212,6 +227,9 @@ class GroupedEngine:
         self._models: tuple[nn.Module, ...] = ()
         self._shell: nn.Module | None = None
         self._layouts: dict[str, _Layout] = {}
+        self._running: list[str] = []
+        self._joins = _JoinCache()
+        self._rounds: dict[tuple, Tensor] = {}
 
     def _prepare(self, models: Sequence[nn.Module]) -> nn.Module:
         """The widened shell for these models, built once and reused while they stay the same."""
@@ -222,19 +240,43 @@ class GroupedEngine:
             if self._compile:
                 compile_features(self._shell)
             self._layouts = _layout_of(models[0])
+            self._running = _running_statistics(models[0])
+            self._joins = _JoinCache()
         return self._shell
+
+    def forget(self) -> None:
+        """Drop the joined tensors: needed after CUDA graph replays, which update the models' tensors
+        without moving the version counters the join cache checks (`dvtrain.compute.CapturedStep`)."""
+        self._joins = _JoinCache()
+
+    @contextlib.contextmanager
+    def _wide(self, models: Sequence[nn.Module], train: bool) -> Iterator[nn.Module]:
+        """The shell bound to the models' joined tensors in the given mode; updated buffers are
+        written back into the models when the block ends."""
+        shell = self._prepare(models)
+        joined = self._joins.join(models, self._layouts)
+        with training_mode(shell, train), _bound(shell, joined):
+            yield shell
+        if train:
+            _write_back_buffers(models, joined, self._layouts, self._running)
 
     def distill(
         self, models: list[LayeredNet], layer: int, x: Tensor, x_s: Tensor, cfg: DvergeConfig,
         generators: list[torch.Generator],
     ) -> Tensor:
-        """[len(models), B, C, H, W]: each model's distilled batch, as `dvtrain.train.distill.distill` computes it."""
-        shell, n = self._prepare(models), len(models)
-        joined = _join(models, self._layouts, grad=False)
-        with training_mode(shell, cfg.bn_mode == "train"), _bound(shell, joined):
-            z = _grouped_distill(shell, n, layer, x, x_s, cfg, generators)
-        _write_back_buffers(models, joined, self._layouts)
-        return z
+        """[len(models), B, C, H, W]: each model's distilled batch, as `dvtrain.train.distill.distill`
+        computes it. The PGD runs in the folded layout [B, n·C, H, W] from start to end."""
+        n = len(models)
+        with self._wide(models, cfg.bn_mode == "train") as shell:
+            with torch.no_grad():
+                target = shell.features(_fold(x.expand(n, *x.shape)), layer)
+            anchor = _fold(x_s.expand(n, *x_s.shape))
+            if cfg.random_start:
+                start = _fold(torch.stack([linf_random_start(x_s, cfg.eps, g) for g in generators]))
+            else:
+                start = anchor
+            z = feature_pgd(lambda z: shell.features(z, layer), target, start, anchor, cfg, groups=n)
+        return _unfold(z, n)
 
     def logits(self, models: list[LayeredNet], inputs: Tensor) -> Tensor:
         """As `LoopEngine.logits`, in one wide forward."""
@@ -242,17 +284,19 @@ class GroupedEngine:
 
     def logits_on(self, models: list[LayeredNet], batches: Tensor, which: list[list[int]]) -> Tensor:
         """As `LoopEngine.logits_on`, one wide forward per round r (model k on batches[which[k][r]]),
-        so BatchNorm running statistics see the same sequence per model as in the loop."""
-        return self._logits(models, [batches[list(batch)] for batch in zip(*which)])
+        so BatchNorm running statistics see the same sequence per model as in the loop. The index of
+        each round is a device tensor made once, so no step copies indices from the host."""
+        key = (tuple(map(tuple, which)), batches.device)
+        if key not in self._rounds:
+            self._rounds[key] = torch.tensor(list(zip(*which)), device=batches.device)  # [R, n]
+        return self._logits(models, list(batches[self._rounds[key]].unbind(0)))
 
     def _logits(self, models: list[LayeredNet], rounds: list[Tensor]) -> Tensor:
         """[n, R, B, K] from R inputs of shape [n, B, C, H, W]. With gradients enabled, they flow back
         into each model's own parameters."""
-        shell, n = self._prepare(models), len(models)
-        joined = _join(models, self._layouts, grad=torch.is_grad_enabled())
-        with training_mode(shell, models[0].training), _bound(shell, joined):
+        n = len(models)
+        with self._wide(models, models[0].training) as shell:
             outs = [rearrange(shell(_fold(batch)), "b (n k) -> n b k", n=n) for batch in rounds]
-        _write_back_buffers(models, joined, self._layouts)
         return torch.stack(outs, dim=1)
 
     def adversarial(
@@ -262,19 +306,17 @@ class GroupedEngine:
 
         The attack maximises the mean of all n models' cross-entropies on their own copies of x: each
         copy's gradient is its model's, scaled by 1/n, which leaves the sign steps unchanged."""
-        shell, n = self._prepare(models), len(models)
-        joined = _join(models, self._layouts, grad=False)
+        n = len(models)
         start = torch.cat([linf_random_start(x, cfg.adv_eps, g) for g in generators])
+        with self._wide(models, models[0].training) as shell:
 
-        def stacked_logits(z: Tensor) -> Tensor:  # [n·B, C, H, W] → [n·B, K], model k on rows k·B…
-            return rearrange(shell(_fold(z.view(n, *x.shape))), "b (n k) -> (n b) k", n=n)
+            def stacked_logits(z: Tensor) -> Tensor:  # [n·B, C, H, W] → [n·B, K], model k on rows k·B…
+                return rearrange(shell(_fold(z.view(n, *x.shape))), "b (n k) -> (n b) k", n=n)
 
-        with training_mode(shell, models[0].training), _bound(shell, joined):
             adv = pgd_linf_from(
                 stacked_logits, x.repeat(n, *[1] * (x.ndim - 1)), y.repeat(n), start,
                 cfg.adv_eps, cfg.adv_step_size, cfg.adv_steps,
             )
-        _write_back_buffers(models, joined, self._layouts)
         return adv.view(n, *x.shape)
 
 
@@ -287,15 +329,9 @@ def _fold(batches: Tensor) -> Tensor:
     return rearrange(batches, "n b c h w -> b (n c) h w").contiguous(memory_format=torch.channels_last)
 
 
-def _grouped_distill(
-    shell: nn.Module, n: int, layer: int, x: Tensor, x_s: Tensor, cfg: DvergeConfig,
-    generators: Sequence[torch.Generator],
-) -> Tensor:
-    """`dvtrain.train.distill.distill` for n models at once: the wide shell sees model k's copy of z in channel group k."""
-    with torch.no_grad():
-        target = shell.features(_fold(x.expand(n, *x.shape)), layer)
-    z = feature_pgd(lambda z: shell.features(_fold(z.view(n, *x_s.shape)), layer), target, x_s, cfg, generators)
-    return z.view(n, *x_s.shape)
+def _unfold(folded: Tensor, n: int) -> Tensor:
+    """[B, n·C, H, W] → [n, B, C, H, W], contiguous: the inverse of `_fold`."""
+    return rearrange(folded, "b (n c) h w -> n b c h w", n=n).contiguous()
 
 
 def make_engine(name: str, compute: ComputeConfig | None = None) -> LoopEngine | GroupedEngine:

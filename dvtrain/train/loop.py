@@ -202,7 +202,7 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, sessio
     history = StepHistory(ctx.run_dir, name, active=tracker.run is not None)
     exit_code = 1
     try:
-        steps_per_epoch = num_batches(len(ctx.data.y_train), section.batch_size)
+        steps_per_epoch = num_batches(len(ctx.data.y_train), section.batch_size, cfg.data.drop_last)
         history.replay(tracker, upto=state["epoch"] * steps_per_epoch + state["step"])
         for epoch in range(state["epoch"], section.epochs):
             # Where this epoch's batches come from, so a checkpoint inside it can replay them.

@@ -30,12 +30,13 @@ class Vanilla:
 
     def epoch(self, epoch: int, skip: int, on_step: OnStep) -> dict[str, int | float]:
         run, cfg = self.run, self.run.section
-        ids = run.placement.owned
+        ids, drop_last = run.placement.owned, run.cfg.data.drop_last
         streams = [
-            batches(run.data.x_train, run.data.y_train, cfg.batch_size, run.owned.data_generators[i], run.augment_padding)
+            batches(run.data.x_train, run.data.y_train, cfg.batch_size, run.owned.data_generators[i], run.augment_padding,
+                    drop_last)
             for i in ids
         ]
-        for step in range(num_batches(len(run.data.y_train), cfg.batch_size)):
+        for step in range(num_batches(len(run.data.y_train), cfg.batch_size, drop_last)):
             drawn = [next(stream) for stream in streams]  # every stream advances, skipped steps included
             if step < skip:
                 continue
