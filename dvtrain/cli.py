@@ -124,7 +124,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
     check_layers(cfg, data)
     for stage in cfg.stages:  # data-parallel replicas each need rows of every batch
         placement.replicas.check_batches(len(data.y_train), getattr(cfg, stage).batch_size, f"{stage}.batch_size",
-                                            cfg.data.drop_last)
+                                         cfg.data.drop_last)
     placement.barrier()
     if placement.is_main:
         try:
