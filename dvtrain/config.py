@@ -385,7 +385,7 @@ class ComputeConfig:
     # at most torch's own default). Default 1: on a busy 2-core machine 2 threads made a DVERGE step of
     # the Conv net 10x slower and of ResNet-20 >6x slower, while on an idle one they gained at most 1.3x
     # (docs/performance.md); and one thread per process gives the same weights whatever the process count.
-    threads: Union[int, str] = 1
+    threads: Union[int, str] = ranged(1, ge=1, note="threads per process, or auto")
     # GPU only: capture each DVERGE step (distillation PGD, training forwards, backward, optimizer step)
     # as one CUDA graph per layer and batch shape, and replay it (see dvtrain.compute.CapturedStep).
     cuda_graphs: bool = False
