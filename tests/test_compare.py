@@ -15,7 +15,7 @@ from dvtrain import cli
 from dvtrain.eval import compare
 from dvtrain.eval.compare import column_label, compare_main
 from dvtrain.tracking import read_offline_run
-from dvtrain.eval.report import result_metrics
+from dvtrain.eval.report import metric_name, result_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2")
@@ -35,13 +35,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 def mixture(run_dir: Path) -> dict[tuple[str, str], float]:
     rows = json.loads((run_dir / "results.json").read_text())["eval"]
-    return {(r["stage"], r["attack"]): r["accuracy"] for r in rows if r["model"] == "mixture"}
+    return {(r["stage"], metric_name(r["attack"], r.get("norm"))): r["accuracy"] for r in rows if r["model"] == "mixture"}
 
 
 def header(run_dir: Path, stage: str, attack: str, model: str = "mixture") -> str:
     """The column a results.json row lands in: stage, attack and its ε."""
     rows = json.loads((run_dir / "results.json").read_text())["eval"]
-    (eps,) = {r["eps"] for r in rows if (r["stage"], r["model"], r["attack"]) == (stage, model, attack)}
+    (eps,) = {r["eps"] for r in rows if (r["stage"], r["model"], metric_name(r["attack"], r.get("norm"))) == (stage, model, attack)}
     return column_label((stage, model, attack, eps))
 
 
@@ -82,7 +82,8 @@ def test_group_by_seed_gives_mean_and_sd(seed_runs, capsys):
     table = markdown_rows(capsys.readouterr().out)
     assert list(table) == ["seed0, seed1"]
     (row,) = table.values()
-    assert row["n"] == "2" and row["seed"] == "0, 1" and len(row) == 2 + len(ATTACKS)  # no other config differs
+    metrics = {m for stage, m in mixture(seed_runs["seed0"]) if stage == "vanilla"}
+    assert row["n"] == "2" and row["seed"] == "0, 1" and len(row) == 2 + len(metrics)  # no other config differs
     spread = 0.0
     for attack in ATTACKS:
         values = [mixture(run)[("vanilla", attack)] for run in seed_runs.values()]

@@ -149,7 +149,7 @@ def test_threads_auto_shares_the_cores_among_the_nodes_processes():
     assert compute.resolve_threads("auto", processes=2, cores=64) <= compute.TORCH_DEFAULT_THREADS
     assert compute.resolve_threads(3, processes=1, cores=2) == 3  # as asked, even if too many
     assert load_config(None, ["compute.threads=4"]).compute.threads == 4
-    with pytest.raises(ConfigError, match="compute.threads=0 must be auto or a number of threads >= 1"):
+    with pytest.raises(ConfigError, match=r"compute.threads=0 must be >= 1 \(threads per process, or auto\)"):
         load_config(None, ["compute.threads=0"])
 
 

@@ -134,9 +134,9 @@ COMPARE_CASES = {
     "results.json rows without keys": (lambda t, r: [str(_results(t, b'{"eval": [{"stage": "vanilla"}]}'))],
                                        "does not hold dvtrain's results; evaluate the run again"),
     "results.json a folder": (lambda t, r: [str(_folder(t / "other" / "results.json").parent)], "neither a dvtrain run directory"),
-    "damaged offline W&B run": (lambda t, r: [str(_wandb_file(t))], "cannot read the offline W&B run"),
+    "damaged offline W&B run": (lambda t, r: [str(_wandb_file(t))], "cannot read the W&B run at"),
     "W&B path with a space": (lambda t, r: ["team/my project/abc"], "does not exist; pass a run directory"),
-    "W&B run that cannot be read": (lambda t, r: ["team/dvtrain/abc123", "--env", "unreachable"], "cannot read the W&B run team/dvtrain/abc123"),
+    "W&B run that cannot be read": (lambda t, r: ["team/dvtrain/abc123", "--env", "unreachable"], "cannot read the W&B group or run team/dvtrain/abc123"),
     "CSV into a missing folder": (lambda t, r: [str(r), "--csv", str(t / "no" / "t.csv")], "cannot write"),
     "CSV onto a folder": (lambda t, r: [str(r), "--csv", str(_folder(t / "csv"))], "cannot write"),
 }

@@ -67,11 +67,11 @@ def test_step_log_reports_each_steps_mixture_and_submodel_figures():
     assert [step for step, _ in rows] == [10, 20] and log.flush() == []
     for (_, row), figures in zip(rows, steps):
         loss, acc = _mixture_by_hand(figures.clean_logits, figures.y)
-        assert row["mixture/loss"] == pytest.approx(loss, rel=1e-9)
-        assert row["mixture/acc"] == pytest.approx(acc, rel=1e-12)
-        assert row["loss/cosine"] == float(figures.ensemble["loss/cosine"])
+        assert row["train/loss/mixture"] == pytest.approx(loss, rel=1e-9)
+        assert row["train/acc/mixture"] == pytest.approx(acc, rel=1e-12)
+        assert row["train/loss/cosine"] == float(figures.ensemble["loss/cosine"])
         for name, values in figures.per_submodel.items():
-            assert [row[f"{name}/sub{i}"] for i in range(3)] == pytest.approx(values.tolist(), rel=1e-12)
+            assert [row[f"train/{name}/sub{i}"] for i in range(3)] == pytest.approx(values.tolist(), rel=1e-12)
         assert len(row) == 2 * 3 + 3
 
 
@@ -212,10 +212,10 @@ def test_a_dverge_steps_logged_mixture_is_that_of_the_pre_update_submodels_on_it
     log.add(1, figures)
     [(step, row)] = log.flush()
     loss, acc = _mixture_by_hand(logits, y)
-    assert step == 1 and row["mixture/loss"] == pytest.approx(loss, rel=1e-5)
-    assert row["mixture/acc"] == pytest.approx(acc, abs=1e-4)
-    assert set(row) == {f"{n}/sub{i}" for n in ("loss/dverge", "loss/clean") for i in range(3)} | {
-        "mixture/loss", "mixture/acc"}
+    assert step == 1 and row["train/loss/mixture"] == pytest.approx(loss, rel=1e-5)
+    assert row["train/acc/mixture"] == pytest.approx(acc, abs=1e-4)
+    assert set(row) == {f"train/{n}/sub{i}" for n in ("loss/dverge", "loss/clean") for i in range(3)} | {
+        "train/loss/mixture", "train/acc/mixture"}
 
 
 def test_a_mixture_of_a_processs_submodels_gathers_the_others_outputs():

@@ -62,12 +62,13 @@ def test_resume_after_a_milestone_trains_with_the_lowered_lr(tmp_path, monkeypat
 
     def record(self, values, step):
         logged.setdefault(self.run_name, []).append((step, values))
-        if self.run_name == "stopped" and step == 7 and "lr" not in values and not crashed:
+        if self.run_name == "stopped" and step == 7 and "train/lr" not in values and not crashed:
             crashed.append(step)
             raise Crash("simulated crash at step 7, after the checkpoint of step 6")
 
     monkeypatch.setattr(Tracker, "__init__", init)
     monkeypatch.setattr(Tracker, "log", record)
+    monkeypatch.setattr(Tracker, "log_epoch", record)  # the epoch rows (lr) take this way
     common = ["stages=[vanilla]", "vanilla.epochs=3", "vanilla.batch_size=16", "data.train_limit=64",
               "vanilla.optim.lr=0.2", "vanilla.optim.gamma=0.25", "checkpoint.every_steps=2",
               "logging.every_steps=1", "eval.num_examples=16", "eval.steps=1", "logging.wandb=disabled",
@@ -84,7 +85,7 @@ def test_resume_after_a_milestone_trains_with_the_lowered_lr(tmp_path, monkeypat
             assert cli.train_main(args) == 0
 
     def epoch_lrs(name):
-        return [values["lr"] for _, values in logged[name] if "lr" in values]
+        return [values["train/lr"] for _, values in logged[name] if "train/lr" in values]
 
     assert epoch_lrs("straight") == pytest.approx([0.2, 0.05, 0.05])
     assert epoch_lrs("stopped") == pytest.approx([0.2, 0.05, 0.05])  # epoch 2's lr logged after the resume

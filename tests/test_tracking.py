@@ -11,6 +11,7 @@ import torch
 import dvtrain
 from conftest import REPO
 from dvtrain.tracking import offline_run_info, read_offline_run
+from dvtrain.eval.report import metric_name
 
 
 def _offline_runs(run_dir):
@@ -36,8 +37,9 @@ def test_keys_epoch_axis_final_table_and_provenance(seed_runs):
 
     results = json.loads((run_dir / "results.json").read_text())
     for row in results["eval"]:
-        assert info.summary[f"eval/{row['attack']}/{row['model']}"] == row["accuracy"]
-        assert info.summary[f"eval/{row['attack']}/eps"] == row["eps"]
+        metric = metric_name(row["attack"], row["norm"])
+        assert info.summary[f"eval/{metric}/{row['model']}"] == row["accuracy"]
+        assert info.summary[f"eval/{metric}/eps"] == row["eps"]
     assert info.summary["eval/table._type"] == "table-file"
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     table = json.loads((offline / "files" / info.summary["eval/table.path"]).read_text())
