@@ -21,7 +21,7 @@ from torch import nn
 from dvtrain.config import DvergeConfig, load_config
 from dvtrain.data import load_dataset
 from dvtrain.train.dverge import dverge_step
-from dvtrain.train.engines import GroupedEngine, LoopEngine, UnsupportedModelError, make_engine
+from dvtrain.train.engines import GroupedEngine, GroupedLinear, LoopEngine, UnsupportedModelError, make_engine
 from dvtrain.train.optim import build_owned
 from dvtrain.models import ConvNet, LayeredNet, build_model
 from dvtrain.distributed.placement import LocalPlacement
@@ -200,3 +200,26 @@ def test_quick_bench_prints_its_figures_as_json_last():
         assert set(figures["speedup_vs_reference"]) == {"loop", "grouped"}
         assert set(figures["peak_mem_mib"]) == {"reference", "loop", "grouped"}
     assert set(report["projected_hours"]) == {"conv_x3_200ep", "resnet20_x3_200ep"}
+
+
+def test_grouped_linear_without_bias_equals_the_models_side_by_side():
+    torch.manual_seed(0)
+    linears = [nn.Linear(4, 2, bias=False).double() for _ in range(SIZE)]
+    grouped = GroupedLinear(linears[0], SIZE)
+    grouped.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]))  # as the engine joins them
+    x = torch.rand(5, SIZE * 4, dtype=torch.float64)
+    expected = torch.cat([m(part) for m, part in zip(linears, x.chunk(SIZE, dim=1))], dim=1)
+    assert grouped.bias is None
+    torch.testing.assert_close(grouped(x), expected, rtol=0, atol=1e-12)
+
+
+def test_grouped_engine_serves_a_process_that_owns_one_submodel():
+    cfg = DvergeConfig(adv_steps=2, adv_eps=8 / 255, adv_step_size=2 / 255)
+    model = _models("conv", torch.float64)[0].train()
+    x = _images(torch.float64, 1)
+    y = torch.randint(0, 10, (BATCH,), generator=torch.Generator().manual_seed(4))
+    engine = GroupedEngine()
+    torch.testing.assert_close(engine.logits([model], x[None]), LoopEngine().logits([model], x[None]), rtol=0, atol=TOL)
+    got = engine.adversarial([model], x, y, cfg, [torch.Generator().manual_seed(1)])
+    expected = LoopEngine().adversarial([model], x, y, cfg, [torch.Generator().manual_seed(1)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
