@@ -182,8 +182,30 @@ def test_a_model_with_an_unsupported_layer_is_refused_with_advice():
         def layers(self, x):
             yield self.norm(x)
 
-    with pytest.raises(UnsupportedModelError, match="engine=loop"):
+    with pytest.raises(UnsupportedModelError, match=r"^engine 'grouped' cannot widen norm \(LayerNorm\); use dverge.engine=loop$"):
         GroupedEngine().distill([Odd(), Odd()], 1, torch.rand(2, 4), torch.rand(2, 4), DvergeConfig(), _generators())
+    with pytest.raises(UnsupportedModelError, match=r"^engine 'grouped' cannot widen the model \(LayerNorm\)"):
+        GroupedEngine().logits([nn.LayerNorm(4), nn.LayerNorm(4)], torch.rand(2, 3, 4))
+
+
+@pytest.mark.parametrize("layer, message", [
+    (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), r"supports zero-padded convolutions only \(body\)"),
+    (nn.BatchNorm2d(3, momentum=None), r"needs BatchNorm with a momentum and running stats \(body\)"),
+    (nn.BatchNorm2d(3, track_running_stats=False), r"needs BatchNorm with a momentum and running stats \(body\)"),
+])
+def test_layers_the_grouped_engine_would_compute_wrongly_are_refused(layer, message):
+    class Net(LayeredNet):
+        num_layers = 1
+
+        def __init__(self):
+            super().__init__()
+            self.body = layer
+
+        def layers(self, x):
+            yield self.body(x)
+
+    with pytest.raises(UnsupportedModelError, match=message):
+        GroupedEngine().logits([Net(), Net()], torch.rand(2, 2, 3, 4, 4))
 
 
 def test_quick_bench_prints_its_figures_as_json_last():
