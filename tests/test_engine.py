@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from dvtrain.config import DvergeConfig, load_config
+from dvtrain.config import ComputeConfig, DvergeConfig, load_config
 from dvtrain.data import load_dataset
+from dvtrain.train import engines
 from dvtrain.train.dverge import dverge_step
 from dvtrain.train.engines import GroupedEngine, GroupedLinear, LoopEngine, UnsupportedModelError, make_engine
 from dvtrain.train.optim import build_owned
@@ -245,3 +246,13 @@ def test_grouped_engine_serves_a_process_that_owns_one_submodel():
     got = engine.adversarial([model], x, y, cfg, [torch.Generator().manual_seed(1)])
     expected = LoopEngine().adversarial([model], x, y, cfg, [torch.Generator().manual_seed(1)])
     torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+
+
+def test_the_grouped_engine_compiles_its_wide_network_when_asked(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(engines, "compile_features", lambda shell: compiled.append(shell))
+    models = _models("conv", torch.float32)
+    for flag in (False, True):
+        shell = make_engine("grouped", ComputeConfig(compile=flag))._prepare(models)
+        assert compiled == ([shell] if flag else [])
+    assert isinstance(make_engine("grouped"), GroupedEngine) and len(compiled) == 1
