@@ -18,10 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from dvtrain.config import DvergeConfig, load_config
+from dvtrain.config import ComputeConfig, DvergeConfig, load_config
 from dvtrain.data import load_dataset
+from dvtrain.train import engines
 from dvtrain.train.dverge import dverge_step
-from dvtrain.train.engines import GroupedEngine, LoopEngine, UnsupportedModelError, make_engine
+from dvtrain.train.engines import GroupedEngine, GroupedLinear, LoopEngine, UnsupportedModelError, make_engine
 from dvtrain.train.optim import build_owned
 from dvtrain.models import ConvNet, LayeredNet, build_model
 from dvtrain.distributed.placement import LocalPlacement
@@ -182,8 +183,30 @@ def test_a_model_with_an_unsupported_layer_is_refused_with_advice():
         def layers(self, x):
             yield self.norm(x)
 
-    with pytest.raises(UnsupportedModelError, match="engine=loop"):
+    with pytest.raises(UnsupportedModelError, match=r"^engine 'grouped' cannot widen norm \(LayerNorm\); use dverge.engine=loop$"):
         GroupedEngine().distill([Odd(), Odd()], 1, torch.rand(2, 4), torch.rand(2, 4), DvergeConfig(), _generators())
+    with pytest.raises(UnsupportedModelError, match=r"^engine 'grouped' cannot widen the model \(LayerNorm\)"):
+        GroupedEngine().logits([nn.LayerNorm(4), nn.LayerNorm(4)], torch.rand(2, 3, 4))
+
+
+@pytest.mark.parametrize("layer, message", [
+    (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), r"supports zero-padded convolutions only \(body\)"),
+    (nn.BatchNorm2d(3, momentum=None), r"needs BatchNorm with a momentum and running stats \(body\)"),
+    (nn.BatchNorm2d(3, track_running_stats=False), r"needs BatchNorm with a momentum and running stats \(body\)"),
+])
+def test_layers_the_grouped_engine_would_compute_wrongly_are_refused(layer, message):
+    class Net(LayeredNet):
+        num_layers = 1
+
+        def __init__(self):
+            super().__init__()
+            self.body = layer
+
+        def layers(self, x):
+            yield self.body(x)
+
+    with pytest.raises(UnsupportedModelError, match=message):
+        GroupedEngine().logits([Net(), Net()], torch.rand(2, 2, 3, 4, 4))
 
 
 def test_quick_bench_prints_its_figures_as_json_last():
@@ -204,3 +227,36 @@ def test_quick_bench_prints_its_figures_as_json_last():
     ops, syncs = report["ops_per_step"], report["host_syncs_per_step"]
     assert ops["grouped"] <= ops["reference"] / 3 and syncs["grouped"] == 0
     assert min(report["load_average"]["before"]) >= 0
+
+
+def test_grouped_linear_without_bias_equals_the_models_side_by_side():
+    torch.manual_seed(0)
+    linears = [nn.Linear(4, 2, bias=False).double() for _ in range(SIZE)]
+    grouped = GroupedLinear(linears[0], SIZE)
+    grouped.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]))  # as the engine joins them
+    x = torch.rand(5, SIZE * 4, dtype=torch.float64)
+    expected = torch.cat([m(part) for m, part in zip(linears, x.chunk(SIZE, dim=1))], dim=1)
+    assert grouped.bias is None
+    torch.testing.assert_close(grouped(x), expected, rtol=0, atol=1e-12)
+
+
+def test_grouped_engine_serves_a_process_that_owns_one_submodel():
+    cfg = DvergeConfig(adv_steps=2, adv_eps=8 / 255, adv_step_size=2 / 255)
+    model = _models("conv", torch.float64)[0].train()
+    x = _images(torch.float64, 1)
+    y = torch.randint(0, 10, (BATCH,), generator=torch.Generator().manual_seed(4))
+    engine = GroupedEngine()
+    torch.testing.assert_close(engine.logits([model], x[None]), LoopEngine().logits([model], x[None]), rtol=0, atol=TOL)
+    got = engine.adversarial([model], x, y, cfg, [torch.Generator().manual_seed(1)])
+    expected = LoopEngine().adversarial([model], x, y, cfg, [torch.Generator().manual_seed(1)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+
+
+def test_the_grouped_engine_compiles_its_wide_network_when_asked(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(engines, "compile_features", lambda shell: compiled.append(shell))
+    models = _models("conv", torch.float32)
+    for flag in (False, True):
+        shell = make_engine("grouped", ComputeConfig(compile=flag))._prepare(models)
+        assert compiled == ([shell] if flag else [])
+    assert isinstance(make_engine("grouped"), GroupedEngine) and len(compiled) == 1

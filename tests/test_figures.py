@@ -20,6 +20,7 @@ from dvtrain.train.dverge import dverge_step
 from dvtrain.train.engines import LoopEngine
 from dvtrain.train.optim import build_owned
 from dvtrain.train.stage import StepFigures
+from dvtrain.eval.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.eval.report import results_markdown
 from dvtrain.eval.whitebox import evaluate_stage
 
@@ -156,6 +157,41 @@ def _hand_attack(model, x, y, attack, cfg: EvalConfig, generator) -> torch.Tenso
 
 
 ATTACKS = ("clean", "fgsm", "pgd_linf", "pgd_l2")
+
+
+class IgnoresAPixel(torch.nn.Module):
+    """A linear classifier of 8×8 images that does not read pixel (0, 0): its input gradient there is 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(64, 10)
+        with torch.no_grad():
+            self.linear.weight[:, 0] = 0
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd_linf", "pgd_l2"])
+@pytest.mark.parametrize("steps", [0, 2])
+def test_attacks_equal_their_written_out_steps(attack, steps):
+    """The attacked images themselves (the table only counts them): a pixel with zero gradient stays, the
+    random starts stay inside [0, 1]."""
+    model = IgnoresAPixel()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 1, 8, 8, generator=g) * (torch.rand(6, 1, 8, 8, generator=g) > 0.5)  # many pixels at 0
+    y = torch.randint(0, 10, (6,), generator=g)
+    cfg = EvalConfig(eps=0.1, steps=steps, step_size=0.04, l2_eps=0.5, l2_step_size=0.2, random_start=True)
+    g = torch.Generator().manual_seed(2)
+    got = {"fgsm": lambda: fgsm(model, x, y, cfg.eps),
+           "pgd_linf": lambda: pgd_linf(model, x, y, cfg.eps, cfg.step_size, steps, True, g),
+           "pgd_l2": lambda: pgd_l2(model, x, y, cfg.l2_eps, cfg.l2_step_size, steps, True, g)}[attack]()
+    expected = _hand_attack(model, x, y, attack, cfg, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert float(got.min()) >= 0 and float(got.max()) <= 1
+    if attack == "fgsm" or steps == 0:
+        assert torch.equal(got[:, :, 0, 0], (x if attack == "fgsm" else expected)[:, :, 0, 0])
 
 
 def test_results_table_equals_a_direct_computation_of_every_cell():

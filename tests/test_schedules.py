@@ -37,6 +37,7 @@ def test_lr_is_multiplied_by_gamma_at_each_milestone(name):
     cfg = OptimConfig(name=name, lr=0.1, milestones=[2, 4], gamma=0.5, momentum=0.7, weight_decay=0.01, eps=1e-5)
     optimizer = build_optimizer(nn.Linear(2, 2), cfg)
     group = optimizer.param_groups[0]
+    assert group["lr"] == 0.1
     assert group["weight_decay"] == 0.01
     assert (group["momentum"] if name == "sgd" else group["eps"]) == (0.7 if name == "sgd" else 1e-5)
     lrs = []
@@ -99,6 +100,22 @@ def test_resume_after_a_milestone_trains_with_the_lowered_lr(tmp_path, monkeypat
         for key in straight[i]:
             assert torch.equal(straight[i][key], stopped[i][key]), key
     assert any(not torch.equal(straight[i][k], flat[i][k]) for i in range(3) for k in straight[i])
+
+
+def test_each_submodel_has_its_own_noise_and_data_streams_per_stage_and_seed():
+    """Streams keyed by (seed, kind, stage, submodel): submodels, stages, seeds and kinds never share one,
+    and the same key gives the same stream (a resumed or re-run stage draws the same numbers)."""
+    draws = {}
+    for seed in (0, 1):
+        cfg = load_config(None, ["data.train_limit=16", f"seed={seed}"])
+        data = load_dataset(cfg.data)
+        for stage in ("vanilla", "dverge"):
+            owned = build_owned(cfg, data, [0, 1, 2], stage, torch.device("cpu"))
+            for i in owned.ids:
+                for kind, generator in (("noise", owned.generators[i]), ("data", owned.data_generators[i])):
+                    assert torch.equal(generator.get_state(), stream(seed, kind, stage, i).get_state())
+                    draws[(seed, stage, i, kind)] = tuple(torch.rand(4, generator=generator).tolist())
+    assert len(set(draws.values())) == len(draws) == 2 * 2 * 3 * 2
 
 
 # ----------------------------------------------------------------------------- layers
