@@ -22,7 +22,7 @@ from dvtrain.config import ComputeConfig, DvergeConfig, load_config
 from dvtrain.data import load_dataset
 from dvtrain.train import engines
 from dvtrain.train.dverge import dverge_step
-from dvtrain.train.engines import GroupedEngine, GroupedLinear, LoopEngine, UnsupportedModelError, make_engine
+from dvtrain.train.engines import GroupedEngine, LoopEngine, UnsupportedModelError, make_engine
 from dvtrain.train.optim import build_owned
 from dvtrain.models import ConvNet, LayeredNet, build_model
 from dvtrain.distributed.placement import LocalPlacement
@@ -229,15 +229,22 @@ def test_quick_bench_prints_its_figures_as_json_last():
     assert min(report["load_average"]["before"]) >= 0
 
 
-def test_grouped_linear_without_bias_equals_the_models_side_by_side():
+def test_a_linear_layer_without_bias_is_widened_exactly():
+    class NoBias(LayeredNet):
+        num_layers = 1
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2, bias=False)
+
+        def layers(self, x):
+            yield self.fc(x.flatten(1))
+
     torch.manual_seed(0)
-    linears = [nn.Linear(4, 2, bias=False).double() for _ in range(SIZE)]
-    grouped = GroupedLinear(linears[0], SIZE)
-    grouped.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]))  # as the engine joins them
-    x = torch.rand(5, SIZE * 4, dtype=torch.float64)
-    expected = torch.cat([m(part) for m, part in zip(linears, x.chunk(SIZE, dim=1))], dim=1)
-    assert grouped.bias is None
-    torch.testing.assert_close(grouped(x), expected, rtol=0, atol=1e-12)
+    models = [NoBias().double() for _ in range(SIZE)]
+    inputs = torch.rand(SIZE, 5, 1, 2, 2, dtype=torch.float64)
+    expected = LoopEngine().logits(models, inputs)
+    torch.testing.assert_close(GroupedEngine().logits(models, inputs), expected, rtol=0, atol=1e-12)
 
 
 def test_grouped_engine_serves_a_process_that_owns_one_submodel():
