@@ -99,3 +99,36 @@ def seed_runs(tmp_path_factory) -> dict[str, Path]:
     for seed, run_dir in enumerate(runs.values()):  # seed 1 also uploads its checkpoint as an artifact
         assert cli.train_main(["--run-dir", str(run_dir), *args, f"seed={seed}", f"logging.artifacts={bool(seed)}"]) == 0
     return runs
+
+
+def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int = 3, batch: int = 64):
+    """A plain classifier fitted with Adam on (x, y), its own data order from `seed`, returned in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=g)
+        for s in range(0, len(y), batch):
+            idx = order[s : s + batch]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def ensemble():
+    """Three of dvtrain's conv submodels (own init seeds) fitted to digits, and the digits data; one
+    intra-op thread (these nets are tiny: several times faster than two on a busy 2-core machine)."""
+    from dvtrain.config import Config, DataConfig
+    from dvtrain.data import load_dataset
+    from dvtrain.submodels import build_submodel
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = load_dataset(DataConfig(name="digits"))
+        return [fit(build_submodel(Config(), data, i), data.x_train, data.y_train, seed=i) for i in range(3)], data
+    finally:
+        torch.set_num_threads(threads)

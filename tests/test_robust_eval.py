@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dvtrain
@@ -39,35 +38,8 @@ N_TABLE = 60
 AA_ITERATIONS, AA_QUERIES = 20, 200
 EVAL = EvalConfig(eps=EPS, steps=10, step_size=0.025, l2_eps=0.5, l2_step_size=0.125, batch_size=500)
 
-
-def train(model: nn.Module, x: Tensor, y: Tensor, seed: int, epochs: int = 3, batch: int = 64) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=g)
-        for s in range(0, len(y), batch):
-            idx = order[s : s + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ensemble():
-    data = load_dataset(DataConfig(name="digits"))
-    models = [train(build_submodel(Config(), data, i), data.x_train, data.y_train, seed=i) for i in range(3)]
-    return models, data
+# Correctness, not speed: tiny nets run several times faster on one thread of a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Scaled(nn.Module):

@@ -17,11 +17,10 @@ from dvtrain import cli
 from dvtrain.eval import blackbox
 from dvtrain.eval.attacks import fgsm, pgd_linf
 from dvtrain.eval.autoattack import autoattack_robust
-from dvtrain.config import AutoAttackConfig, Config, ConfigError, DataConfig, EvalConfig, TransferConfig, check_section, load_config
+from dvtrain.config import AutoAttackConfig, ConfigError, EvalConfig, TransferConfig, check_section, load_config
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.evaluate import full_evaluation
 from dvtrain.data import load_dataset
-from dvtrain.submodels import build_submodel
 from dvtrain.eval.whitebox import robust_accuracy
 from dvtrain.mixture import Mixture
 from dvtrain.rng import stream
@@ -38,37 +37,8 @@ CROSSCHECK_IMAGES = 200
 FAST = TransferConfig(num_images=150, batch_size=64, eps=EPS, steps=5, restarts=1, sweep_eps=[0.0, 0.05, EPS],
                       surrogate_epochs=1, blackbox_steps=3, blackbox_restarts=2)
 
-
-def train(model: nn.Module, x: Tensor, y: Tensor, seed: int, epochs: int = 3, batch: int = 64) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=g)
-        for s in range(0, len(y), batch):
-            idx = order[s : s + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These nets are tiny: one intra-op thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ensemble():
-    """Three of dvtrain's conv submodels (own init seeds) fitted to digits, and the digits data."""
-    data = load_dataset(DataConfig(name="digits"))
-    models = [train(build_submodel(Config(), data, i), data.x_train, data.y_train, seed=i) for i in range(3)]
-    return models, data
+# Correctness, not speed: tiny nets run several times faster on one thread of a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
