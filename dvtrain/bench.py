@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dvtrain.eval.attacks import project_linf
+from dvtrain.attacks import project_linf
 from dvtrain.cli import EXIT_USER_ERROR
 from dvtrain.compute import CapturedStep, autocast, check_compute
 from dvtrain.errors import DvtrainError

@@ -4,7 +4,7 @@ DVERGE scores an ensemble by averaging the submodels' softmax probabilities. `Mi
 of that mean, log (1/M) Σ_i softmax(f_i(x)), computed as logsumexp_i log_softmax(f_i(x)) - log M so
 that confident submodels cannot overflow it. These log-probabilities already sum to one, so log_softmax
 leaves them unchanged and `F.cross_entropy(mixture(x), y)` is exactly -log (1/M) Σ_i p_i(y|x): every
-attack in `dvtrain.eval.attacks` can treat the mixture as an ordinary logits model, and its input gradient
+attack in `dvtrain.attacks` can treat the mixture as an ordinary logits model, and its input gradient
 flows through all submodels at once (an end-to-end white-box attack on the whole ensemble).
 """
 

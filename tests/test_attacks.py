@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain.eval.attacks import fgsm, pgd_l2, pgd_linf
+from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.mixture import Mixture
 
 K = 3

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain.eval.attacks import fgsm
+from dvtrain.attacks import fgsm
 from dvtrain.config import EvalConfig
 from dvtrain.eval.report import format_eps, results_markdown
 from dvtrain.eval.whitebox import cells, evaluate_stage, robust_accuracy, robust_mask

@@ -20,7 +20,7 @@ from dvtrain.train.dverge import dverge_step
 from dvtrain.train.engines import LoopEngine
 from dvtrain.train.optim import build_owned
 from dvtrain.train.stage import StepFigures
-from dvtrain.eval.attacks import fgsm, pgd_l2, pgd_linf
+from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.eval.report import results_markdown
 from dvtrain.eval.whitebox import evaluate_stage
 

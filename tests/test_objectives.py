@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dvtrain.config import load_config
 from dvtrain.data import load_dataset
 from dvtrain.distributed.placement import LocalPlacement
-from dvtrain.eval.attacks import pgd_linf
+from dvtrain.attacks import pgd_linf
 from dvtrain.timing import DISABLED, PhaseTimer
 from dvtrain.train.distill import distill
 from dvtrain.train.dverge import dverge_step

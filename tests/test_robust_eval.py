@@ -22,7 +22,7 @@ from dvtrain.config import AutoAttackConfig, Config, DataConfig, EvalConfig
 from dvtrain.data import load_dataset
 from dvtrain.distributed.placement import ProcessGroupPlacement
 from dvtrain.eval.adaptive import adaptive_linf
-from dvtrain.eval.attacks import pgd_linf
+from dvtrain.attacks import pgd_linf
 from dvtrain.eval.stats import wilson_interval
 from dvtrain.eval.whitebox import evaluate_stage
 from dvtrain.mixture import Mixture

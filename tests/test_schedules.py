@@ -14,7 +14,7 @@ from dvtrain.config import DvergeConfig, OptimConfig, load_config
 from dvtrain.data import batches, load_dataset, paired_batches
 from dvtrain.distributed.placement import LocalPlacement
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.attacks import pgd_linf
+from dvtrain.attacks import pgd_linf
 from dvtrain.models import build_model
 from dvtrain.rng import stream
 from dvtrain.timing import DISABLED, PhaseTimer

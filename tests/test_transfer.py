@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from conftest import TINY
 from dvtrain import cli
 from dvtrain.eval import blackbox
-from dvtrain.eval.attacks import fgsm, pgd_linf
+from dvtrain.attacks import fgsm, pgd_linf
 from dvtrain.eval.autoattack import autoattack_robust
 from dvtrain.config import AutoAttackConfig, ConfigError, EvalConfig, TransferConfig, check_section, load_config
 from dvtrain.errors import DvtrainError

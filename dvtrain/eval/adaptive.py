@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dvtrain.config import AdaptiveConfig
 from dvtrain.distributed.placement import LocalPlacement, Placement
-from dvtrain.eval.attacks import linf_random_start, margin, per_sample, project_linf
+from dvtrain.attacks import linf_random_start, margin, per_sample, project_linf
 from dvtrain.mixture import mixture_log_probs
 
 

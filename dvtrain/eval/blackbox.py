@@ -20,7 +20,7 @@ from dvtrain import checkpoint
 from dvtrain.config import Config, TransferConfig, to_dict
 from dvtrain.data import Dataset
 from dvtrain.distributed.placement import LocalPlacement
-from dvtrain.eval.attacks import input_grad, noise, per_sample, project_linf
+from dvtrain.attacks import input_grad, noise, per_sample, project_linf
 from dvtrain.eval.load import load_submodel_weights
 from dvtrain.eval.transfer import ensemble_predictions, first, percent, shuffled_test_set
 from dvtrain.mixture import Mixture

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from dvtrain.config import TransferConfig
 from dvtrain.data import Dataset
-from dvtrain.eval.attacks import pgd_linf
+from dvtrain.attacks import pgd_linf
 from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.rng import stream
 

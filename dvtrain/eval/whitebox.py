@@ -25,7 +25,7 @@ from dvtrain.config import EvalConfig
 from dvtrain.distributed.placement import LocalPlacement, Placement
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.adaptive import adaptive_linf
-from dvtrain.eval.attacks import fgsm, pgd_l2, pgd_linf
+from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.eval.autoattack import autoattack_robust
 from dvtrain.eval.stats import PERCENT, accuracy_fields, wilson_interval
 from dvtrain.mixture import Mixture

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain.eval.attacks import project_linf
+from dvtrain.attacks import project_linf
 from dvtrain.config import AdpConfig, GalConfig, TrsConfig
 from dvtrain.data import batches
 from dvtrain.distributed.placement import Placement

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from dvtrain.eval.attacks import linf_random_start
+from dvtrain.attacks import linf_random_start
 from dvtrain.config import DvergeConfig
 from dvtrain.models import training_mode
 

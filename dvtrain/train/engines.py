@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from dvtrain.eval.attacks import linf_random_start, pgd_linf, pgd_linf_from
+from dvtrain.attacks import linf_random_start, pgd_linf, pgd_linf_from
 from dvtrain.compute import compile_features, uncompiled
 from dvtrain.config import ComputeConfig, DvergeConfig
 from dvtrain.models import LayeredNet, Normalize, training_mode
