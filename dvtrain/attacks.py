@@ -7,13 +7,13 @@ saturated logits: when a model's softmax is one-hot in float32, its gradient und
 sign-PGD stands still, while the margin losses' gradients are as large as the logits'. DLR is also
 invariant to the scale of the logits.
 
-Used both to score models (`dvtrain.eval`) and inside training (distillation, DVERGE+AdvT), so it lives in
-the core; each attack is batched with no per-sample Python loop. The model is called as `model(x)` and may return logits or
-log-probabilities (e.g. a `Mixture`). Gradients are taken with respect to the input only, so no
-parameter `.grad` is touched, and the model's train/eval mode is left as the caller set it. Every ε is
-in pixel units; results are detached and clamped to [0, 1]. Random starts draw from `generator` on its
-own device (dvtrain keeps generators on the CPU so a seed means the same numbers everywhere) and are
-then moved to x's device.
+Used both to score models (`dvtrain.eval`) and inside training (distillation, DVERGE+AdvT), so it lives
+in the core; each attack is batched with no per-sample Python loop. The model is called as `model(x)`
+and may return logits or log-probabilities (e.g. a `Mixture`). Gradients are taken with respect to the
+input only, so no parameter `.grad` is touched, and the model's train/eval mode is left as the caller
+set it. Every ε is in pixel units; results are detached and clamped to [0, 1]. Random starts draw from
+`generator` on its own device (dvtrain keeps generators on the CPU so a seed means the same numbers
+everywhere) and are then moved to x's device.
 """
 
 from __future__ import annotations
