@@ -50,6 +50,8 @@ def fresh(tmp_path: Path) -> list[str]:
 
 CASES = {
     "malformed YAML": (lambda t, r: ["--config", str(_file(t, "a: [1\n")), *fresh(t)], "not valid YAML at line"),
+    "config names a section twice": (lambda t, r: ["--config", str(_file(t, "dverge:\n  eps: 0.1\ndverge:\n  steps: 2\n")),
+                                                   *fresh(t)], "names the key 'dverge' twice in one section (lines 1 and 3)"),
     "config file missing": (lambda t, r: ["--config", str(t / "nope.yaml")], "does not exist; pass an existing file"),
     "unknown key": (lambda t, r: [*fresh(t), "dverge.epz=0.1"], "unknown config key 'dverge.epz'"),
     "wrong type": (lambda t, r: [*fresh(t), "dverge.steps=ten"], "must be of type int"),
