@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -262,7 +263,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML and exit without training")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dverge.eps=0.03")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and key=value in any order, as the docs show
     started = False  # from here on a rank may fail alone, and prints its own error
     try:
         with TerminateGuard():  # SIGTERM before training unwinds too (the stage loop installs its own handler)
@@ -326,17 +327,34 @@ def train_main(argv: list[str] | None = None) -> int:
         return EXIT_PEER_FAILED
 
 
+OVERRIDE_FORM = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def run_dir_before_overrides(args: argparse.Namespace) -> argparse.Namespace:
+    """`dvtrain eval eval.eps=0.05 RUN_DIR`: argparse takes the first positional as RUN_DIR; when that one is a
+    key=value override (and no such path exists) and a later one is not, the later one is the run directory."""
+    def override(text: str) -> bool:
+        return bool(OVERRIDE_FORM.match(text)) and not Path(text).exists()
+
+    if override(args.run_dir):
+        path = next((o for o in args.overrides if not override(o)), None)
+        if path is not None:
+            args.overrides = [args.run_dir] + [o for o in args.overrides if o is not path]
+            args.run_dir = path
+    return args
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dvtrain eval",
         description="The whole evaluation of a run's saved stages: white-box table (AutoAttack, margin PGD, the "
-        "ensemble-adaptive attack, worst case per image, 95%% intervals) with gradient-masking checks, "
+        "ensemble-adaptive attack, worst case per image, 95% intervals) with gradient-masking checks, "
         "transferability matrix, black-box transfer from a surrogate ensemble, ε sweep, plots.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory `dvtrain train` wrote (it holds config.yaml)")
     parser.add_argument("--stage", action="append", help="stage to evaluate (repeatable; default: every saved stage)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation overrides, e.g. eval.eps=0.01")
-    args = parser.parse_args(argv)
+    args = run_dir_before_overrides(parser.parse_intermixed_args(argv))  # any order, as the docs show
 
     def evaluate() -> int:
         run_dir = Path(args.run_dir)
@@ -369,7 +387,7 @@ def compare_main(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": (train_main, "train an ensemble: vanilla, DVERGE, DVERGE+AdvT (or the baselines), evaluated after each stage"),
-    "eval": (eval_main, "the paper's whole evaluation of a run's saved stages (APGD, transferability, black-box, ε sweep)"),
+    "eval": (eval_main, "the paper's whole evaluation of a run's saved stages (AutoAttack, transferability, black-box, ε sweep)"),
     "compare": (compare_main, "runs side by side: one row per run, config differences, mean ± s.d. over seeds"),
 }
 
