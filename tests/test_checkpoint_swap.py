@@ -141,3 +141,41 @@ def test_a_whole_tmp_left_by_a_kill_is_found_and_swapped_in_not_deleted(owned, t
     for kill_at in range(1, 4):  # the following save killed at each of its first steps: 2 stays found
         assert faults.save(path, owned, 3, kill_at=kill_at) is False
         check_newest(path, owned, faults)
+
+
+def test_training_killed_twice_inside_swaps_resumes_bit_identical(tmp_path, monkeypatch):
+    """The real training loop, killed right after a new checkpoint's state.json is in (before its swap), then
+    killed again in the resumed run's first swap, then resumed: the final weights equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from conftest import TINY
+    from dvtrain import cli
+
+    args = [*TINY, "stages=[vanilla, dverge]", "vanilla.epochs=2", "checkpoint.every_steps=2", "data.train_limit=192",
+            "eval.num_examples=16"]
+    straight = tmp_path / "straight"
+    assert cli.train_main(["--run-dir", str(straight), *args]) == 0
+    run = tmp_path / "run"
+    real_replace = os.replace
+    renames = {"n": 0, "kill": 0}
+
+    def replace(src, dst, *a, **k):
+        renames["n"] += 1
+        real_replace(src, dst, *a, **k)
+        if renames["n"] == renames["kill"]:
+            raise Killed("os.replace")
+
+    monkeypatch.setattr(os, "replace", replace)
+    for kill in (7, 1):  # 7: a state.json rename inside the vanilla stage; 1: the resumed run's first swap step
+        renames.update(n=0, kill=kill)
+        with pytest.raises(Killed):
+            cli.train_main(["--run-dir", str(run), *args] if kill == 7 else ["--run-dir", str(run), "--resume"])
+        assert checkpoint.latest(run / "checkpoints" / "vanilla") is not None
+    renames.update(n=0, kill=0)
+    assert cli.train_main(["--run-dir", str(run), "--resume"]) == 0
+    for stage in ("vanilla", "dverge"):
+        for i in range(3):
+            a = load_file(straight / "checkpoints" / stage / f"sub{i}.safetensors")
+            b = load_file(run / "checkpoints" / stage / f"sub{i}.safetensors")
+            assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), (stage, i)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["dverge", "vanilla"]
