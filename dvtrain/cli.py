@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import dvtrain
-from dvtrain import checkpoint
+from dvtrain import checkpoint, storage
 from dvtrain.compute import check_compute, set_threads
 from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config,
                             parse_override, read_yaml)
@@ -120,6 +120,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
             f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
             "or choose another name=... / --run-dir"
         )
+    elif overwrite:
+        storage.check_own_run(run_dir)
+    check_run_writable(cfg, run_dir)
     check_stages_can_run(cfg, run_dir if resume else None)
     data = load_data(cfg)
     check_layers(cfg, data)
@@ -130,13 +133,27 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
     if placement.is_main:
         try:
             if overwrite and run_dir.exists():
-                shutil.rmtree(run_dir)
+                kept = storage.clear_run(run_dir)
+                if kept:
+                    print(f"dvtrain: note: --overwrite kept what dvtrain did not write in {run_dir}: {', '.join(kept)}",
+                          file=sys.stderr)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
         except OSError as exc:
             raise DvtrainError(f"cannot write to run directory {run_dir} ({exc.strerror}); choose a writable --run-dir") from None
     placement.barrier()
     return cfg, data
+
+
+def check_run_writable(cfg: Config, run_dir: Path) -> None:
+    """Before any work: the run directory, and the folders its W&B runs write to, take new files (a
+    read-only or full file system is refused now, not after a stage trained)."""
+    from dvtrain.tracking import resolve_mode
+
+    storage.check_writable(run_dir, "run directory", "choose a writable --run-dir")
+    if resolve_mode(cfg.logging) != "disabled":
+        for folder, what in storage.wandb_dirs(run_dir, cfg.logging.artifacts):
+            storage.check_writable(folder, what, "make it writable, point the variable elsewhere, or set logging.wandb=disabled")
 
 
 def check_results(run_dir: Path) -> dict | None:
