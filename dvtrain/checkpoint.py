@@ -172,7 +172,7 @@ def save_checkpoint(
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
             f"could not write checkpoint {path} ({reason}); the previous checkpoint is kept: "
-            "free disk space or fix permissions, then continue with --resume"
+            "free disk space or fix permissions, then run the command again (dvtrain train: with --resume)"
         ) from None
 
 

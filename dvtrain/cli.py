@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -156,6 +156,17 @@ def check_run_writable(cfg: Config, run_dir: Path) -> None:
             storage.check_writable(folder, what, "make it writable, point the variable elsewhere, or set logging.wandb=disabled")
 
 
+EVAL_FOLDERS = ("plots", "surrogates")  # dvtrain.eval.plots.PLOTS_DIR, dvtrain.eval.blackbox.SURROGATE_DIR
+
+
+def check_eval_writable(cfg: Config, run_dir: Path) -> None:
+    """`dvtrain eval` writes results.json/results.md, plots/ and surrogates/ in the run directory (and a W&B run):
+    refused before the surrogate ensemble is trained when any of them cannot be written."""
+    check_run_writable(cfg, run_dir)
+    for folder in EVAL_FOLDERS:
+        storage.check_writable(run_dir / folder, "folder", f"move that away or make {run_dir} writable")
+
+
 def check_results(run_dir: Path) -> dict | None:
     """The run's results.json, if there is one, as the JSON object dvtrain wrote; a damaged one is refused
     before any work (training or evaluation would otherwise end by failing to extend it)."""
@@ -235,6 +246,22 @@ def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) ->
     return stages
 
 
+# OSErrors that mean the storage failed under a command (full, read-only, gone, no permission): one line, exit 2
+# like every refusal (the user frees space or fixes permissions), never a traceback.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR,
+                  errno.EISDIR, errno.ENOENT, errno.EFBIG}
+
+
+def storage_failure(exc: OSError, then: str) -> int:
+    """A write that failed midway (e.g. a full disk under results.json or W&B's files): one line naming the
+    file and `then` (what is kept, what to do), exit 2."""
+    where = f" {exc.filename}" if exc.filename else ""
+    line = f"dvtrain: error: could not write{where} ({exc.strerror or exc}); free disk space or fix permissions; {then}"
+    print(line, file=sys.stderr, flush=True)
+    report_to_launcher(line)
+    return EXIT_USER_ERROR
+
+
 def refuse(exc: DvtrainError, every_rank_alike: bool = True) -> int:
     """Print a refusal as one line and return exit status 2. A refusal every rank reaches alike (config,
     launch, run directory) is printed by rank 0 only; every rank also hands the line to the launcher
@@ -254,6 +281,10 @@ def interruptible(command: Callable[[], int], interrupted: str) -> int:
             return command()
     except DvtrainError as exc:
         return refuse(exc)
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        return storage_failure(exc, interrupted)
     except KeyboardInterrupt:
         print(f"dvtrain: interrupted; {interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -332,6 +363,10 @@ def train_main(argv: list[str] | None = None) -> int:
         if is_main_rank():
             print("dvtrain: stopped by SIGTERM; the last checkpoint is kept: continue with --resume", file=sys.stderr)
         return EXIT_TERMINATED
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        return storage_failure(exc, "every checkpoint written so far is kept: continue with --resume")
     except RuntimeError as exc:
         if not peer_failure(exc):
             raise
@@ -386,6 +421,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             raise DvtrainError("dvtrain eval loads every submodel in one process; run it with python, not a launcher")
         stages = evaluable_stages(run_dir, cfg, args.stage)
         check_results(run_dir)
+        check_eval_writable(cfg, run_dir)
         set_threads(cfg.compute)
         from dvtrain.eval.evaluate import full_evaluation
         from dvtrain.train.vanilla import train_plain_ensemble
@@ -396,10 +432,25 @@ def eval_main(argv: list[str] | None = None) -> int:
     return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")
 
 
-def compare_main(argv: list[str]) -> int:
-    from dvtrain.eval.compare import compare_main as compare
+def check_compare_outputs(argv: list[str]) -> None:
+    """`--csv FILE` and `--plot FILE` of `dvtrain compare` can be written, checked before any run is read."""
+    outputs = argparse.ArgumentParser(add_help=False)
+    outputs.add_argument("--csv", type=Path)
+    outputs.add_argument("--plot", type=Path)
+    known, _ = outputs.parse_known_args(argv)
+    for option, path in (("--csv", known.csv), ("--plot", known.plot)):
+        if path is not None:  # (a folder in its place: compare itself names that)
+            storage.check_writable(path.parent, f"{option} folder", "pass a path you can write")
 
-    return interruptible(lambda: compare(argv), "no file was written half: run it again")
+
+def compare_main(argv: list[str]) -> int:
+    def command() -> int:
+        from dvtrain.eval.compare import compare_main as compare
+
+        check_compare_outputs(argv)
+        return compare(argv)
+
+    return interruptible(command, "no file was written half: run it again")
 
 
 COMMANDS = {
