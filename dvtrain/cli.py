@@ -10,27 +10,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import errno
 import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import dvtrain
-from dvtrain import checkpoint, storage
-from dvtrain.compute import check_compute, set_threads
+from dvtrain import storage
 from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config,
                             parse_override, read_yaml)
 from dvtrain.errors import DvtrainError
-from dvtrain.distributed.placement import Placement
 from dvtrain.distributed.runtime import (
     init_runtime, is_main_rank, launched_world_size, report_to_launcher, resolve_device, shutdown,
 )
 from dvtrain.paths import PathError, check_folder, read_json_object
 from dvtrain.signals import StopRequested, TerminateGuard, Terminated
+
+if TYPE_CHECKING:
+    from dvtrain.distributed.placement import Placement
+# torch, and the modules that need it (checkpoint, compute, data, training, evaluation), are imported by the
+# functions that use them: `dvtrain --help` and a refused config answer without loading torch.
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "digits_quickstart.yaml"
@@ -49,6 +52,8 @@ PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "
 
 def peer_failure(exc: BaseException) -> bool:
     """A collective that failed because another rank died, raised or hung (gloo raises RuntimeError)."""
+    import torch
+
     return isinstance(exc, torch.distributed.DistError) or any(sign in str(exc) for sign in PEER_FAILURE_SIGNS)
 
 
@@ -75,6 +80,25 @@ def experiment_name(cfg: Config, run_dir: str | None, overrides: list[str]) -> C
     return dataclasses.replace(cfg, name=Path(run_dir).resolve().name)
 
 
+def config_folder() -> Path:
+    """configs/ of the working directory, else the one beside the installed package (a source checkout)."""
+    return Path("configs") if Path("configs").is_dir() else REPO_CONFIGS
+
+
+def check_config_path(given: str) -> Path:
+    """A `--config` that does not exist is refused with the configs/ folder's names, the closest one first."""
+    path = Path(given)
+    if path.exists():
+        return path
+    folder = config_folder()
+    names = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    if not names:
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file with --config")
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.5)
+    hint = f"did you mean --config {folder / close[0]}? " if close else ""
+    raise ConfigError(f"config file {path} does not exist; {hint}the configs in {folder}/ are {', '.join(names)}")
+
+
 def default_config_path() -> Path:
     for candidate in (Path("configs") / DEFAULT_CONFIG, REPO_CONFIGS / DEFAULT_CONFIG):
         if candidate.is_file():
@@ -85,6 +109,8 @@ def default_config_path() -> Path:
 def _unstarted_sections(cfg: Config, run_dir: Path) -> tuple[str, ...]:
     """Config sections of the stages that have no checkpoint in the run yet: extending a run by a stage
     may configure it freely."""
+    from dvtrain import checkpoint
+
     return tuple(
         f"{stage}."
         for stage in cfg.stages
@@ -187,6 +213,7 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
     from dvtrain.tracking import resolve_mode
 
     resolve_mode(cfg.logging)
+    from dvtrain import checkpoint
 
     def finished(stage: str) -> bool:
         path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
@@ -215,6 +242,8 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
 
 def check_layers(cfg: Config, data) -> None:
     """A fixed distillation layer (e.g. dverge.layer) exists in the configured model."""
+    import torch
+
     from dvtrain.models import build_model
 
     fixed = {stage: getattr(getattr(cfg, stage), "layer", None) for stage in cfg.stages}
@@ -232,6 +261,7 @@ def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) ->
     """The stages `dvtrain eval` will evaluate, each with a finished, whole checkpoint; refuses when there is
     none, so that no surrogate ensemble is trained for nothing."""
     from dvtrain.eval.load import finished_stages
+    from dvtrain import checkpoint
 
     for stage in requested or []:
         if stage not in cfg.stages:
@@ -317,7 +347,7 @@ def train_main(argv: list[str] | None = None) -> int:
         with TerminateGuard():  # SIGTERM before training unwinds too (the stage loop installs its own handler)
             if args.resume and args.overwrite:
                 raise DvtrainError("--resume and --overwrite contradict each other; pass one of them")
-            cfg = load_config(args.config or default_config_path(), args.overrides)
+            cfg = load_config(check_config_path(args.config) if args.config else default_config_path(), args.overrides)
             cfg = experiment_name(cfg, args.run_dir, args.overrides)
             run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / cfg.name
             if args.print_config:
@@ -330,6 +360,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 print(note, file=sys.stderr)
             placement, device = init_runtime(cfg)
             try:
+                from dvtrain.compute import check_compute, set_threads
                 check_compute(cfg, device, launched_world_size())
                 from dvtrain.data import load_dataset
 
@@ -422,6 +453,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         stages = evaluable_stages(run_dir, cfg, args.stage)
         check_results(run_dir)
         check_eval_writable(cfg, run_dir)
+        from dvtrain.compute import set_threads
+
         set_threads(cfg.compute)
         from dvtrain.eval.evaluate import full_evaluation
         from dvtrain.train.vanilla import train_plain_ensemble

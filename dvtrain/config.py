@@ -8,6 +8,7 @@ annotations, so a typo in a key or a value stops the run before any work is done
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import sys
 import types
@@ -511,9 +512,10 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
             print(f"dvtrain: note: config key '{prefix}{key}' is ignored: {RETIRED_KEYS[prefix + key]}", file=sys.stderr)
             continue
         if key not in known:
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'; known keys under '{prefix or '<top>'}': {', '.join(sorted(known))}"
-            )
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = (f"did you mean '{prefix}{close[0]}'?" if close else
+                    f"the keys under '{prefix or '<top>'}' are {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}")
     default = cls()
     kwargs = {}
     for f in dataclasses.fields(cls):

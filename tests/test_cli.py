@@ -4,6 +4,9 @@ and a note where `accelerate launch --cpu` would silently start one process."""
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -111,3 +114,15 @@ def test_print_config_after_overrides_applies_them(tmp_path, capsys):
     assert cli.main(["train", "dverge.eps=8/255", "--run-dir", str(run_dir), "seed=4", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["dverge"]["eps"] == pytest.approx(8 / 255) and printed["seed"] == 4 and printed["name"] == "x"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["--version"],
+                                  ["train", "dverge.epz=1"]], ids=" ".join)
+def test_help_version_and_a_refused_config_do_not_import_torch(argv):
+    """`dvtrain --help` answers without loading torch (seconds on a small machine): torch, wandb, accelerate and
+    matplotlib are imported only by the commands that use them (issue 21, item 6)."""
+    code = ("import sys\nfrom dvtrain import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'wandb', 'accelerate', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
