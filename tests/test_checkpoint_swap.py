@@ -134,9 +134,9 @@ def test_a_whole_tmp_left_by_a_kill_is_found_and_swapped_in_not_deleted(owned, t
     faults = Faults(monkeypatch)
     path = tmp_path / "vanilla"
     assert faults.save(path, owned, 1)
-    os.replace(path, checkpoint._old(path))  # noqa: SLF001 - the state a kill between the renames leaves
+    os.replace(path, path.with_name("vanilla.old"))  # the state a kill between the renames leaves
     assert faults.save(path, owned, 2, kill_at=Faults.AFTER_WHOLE) is False
-    assert checkpoint.latest(path) == checkpoint._tmp(path)  # noqa: SLF001
+    assert checkpoint.latest(path) == path.with_name("vanilla.tmp")
     check_newest(path, owned, faults)
     for kill_at in range(1, 4):  # the following save killed at each of its first steps: 2 stays found
         assert faults.save(path, owned, 3, kill_at=kill_at) is False
