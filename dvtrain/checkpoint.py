@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dvtrain.submodels import Owned
-from dvtrain.errors import DvtrainError
+from dvtrain.errors import DvtrainError, WriteFailed
 from dvtrain.paths import PathError, read_json_object
 from dvtrain.distributed.placement import Placement
 
@@ -36,6 +36,10 @@ STATE_FILE = "state.json"
 
 
 class CheckpointError(DvtrainError):
+    pass
+
+
+class CheckpointWriteFailed(CheckpointError, WriteFailed):
     pass
 
 
@@ -170,9 +174,9 @@ def save_checkpoint(
         if placement.is_main and not _whole(_tmp(path)):
             shutil.rmtree(_tmp(path), ignore_errors=True)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(
+        raise CheckpointWriteFailed(
             f"could not write checkpoint {path} ({reason}); the previous checkpoint is kept: "
-            "free disk space or fix permissions, then run the command again (dvtrain train: with --resume)"
+            "free disk space or fix permissions, then run it again"
         ) from None
 
 

@@ -23,7 +23,7 @@ import dvtrain
 from dvtrain import storage
 from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config,
                             parse_override, read_yaml)
-from dvtrain.errors import DvtrainError
+from dvtrain.errors import DvtrainError, WriteFailed
 from dvtrain.distributed.runtime import (
     init_runtime, is_main_rank, launched_world_size, report_to_launcher, resolve_device, shutdown,
 )
@@ -379,6 +379,8 @@ def train_main(argv: list[str] | None = None) -> int:
         if placement.is_main:
             print(f"results: {run_dir / 'results.md'}", flush=True)
         return 0
+    except WriteFailed as exc:
+        return refuse(DvtrainError(f"{exc} with --resume"), every_rank_alike=False)
     except DvtrainError as exc:
         return refuse(exc, every_rank_alike=not started)
     except StopRequested as stop:

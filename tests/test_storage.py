@@ -224,3 +224,19 @@ def test_compare_refuses_an_output_it_cannot_write_before_reading_runs(option, t
     target = _file(tmp_path) / "out" / "table.x"
     assert cli.main(["compare", str(trained), option, str(target)]) == cli.EXIT_USER_ERROR
     assert f"{option} folder" in one_line(capsys.readouterr().err)
+
+
+def test_eval_whose_surrogate_cache_cannot_be_written_says_run_it_again_not_resume(trained, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The issue's example: eval's surrogate ensemble trained, then its cache fails to save (a full disk):
+    one line, and no advice to use --resume, which eval does not have."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(
+        SafetensorError("Error while serializing: IoError(StorageFull)")))
+    args = ["eval.transfer.surrogate_epochs=1", "eval.transfer.surrogate_size=1", "eval.transfer.num_images=16"]
+    assert cli.main(["eval", str(run_dir), *args]) == cli.EXIT_USER_ERROR
+    err = one_line(capsys.readouterr().err)
+    assert "could not write checkpoint" in err and "surrogates" in err and "run it again" in err
+    assert "--resume" not in err
+    assert not (run_dir / "surrogates.tmp").exists()
