@@ -278,8 +278,7 @@ def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) ->
 
 # OSErrors that mean the storage failed under a command (full, read-only, gone, no permission): one line, exit 2
 # like every refusal (the user frees space or fixes permissions), never a traceback.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR,
-                  errno.EISDIR, errno.ENOENT, errno.EFBIG}
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
 
 def storage_failure(exc: OSError, then: str) -> int:
