@@ -210,10 +210,10 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
     so that rank 0 alone prints it): each stage's starting weights come from a stage trained earlier in
     `stages` or already finished in the run; the run's checkpoints are of this architecture and ensemble
     size; W&B can log in the mode asked for. `run_dir` None: a new run, with no checkpoints yet."""
+    from dvtrain import checkpoint
     from dvtrain.tracking import resolve_mode
 
     resolve_mode(cfg.logging)
-    from dvtrain import checkpoint
 
     def finished(stage: str) -> bool:
         path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
@@ -479,9 +479,9 @@ def check_compare_outputs(argv: list[str]) -> None:
 
 def compare_main(argv: list[str]) -> int:
     def command() -> int:
+        check_compare_outputs(argv)
         from dvtrain.eval.compare import compare_main as compare
 
-        check_compare_outputs(argv)
         return compare(argv)
 
     return interruptible(command, "no file was written half: run it again")
