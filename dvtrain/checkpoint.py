@@ -5,8 +5,12 @@ Layout of `checkpoints/<stage>/`:
     sub<i>.resume.safetensors  its optimizer state and random stream (what `--resume` needs)
     state.json                 epoch reached, completion, layers drawn, shared stream, architecture
 
-A new checkpoint is written into `<stage>.tmp/` and swapped in by renames once whole; the previous
-one stays on disk until the new one is complete, so a kill at any moment leaves one whole checkpoint.
+A new checkpoint is written into `<stage>.tmp/`; its `state.json` is written last, by an atomic
+rename, and marks it whole. It is then swapped in by renames: `<stage>` → `<stage>.old`, `<stage>.tmp` →
+`<stage>`. A folder is deleted only by first renaming it to `<stage>.trash-*` (a half-deleted folder is
+never mistaken for a checkpoint), and only once a newer whole one is in place. So whatever the moment of
+any number of kills, the whole checkpoints on disk are ordered `.tmp` (newest) > `<stage>` > `.old`, and
+`latest` finds the newest; the next save first completes a swap a kill cut short (`settle`).
 Each process writes the files of the submodels it owns; the main process writes `state.json` and swaps.
 """
 
@@ -16,6 +20,7 @@ import base64
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -23,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dvtrain.submodels import Owned
-from dvtrain.errors import DvtrainError
+from dvtrain.errors import DvtrainError, WriteFailed
 from dvtrain.paths import PathError, read_json_object
 from dvtrain.distributed.placement import Placement
 
@@ -31,6 +36,10 @@ STATE_FILE = "state.json"
 
 
 class CheckpointError(DvtrainError):
+    pass
+
+
+class CheckpointWriteFailed(CheckpointError, WriteFailed):
     pass
 
 
@@ -44,6 +53,65 @@ def _tmp(path: Path) -> Path:
 
 def _old(path: Path) -> Path:
     return path.with_name(path.name + ".old")
+
+
+def _trash_glob(path: Path) -> str:
+    return path.name + ".trash-*"
+
+
+def _whole(folder: Path) -> bool:
+    """A checkpoint folder whose `state.json`, renamed in after every other file was synced, is there."""
+    return (folder / STATE_FILE).is_file()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable (POSIX: a rename is persisted by syncing its directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _discard(folder: Path, path: Path) -> None:
+    """Delete a folder of the checkpoint at `path` without ever leaving it half-deleted under a name `latest`
+    reads: rename it to a unique trash name first (atomic), then remove that."""
+    if not folder.exists():
+        return
+    trash = path.with_name(_trash_glob(path).replace("*", uuid.uuid4().hex[:8]))
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def settle(path: Path) -> None:
+    """Finish what a kill interrupted, so that `path` is the newest whole checkpoint and `.tmp` and `.old`
+    are gone: a whole `.tmp` is swapped in (the previous checkpoint kept as `.old` until it is in place), a
+    partial `.tmp` and a superseded `.old` are discarded, and trash folders removed. Each step is one rename
+    or the deletion of a folder no candidate needs, so a kill inside `settle` is settled the next time."""
+    tmp, old = _tmp(path), _old(path)
+    if _whole(tmp):
+        if path.exists():
+            if old.exists():
+                _discard(old, path)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    elif tmp.exists():
+        _discard(tmp, path)
+    if old.exists():
+        if _whole(path):
+            _discard(old, path)
+        elif _whole(old):  # (only if `path` was removed by hand: keep the whole one under the current name)
+            if path.exists():
+                _discard(path, path)
+            os.replace(old, path)
+    for trash in path.parent.glob(_trash_glob(path)) if path.parent.is_dir() else []:
+        shutil.rmtree(trash, ignore_errors=True)
+    _fsync_dir(path.parent)
 
 
 def generator_to_text(generator: torch.Generator) -> str:
@@ -102,11 +170,13 @@ def save_checkpoint(
         data_states = {i: owned.data_generators[i].get_state() for i in owned.ids}
     try:
         _write_and_swap(path, owned, placement, state, data_states)
-    except OSError as exc:
-        shutil.rmtree(_tmp(path), ignore_errors=True)
-        raise CheckpointError(
-            f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint is kept: "
-            "free disk space or fix permissions, then continue with --resume"
+    except (OSError, SafetensorError) as exc:  # a full disk: OSError(ENOSPC) from Python, SafetensorError from safetensors
+        if placement.is_main and not _whole(_tmp(path)):
+            shutil.rmtree(_tmp(path), ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointWriteFailed(
+            f"could not write checkpoint {path} ({reason}); the previous checkpoint is kept: "
+            "free disk space or fix permissions, then run it again"
         ) from None
 
 
@@ -115,7 +185,7 @@ def _write_and_swap(
 ) -> None:
     tmp = _tmp(path)
     if placement.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        settle(path)  # a whole `.tmp` a kill left is swapped in first, never deleted
         tmp.mkdir(parents=True)
     placement.barrier()
     for i in owned.ids if placement.writes_checkpoint else []:
@@ -129,21 +199,20 @@ def _write_and_swap(
         _fsync(tmp / f"sub{i}.resume.safetensors")
     placement.barrier()
     if placement.is_main:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        _fsync(tmp / STATE_FILE)
-        old = _old(path)
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        part = tmp / (STATE_FILE + ".part")
+        part.write_text(json.dumps(state, indent=1))
+        _fsync(part)
+        os.replace(part, tmp / STATE_FILE)  # from here on `.tmp` is whole: the newest checkpoint
+        _fsync_dir(tmp)
+        settle(path)
     placement.barrier()
 
 
 def latest(path: Path) -> Path | None:
-    """The whole checkpoint of a stage: the current one, or the previous one if a swap was cut short."""
-    for candidate in (path, _old(path)):
-        if (candidate / STATE_FILE).is_file():
+    """The newest whole checkpoint of a stage: `.tmp` when a kill cut its swap short, else the current one,
+    else the previous one (see the module's docstring); None when there is none. Reads only."""
+    for candidate in (_tmp(path), path, _old(path)):
+        if _whole(candidate):
             return candidate
     return None
 

@@ -10,26 +10,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import errno
 import os
-import shutil
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import dvtrain
-from dvtrain import checkpoint
-from dvtrain.compute import check_compute, set_threads
+from dvtrain import storage
 from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config,
                             parse_override, read_yaml)
-from dvtrain.errors import DvtrainError
-from dvtrain.distributed.placement import Placement
+from dvtrain.errors import DvtrainError, WriteFailed
 from dvtrain.distributed.runtime import (
     init_runtime, is_main_rank, launched_world_size, report_to_launcher, resolve_device, shutdown,
 )
 from dvtrain.paths import PathError, check_folder, read_json_object
 from dvtrain.signals import StopRequested, TerminateGuard, Terminated
+
+if TYPE_CHECKING:
+    from dvtrain.distributed.placement import Placement
+# torch, and the modules that need it (checkpoint, compute, data, training, evaluation), are imported by the
+# functions that use them: `dvtrain --help` and a refused config answer without loading torch.
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "digits_quickstart.yaml"
@@ -48,6 +52,8 @@ PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "
 
 def peer_failure(exc: BaseException) -> bool:
     """A collective that failed because another rank died, raised or hung (gloo raises RuntimeError)."""
+    import torch
+
     return isinstance(exc, torch.distributed.DistError) or any(sign in str(exc) for sign in PEER_FAILURE_SIGNS)
 
 
@@ -74,6 +80,25 @@ def experiment_name(cfg: Config, run_dir: str | None, overrides: list[str]) -> C
     return dataclasses.replace(cfg, name=Path(run_dir).resolve().name)
 
 
+def config_folder() -> Path:
+    """configs/ of the working directory, else the one beside the installed package (a source checkout)."""
+    return Path("configs") if Path("configs").is_dir() else REPO_CONFIGS
+
+
+def check_config_path(given: str) -> Path:
+    """A `--config` that does not exist is refused with the configs/ folder's names, the closest one first."""
+    path = Path(given)
+    if path.exists():
+        return path
+    folder = config_folder()
+    names = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    if not names:
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file with --config")
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.5)
+    hint = f"did you mean --config {folder / close[0]}? " if close else ""
+    raise ConfigError(f"config file {path} does not exist; {hint}the configs in {folder}/ are {', '.join(names)}")
+
+
 def default_config_path() -> Path:
     for candidate in (Path("configs") / DEFAULT_CONFIG, REPO_CONFIGS / DEFAULT_CONFIG):
         if candidate.is_file():
@@ -84,6 +109,8 @@ def default_config_path() -> Path:
 def _unstarted_sections(cfg: Config, run_dir: Path) -> tuple[str, ...]:
     """Config sections of the stages that have no checkpoint in the run yet: extending a run by a stage
     may configure it freely."""
+    from dvtrain import checkpoint
+
     return tuple(
         f"{stage}."
         for stage in cfg.stages
@@ -119,6 +146,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
             f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, "
             "or choose another name=... / --run-dir"
         )
+    elif overwrite:
+        storage.check_own_run(run_dir)
+    check_run_writable(cfg, run_dir)
     check_stages_can_run(cfg, run_dir if resume else None)
     data = load_data(cfg)
     check_layers(cfg, data)
@@ -129,13 +159,38 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
     if placement.is_main:
         try:
             if overwrite and run_dir.exists():
-                shutil.rmtree(run_dir)
+                kept = storage.clear_run(run_dir)
+                if kept:
+                    print(f"dvtrain: note: --overwrite kept what dvtrain did not write in {run_dir}: {', '.join(kept)}",
+                          file=sys.stderr)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
         except OSError as exc:
             raise DvtrainError(f"cannot write to run directory {run_dir} ({exc.strerror}); choose a writable --run-dir") from None
     placement.barrier()
     return cfg, data
+
+
+def check_run_writable(cfg: Config, run_dir: Path) -> None:
+    """Before any work: the run directory, and the folders its W&B runs write to, take new files (a
+    read-only or full file system is refused now, not after a stage trained)."""
+    from dvtrain.tracking import resolve_mode
+
+    storage.check_writable(run_dir, "run directory", "choose a writable --run-dir")
+    if resolve_mode(cfg.logging) != "disabled":
+        for folder, what in storage.wandb_dirs(run_dir, cfg.logging.artifacts):
+            storage.check_writable(folder, what, "make it writable, point the variable elsewhere, or set logging.wandb=disabled")
+
+
+EVAL_FOLDERS = ("plots", "surrogates")  # dvtrain.eval.plots.PLOTS_DIR, dvtrain.eval.blackbox.SURROGATE_DIR
+
+
+def check_eval_writable(cfg: Config, run_dir: Path) -> None:
+    """`dvtrain eval` writes results.json/results.md, plots/ and surrogates/ in the run directory (and a W&B run):
+    refused before the surrogate ensemble is trained when any of them cannot be written."""
+    check_run_writable(cfg, run_dir)
+    for folder in EVAL_FOLDERS:
+        storage.check_writable(run_dir / folder, "folder", f"move that away or make {run_dir} writable")
 
 
 def check_results(run_dir: Path) -> dict | None:
@@ -155,6 +210,7 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
     so that rank 0 alone prints it): each stage's starting weights come from a stage trained earlier in
     `stages` or already finished in the run; the run's checkpoints are of this architecture and ensemble
     size; W&B can log in the mode asked for. `run_dir` None: a new run, with no checkpoints yet."""
+    from dvtrain import checkpoint
     from dvtrain.tracking import resolve_mode
 
     resolve_mode(cfg.logging)
@@ -186,6 +242,8 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
 
 def check_layers(cfg: Config, data) -> None:
     """A fixed distillation layer (e.g. dverge.layer) exists in the configured model."""
+    import torch
+
     from dvtrain.models import build_model
 
     fixed = {stage: getattr(getattr(cfg, stage), "layer", None) for stage in cfg.stages}
@@ -203,6 +261,7 @@ def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) ->
     """The stages `dvtrain eval` will evaluate, each with a finished, whole checkpoint; refuses when there is
     none, so that no surrogate ensemble is trained for nothing."""
     from dvtrain.eval.load import finished_stages
+    from dvtrain import checkpoint
 
     for stage in requested or []:
         if stage not in cfg.stages:
@@ -215,6 +274,21 @@ def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) ->
     for stage in stages:
         checkpoint.check_weights(checkpoint.latest(checkpoint.stage_dir(run_dir, stage)), cfg.ensemble.size)
     return stages
+
+
+# OSErrors that mean the storage failed under a command (full, read-only, gone, no permission): one line, exit 2
+# like every refusal (the user frees space or fixes permissions), never a traceback.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def storage_failure(exc: OSError, then: str) -> int:
+    """A write that failed midway (e.g. a full disk under results.json or W&B's files): one line naming the
+    file and `then` (what is kept, what to do), exit 2."""
+    where = f" {exc.filename}" if exc.filename else ""
+    line = f"dvtrain: error: could not write{where} ({exc.strerror or exc}); free disk space or fix permissions; {then}"
+    print(line, file=sys.stderr, flush=True)
+    report_to_launcher(line)
+    return EXIT_USER_ERROR
 
 
 def refuse(exc: DvtrainError, every_rank_alike: bool = True) -> int:
@@ -236,6 +310,10 @@ def interruptible(command: Callable[[], int], interrupted: str) -> int:
             return command()
     except DvtrainError as exc:
         return refuse(exc)
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        return storage_failure(exc, interrupted)
     except KeyboardInterrupt:
         print(f"dvtrain: interrupted; {interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -262,13 +340,13 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML and exit without training")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dverge.eps=0.03")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and key=value in any order, as the docs show
     started = False  # from here on a rank may fail alone, and prints its own error
     try:
         with TerminateGuard():  # SIGTERM before training unwinds too (the stage loop installs its own handler)
             if args.resume and args.overwrite:
                 raise DvtrainError("--resume and --overwrite contradict each other; pass one of them")
-            cfg = load_config(args.config or default_config_path(), args.overrides)
+            cfg = load_config(check_config_path(args.config) if args.config else default_config_path(), args.overrides)
             cfg = experiment_name(cfg, args.run_dir, args.overrides)
             run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.runs_dir) / cfg.name
             if args.print_config:
@@ -281,6 +359,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 print(note, file=sys.stderr)
             placement, device = init_runtime(cfg)
             try:
+                from dvtrain.compute import check_compute, set_threads
                 check_compute(cfg, device, launched_world_size())
                 from dvtrain.data import load_dataset
 
@@ -299,6 +378,8 @@ def train_main(argv: list[str] | None = None) -> int:
         if placement.is_main:
             print(f"results: {run_dir / 'results.md'}", flush=True)
         return 0
+    except WriteFailed as exc:
+        return refuse(DvtrainError(f"{exc} with --resume"), every_rank_alike=False)
     except DvtrainError as exc:
         return refuse(exc, every_rank_alike=not started)
     except StopRequested as stop:
@@ -314,6 +395,10 @@ def train_main(argv: list[str] | None = None) -> int:
         if is_main_rank():
             print("dvtrain: stopped by SIGTERM; the last checkpoint is kept: continue with --resume", file=sys.stderr)
         return EXIT_TERMINATED
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        return storage_failure(exc, "every checkpoint written so far is kept: continue with --resume")
     except RuntimeError as exc:
         if not peer_failure(exc):
             raise
@@ -326,17 +411,34 @@ def train_main(argv: list[str] | None = None) -> int:
         return EXIT_PEER_FAILED
 
 
+OVERRIDE_FORM = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def run_dir_before_overrides(args: argparse.Namespace) -> argparse.Namespace:
+    """`dvtrain eval eval.eps=0.05 RUN_DIR`: argparse takes the first positional as RUN_DIR; when that one is a
+    key=value override (and no such path exists) and a later one is not, the later one is the run directory."""
+    def override(text: str) -> bool:
+        return bool(OVERRIDE_FORM.match(text)) and not Path(text).exists()
+
+    if override(args.run_dir):
+        path = next((o for o in args.overrides if not override(o)), None)
+        if path is not None:
+            args.overrides = [args.run_dir] + [o for o in args.overrides if o is not path]
+            args.run_dir = path
+    return args
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dvtrain eval",
         description="The whole evaluation of a run's saved stages: white-box table (AutoAttack, margin PGD, the "
-        "ensemble-adaptive attack, worst case per image, 95%% intervals) with gradient-masking checks, "
+        "ensemble-adaptive attack, worst case per image, 95% intervals) with gradient-masking checks, "
         "transferability matrix, black-box transfer from a surrogate ensemble, ε sweep, plots.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory `dvtrain train` wrote (it holds config.yaml)")
     parser.add_argument("--stage", action="append", help="stage to evaluate (repeatable; default: every saved stage)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation overrides, e.g. eval.eps=0.01")
-    args = parser.parse_args(argv)
+    args = run_dir_before_overrides(parser.parse_intermixed_args(argv))  # any order, as the docs show
 
     def evaluate() -> int:
         run_dir = Path(args.run_dir)
@@ -351,6 +453,9 @@ def eval_main(argv: list[str] | None = None) -> int:
             raise DvtrainError("dvtrain eval loads every submodel in one process; run it with python, not a launcher")
         stages = evaluable_stages(run_dir, cfg, args.stage)
         check_results(run_dir)
+        check_eval_writable(cfg, run_dir)
+        from dvtrain.compute import set_threads
+
         set_threads(cfg.compute)
         from dvtrain.eval.evaluate import full_evaluation
         from dvtrain.train.vanilla import train_plain_ensemble
@@ -361,15 +466,30 @@ def eval_main(argv: list[str] | None = None) -> int:
     return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")
 
 
-def compare_main(argv: list[str]) -> int:
-    from dvtrain.eval.compare import compare_main as compare
+def check_compare_outputs(argv: list[str]) -> None:
+    """`--csv FILE` and `--plot FILE` of `dvtrain compare` can be written, checked before any run is read."""
+    outputs = argparse.ArgumentParser(add_help=False)
+    outputs.add_argument("--csv", type=Path)
+    outputs.add_argument("--plot", type=Path)
+    known, _ = outputs.parse_known_args(argv)
+    for option, path in (("--csv", known.csv), ("--plot", known.plot)):
+        if path is not None:  # (a folder in its place: compare itself names that)
+            storage.check_writable(path.parent, f"{option} folder", "pass a path you can write")
 
-    return interruptible(lambda: compare(argv), "no file was written half: run it again")
+
+def compare_main(argv: list[str]) -> int:
+    def command() -> int:
+        check_compare_outputs(argv)
+        from dvtrain.eval.compare import compare_main as compare
+
+        return compare(argv)
+
+    return interruptible(command, "no file was written half: run it again")
 
 
 COMMANDS = {
     "train": (train_main, "train an ensemble: vanilla, DVERGE, DVERGE+AdvT (or the baselines), evaluated after each stage"),
-    "eval": (eval_main, "the paper's whole evaluation of a run's saved stages (APGD, transferability, black-box, ε sweep)"),
+    "eval": (eval_main, "the paper's whole evaluation of a run's saved stages (AutoAttack, transferability, black-box, ε sweep)"),
     "compare": (compare_main, "runs side by side: one row per run, config differences, mean ± s.d. over seeds"),
 }
 

@@ -42,6 +42,11 @@ def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
+def first_local_process() -> bool:
+    """Local rank 0 of a launch (torchrun and accelerate set LOCAL_RANK), or the only process."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def resolve_threads(setting: int | str, processes: int, cores: int) -> int:
     """Torch threads per process for `compute.threads`: a number as given; `auto` shares the cores among
     the node's processes (at least 1, at most what torch would use). One thread per core, torch's own
@@ -62,14 +67,15 @@ def set_threads(cfg: ComputeConfig) -> int:
     processes, cores = local_processes(), available_cores()
     threads = resolve_threads(cfg.threads, processes, cores)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if threads * processes > cores:
+    says = first_local_process()  # the warnings are about the node: its first process says them, once
+    if says and threads * processes > cores:
         warnings.warn(
             f"compute.threads={threads} × {processes} process(es) on this node exceeds its {cores} cores; "
             "the threads will wait on each other (compute.threads=auto shares the cores)",
             RuntimeWarning,
             stacklevel=2,
         )
-    elif threads > 1 and threads * processes > cores - load + BUSY_MARGIN:
+    elif says and threads > 1 and threads * processes > cores - load + BUSY_MARGIN:
         warnings.warn(
             f"{threads} torch threads per process, but the machine is busy (load {load:.1f} on {cores} cores): "
             "threads that wait on busy cores can make training many times slower; compute.threads=1 avoids it",

@@ -8,6 +8,7 @@ annotations, so a typo in a key or a value stops the run before any work is done
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import sys
 import types
@@ -511,9 +512,10 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
             print(f"dvtrain: note: config key '{prefix}{key}' is ignored: {RETIRED_KEYS[prefix + key]}", file=sys.stderr)
             continue
         if key not in known:
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'; known keys under '{prefix or '<top>'}': {', '.join(sorted(known))}"
-            )
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = (f"did you mean '{prefix}{close[0]}'?" if close else
+                    f"the keys under '{prefix or '<top>'}' are {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}")
     default = cls()
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -547,12 +549,50 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that names one key twice (YAML 1.2 forbids it; PyYAML silently keeps the last value)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__("while constructing a mapping", first, f"found duplicate key {key!r}", again)
+        self.key = key
+        self.where = (f"line {first.line + 1}" if first.line == again.line
+                      else f"lines {first.line + 1} and {again.line + 1}")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses a mapping naming a key twice, at any depth (a section such as
+    `dverge:` written twice would otherwise keep only its second copy, and the first one's values would
+    silently return to their defaults). Keys brought in by a `<<` merge may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeConstructor names it itself
+                    continue
+                if first is not key_node.start_mark:
+                    raise DuplicateKeyError(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """`yaml.safe_load` that refuses duplicate keys (`UniqueKeyLoader`); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. dverge.eps=0.03)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml_text(raw) if raw != "" else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override '{text}' names the key {exc.key!r} twice; keep one of them") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -562,7 +602,12 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     text = read_text(path, "config file", "pass an existing file with --config")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"config file '{path}' names the key {exc.key!r} twice in one section ({exc.where}); "
+            "YAML keeps only the last one, so merge the two into one"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -11,6 +11,7 @@ A resumed stage continues its run: the run id is kept in the stage's checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import netrc
 import os
@@ -34,6 +35,27 @@ WANDB_READ_TIMEOUT_S = 120
 OFFLINE_RUN_GLOB = "offline-run-*"
 RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
 RUN_ID_LENGTH = 8
+# Names W&B accepts. Artifacts: at most 128 characters (wandb.sdk.artifacts._validators.NAME_MAXLEN, wandb
+# 0.31) of ASCII letters, digits, '-', '_' and '.' (the server's rule; the client refuses '/' only). Run names
+# and groups: capped at the same length; job types (stage names) at 64.
+ARTIFACT_NAME_MAX = 128
+RUN_NAME_MAX = 128
+JOB_TYPE_MAX = 64
+NOT_IN_ARTIFACT_NAMES = re.compile(r"[^A-Za-z0-9_.-]")
+NAME_HASH_LENGTH = 8
+
+
+def fit_name(name: str, limit: int, keep: str = "", ascii_only: bool = False) -> str:
+    """`name` + `keep` made valid for W&B: characters outside W&B's artifact alphabet replaced by '_' (with
+    `ascii_only`), and at most `limit` characters, `keep` (e.g. "-dverge") always whole. A name that had to
+    be changed ends in a short hash of the original, so two long or non-ASCII names stay distinct."""
+    whole = name + keep
+    fitted = NOT_IN_ARTIFACT_NAMES.sub("_", whole) if ascii_only else whole
+    if fitted == whole and len(fitted) <= limit:
+        return fitted
+    digest = "-" + hashlib.sha1(whole.encode()).hexdigest()[:NAME_HASH_LENGTH]
+    stem = NOT_IN_ARTIFACT_NAMES.sub("_", name) if ascii_only else name
+    return stem[: max(limit - len(keep) - len(digest), 1)] + digest + keep
 
 
 def has_wandb_key() -> bool:
@@ -85,9 +107,9 @@ class Tracker:
             self.run = wandb.init(
                 project=cfg.project,
                 entity=cfg.entity,
-                group=run_name,
-                name=f"{run_name}-{stage}",
-                job_type=stage,
+                group=fit_name(run_name, RUN_NAME_MAX),
+                name=fit_name(run_name, RUN_NAME_MAX, keep=f"-{stage}"),
+                job_type=fit_name(stage, JOB_TYPE_MAX),
                 config=config,
                 dir=str(run_dir),
                 mode=self.mode,
@@ -134,15 +156,25 @@ class Tracker:
         if self.run is not None:
             self.run.config.update(values, allow_val_change=True)
 
-    def artifact(self, name: str, kind: str, folder: Path, metadata: dict) -> None:
-        """Upload a folder (a checkpoint) as a W&B artifact; names keep W&B's allowed characters only."""
+    def artifact(self, name: str, kind: str, folder: Path, metadata: dict, suffix: str = "") -> bool:
+        """Upload a folder (a checkpoint) as a W&B artifact named `name` + `suffix`, made valid (`fit_name`:
+        the suffix, e.g. "-dverge", is kept whole). Returns
+        whether W&B took it; a failure (a folder W&B cannot stage into, the network, ...) is one warning line
+        and False, so the run goes on and a later --resume can try again."""
         if self.run is None:
-            return
+            return False
         import wandb
 
-        artifact = wandb.Artifact(re.sub(r"[^\w.-]", "_", name), type=kind, metadata=metadata)
-        artifact.add_dir(str(folder))
-        self.run.log_artifact(artifact)
+        try:
+            artifact = wandb.Artifact(fit_name(name, ARTIFACT_NAME_MAX, suffix, ascii_only=True), type=kind, metadata=metadata)
+            artifact.add_dir(str(folder))
+            self.run.log_artifact(artifact)
+        except Exception as exc:  # noqa: BLE001 - wandb raises many types; none may cost the trained stage
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            print(f"dvtrain: warning: W&B artifact {name + suffix!r} not uploaded ({type(exc).__name__}: {first}); "
+                  "the checkpoint is safe on disk; --resume tries again", file=sys.stderr, flush=True)
+            return False
+        return True
 
     def finish(self, exit_code: int = 0) -> None:
         """Finish and flush: `finish` alone can return before the run file is written; `teardown` waits."""

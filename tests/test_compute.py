@@ -166,3 +166,21 @@ def test_more_threads_than_cores_warns_and_sets_the_count(monkeypatch):
             assert compute.set_threads(ComputeConfig(threads="auto")) == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_oversubscription_warning_comes_once_per_node_not_once_per_rank(monkeypatch):
+    """The README's 3-process CPU recipe: only local rank 0 warns (issue 21, item 6)."""
+    monkeypatch.setattr(compute, "available_cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    threads = torch.get_num_threads()
+    try:
+        for rank in ("1", "2"):
+            monkeypatch.setenv("LOCAL_RANK", rank)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert compute.set_threads(ComputeConfig(threads=1)) == 1
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with pytest.warns(RuntimeWarning, match=r"compute.threads=1 × 3 process\(es\) on this node exceeds its 2 cores"):
+            compute.set_threads(ComputeConfig(threads=1))
+    finally:
+        torch.set_num_threads(threads)

@@ -122,3 +122,42 @@ def test_a_retired_key_of_an_older_run_is_ignored_with_a_note(capsys):
     cfg = load_config(None, ["eval.transfer.apgd_steps=100", "eval.transfer.eps=0.05"])
     assert cfg.eval.transfer.eps == 0.05 and not hasattr(cfg.eval.transfer, "apgd_steps")
     assert "config key 'eval.transfer.apgd_steps' is ignored: pyautoattack's APGD-CE" in capsys.readouterr().err
+
+
+# Issue 19, kind 3: YAML keeps only the last of two equal keys, so a section written twice would silently
+# lose the first copy's values. Every case names the key and the line(s).
+DUPLICATES = {
+    "section twice (the issue's example)": ("dverge:\n  eps: 0.1\nvanilla:\n  epochs: 1\ndverge:\n  epochs: 2\n",
+                                            "'dverge' twice in one section (lines 1 and 5)"),
+    "top-level value twice": ("seed: 1\nname: a\nseed: 2\n", "'seed' twice in one section (lines 1 and 3)"),
+    "key twice inside a section": ("dverge:\n  eps: 0.1\n  steps: 3\n  eps: 0.2\n", "'eps' twice in one section (lines 2 and 4)"),
+    "two levels down": ("dverge:\n  optim:\n    lr: 0.1\n    lr: 0.2\n", "'lr' twice in one section (lines 3 and 4)"),
+    "flow mapping": ("dverge: {eps: 0.1, eps: 0.2}\n", "'eps' twice in one section (line 1)"),
+    "quoted and plain spelling": ("seed: 1\n'seed': 2\n", "'seed' twice in one section (lines 1 and 2)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DUPLICATES))
+def test_duplicate_yaml_keys_are_refused_with_key_and_line(case, tmp_path):
+    text, expected = DUPLICATES[case]
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_duplicate_keys_in_an_override_are_refused():
+    with pytest.raises(ConfigError, match="names the key 'lr' twice"):
+        load_config(None, ["dverge.optim={lr: 0.1, lr: 0.2}"])
+
+
+def test_what_dvtrain_writes_and_yaml_merges_still_load(tmp_path):
+    """The strict loader still reads every config dvtrain writes (shared objects become YAML aliases), and a
+    `<<` merge whose keys a section overrides on purpose is not a duplicate."""
+    cfg = load_config(None, ["dverge.optim.milestones=[3, 4]", "dverge_advt.optim.milestones=[3, 4]"])
+    saved = tmp_path / "c.yaml"
+    saved.write_text(dump_yaml(cfg))
+    assert config_from_dict(read_yaml(saved)) == cfg
+    saved.write_text("base: &b {eps: 0.1, steps: 3}\ndverge:\n  <<: *b\n  steps: 4\n")
+    assert read_yaml(saved)["dverge"] == {"eps": 0.1, "steps": 4}

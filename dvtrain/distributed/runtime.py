@@ -12,15 +12,20 @@ import json
 import os
 import time
 from datetime import timedelta
-
-import torch
+from typing import TYPE_CHECKING
 
 from dvtrain.config import Config
 from dvtrain.errors import DvtrainError
-from dvtrain.distributed.placement import LocalPlacement, Placement, ProcessGroupPlacement
+
+if TYPE_CHECKING:  # torch is imported where a function needs it: `dvtrain --help` must not wait for it
+    import torch
+
+    from dvtrain.distributed.placement import Placement
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -53,6 +58,10 @@ def report_to_launcher(line: str) -> None:
 
 
 def init_runtime(cfg: Config) -> tuple[Placement, torch.device]:
+    import torch
+
+    from dvtrain.distributed.placement import LocalPlacement, ProcessGroupPlacement
+
     world = launched_world_size()
     if world == 1:
         return LocalPlacement(cfg.ensemble.size), resolve_device(cfg.device)
@@ -78,5 +87,7 @@ def init_runtime(cfg: Config) -> tuple[Placement, torch.device]:
 
 
 def shutdown() -> None:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -186,6 +186,13 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, sessio
     if state["complete"] and any(row["stage"] == name for row in results["eval"]):
         if placement.is_main:
             print(f"[{name}] complete and evaluated; skipping", flush=True)
+        if cfg.logging.artifacts and not state.get("artifact_logged") and resolve_mode(cfg.logging) != "disabled":
+            tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg) | {"provenance": session},
+                              active=placement.is_main, run_id=state.get("wandb_run_id"))
+            try:
+                upload_artifact(ctx, name, tracker, owned, state, results)
+            finally:
+                tracker.finish(0)
         return
 
     shared = checkpoint.generator_from_text(state["shared_generator"])
@@ -278,11 +285,22 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, sessio
                         | {f"eval/{metric_name(r['attack'], r['norm'])}/eps": r["eps"] for r in rows})
         tracker.config_update({"provenance": results["provenance"]})
         if cfg.logging.artifacts:
-            tracker.artifact(f"{cfg.name}-{name}", "model", checkpoint.latest(path),
-                             {"stage": name, "epochs": state["epoch"], "provenance": results["provenance"]})
+            upload_artifact(ctx, name, tracker, owned, state, results)
         exit_code = 0
     finally:
         tracker.finish(exit_code)
+
+
+def upload_artifact(ctx: Context, stage: str, tracker: Tracker, owned: Owned, state: dict, results: dict) -> None:
+    """The stage's final checkpoint as a W&B model artifact; once W&B took it, the checkpoint's state says
+    so (`artifact_logged`), and until then every --resume tries again (a failure is a warning, not an end)."""
+    path = checkpoint.stage_dir(ctx.run_dir, stage)
+    uploaded = tracker.artifact(ctx.cfg.name, "model", checkpoint.latest(path),
+                                {"stage": stage, "epochs": state["epoch"], "provenance": results.get("provenance")},
+                                suffix=f"-{stage}")
+    if ctx.placement.any(uploaded):
+        state["artifact_logged"] = True
+        checkpoint.save_checkpoint(path, owned, ctx.placement, state)
 
 
 def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: dict) -> list[dict]:
