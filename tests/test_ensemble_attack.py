@@ -20,6 +20,7 @@ from dvtrain.rng import stream
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 0.1  # the quickstart's digits budget
 N_IMAGES = 120
+STRENGTH_STEPS = 30  # a shortened run keeps the test quick; the baselines get their full budgets
 
 
 def test_step_size_decays_from_twice_eps_along_a_half_cosine():
@@ -64,12 +65,13 @@ def test_blend_ends_are_the_normalised_mixture_and_the_rescaled_members():
 
 
 def test_at_least_as_strong_as_margin_pgd_and_apgd_ce_on_a_trained_mixture(ensemble):
-    """Robust count (mixture still correct) under the ensemble attack ≤ margin PGD's (100 steps of ε/4,
-    like the schedule's length) and ≤ pyautoattack's APGD-CE (its own 100 iterations), on the same images."""
+    """Robust count (mixture still correct) under the ensemble attack, even shortened to 30 steps a run,
+    ≤ margin PGD's (100 steps of ε/4) and ≤ pyautoattack's APGD-CE (its own 100 iterations), on the same
+    images (measured: 61 vs 63 and 63 of 110 correct when clean)."""
     models, data = ensemble
     x, y = data.x_test[:N_IMAGES], data.y_test[:N_IMAGES]
     mixture = Mixture(models).eval()
-    adv = adaptive_linf(models, x, y, EPS, AdaptiveConfig(), stream(0, "strength"))
+    adv = adaptive_linf(models, x, y, EPS, AdaptiveConfig(steps=STRENGTH_STEPS), stream(0, "strength"))
     assert float((adv - x).abs().max()) <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     with torch.no_grad():
         ours = int((mixture(adv).argmax(1) == y).sum())
