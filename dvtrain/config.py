@@ -325,7 +325,7 @@ class AdaptiveConfig:
     checked on training images, never test images (docs/evaluation.md, "The ensemble attack")."""
 
     steps: int = ranged(100, ge=1, note="steps of each run")
-    # The step size starts at initial_step·ε and decays to 0 along a half cosine (MORA §4; APGD's 2ε start).
+    # The step size starts at initial_step·ε and decays to 0 along a half cosine (MORA; the 2ε start is APGD's).
     initial_step: float = ranged(2.0, gt=0, note="step size at the first step, in units of eval.eps")
     # Weight of the new sign step against the previous displacement (APGD's heavy-ball momentum α = 0.75).
     momentum: float = ranged(0.75, gt=0, le=1, note="1: plain sign steps")

@@ -72,7 +72,7 @@ def submodel_weights(logits: Tensor, scaled: Tensor, y: Tensor, inverse_temperat
     """Per-image weights [M, N] of M members (no gradient), from their logits [M, N, K] and rescaled
     copy `scaled`: w_i = q_i(c)·(q_i(y)/P(y) + (1 − q_i(c))/P(c)) with q_i = softmax(β·z_i),
     P = mean_i softmax(z̃_i) and c the best class of P other than y; 0 for a member whose z̃_i already
-    misclassifies (MORA, Yu et al. 2022, §3: only the submodels still correct are reweighed)."""
+    misclassifies (MORA, Yu et al. 2022: only the submodels still correct are reweighed)."""
     with torch.no_grad():
         p = torch.softmax(scaled, dim=-1).mean(dim=0)  # [N, K]
         c = p.scatter(1, y[:, None], float("-inf")).argmax(dim=1)
