@@ -1,9 +1,9 @@
 """dvtrain: a distributed trainer for robust model ensembles with DVERGE (Yang et al., NeurIPS 2020).
 
-Packages: `dvtrain.train` (the stage loop, the stages, engines, distillation), `dvtrain.eval`
+Packages: `dvtrain.train` (the stage loop, the stages, engines), `dvtrain.eval`
 (attacks and the robustness evaluation; imports no training code), `dvtrain.distributed` (process
 group and placement of submodels on ranks), `dvtrain.models`; and the shared core: config, data,
-submodels, checkpoint, tracking.
+submodels, checkpoint, tracking, attacks, feature distillation (`distill`).
 
 Public API: `load_submodels(run_dir, stage, device=None)` and `load_mixture(run_dir, stage, device=None)`
 load a trained run's models for any attack library (images in [0, 1]; the mixture returns log mean

@@ -50,6 +50,9 @@ RENAMED_SECTIONS = {"pretrain": "vanilla"}
 RETIRED_KEYS = {
     "eval.transfer.apgd_steps": "pyautoattack's APGD-CE replaced dvtrain's own (see eval.autoattack)",
     "eval.transfer.apgd_restarts": "pyautoattack's APGD-CE replaced dvtrain's own (see eval.autoattack)",
+    "eval.adaptive.step_fraction": "the ensemble attack follows MORA's cosine step schedule (eval.adaptive.initial_step)",
+    "eval.adaptive.confidence": "the ensemble attack reweighs submodels as MORA does, without a margin cap",
+    "eval.adaptive.temperature": "the ensemble attack's weights follow MORA's (eval.adaptive.inverse_temperature)",
 }
 
 
@@ -314,19 +317,50 @@ class AutoAttackConfig:
 
 @dataclass
 class AdaptiveConfig:
-    """The ensemble-adaptive attack on the mixture (MORA-style submodel reweighing, dvtrain.eval.adaptive)
-    at eval.eps, L∞."""
+    """The ensemble attack on the mixture (dvtrain.eval.adaptive, after MORA: Yu, Gao & Xu, NeurIPS 2022,
+    arXiv 2211.08008) at eval.eps, L∞: untargeted runs over `blend_scales`, then targeted runs at the
+    ensemble's next `target_classes` classes, each on the images still robust.
 
-    steps: int = ranged(50, ge=1)
-    step_fraction: float = ranged(0.1, gt=0, note="step size = step_fraction × eval.eps")
-    # Softmax temperature of the per-image submodel weights over their margins (logit units). Chosen on
-    # the digits quickstart (DVERGE mixture, 50 steps): T 10 gave 66.3 % vs CE-PGD 69.1 %; T ≤ 1
-    # (focusing hard on the submodel closest to flipping) was weaker than PGD (72–88 %).
-    temperature: float = ranged(10.0, gt=0, note="logit units")
-    # A submodel whose margin reaches this many logits counts as fooled enough: its term stops pulling
-    # (the confidence κ of Carlini & Wagner's objective), so the step turns to the submodels still resisting.
-    confidence: float = ranged(2.0, gt=0, note="logit units")
+    Defaults: MORA's `standard-t-pre` schedule for a softmax-averaging ensemble (100 steps, cosine decay
+    from 2ε, inverse temperature 0.2, blends 0.5, 0, 0.25, 0.75, 1, targeted at blend 0.5 over 9 classes);
+    checked on training images, never test images (docs/evaluation.md, "The ensemble attack")."""
+
+    steps: int = ranged(100, ge=1, note="steps of each run")
+    # The step size starts at initial_step·ε and decays to 0 along a half cosine (MORA; the 2ε start is APGD's).
+    initial_step: float = ranged(2.0, gt=0, note="step size at the first step, in units of eval.eps")
+    # Weight of the new sign step against the previous displacement (APGD's heavy-ball momentum α = 0.75).
+    momentum: float = ranged(0.75, gt=0, le=1, note="1: plain sign steps")
+    # 1/temperature of the submodels' softmaxes in their per-image weights (MORA's float_dis).
+    inverse_temperature: float = ranged(0.2, gt=0, note="multiplies the logits before the softmax")
+    # A submodel whose top-2 logit gap exceeds this is rescaled so that the largest gap equals it (per image).
+    rescale_gap: float = ranged(10.0, gt=0, note="logit units")
+    # One untargeted run per entry, in order: 0 attacks the mixture's (normalised) log-probabilities alone,
+    # 1 the reweighed submodels' logits alone.
+    blend_scales: list[float] = ranged(factory=lambda: [0.5, 0.0, 0.25, 0.75, 1.0], ge=0, le=1, nonempty=True)
+    targeted_scale: float = ranged(0.5, ge=0, le=1, note="blend of the targeted runs")
+    # Targeted runs at the mixture's 2nd, 3rd, … most likely classes on the clean image (0: none).
+    target_classes: int = ranged(9, ge=0, note="capped at the number of classes - 1")
+    # The whole schedule again from fresh random starts, on the images still robust.
     restarts: int = ranged(1, ge=1)
+
+
+@dataclass
+class DiversityConfig:
+    """The vulnerability-diversity matrix of each stage (`dvtrain eval`, dvtrain.eval.diversity): entry
+    (i, j) = mean CE(f_j(x'_{f_i^l}(x, x_s)), y), the seed report's eq. 2 and the DVERGE paper's diversity
+    matrix. Defaults follow the DVERGE authors' eval/eval_diversity.py: batches of 10 test-image pairs,
+    a random layer per batch, distillation as in training with the models in eval mode."""
+
+    enabled: bool = True
+    num_images: int = ranged(1000, ge=1, note="pairs (x, x_s) of test images; capped at the test set's size")
+    batch_size: int = ranged(10, ge=1, note="one random layer per batch")
+    # None draws a layer per batch, uniform over the model's layers; an integer fixes it (1-based).
+    layer: Optional[int] = ranged(None, ge=1, note="layers are 1-based; null draws one per batch")
+    # Distillation budget: None takes the stage's own (its dverge or dverge_advt section; the dverge
+    # section for the other stages), so the matrix measures the vulnerability the stage was trained on.
+    eps: Optional[float] = ranged(None, ge=0, le=1, note=PIXELS + "; null: the stage's distillation ε")
+    step_size: Optional[float] = ranged(None, gt=0, note="pixel units; null: the stage's")
+    steps: Optional[int] = ranged(None, ge=1, note="null: the stage's distillation steps")
 
 
 @dataclass
@@ -368,6 +402,7 @@ class EvalConfig:
     seeds: int = ranged(1, ge=1)
     autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
     checks: MaskingChecksConfig = field(default_factory=MaskingChecksConfig)
     # `dvtrain eval`: transferability, black-box transfer, ε sweep (see docs/evaluation.md).
     transfer: TransferConfig = field(default_factory=TransferConfig)

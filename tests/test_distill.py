@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dvtrain.config import DvergeConfig
-from dvtrain.train.distill import distill
+from dvtrain.distill import distill
 from dvtrain.models import build_model
 
 

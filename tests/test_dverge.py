@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from dvtrain.config import load_config
 from dvtrain.data import load_dataset
-from dvtrain.train.distill import distill
+from dvtrain.distill import distill
 from dvtrain.train.dverge import dverge_step
 from dvtrain.train.engines import LoopEngine
 from dvtrain.train.optim import build_owned

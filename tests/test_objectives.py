@@ -21,7 +21,7 @@ from dvtrain.data import load_dataset
 from dvtrain.distributed.placement import LocalPlacement
 from dvtrain.attacks import pgd_linf
 from dvtrain.timing import DISABLED, PhaseTimer
-from dvtrain.train.distill import distill
+from dvtrain.distill import distill
 from dvtrain.train.dverge import dverge_step
 from dvtrain.train.engines import GroupedEngine, LoopEngine
 from dvtrain.train.optim import build_owned

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import dvtrain
 from conftest import TINY
 from dvtrain import cli
-from dvtrain.config import AutoAttackConfig, Config, DataConfig, EvalConfig
+from dvtrain.config import AdaptiveConfig, AutoAttackConfig, Config, DataConfig, EvalConfig
 from dvtrain.data import load_dataset
 from dvtrain.distributed.placement import ProcessGroupPlacement
 from dvtrain.eval.adaptive import adaptive_linf
@@ -36,7 +36,10 @@ MARGIN_TOLERANCE = 1.0  # percentage points
 CE_BLIND_SPOT = 10.0  # CE-PGD on the scaled model must read at least this much higher (measured ≈30)
 N_TABLE = 60
 AA_ITERATIONS, AA_QUERIES = 20, 200
-EVAL = EvalConfig(eps=EPS, steps=10, step_size=0.025, l2_eps=0.5, l2_step_size=0.125, batch_size=500)
+# The ensemble attack shortened to 20 steps a run: these tests check budgets and bookkeeping, not strength
+# (tests/test_ensemble_attack.py does).
+EVAL = EvalConfig(eps=EPS, steps=10, step_size=0.025, l2_eps=0.5, l2_step_size=0.125, batch_size=500,
+                  adaptive=AdaptiveConfig(steps=20))
 
 # Correctness, not speed: tiny nets run several times faster on one thread of a busy machine.
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,7 +19,7 @@ from dvtrain.models import build_model
 from dvtrain.rng import stream
 from dvtrain.timing import DISABLED, PhaseTimer
 from dvtrain.tracking import Tracker
-from dvtrain.train.distill import distill
+from dvtrain.distill import distill
 from dvtrain.train.dverge import Dverge, draw_layer
 from dvtrain.train.engines import GroupedEngine, LoopEngine
 from dvtrain.train.optim import build_optimizer, build_owned, set_epoch_lr

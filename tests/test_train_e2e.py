@@ -138,13 +138,14 @@ def test_eval_command_reevaluates_saved_stages(tmp_path):
              "eval.transfer.blackbox_steps=2", "eval.transfer.blackbox_restarts=1",
              "eval.transfer.surrogate_size=2", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]",
              "eval.autoattack.version=custom", "eval.autoattack.attacks=[apgd-ce]", "eval.autoattack.iterations=2",
-             "eval.adaptive.steps=2", "eval.checks.long_steps=3"]
+             "eval.adaptive.steps=2", "eval.checks.long_steps=3", "eval.diversity.num_images=20"]
     assert cli.main(["eval", str(run_dir), "eval.eps=0.1", *small]) == 0
     rows = json.loads((run_dir / "results.json").read_text())["eval"]
     assert {r["eps"] for r in rows if r["attack"] == "fgsm"} == {0.1}
     assert {r["attack"] for r in rows} >= {"autoattack", "adaptive", "pgd_linf", "pgd_linf_margin", "worst_case"}
     results = json.loads((run_dir / "results.json").read_text())
     assert "vanilla" in results["transfer"] and (run_dir / "results.md").read_text().count("### vanilla") >= 1
+    assert results["diversity"]["vanilla"]["n_images"] <= 20
     assert cli.main(["eval", str(run_dir), "dverge.eps=0.1"]) == 2
 
 

@@ -217,6 +217,7 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
     cfg.eval.full_attacks = ["clean", "pgd_linf", "pgd_linf_margin", "autoattack", "adaptive"]
     cfg.eval.autoattack = AutoAttackConfig(version="custom", attacks=["apgd-ce"], norms=["Linf"], iterations=3)
     cfg.eval.adaptive.steps, cfg.eval.checks.long_steps = 3, 6
+    cfg.eval.diversity.num_images, cfg.eval.diversity.steps = 20, 2
     results = full_evaluation(run_dir, cfg, None, torch.device("cpu"), cfg_small, train_plain_ensemble)
 
     saved = json.loads((run_dir / "results.json").read_text())
@@ -234,10 +235,12 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
     assert saved["stages"]["dverge"]["epochs"] == 1  # the training record is kept
     md = (run_dir / "results.md").read_text()
     for section in ("### dverge", "AutoAttack L∞", "Adaptive L∞", "**Worst case** L∞", "- pass: ",
-                    "## Transferability: dverge", "## Black-box transfer", "## Accuracy vs ε: vanilla"):
+                    "## Transferability: dverge", "## Black-box transfer", "## Accuracy vs ε: vanilla",
+                    "## Vulnerability diversity: dverge"):
         assert section in md
     links = [line[line.index("(") + 1 : -1] for line in md.splitlines() if line.startswith("![")]
-    assert len(links) == 4 and all(is_png(run_dir / link) for link in links)
+    assert len(links) == 4 + 2 and all(is_png(run_dir / link) for link in links)  # + 2 diversity heat maps
+    assert saved["diversity"]["dverge"]["n_images"] == 20
     assert all(link.startswith("plots/") for link in links)
 
     # The surrogates are cached: the same settings load them, other settings train new ones.

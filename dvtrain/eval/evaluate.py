@@ -2,7 +2,7 @@
 
 Per stage: the white-box table (eval.full_attacks: AutoAttack, margin PGD, the adaptive attack, with
 the worst case per image and Wilson intervals), the gradient-masking checks, the transferability
-matrix, black-box transfer from a surrogate ensemble, and the ε sweep; written to results.json,
+matrix, black-box transfer from a surrogate ensemble, the ε sweep and the vulnerability-diversity matrix; written to results.json,
 results.md, plots/ and (per logging.wandb) a W&B run "<name>-eval". The surrogate ensemble is
 trained by a function the caller hands in (`SurrogateTrainer`), so evaluation imports no training code.
 """
@@ -18,6 +18,7 @@ from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
 from dvtrain.eval.blackbox import SurrogateTrainer, blackbox_table, prepare_blackbox
 from dvtrain.eval.checks import masking_checks, masking_probe
+from dvtrain.eval.diversity import diversity_evaluation
 from dvtrain.eval.load import finished_stages, load_stage
 from dvtrain.eval.report import (
     evaluation_markdown, load_results, metric_key, result_metrics, results_markdown, save_results,
@@ -72,6 +73,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     examples, results["blackbox_surrogate"] = prepare_blackbox(run_dir, cfg, tcfg, data, device, train_surrogates)
     for stage, submodels in loaded.items():
         evaluate_stage_fully(stage, submodels, data, cfg, tcfg, examples, results)
+    diversity_evaluation(run_dir, loaded, data, cfg, results)
     results["plots"] = evaluation_plots(run_dir, results)
     save_results(run_dir, cfg, results)
     log_evaluation(cfg, run_dir, results)

@@ -185,7 +185,7 @@ def _blackbox_markdown(tables: dict[str, dict], surrogate: dict) -> list[str]:
 def evaluation_markdown(results: dict) -> str:
     """The sections `dvtrain eval` adds to results.md after the white-box tables (empty when it has not
     run); plots are linked by their path under the run directory, as results["plots"] records them."""
-    if not any(key in results for key in ("transfer", "blackbox", "eps_sweep")):
+    if not any(key in results for key in ("transfer", "blackbox", "eps_sweep", "diversity")):
         return ""
     plots = results.get("plots", {})
     out = []
@@ -209,4 +209,26 @@ def evaluation_markdown(results: dict) -> str:
                 *_matrix_markdown(stage, s["models"], [f"ε={format_eps(e)}" for e in s["eps"]], s["accuracy"]), ""]
         if "eps_sweep" in plots.get(stage, {}):
             out += [f"![accuracy vs ε {stage}]({plots[stage]['eps_sweep']})", ""]
+    out += _diversity_markdown(results.get("diversity", {}))
     return "\n".join(out)
+
+
+def _diversity_markdown(entries: dict[str, dict]) -> list[str]:
+    """One section per stage: the vulnerability-diversity matrix (dvtrain.eval.diversity) and its heat map."""
+    out = []
+    for stage in stage_order(entries):
+        d = entries[stage]
+        p = d["protocol"]
+        out += [f"## Vulnerability diversity: {stage}", "",
+                f"Mean cross-entropy (nats) of the column's submodel on images distilled on the row's submodel, "
+                f"with the target images' labels (small: shared vulnerability); {d['n_images']} test-image pairs "
+                f"every submodel classifies correctly, batches of {p['batch_size']}, "
+                f"{'layer ' + str(p['layer']) if p['layer'] else 'a random layer per batch'}, distillation "
+                f"ε={format_eps(p['eps'])}, {p['steps']} steps of {p['step_size']:g}, models in eval mode.", ""]
+        if d["matrix"] is None:
+            out += ["No test image is classified correctly by every submodel: nothing to measure.", ""]
+            continue
+        out += [*_matrix_markdown(stage, d["models"], d["models"], d["matrix"]), ""]
+        if "plot" in d:
+            out += [f"![vulnerability diversity {stage}]({d['plot']})", ""]
+    return out

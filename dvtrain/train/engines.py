@@ -24,7 +24,7 @@ from dvtrain.attacks import linf_random_start, pgd_linf, pgd_linf_from
 from dvtrain.compute import compile_features, uncompiled
 from dvtrain.config import ComputeConfig, DvergeConfig
 from dvtrain.models import LayeredNet, Normalize, training_mode
-from dvtrain.train.distill import distill, feature_pgd
+from dvtrain.distill import distill, feature_pgd
 
 
 class LoopEngine:
@@ -264,7 +264,7 @@ class GroupedEngine:
         self, models: list[LayeredNet], layer: int, x: Tensor, x_s: Tensor, cfg: DvergeConfig,
         generators: list[torch.Generator],
     ) -> Tensor:
-        """[len(models), B, C, H, W]: each model's distilled batch, as `dvtrain.train.distill.distill`
+        """[len(models), B, C, H, W]: each model's distilled batch, as `dvtrain.distill.distill`
         computes it. The PGD runs in the folded layout [B, n·C, H, W] from start to end."""
         n = len(models)
         with self._wide(models, cfg.bn_mode == "train") as shell:
