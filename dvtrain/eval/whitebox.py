@@ -11,6 +11,11 @@ Rows (what results.json stores): {stage, model, attack, norm, eps, accuracy (%),
 (+ sd and seed_accuracies when eval.seeds > 1). `attack: "worst_case"` rows give, per model and
 threat model (norm, ε), the share of images that survive every attack of that norm that was run,
 under every seed, and are classified correctly when clean.
+
+Every row counts exactly the images it was computed on: the table's first N images (eval.num_examples),
+except AutoAttack with eval.autoattack.num_examples = k, whose rows have n = k; a worst case covers
+the first images every attack of its norm saw, and its n says how many. An image wrong when clean is
+robust under no attack, so no row exceeds its model's clean accuracy on the same images.
 """
 
 from __future__ import annotations
@@ -98,21 +103,36 @@ def check_finite(model: nn.Module, x: Tensor, name: str) -> None:
         )
 
 
+def cell_size(cell: Cell, cfg: EvalConfig, n_images: int) -> int:
+    """How many of the table's `n_images` images (its first ones) `cell` is computed on: all of them,
+    except AutoAttack with eval.autoattack.num_examples = N > 0, which runs on the first N."""
+    if cell.attack == "autoattack" and cfg.autoattack.num_examples > 0:
+        return min(n_images, cfg.autoattack.num_examples)
+    return n_images
+
+
 def robust_mask(
     model: nn.Module, x: Tensor, y: Tensor, cell: Cell, cfg: EvalConfig, generator: torch.Generator,
     submodels: list[nn.Module] | None = None, placement: Placement | None = None, aa_seed: int = 0,
 ) -> Tensor:
-    """Per image [N] (bool): classified correctly on the attacked copy, in batches of eval.batch_size.
+    """Per image [k] (bool), k = `cell_size` of the N images x [N, C, H, W] in [0, 1]: classified
+    correctly both clean and on the attacked copy, in batches of eval.batch_size.
 
+    An image the model gets wrong when clean never counts as robust (AutoAttack's and RobustBench's
+    definition of robust accuracy), so no attack's accuracy exceeds clean accuracy on the same images.
     PGD runs eval.restarts times, each from the generator's next random starts; an image counts as
     robust only if it withstands every run, as the reference evaluation counts restarts. "adaptive"
     needs the mixture's `submodels` and `placement`; "autoattack" runs the library in this process.
     """
+    keep = cell_size(cell, cfg, len(y))
+    x, y = x[:keep], y[:keep]
+    with torch.no_grad():
+        correct = torch.cat([model(x[s : s + cfg.batch_size]).argmax(dim=1) for s in range(0, keep, cfg.batch_size)]) == y
     if cell.attack == "autoattack":
-        keep = len(y) if cfg.autoattack.num_examples == 0 else cfg.autoattack.num_examples
-        return autoattack_robust(model, x[:keep], y[:keep], cell.norm, cell.eps, cfg.autoattack, aa_seed, cfg.batch_size)
+        return correct & autoattack_robust(model, x, y, cell.norm, cell.eps, cfg.autoattack, aa_seed, cfg.batch_size)
+    if cell.attack == "clean":
+        return correct
     runs = cfg.restarts if cell.attack in PGD else 1
-    correct = torch.ones(len(y), dtype=torch.bool, device=y.device)
     for _ in range(runs):
         for start in range(0, len(y), cfg.batch_size):
             xb, yb = x[start : start + cfg.batch_size], y[start : start + cfg.batch_size]
@@ -155,13 +175,23 @@ def _generator(seed: int, name: str, cell: Cell, s: int) -> torch.Generator:
     return stream(seed, "eval", name, cell.attack) if s == 0 else stream(seed, "eval", name, cell.attack, "seed", s)
 
 
+def worst_case_sizes(columns: list[Cell], cfg: EvalConfig, n_images: int) -> dict[str, int]:
+    """Per norm, how many images the worst case covers: the first k that clean and every attack of
+    that norm were computed on (the smallest `cell_size` among them)."""
+    clean = [cell_size(c, cfg, n_images) for c in columns if c.attack == "clean"]
+    return {norm: min(clean + [cell_size(c, cfg, n_images) for c in columns if c.norm == norm])
+            for norm in dict.fromkeys(c.norm for c in columns if c.norm is not None)}
+
+
 def worst_case(masks: dict[Cell, list[Tensor]]) -> dict[str, Tensor]:
-    """Per norm, images correct when clean and under every attack of that norm and every seed."""
+    """Per norm, images [k] correct when clean and under every attack of that norm and every seed, over
+    the first k images, k the shortest of those masks (the images every one of them saw)."""
     clean = [m for c, ms in masks.items() if c.attack == "clean" for m in ms]
     out = {}
     for norm in dict.fromkeys(c.norm for c in masks if c.norm is not None):
-        survived = torch.stack(clean + [m for c, ms in masks.items() if c.norm == norm for m in ms]).all(dim=0)
-        out[norm] = survived
+        own = clean + [m for c, ms in masks.items() if c.norm == norm for m in ms]
+        k = min(m.numel() for m in own)
+        out[norm] = torch.stack([m[:k] for m in own]).all(dim=0)
     return out
 
 
@@ -173,30 +203,26 @@ def _values(masks: dict[Cell, list[Tensor]], columns: list[Cell], n_seeds: int) 
     return torch.tensor(counts + [float(worst[norm].sum()) for norm in worst], dtype=torch.float64)
 
 
-def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: EvalConfig, n: dict[Cell, int]) -> list[dict]:
+def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: EvalConfig, n_images: int) -> list[dict]:
+    """Each row divides by the images its counts were taken on: `cell_size` for an attack, the
+    `worst_case_sizes` for a worst case (its n says which first images those are)."""
     rows = []
     for k, cell in enumerate(columns):
         per_seed = values[k * cfg.seeds : (k + 1) * cfg.seeds]
         if not randomised(cell, cfg):
             per_seed = per_seed[:1]
-        accs = [PERCENT * v / n[cell] for v in per_seed]
+        n = cell_size(cell, cfg, n_images)
+        accs = [PERCENT * v / n for v in per_seed]
         rows.append({"stage": stage, "model": name, "attack": cell.attack, "norm": cell.norm, "eps": float(cell.eps)}
-                    | accuracy_fields(accs, n[cell]))
+                    | accuracy_fields(accs, n))
     eps = {c.norm: c.eps for c in columns}
-    norms = list(dict.fromkeys(c.norm for c in columns if c.norm is not None))
-    n_all = min(n.values())  # the worst case covers the images every attack saw
-    for norm, count in zip(norms, values[len(columns) * cfg.seeds :]):
-        low, high = wilson_interval(count, n_all)
+    sizes = worst_case_sizes(columns, cfg, n_images)
+    for (norm, n), count in zip(sizes.items(), values[len(columns) * cfg.seeds :]):
+        low, high = wilson_interval(count, n)
         rows.append({"stage": stage, "model": name, "attack": WORST_CASE, "norm": norm, "eps": float(eps[norm]),
-                     "accuracy": PERCENT * count / n_all, "n": n_all, "ci_low": low, "ci_high": high,
+                     "accuracy": PERCENT * count / n, "n": n, "ci_low": low, "ci_high": high,
                      "of": [c.attack for c in columns if c.norm == norm]})
     return rows
-
-
-def _trimmed(masks: dict[Cell, list[Tensor]]) -> dict[Cell, list[Tensor]]:
-    """Every mask cut to the shortest one's images (AutoAttack may run on fewer), for the worst case."""
-    n = min(m.numel() for ms in masks.values() for m in ms)
-    return {c: [m[:n] for m in ms] for c, ms in masks.items()}
 
 
 def evaluate_stage(
@@ -226,17 +252,15 @@ def evaluate_stage(
             model.eval()
         for i, model in zip(placement.owned, submodels):
             check_finite(model, x[: eval_cfg.batch_size], f"submodel {i + 1} of stage {stage}")
-        owned = [_trimmed(_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed))
+        owned = [_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed)
                  for i, model in zip(placement.owned, submodels)]
-        n = {c: (len(y) if c.attack != "autoattack" or eval_cfg.autoattack.num_examples == 0
-                 else min(len(y), eval_cfg.autoattack.num_examples)) for c in mixture_columns}
         local = torch.stack([_values(m, columns, eval_cfg.seeds) for m in owned]).to(x.device)
         table = {f"sub{i}": v.tolist() for i, v in enumerate(placement.all_gather(local))}
         mixture = Mixture(submodels, placement)
-        masks = _trimmed(_model_masks(MIXTURE, mixture, x, y, mixture_columns, eval_cfg, seed, submodels, placement))
+        masks = _model_masks(MIXTURE, mixture, x, y, mixture_columns, eval_cfg, seed, submodels, placement)
         mixture_values = _values(masks, mixture_columns, eval_cfg.seeds).tolist()
     finally:
         for model, mode in zip(submodels, was_training):
             model.train(mode)
-    rows = [r for name, values in table.items() for r in _rows(stage, name, values, columns, eval_cfg, n)]
-    return rows + _rows(stage, MIXTURE, mixture_values, mixture_columns, eval_cfg, n)
+    rows = [r for name, values in table.items() for r in _rows(stage, name, values, columns, eval_cfg, len(y))]
+    return rows + _rows(stage, MIXTURE, mixture_values, mixture_columns, eval_cfg, len(y))
