@@ -26,6 +26,7 @@ from dvtrain.submodels import Owned
 from dvtrain.errors import DvtrainError
 from dvtrain.paths import PathError, read_json_object
 from dvtrain.distributed.placement import Placement
+from dvtrain.rundir import RunDir
 
 STATE_FILE = "state.json"
 
@@ -35,7 +36,7 @@ class CheckpointError(DvtrainError):
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
-    return run_dir / "checkpoints" / stage
+    return RunDir(run_dir).checkpoints(stage)
 
 
 def _tmp(path: Path) -> Path:

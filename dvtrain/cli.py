@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import dvtrain
-from dvtrain import checkpoint
+from dvtrain import checkpoint, rundir
 from dvtrain.compute import check_compute, set_threads
 from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config,
                             parse_override, read_yaml)
@@ -28,12 +28,13 @@ from dvtrain.distributed.placement import Placement
 from dvtrain.distributed.runtime import (
     init_runtime, is_main_rank, launched_world_size, report_to_launcher, resolve_device, shutdown,
 )
+from dvtrain.rundir import RunDir
 from dvtrain.paths import PathError, check_folder, read_json_object
 from dvtrain.signals import StopRequested, TerminateGuard, Terminated
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "digits_quickstart.yaml"
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = rundir.CONFIG
 # Keys that may change when a run is resumed: they do not change what any stage computes
 # (stages: a run may be extended by later stages).
 # (compute.threads changes rounding only, as the number of processes does.)
@@ -42,7 +43,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_PEER_FAILED = 1
-RESULTS_JSON = "results.json"  # as dvtrain.train.loop writes it
+RESULTS_JSON = rundir.RESULTS_JSON
 PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out")
 
 
@@ -297,7 +298,7 @@ def train_main(argv: list[str] | None = None) -> int:
             finally:
                 shutdown()
         if placement.is_main:
-            print(f"results: {run_dir / 'results.md'}", flush=True)
+            print(f"results: {RunDir(run_dir).results_md}", flush=True)
         return 0
     except DvtrainError as exc:
         return refuse(exc, every_rank_alike=not started)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dvtrain import rundir
 from dvtrain.config import STAGES, WHITEBOX_ATTACKS, Config
 from dvtrain.eval.transfer import mean_off_diagonal
 
-RESULTS_JSON = "results.json"
-RESULTS_MD = "results.md"
+RESULTS_JSON = rundir.RESULTS_JSON
+RESULTS_MD = rundir.RESULTS_MD
 FULL_EVALUATION_KEYS = ("transfer", "blackbox", "eps_sweep", "checks")  # per-stage keys only `dvtrain eval` writes
 WORST_CASE = "worst_case"
 NORM_SUFFIXED = ("autoattack", WORST_CASE)  # attacks whose name does not say the norm: metric names add it
