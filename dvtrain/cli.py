@@ -356,7 +356,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         from dvtrain.eval.evaluate import full_evaluation
         from dvtrain.train.vanilla import train_plain_ensemble
 
-        full_evaluation(run_dir, cfg, stages, resolve_device(cfg.device), cfg.eval.transfer, train_plain_ensemble)
+        command = " ".join(["dvtrain eval", *(sys.argv[2:] if argv is None else argv)])
+        full_evaluation(run_dir, cfg, stages, resolve_device(cfg.device), cfg.eval.transfer, train_plain_ensemble,
+                        command)
         return 0
 
     return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")

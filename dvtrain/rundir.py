@@ -76,4 +76,4 @@ class RunDir:
         """An inter-process lock file in the run directory (`with run.lock(): ...`); `name` picks another
         lock (the surrogate cache has its own, so a long training of surrogates blocks no results write).
         Re-entrant within one process. The run directory must exist."""
-        return FileLock(str(self.path / name), timeout=timeout)
+        return FileLock(str(self.path / name), timeout=timeout, is_singleton=True)

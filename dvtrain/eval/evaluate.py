@@ -20,26 +20,30 @@ from dvtrain.eval.blackbox import SurrogateTrainer, blackbox_table, prepare_blac
 from dvtrain.eval.checks import masking_checks, masking_probe
 from dvtrain.eval.load import finished_stages, load_stage
 from dvtrain.eval.report import (
-    evaluation_markdown, load_results, metric_key, result_metrics, results_markdown, save_results,
+    EVAL_TABLE, FULL_EVALUATION_KEYS, evaluation_markdown, merge_rows, metric_key, result_metrics, results_markdown, update_results,
 )
 from dvtrain.eval.transfer import epsilon_sweep, first, shuffled_test_set, transfer_matrix
 from dvtrain.eval.whitebox import check_finite, evaluate_stage
 from dvtrain.mixture import Mixture
+from dvtrain.rundir import RunDir
+
+SURROGATE_LOCK = ".surrogates.lock"  # the surrogate cache's own lock: its training may take an hour
 
 
 def evaluate_stage_fully(
     stage: str, submodels: list[nn.Module], data: Dataset, cfg: Config, tcfg: TransferConfig,
-    bb_examples: dict[str, list[Tensor]], results: dict,
+    bb_examples: dict[str, list[Tensor]], results: dict, command: str = "dvtrain eval",
 ) -> None:
     """White-box table and checks, transfer matrix, black-box table and ε sweep of one stage, into `results`.
 
     The white-box table uses the training-time evaluation's images (eval.num_examples); the others
-    a seeded random draw of `tcfg.num_images` test images, the same for every stage."""
+    a seeded random draw of `tcfg.num_images` test images, the same for every stage. `results` is this
+    evaluation's own (new rows in results["eval"], tagged with `command`), merged into results.json later."""
     x_pool, y_pool = shuffled_test_set(data, cfg.seed)
     x, y = first(x_pool, y_pool, tcfg.num_images)
     print(f"[eval {stage}] white-box table: {', '.join(cfg.eval.full_attacks)}", flush=True)
     rows = evaluate_stage(stage, submodels, data.x_test, data.y_test, cfg.eval, cfg.seed, attacks=cfg.eval.full_attacks)
-    results["eval"] = [r for r in results["eval"] if r["stage"] != stage] + rows
+    results["eval"] = results["eval"] + [r | {"table": EVAL_TABLE, "command": command} for r in rows]
     print(f"[eval {stage}] transferability matrix", flush=True)
     results.setdefault("transfer", {})[stage] = transfer_matrix(submodels, x_pool, y_pool, tcfg, cfg.seed)
     print(f"[eval {stage}] black-box transfer", flush=True)
@@ -55,28 +59,41 @@ def evaluate_stage_fully(
 
 
 def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device: torch.device,
-                    tcfg: TransferConfig, train_surrogates: SurrogateTrainer) -> dict:
+                    tcfg: TransferConfig, train_surrogates: SurrogateTrainer, command: str = "dvtrain eval") -> dict:
     """The whole evaluation of a run's finished stages (all of them when `stages` is None).
-    Single process: every submodel is loaded here, whatever world size trained them."""
+    Single process: every submodel is loaded here, whatever world size trained them.
+
+    The new figures are merged into results.json under the run directory's lock at the end (rows by
+    `report.ROW_KEY`, the per-stage sections by stage), so rows of other stages, ε and budgets that
+    results.json holds, also those a concurrent `dvtrain eval` wrote meanwhile, are kept. The
+    surrogate cache is loaded or trained under its own lock. Returns results.json as written."""
     from dvtrain.eval.plots import evaluation_plots
 
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     check_section(tcfg, "eval.transfer.")
-    stages = finished_stages(run_dir, cfg, stages)
+    stages = finished_stages(run.path, cfg, stages)
     data = load_dataset(cfg.data).to(device)
-    results = load_results(run_dir)
-    loaded = {stage: load_stage(run_dir, cfg, data, stage, device) for stage in stages}
+    loaded = {stage: load_stage(run.path, cfg, data, stage, device) for stage in stages}
     for stage, submodels in loaded.items():  # refuse a broken checkpoint before any long computation
         for i, model in enumerate(submodels):
             check_finite(model, data.x_test[: cfg.eval.batch_size], f"submodel {i + 1} of stage {stage}")
-    examples, results["blackbox_surrogate"] = prepare_blackbox(run_dir, cfg, tcfg, data, device, train_surrogates)
+    new: dict = {"eval": []}
+    with run.lock(SURROGATE_LOCK):  # two evaluations must not train or write the cache at once
+        examples, new["blackbox_surrogate"] = prepare_blackbox(run.path, cfg, tcfg, data, device, train_surrogates)
     for stage, submodels in loaded.items():
-        evaluate_stage_fully(stage, submodels, data, cfg, tcfg, examples, results)
-    results["plots"] = evaluation_plots(run_dir, results)
-    save_results(run_dir, cfg, results)
-    log_evaluation(cfg, run_dir, results)
-    evaluated = [r for r in results["eval"] if r["stage"] in stages]
-    print(results_markdown(evaluated, results.get("checks", {})) + "\n" + evaluation_markdown(results), flush=True)
+        evaluate_stage_fully(stage, submodels, data, cfg, tcfg, examples, new, command)
+    new["plots"] = evaluation_plots(run.path, new)
+
+    def change(stored: dict) -> None:
+        stored["eval"] = merge_rows(stored["eval"], new["eval"])
+        for key in (*FULL_EVALUATION_KEYS, "plots"):
+            stored.setdefault(key, {}).update(new.get(key, {}))
+        stored["blackbox_surrogate"] = new["blackbox_surrogate"]
+
+    results = update_results(run.path, cfg, change)
+    log_evaluation(cfg, run.path, results)
+    print(results_markdown(new["eval"], new.get("checks", {}), cfg.stages) + "\n" + evaluation_markdown(results),
+          flush=True)
     return results
 
 

@@ -7,7 +7,7 @@ attacks the mixture through its submodels. Each (model, attack, seed) cell draws
 from its own generator derived from the run seed, so a cell does not depend on which other cells
 were computed, and re-running an evaluation reproduces it exactly.
 
-Rows (what results.json stores): {stage, model, attack, norm, eps, accuracy (%), n, ci_low, ci_high}
+Rows (what results.json stores): {stage, model, attack, norm, eps, budget, accuracy (%), n, ci_low, ci_high}
 (+ sd and seed_accuracies when eval.seeds > 1). `attack: "worst_case"` rows give, per model and
 threat model (norm, ε), the share of images that survive every attack of that norm that was run,
 under every seed, and are classified correctly when clean.
@@ -21,6 +21,7 @@ robust under no attack, so no row exceeds its model's clean accuracy on the same
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,33 @@ def _generator(seed: int, name: str, cell: Cell, s: int) -> torch.Generator:
     return stream(seed, "eval", name, cell.attack) if s == 0 else stream(seed, "eval", name, cell.attack, "seed", s)
 
 
+def cell_budget(cell: Cell, cfg: EvalConfig, n_images: int) -> str:
+    """What, besides the threat model (norm, ε), determines a cell's number, as a short canonical
+    string: its images (n, the table's first ones), steps, step size, restarts, random start, seeds,
+    AutoAttack's version and caps. Two rows with equal (stage, model, attack, norm, ε, budget) are the
+    same measurement; results.json keeps one row per such key."""
+    n = f"n={cell_size(cell, cfg, n_images)}"
+    seeds = f"seeds={cfg.seeds if randomised(cell, cfg) else 1}"
+    if cell.attack in ("clean", "fgsm"):
+        return n
+    if cell.attack in PGD:
+        step = cfg.step_size if cell.norm == LINF else cfg.l2_step_size
+        return f"steps={cfg.steps},step={step:g},restarts={cfg.restarts},random_start={int(cfg.random_start)},{seeds},{n}"
+    if cell.attack == "adaptive":
+        return ",".join(f"{k}={v:g}" for k, v in dataclasses.asdict(cfg.adaptive).items()) + f",{seeds},{n}"
+    aa = cfg.autoattack
+    custom = f"attacks={'+'.join(aa.attacks)}," if aa.version == "custom" else ""
+    caps = f"iterations={aa.iterations or 'library'},queries={aa.square_queries or 'library'}"
+    return f"version={aa.version},{custom}{caps},{seeds},{n}"
+
+
+def worst_case_budget(norm: str, columns: list[Cell], cfg: EvalConfig, n_images: int) -> str:
+    """A worst case's budget: its images, the attacks it combines, and a digest of their budgets."""
+    own = [c for c in columns if c.attack == "clean" or c.norm == norm]
+    digest = hashlib.sha256(";".join(f"{c.attack}:{cell_budget(c, cfg, n_images)}" for c in own).encode()).hexdigest()
+    return f"n={worst_case_sizes(columns, cfg, n_images)[norm]},of={'+'.join(c.attack for c in own)},budgets={digest[:8]}"
+
+
 def worst_case_sizes(columns: list[Cell], cfg: EvalConfig, n_images: int) -> dict[str, int]:
     """Per norm, how many images the worst case covers: the first k that clean and every attack of
     that norm were computed on (the smallest `cell_size` among them)."""
@@ -213,14 +241,14 @@ def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: 
             per_seed = per_seed[:1]
         n = cell_size(cell, cfg, n_images)
         accs = [PERCENT * v / n for v in per_seed]
-        rows.append({"stage": stage, "model": name, "attack": cell.attack, "norm": cell.norm, "eps": float(cell.eps)}
-                    | accuracy_fields(accs, n))
+        rows.append({"stage": stage, "model": name, "attack": cell.attack, "norm": cell.norm, "eps": float(cell.eps),
+                     "budget": cell_budget(cell, cfg, n_images)} | accuracy_fields(accs, n))
     eps = {c.norm: c.eps for c in columns}
     sizes = worst_case_sizes(columns, cfg, n_images)
     for (norm, n), count in zip(sizes.items(), values[len(columns) * cfg.seeds :]):
         low, high = wilson_interval(count, n)
         rows.append({"stage": stage, "model": name, "attack": WORST_CASE, "norm": norm, "eps": float(eps[norm]),
-                     "accuracy": PERCENT * count / n, "n": n, "ci_low": low, "ci_high": high,
+                     "budget": worst_case_budget(norm, columns, cfg, n_images), "accuracy": PERCENT * count / n, "n": n, "ci_low": low, "ci_high": high,
                      "of": [c.attack for c in columns if c.norm == norm]})
     return rows
 
