@@ -348,17 +348,21 @@ def eval_main(argv: list[str] | None = None) -> int:
         if bad:
             raise DvtrainError(f"dvtrain eval only accepts eval.* and device overrides, got {bad[0]}")
         cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
-        if launched_world_size() > 1:
-            raise DvtrainError("dvtrain eval loads every submodel in one process; run it with python, not a launcher")
         stages = evaluable_stages(run_dir, cfg, args.stage)
         check_results(run_dir)
         set_threads(cfg.compute)
         from dvtrain.eval.evaluate import full_evaluation
+        from dvtrain.eval.whitebox import ProcessGroupShare
         from dvtrain.train.vanilla import train_plain_ensemble
 
         command = " ".join(["dvtrain eval", *(sys.argv[2:] if argv is None else argv)])
-        full_evaluation(run_dir, cfg, stages, resolve_device(cfg.device), cfg.eval.transfer, train_plain_ensemble,
-                        command)
+        # Under a launcher every rank loads every submodel and takes its share of the test images.
+        _, device = init_runtime(cfg, whole_ensemble=True)
+        try:
+            share = ProcessGroupShare() if launched_world_size() > 1 else None
+            full_evaluation(run_dir, cfg, stages, device, cfg.eval.transfer, train_plain_ensemble, command, share)
+        finally:
+            shutdown()
         return 0
 
     return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")

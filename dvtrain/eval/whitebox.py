@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -116,8 +118,8 @@ def robust_mask(
     model: nn.Module, x: Tensor, y: Tensor, cell: Cell, cfg: EvalConfig, generator: torch.Generator,
     submodels: list[nn.Module] | None = None, placement: Placement | None = None, aa_seed: int = 0,
 ) -> Tensor:
-    """Per image [k] (bool), k = `cell_size` of the N images x [N, C, H, W] in [0, 1]: classified
-    correctly both clean and on the attacked copy, in batches of eval.batch_size.
+    """Per image [N] (bool) of x [N, C, H, W] in [0, 1]: classified correctly both clean and on the
+    attacked copy, in batches of eval.batch_size (the caller picks the images: `cell_size`, chunks).
 
     An image the model gets wrong when clean never counts as robust (AutoAttack's and RobustBench's
     definition of robust accuracy), so no attack's accuracy exceeds clean accuracy on the same images.
@@ -125,10 +127,8 @@ def robust_mask(
     robust only if it withstands every run, as the reference evaluation counts restarts. "adaptive"
     needs the mixture's `submodels` and `placement`; "autoattack" runs the library in this process.
     """
-    keep = cell_size(cell, cfg, len(y))
-    x, y = x[:keep], y[:keep]
     with torch.no_grad():
-        correct = torch.cat([model(x[s : s + cfg.batch_size]).argmax(dim=1) for s in range(0, keep, cfg.batch_size)]) == y
+        correct = torch.cat([model(x[s : s + cfg.batch_size]).argmax(dim=1) for s in range(0, len(y), cfg.batch_size)]) == y
     if cell.attack == "autoattack":
         return correct & autoattack_robust(model, x, y, cell.norm, cell.eps, cfg.autoattack, aa_seed, cfg.batch_size)
     if cell.attack == "clean":
@@ -155,25 +155,80 @@ def robust_accuracy(
     return PERCENT * float(robust_mask(model, x, y, cell, cfg, generator).double().mean())
 
 
+def chunk_bounds(size: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each chunk of the first `size` images: fixed blocks of `chunk_size`, the last shorter."""
+    return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
+
+
+def chunk_count(n_images: int, cfg: EvalConfig) -> int:
+    """How many chunks the table's `n_images` images make (the most processes `dvtrain eval` can use)."""
+    return len(chunk_bounds(n_images, cfg.chunk_size))
+
+
+def chunk_generator(seed: int, name: str, cell: Cell, chunk: int, s: int) -> torch.Generator:
+    """The random starts of one (model, attack, norm, ε, chunk, seed): a stream of its own, so a chunk's
+    images are attacked alike whichever process computes it and whatever else that process computes."""
+    return stream(seed, "eval", name, cell.attack, cell.norm, float(cell.eps), "chunk", chunk, "seed", s)
+
+
+def _chunk_masks(
+    name: str, model: nn.Module, x: Tensor, y: Tensor, columns: list[Cell], cfg: EvalConfig, seed: int,
+    chunks: Callable[[int], list[int]], submodels: list[nn.Module] | None = None, placement: Placement | None = None,
+) -> dict[tuple[int, int, int], Tensor]:
+    """(column index, seed, chunk) → the chunk's robustness mask (CPU), for the chunks `chunks(count)` picks
+    among the `count` chunks of each column's images."""
+    out = {}
+    for k, cell in enumerate(columns):
+        bounds = chunk_bounds(cell_size(cell, cfg, len(y)), cfg.chunk_size)
+        for s in range(cfg.seeds if randomised(cell, cfg) else 1):
+            for c in chunks(len(bounds)):
+                start, end = bounds[c]
+                aa_seed = derive_seed(seed, "autoattack", name, cell.norm, float(cell.eps), "chunk", c, "seed", s)
+                out[(k, s, c)] = robust_mask(model, x[start:end], y[start:end], cell, cfg,
+                                             chunk_generator(seed, name, cell, c, s), submodels, placement, aa_seed).cpu()
+    return out
+
+
+def _assemble(parts: dict[tuple[int, int, int], Tensor], columns: list[Cell], cfg: EvalConfig,
+              n_images: int) -> dict[Cell, list[Tensor]]:
+    """Per cell, one mask [cell_size] per seed, its chunks' masks in image order."""
+    out = {}
+    for k, cell in enumerate(columns):
+        count = chunk_count(cell_size(cell, cfg, n_images), cfg)
+        out[cell] = [torch.cat([parts[(k, s, c)] for c in range(count)])
+                     for s in range(cfg.seeds if randomised(cell, cfg) else 1)]
+    return out
+
+
 def _model_masks(
     name: str, model: nn.Module, x: Tensor, y: Tensor, columns: list[Cell], cfg: EvalConfig, seed: int,
     submodels: list[nn.Module] | None = None, placement: Placement | None = None,
 ) -> dict[Cell, list[Tensor]]:
-    """Per cell, one robustness mask per seed (one for deterministic attacks)."""
-    out = {}
-    for cell in columns:
-        repeats = cfg.seeds if randomised(cell, cfg) else 1
-        out[cell] = [
-            robust_mask(model, x, y, cell, cfg, _generator(seed, name, cell, s), submodels, placement,
-                        derive_seed(seed, "autoattack", name, cell.norm, s))
-            for s in range(repeats)
-        ]
-    return out
+    """Per cell, one robustness mask per seed (one for deterministic attacks), every chunk computed here."""
+    parts = _chunk_masks(name, model, x, y, columns, cfg, seed, lambda count: list(range(count)), submodels, placement)
+    return _assemble(parts, columns, cfg, len(y))
 
 
-def _generator(seed: int, name: str, cell: Cell, s: int) -> torch.Generator:
-    # Seed 0 keeps the stream every earlier dvtrain release drew from, so old tables reproduce.
-    return stream(seed, "eval", name, cell.attack) if s == 0 else stream(seed, "eval", name, cell.attack, "seed", s)
+class ChunkShare(Protocol):
+    """How the processes of `dvtrain eval` share the chunks: chunk c is computed by rank c % world."""
+
+    rank: int
+    world: int
+
+    def gather(self, obj: object) -> list[object]:
+        """Every rank's `obj`, in rank order, on every rank."""
+
+
+class ProcessGroupShare:
+    """The chunks shared over the default torch.distributed process group (all_gather_object)."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def gather(self, obj: object) -> list[object]:
+        out: list[object] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
 
 def cell_budget(cell: Cell, cfg: EvalConfig, n_images: int) -> str:
@@ -255,15 +310,20 @@ def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: 
 
 def evaluate_stage(
     stage: str, submodels: list[nn.Module], x: Tensor, y: Tensor, eval_cfg: EvalConfig, seed: int,
-    placement: Placement | None = None, attacks: list[str] | None = None,
+    placement: Placement | None = None, attacks: list[str] | None = None, share: ChunkShare | None = None,
 ) -> list[dict]:
     """Rows for each submodel and the mixture under each attack (default eval.attacks), then worst-case rows.
 
-    `submodels` are the ones `placement` says this process owns (all of them by default): each
-    process scores its own, and all take part in attacking the mixture. Every process returns every
-    row. Models are scored in eval mode (BatchNorm running statistics, as at test time) and handed
-    back in the mode they came in. Raises NonFiniteOutput for a model with NaN/inf outputs, and
-    DvtrainError for AutoAttack with submodels spread over several processes.
+    x [N, C, H, W] in [0, 1], y [N]; the table uses the first eval.num_examples of them (all for 0), in
+    chunks of eval.chunk_size, each attacked from its own random streams (`chunk_generator`).
+    Two ways to use several processes, with the same numbers as one process:
+    - `placement` (the training-time table): `submodels` are the ones this process owns; each process
+      scores its own on every chunk, and all take part in attacking the mixture.
+    - `share` (`dvtrain eval`): every process holds every submodel and computes every model on the
+      chunks c with c % world == rank; the masks are gathered, so every process returns every row.
+    Models are scored in eval mode (BatchNorm running statistics, as at test time) and handed back in
+    the mode they came in. Raises NonFiniteOutput for a model with NaN/inf outputs, and DvtrainError
+    for AutoAttack with submodels spread over several processes, or more processes than chunks.
     """
     placement = placement if placement is not None else LocalPlacement(len(submodels))
     attacks = list(eval_cfg.attacks if attacks is None else attacks)
@@ -272,6 +332,8 @@ def evaluate_stage(
                            "for a multi-process training run and use `dvtrain eval RUN_DIR` afterwards")
     if eval_cfg.num_examples > 0:
         x, y = x[: eval_cfg.num_examples], y[: eval_cfg.num_examples]
+    if share is not None and share.world > chunk_count(len(y), eval_cfg):
+        raise DvtrainError(too_many_processes(share.world, len(y), eval_cfg))
     columns = cells([a for a in attacks if a not in MIXTURE_ONLY], eval_cfg)
     mixture_columns = cells(attacks, eval_cfg)
     was_training = [model.training for model in submodels]
@@ -280,15 +342,44 @@ def evaluate_stage(
             model.eval()
         for i, model in zip(placement.owned, submodels):
             check_finite(model, x[: eval_cfg.batch_size], f"submodel {i + 1} of stage {stage}")
-        owned = [_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed)
-                 for i, model in zip(placement.owned, submodels)]
-        local = torch.stack([_values(m, columns, eval_cfg.seeds) for m in owned]).to(x.device)
-        table = {f"sub{i}": v.tolist() for i, v in enumerate(placement.all_gather(local))}
-        mixture = Mixture(submodels, placement)
-        masks = _model_masks(MIXTURE, mixture, x, y, mixture_columns, eval_cfg, seed, submodels, placement)
-        mixture_values = _values(masks, mixture_columns, eval_cfg.seeds).tolist()
+        if share is not None:
+            table, mixture_values = _shared_values(submodels, x, y, columns, mixture_columns, eval_cfg, seed, share)
+        else:
+            owned = [_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed)
+                     for i, model in zip(placement.owned, submodels)]
+            local = torch.stack([_values(m, columns, eval_cfg.seeds) for m in owned]).to(x.device)
+            table = {f"sub{i}": v.tolist() for i, v in enumerate(placement.all_gather(local))}
+            mixture = Mixture(submodels, placement)
+            masks = _model_masks(MIXTURE, mixture, x, y, mixture_columns, eval_cfg, seed, submodels, placement)
+            mixture_values = _values(masks, mixture_columns, eval_cfg.seeds).tolist()
     finally:
         for model, mode in zip(submodels, was_training):
             model.train(mode)
     rows = [r for name, values in table.items() for r in _rows(stage, name, values, columns, eval_cfg, len(y))]
     return rows + _rows(stage, MIXTURE, mixture_values, mixture_columns, eval_cfg, len(y))
+
+
+def too_many_processes(world: int, n_images: int, cfg: EvalConfig) -> str:
+    """The one-line refusal of a launch with more processes than the table has chunks."""
+    count = chunk_count(n_images, cfg)
+    return (f"{world} processes share {count} chunk{'s' * (count != 1)} of eval.chunk_size={cfg.chunk_size} images "
+            f"({n_images} test images); launch at most {count} processes or lower eval.chunk_size")
+
+
+def _shared_values(
+    submodels: list[nn.Module], x: Tensor, y: Tensor, columns: list[Cell], mixture_columns: list[Cell],
+    cfg: EvalConfig, seed: int, share: ChunkShare,
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Every model on this rank's chunks (c % world == rank), every rank's masks gathered and assembled."""
+    mine = lambda count: list(range(share.rank, count, share.world))  # noqa: E731
+    named = [(f"sub{i}", model, columns) for i, model in enumerate(submodels)]
+    named.append((MIXTURE, Mixture(submodels), mixture_columns))
+    local = {name: _chunk_masks(name, model, x, y, cols, cfg, seed, mine, submodels) for name, model, cols in named}
+    merged: dict[str, dict] = {name: {} for name, _, _ in named}
+    for part in share.gather(local):
+        for name, masks in part.items():
+            merged[name].update(masks)
+    values = {name: _values(_assemble(merged[name], cols, cfg, len(y)), cols, cfg.seeds).tolist()
+              for name, _, cols in named}
+    mixture_values = values.pop(MIXTURE)
+    return values, mixture_values
