@@ -118,3 +118,18 @@ def test_a_missing_stage_under_a_launcher_is_one_line_exit_2_printed_once(traine
     printed = [line for line in done.stderr.splitlines() if line.startswith("dvtrain: ")]
     assert len(printed) == 1 and "--stage dverge is not a stage of" in printed[0], done.stderr[-3000:]
     assert "exitcode  : 2" in done.stderr.split("Root Cause")[1]
+
+
+def test_each_phase_prints_a_progress_line_and_its_wall_time_is_recorded(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("progress: false", "progress: true"))
+    done = subprocess.run([sys.executable, "-m", "dvtrain.cli", "eval", str(run_dir), *CHUNKED],
+                          env={**ENV, "DVTRAIN_PROGRESS": "1"}, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    phases = json.loads((run_dir / "results.json").read_text())["eval_provenance"]["phase_s"]
+    assert "vanilla mixture adaptive Linf ε=0.1" in phases and "surrogates and black-box examples" in phases
+    for phase in phases:
+        assert phase in done.stderr and phases[phase] >= 0
+    assert "img/s" in done.stderr

@@ -18,6 +18,7 @@ from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
 from dvtrain.eval.blackbox import SurrogateTrainer, blackbox_table, prepare_blackbox
 from dvtrain.eval.checks import masking_checks, masking_probe
+from dvtrain.eval.progress import Phases
 from dvtrain.eval.load import finished_stages, load_stage
 from dvtrain.eval.report import (
     EVAL_TABLE, FULL_EVALUATION_KEYS, evaluation_markdown, merge_rows, metric_key, result_metrics, results_markdown, update_results,
@@ -84,26 +85,31 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
         for i, model in enumerate(submodels):
             check_finite(model, data.x_test[: cfg.eval.batch_size], f"submodel {i + 1} of stage {stage}")
     main = share is None or share.rank == 0
+    phases = Phases(cfg.logging.progress and main)
     rows = {}
     for stage, submodels in loaded.items():
         if main:
             print(f"[eval {stage}] white-box table: {', '.join(cfg.eval.full_attacks)}", flush=True)
         rows[stage] = evaluate_stage(stage, submodels, data.x_test, data.y_test, cfg.eval, cfg.seed,
-                                     attacks=cfg.eval.full_attacks, share=share)
+                                     attacks=cfg.eval.full_attacks, share=share, phases=phases)
     if not main:
         return None
     new: dict = {"eval": [r | {"table": EVAL_TABLE, "command": command} for stage in rows for r in rows[stage]]}
-    with run.lock(SURROGATE_LOCK):  # two evaluations must not train or write the cache at once
+    with run.lock(SURROGATE_LOCK), phases.phase("surrogates and black-box examples"):  # one writer of the cache
         examples, new["blackbox_surrogate"] = prepare_blackbox(run.path, cfg, tcfg, data, device, train_surrogates)
     for stage, submodels in loaded.items():
-        evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg, examples, new)
+        with phases.phase(f"{stage} transfer, black-box, ε sweep, checks"):
+            evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg, examples, new)
     new["plots"] = evaluation_plots(run.path, new)
+    new["eval_provenance"] = {"command": command, "world_size": 1 if share is None else share.world,
+                              "threads_per_process": torch.get_num_threads(), "phase_s": dict(phases.seconds)}
 
     def change(stored: dict) -> None:
         stored["eval"] = merge_rows(stored["eval"], new["eval"])
         for key in (*FULL_EVALUATION_KEYS, "plots"):
             stored.setdefault(key, {}).update(new.get(key, {}))
         stored["blackbox_surrogate"] = new["blackbox_surrogate"]
+        stored["eval_provenance"] = new["eval_provenance"]
 
     results = update_results(run.path, cfg, change)
     log_evaluation(cfg, run.path, results)
@@ -135,7 +141,8 @@ def log_evaluation(cfg: Config, run_dir: Path, results: dict) -> None:
         for stage, files in results.get("plots", {}).items():
             logged.update({f"eval/{stage}/{kind}": wandb.Image(str(run_dir / rel)) for kind, rel in files.items()})
         tracker.run.log(logged)
-        tracker.summary({metric_key(*key): value for key, value in metrics.items()})
+        tracker.summary({metric_key(*key): value for key, value in metrics.items()}
+                        | {f"eval/time/{phase}_s": s for phase, s in results.get("eval_provenance", {}).get("phase_s", {}).items()})
         exit_code = 0
     finally:
         tracker.finish(exit_code)

@@ -35,6 +35,7 @@ from dvtrain.errors import DvtrainError
 from dvtrain.eval.adaptive import adaptive_linf
 from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.eval.autoattack import autoattack_robust
+from dvtrain.eval.progress import Phases
 from dvtrain.eval.stats import PERCENT, accuracy_fields, wilson_interval
 from dvtrain.mixture import Mixture
 from dvtrain.rng import derive_seed, stream
@@ -174,18 +175,27 @@ def chunk_generator(seed: int, name: str, cell: Cell, chunk: int, s: int) -> tor
 def _chunk_masks(
     name: str, model: nn.Module, x: Tensor, y: Tensor, columns: list[Cell], cfg: EvalConfig, seed: int,
     chunks: Callable[[int], list[int]], submodels: list[nn.Module] | None = None, placement: Placement | None = None,
+    phases: Phases | None = None, stage: str = "",
 ) -> dict[tuple[int, int, int], Tensor]:
     """(column index, seed, chunk) → the chunk's robustness mask (CPU), for the chunks `chunks(count)` picks
-    among the `count` chunks of each column's images."""
+    among the `count` chunks of each column's images; each column one phase of `phases` (a progress bar)."""
+    phases = phases if phases is not None else Phases(False)
     out = {}
     for k, cell in enumerate(columns):
         bounds = chunk_bounds(cell_size(cell, cfg, len(y)), cfg.chunk_size)
-        for s in range(cfg.seeds if randomised(cell, cfg) else 1):
-            for c in chunks(len(bounds)):
-                start, end = bounds[c]
-                aa_seed = derive_seed(seed, "autoattack", name, cell.norm, float(cell.eps), "chunk", c, "seed", s)
-                out[(k, s, c)] = robust_mask(model, x[start:end], y[start:end], cell, cfg,
-                                             chunk_generator(seed, name, cell, c, s), submodels, placement, aa_seed).cpu()
+        repeats = cfg.seeds if randomised(cell, cfg) else 1
+        mine = chunks(len(bounds))
+        threat = "" if cell.norm is None else f" {cell.norm} ε={cell.eps:g}"
+        with phases.phase(f"{stage} {name} {cell.attack}{threat}".strip(),
+                          repeats * sum(bounds[c][1] - bounds[c][0] for c in mine)) as bar:
+            for s in range(repeats):
+                for c in mine:
+                    start, end = bounds[c]
+                    aa_seed = derive_seed(seed, "autoattack", name, cell.norm, float(cell.eps), "chunk", c, "seed", s)
+                    out[(k, s, c)] = robust_mask(model, x[start:end], y[start:end], cell, cfg,
+                                                 chunk_generator(seed, name, cell, c, s), submodels, placement,
+                                                 aa_seed).cpu()
+                    bar.update(end - start)
     return out
 
 
@@ -202,10 +212,12 @@ def _assemble(parts: dict[tuple[int, int, int], Tensor], columns: list[Cell], cf
 
 def _model_masks(
     name: str, model: nn.Module, x: Tensor, y: Tensor, columns: list[Cell], cfg: EvalConfig, seed: int,
-    submodels: list[nn.Module] | None = None, placement: Placement | None = None,
+    submodels: list[nn.Module] | None = None, placement: Placement | None = None, phases: Phases | None = None,
+    stage: str = "",
 ) -> dict[Cell, list[Tensor]]:
     """Per cell, one robustness mask per seed (one for deterministic attacks), every chunk computed here."""
-    parts = _chunk_masks(name, model, x, y, columns, cfg, seed, lambda count: list(range(count)), submodels, placement)
+    parts = _chunk_masks(name, model, x, y, columns, cfg, seed, lambda count: list(range(count)), submodels, placement,
+                         phases, stage)
     return _assemble(parts, columns, cfg, len(y))
 
 
@@ -311,6 +323,7 @@ def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: 
 def evaluate_stage(
     stage: str, submodels: list[nn.Module], x: Tensor, y: Tensor, eval_cfg: EvalConfig, seed: int,
     placement: Placement | None = None, attacks: list[str] | None = None, share: ChunkShare | None = None,
+    phases: Phases | None = None,
 ) -> list[dict]:
     """Rows for each submodel and the mixture under each attack (default eval.attacks), then worst-case rows.
 
@@ -322,7 +335,8 @@ def evaluate_stage(
     - `share` (`dvtrain eval`): every process holds every submodel and computes every model on the
       chunks c with c % world == rank; the masks are gathered, so every process returns every row.
     Models are scored in eval mode (BatchNorm running statistics, as at test time) and handed back in
-    the mode they came in. Raises NonFiniteOutput for a model with NaN/inf outputs, and DvtrainError
+    the mode they came in. `phases` shows a progress bar per (model, attack) and records its seconds
+    (none by default). Raises NonFiniteOutput for a model with NaN/inf outputs, and DvtrainError
     for AutoAttack with submodels spread over several processes, or more processes than chunks.
     """
     placement = placement if placement is not None else LocalPlacement(len(submodels))
@@ -343,14 +357,16 @@ def evaluate_stage(
         for i, model in zip(placement.owned, submodels):
             check_finite(model, x[: eval_cfg.batch_size], f"submodel {i + 1} of stage {stage}")
         if share is not None:
-            table, mixture_values = _shared_values(submodels, x, y, columns, mixture_columns, eval_cfg, seed, share)
+            table, mixture_values = _shared_values(submodels, x, y, columns, mixture_columns, eval_cfg, seed, share,
+                                                   phases, stage)
         else:
-            owned = [_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed)
+            owned = [_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed, phases=phases, stage=stage)
                      for i, model in zip(placement.owned, submodels)]
             local = torch.stack([_values(m, columns, eval_cfg.seeds) for m in owned]).to(x.device)
             table = {f"sub{i}": v.tolist() for i, v in enumerate(placement.all_gather(local))}
             mixture = Mixture(submodels, placement)
-            masks = _model_masks(MIXTURE, mixture, x, y, mixture_columns, eval_cfg, seed, submodels, placement)
+            masks = _model_masks(MIXTURE, mixture, x, y, mixture_columns, eval_cfg, seed, submodels, placement, phases,
+                                 stage)
             mixture_values = _values(masks, mixture_columns, eval_cfg.seeds).tolist()
     finally:
         for model, mode in zip(submodels, was_training):
@@ -368,13 +384,14 @@ def too_many_processes(world: int, n_images: int, cfg: EvalConfig) -> str:
 
 def _shared_values(
     submodels: list[nn.Module], x: Tensor, y: Tensor, columns: list[Cell], mixture_columns: list[Cell],
-    cfg: EvalConfig, seed: int, share: ChunkShare,
+    cfg: EvalConfig, seed: int, share: ChunkShare, phases: Phases | None, stage: str,
 ) -> tuple[dict[str, list[float]], list[float]]:
     """Every model on this rank's chunks (c % world == rank), every rank's masks gathered and assembled."""
     mine = lambda count: list(range(share.rank, count, share.world))  # noqa: E731
     named = [(f"sub{i}", model, columns) for i, model in enumerate(submodels)]
     named.append((MIXTURE, Mixture(submodels), mixture_columns))
-    local = {name: _chunk_masks(name, model, x, y, cols, cfg, seed, mine, submodels) for name, model, cols in named}
+    local = {name: _chunk_masks(name, model, x, y, cols, cfg, seed, mine, submodels, None, phases, stage)
+             for name, model, cols in named}
     merged: dict[str, dict] = {name: {} for name, _, _ in named}
     for part in share.gather(local):
         for name, masks in part.items():
