@@ -31,6 +31,7 @@ from dvtrain.submodels import Owned
 from dvtrain.errors import DvtrainError, WriteFailed
 from dvtrain.paths import PathError, read_json_object
 from dvtrain.distributed.placement import Placement
+from dvtrain.rundir import RunDir
 
 STATE_FILE = "state.json"
 
@@ -44,7 +45,7 @@ class CheckpointWriteFailed(CheckpointError, WriteFailed):
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
-    return run_dir / "checkpoints" / stage
+    return RunDir(run_dir).checkpoints(stage)
 
 
 def _tmp(path: Path) -> Path:

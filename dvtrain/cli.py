@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dvtrain
-from dvtrain import storage
+from dvtrain import rundir, storage
 from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config,
                             parse_override, read_yaml)
 from dvtrain.errors import DvtrainError, WriteFailed
 from dvtrain.distributed.runtime import (
-    init_runtime, is_main_rank, launched_world_size, report_to_launcher, resolve_device, shutdown,
+    init_runtime, is_main_rank, launched_world_size, report_to_launcher, shutdown,
 )
+from dvtrain.rundir import RunDir
 from dvtrain.paths import PathError, check_folder, read_json_object
 from dvtrain.signals import StopRequested, TerminateGuard, Terminated
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "digits_quickstart.yaml"
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = rundir.CONFIG
 # Keys that may change when a run is resumed: they do not change what any stage computes
 # (stages: a run may be extended by later stages).
 # (compute.threads changes rounding only, as the number of processes does.)
@@ -46,7 +47,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_PEER_FAILED = 1
-RESULTS_JSON = "results.json"  # as dvtrain.train.loop writes it
+RESULTS_JSON = rundir.RESULTS_JSON
 PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out")
 
 
@@ -376,7 +377,7 @@ def train_main(argv: list[str] | None = None) -> int:
             finally:
                 shutdown()
         if placement.is_main:
-            print(f"results: {run_dir / 'results.md'}", flush=True)
+            print(f"results: {RunDir(run_dir).results_md}", flush=True)
         return 0
     except WriteFailed as exc:
         return refuse(DvtrainError(f"{exc} with --resume"), every_rank_alike=False)
@@ -449,8 +450,6 @@ def eval_main(argv: list[str] | None = None) -> int:
         if bad:
             raise DvtrainError(f"dvtrain eval only accepts eval.* and device overrides, got {bad[0]}")
         cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
-        if launched_world_size() > 1:
-            raise DvtrainError("dvtrain eval loads every submodel in one process; run it with python, not a launcher")
         stages = evaluable_stages(run_dir, cfg, args.stage)
         check_results(run_dir)
         check_eval_writable(cfg, run_dir)
@@ -458,9 +457,17 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         set_threads(cfg.compute)
         from dvtrain.eval.evaluate import full_evaluation
+        from dvtrain.eval.whitebox import ProcessGroupShare
         from dvtrain.train.vanilla import train_plain_ensemble
 
-        full_evaluation(run_dir, cfg, stages, resolve_device(cfg.device), cfg.eval.transfer, train_plain_ensemble)
+        command = " ".join(["dvtrain eval", *(sys.argv[2:] if argv is None else argv)])
+        # Under a launcher every rank loads every submodel and takes its share of the test images.
+        _, device = init_runtime(cfg, whole_ensemble=True)
+        try:
+            share = ProcessGroupShare() if launched_world_size() > 1 else None
+            full_evaluation(run_dir, cfg, stages, device, cfg.eval.transfer, train_plain_ensemble, command, share)
+        finally:
+            shutdown()
         return 0
 
     return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")

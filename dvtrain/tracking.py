@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from dvtrain.config import LoggingConfig
 from dvtrain.errors import DvtrainError
+from dvtrain.rundir import RunDir
 
 WANDB_HOST = "api.wandb.ai"
 WANDB_READ_TIMEOUT_S = 120
@@ -99,7 +100,7 @@ class Tracker:
             return
         import wandb
 
-        wandb_dir = run_dir / "wandb"
+        wandb_dir = RunDir(run_dir).wandb
         wandb_dir.mkdir(parents=True, exist_ok=True)
         for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
             os.environ.setdefault(var, str(wandb_dir / ".local"))
@@ -196,7 +197,7 @@ class StepHistory:
     holds), so its run's steps have no gap."""
 
     def __init__(self, run_dir: Path, stage: str, active: bool) -> None:
-        self.path = run_dir / "wandb" / f"{stage}-history.jsonl"
+        self.path = RunDir(run_dir).wandb / f"{stage}-history.jsonl"
         self.active = active
 
     def append(self, step: int, row: dict, epoch_level: bool = False) -> None:
@@ -230,7 +231,7 @@ class StepHistory:
 def sync_command(run_dir: Path) -> str | None:
     """The `wandb sync` command that uploads a run directory's offline W&B runs (a resumed stage's
     pieces in the order they were written), or None when it has none."""
-    wandb_dir = run_dir / "wandb"
+    wandb_dir = RunDir(run_dir).wandb
     if not any(wandb_dir.glob(OFFLINE_RUN_GLOB)):
         return None
     return f"wandb sync {shlex.quote(str(wandb_dir))}/{OFFLINE_RUN_GLOB}"

@@ -189,7 +189,7 @@ def test_results_markdown_renders_a_table_per_stage():
     header = ("| Model | Clean (%) | **Worst case** L∞ ε=0.03 (%) | FGSM L∞ ε=0.03 (%) | PGD L∞ ε=0.03 (%) "
               "| PGD L2 ε=8/255 (%) |")
     assert text.count(header) == 2
-    assert text.count("n = 200 test images; accuracy (%) with its 95 % Wilson interval") == 2
+    assert text.count("n = 200 test images (each column's own, see budgets); accuracy (%) with its 95 % Wilson interval") == 2
     vanilla, dverge = text.split("### dverge")
     assert "| Submodel 1 | 90.00 [88.8, 91.0] | 50.00 [48.8, 51.0] | 80.00 [78.8, 81.0] | 70.00 [68.8, 71.0] | 60.00 [58.8, 61.0] |" in vanilla
     assert "| Mixture (plain ensemble) | 95.12 [93.9, 96.1] |" in vanilla

@@ -22,7 +22,7 @@ from dvtrain.train.optim import build_owned
 from dvtrain.train.stage import StepFigures
 from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.eval.report import results_markdown
-from dvtrain.eval.whitebox import evaluate_stage
+from dvtrain.eval.whitebox import cells as table_cells, chunk_generator, evaluate_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,7 +208,7 @@ def test_results_table_equals_a_direct_computation_of_every_cell():
     table, masks = {}, {}
     for name, model in named.items():
         for attack in ATTACKS:
-            generator = stream(3, "eval", name, attack)
+            generator = chunk_generator(3, name, table_cells([attack], eval_cfg)[0], 0, 0)  # 25 images: one chunk
             robust = torch.ones(len(y), dtype=torch.bool)
             for _ in range(eval_cfg.restarts if attack in ("pgd_linf", "pgd_l2") else 1):
                 for start in range(0, len(y), eval_cfg.batch_size):

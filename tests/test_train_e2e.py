@@ -39,7 +39,8 @@ def test_cli_writes_a_valid_run_and_protects_it(tmp_path):
     rows = results["eval"]
     assert len(rows) == 3 * 4 * (5 + 2)  # stages × models × (attacks + worst case L∞ and L2)
     for row in rows:
-        assert set(row) == {"stage", "model", "attack", "norm", "eps", "accuracy", "n", "ci_low", "ci_high"} | (
+        assert set(row) == {"stage", "model", "attack", "norm", "eps", "budget", "accuracy", "n", "ci_low", "ci_high",
+                            "table", "command"} | (
             {"of"} if row["attack"] == "worst_case" else set())
         assert row["stage"] in {"vanilla", "dverge", "dverge_advt"} and row["n"] == 64
         assert row["model"] in {"sub0", "sub1", "sub2", "mixture"} and row["attack"] in ATTACKS | {"worst_case"}
@@ -138,10 +139,12 @@ def test_eval_command_reevaluates_saved_stages(tmp_path):
              "eval.transfer.blackbox_steps=2", "eval.transfer.blackbox_restarts=1",
              "eval.transfer.surrogate_size=2", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]",
              "eval.autoattack.version=custom", "eval.autoattack.attacks=[apgd-ce]", "eval.autoattack.iterations=2",
-             "eval.adaptive.steps=2", "eval.checks.long_steps=3", "eval.diversity.num_images=20"]
-    assert cli.main(["eval", str(run_dir), "eval.eps=0.1", *small]) == 0
+             "eval.adaptive.steps=2", "eval.checks.long_steps=3",
+             "eval.diversity.num_images=20"]
+    assert cli.main(["eval", str(run_dir), "eval.eps=0.05", *small]) == 0
     rows = json.loads((run_dir / "results.json").read_text())["eval"]
-    assert {r["eps"] for r in rows if r["attack"] == "fgsm"} == {0.1}
+    assert {r["eps"] for r in rows if r["attack"] == "fgsm" and r["table"] == "eval"} == {0.05}
+    assert {r["eps"] for r in rows if r["attack"] == "fgsm" and r["table"] == "train"} == {0.1}  # the training table stays
     assert {r["attack"] for r in rows} >= {"autoattack", "adaptive", "pgd_linf", "pgd_linf_margin", "worst_case"}
     results = json.loads((run_dir / "results.json").read_text())
     assert "vanilla" in results["transfer"] and (run_dir / "results.md").read_text().count("### vanilla") >= 1

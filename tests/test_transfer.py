@@ -223,7 +223,7 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["transfer"] == results["transfer"] and set(saved["transfer"]) == {"vanilla", "dverge"}
     for stage in ("vanilla", "dverge"):
-        rows = {(r["model"], r["attack"], r["norm"]) for r in saved["eval"] if r["stage"] == stage}
+        rows = {(r["model"], r["attack"], r["norm"]) for r in saved["eval"] if r["stage"] == stage and r["table"] == "eval"}
         per_model = {("clean", None), ("pgd_linf", "Linf"), ("pgd_linf_margin", "Linf"), ("autoattack", "Linf"),
                      ("worst_case", "Linf")}
         assert rows == {(m, a, n) for m in ("sub0", "sub1", "sub2", "mixture") for a, n in per_model} | {

@@ -57,7 +57,10 @@ def report_to_launcher(line: str) -> None:
         pass  # the line was printed already; the launcher then shows its generic summary
 
 
-def init_runtime(cfg: Config) -> tuple[Placement, torch.device]:
+def init_runtime(cfg: Config, whole_ensemble: bool = False) -> tuple[Placement, torch.device]:
+    """Join the launcher's process group (if any); the placement of the submodels over the ranks, and
+    this rank's device. `whole_ensemble`: every rank holds every submodel (`dvtrain eval`, which shares
+    out test images instead), so the placement is local and any number of processes may be launched."""
     import torch
 
     from dvtrain.distributed.placement import LocalPlacement, ProcessGroupPlacement
@@ -65,7 +68,7 @@ def init_runtime(cfg: Config) -> tuple[Placement, torch.device]:
     world = launched_world_size()
     if world == 1:
         return LocalPlacement(cfg.ensemble.size), resolve_device(cfg.device)
-    if world > cfg.ensemble.size and world % cfg.ensemble.size:
+    if not whole_ensemble and world > cfg.ensemble.size and world % cfg.ensemble.size:
         raise DvtrainError(
             f"launched {world} processes for ensemble.size={cfg.ensemble.size}; launch at most "
             f"{cfg.ensemble.size} processes, or a multiple of {cfg.ensemble.size} (data-parallel replicas)"
@@ -83,6 +86,8 @@ def init_runtime(cfg: Config) -> tuple[Placement, torch.device]:
             "--num_processes N --main_process_port 0` or `torchrun --nproc_per_node N`"
         )
     device = accelerator.device if not cpu else torch.device("cpu")
+    if whole_ensemble:
+        return LocalPlacement(cfg.ensemble.size), device
     return ProcessGroupPlacement(cfg.ensemble.size, accelerator.process_index, world, device), device
 
 

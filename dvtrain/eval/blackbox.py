@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain import checkpoint
+from dvtrain import checkpoint, rundir
 from dvtrain.config import Config, TransferConfig, to_dict
 from dvtrain.data import Dataset
 from dvtrain.distributed.placement import LocalPlacement
@@ -27,7 +27,7 @@ from dvtrain.mixture import Mixture
 from dvtrain.rng import derive_seed, stream
 from dvtrain.submodels import Owned
 
-SURROGATE_DIR = "surrogates"
+SURROGATE_DIR = rundir.SURROGATES
 MI_PGD = "mi_pgd"  # momentum PGD (MI-FGSM's update with a random start and restarts)
 M_DI2_FGSM = "m_di2_fgsm"  # momentum + diverse inputs
 ALL_ATTACKS = "all"  # correct under every transferred example: the reference's "all" column

@@ -24,13 +24,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dvtrain import rundir
 from dvtrain.config import STAGES, WANDB_MODES, LoggingConfig, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import METRIC_ORDER, RESULTS_JSON, metric_name, result_metrics
 from dvtrain.paths import read_json_object
 from dvtrain.tracking import OFFLINE_RUN_GLOB, offline_run_info, read_offline_run
 
-CONFIG_YAML = "config.yaml"
+CONFIG_YAML = rundir.CONFIG
 EXIT_USER_ERROR = 2  # as dvtrain.cli
 ONLINE_PATH = re.compile(r"^[^/\s]+/[^/\s]+/[^/\s]+$")
 MIXTURE = "mixture"

@@ -1,4 +1,4 @@
-"""`dvtrain eval RUN_DIR`: the whole evaluation of a run's finished stages, in one process.
+"""`dvtrain eval RUN_DIR`: the whole evaluation of a run's finished stages, in one process or several.
 
 Per stage: the white-box table (eval.full_attacks: AutoAttack, margin PGD, the adaptive attack, with
 the worst case per image and Wilson intervals), the gradient-masking checks, the transferability
@@ -19,28 +19,29 @@ from dvtrain.data import Dataset, load_dataset
 from dvtrain.eval.blackbox import SurrogateTrainer, blackbox_table, prepare_blackbox
 from dvtrain.eval.checks import masking_checks, masking_probe
 from dvtrain.eval.diversity import diversity_evaluation
+from dvtrain.eval.progress import Phases
 from dvtrain.eval.load import finished_stages, load_stage
 from dvtrain.eval.report import (
-    evaluation_markdown, load_results, metric_key, result_metrics, results_markdown, save_results,
+    EVAL_TABLE, FULL_EVALUATION_KEYS, evaluation_markdown, merge_rows, metric_key, result_metrics, results_markdown, update_results,
 )
 from dvtrain.eval.transfer import epsilon_sweep, first, shuffled_test_set, transfer_matrix
-from dvtrain.eval.whitebox import check_finite, evaluate_stage
+from dvtrain.errors import DvtrainError
+from dvtrain.eval.whitebox import ChunkShare, check_finite, chunk_count, evaluate_stage, too_many_processes
 from dvtrain.mixture import Mixture
+from dvtrain.rundir import RunDir
+
+SURROGATE_LOCK = ".surrogates.lock"  # the surrogate cache's own lock: its training may take an hour
 
 
 def evaluate_stage_fully(
-    stage: str, submodels: list[nn.Module], data: Dataset, cfg: Config, tcfg: TransferConfig,
+    stage: str, submodels: list[nn.Module], rows: list[dict], data: Dataset, cfg: Config, tcfg: TransferConfig,
     bb_examples: dict[str, list[Tensor]], results: dict,
 ) -> None:
-    """White-box table and checks, transfer matrix, black-box table and ε sweep of one stage, into `results`.
-
-    The white-box table uses the training-time evaluation's images (eval.num_examples); the others
-    a seeded random draw of `tcfg.num_images` test images, the same for every stage."""
+    """Given the stage's white-box `rows`: its checks, transfer matrix, black-box table and ε sweep, into
+    `results` (this evaluation's own, merged into results.json later). These use a seeded random draw
+    of `tcfg.num_images` test images, the same for every stage."""
     x_pool, y_pool = shuffled_test_set(data, cfg.seed)
     x, y = first(x_pool, y_pool, tcfg.num_images)
-    print(f"[eval {stage}] white-box table: {', '.join(cfg.eval.full_attacks)}", flush=True)
-    rows = evaluate_stage(stage, submodels, data.x_test, data.y_test, cfg.eval, cfg.seed, attacks=cfg.eval.full_attacks)
-    results["eval"] = [r for r in results["eval"] if r["stage"] != stage] + rows
     print(f"[eval {stage}] transferability matrix", flush=True)
     results.setdefault("transfer", {})[stage] = transfer_matrix(submodels, x_pool, y_pool, tcfg, cfg.seed)
     print(f"[eval {stage}] black-box transfer", flush=True)
@@ -56,29 +57,67 @@ def evaluate_stage_fully(
 
 
 def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device: torch.device,
-                    tcfg: TransferConfig, train_surrogates: SurrogateTrainer) -> dict:
+                    tcfg: TransferConfig, train_surrogates: SurrogateTrainer, command: str = "dvtrain eval",
+                    share: ChunkShare | None = None) -> dict | None:
     """The whole evaluation of a run's finished stages (all of them when `stages` is None).
-    Single process: every submodel is loaded here, whatever world size trained them."""
+
+    Every process loads every submodel. The white-box tables (eval.full_attacks, on the training-time
+    table's images, eval.num_examples) are shared out by `share` (chunks of eval.chunk_size test images,
+    chunk c on rank c % world; None: one process), with the same rows for any number of processes. The
+    rest (surrogates, transfer matrix, black-box table, ε sweep, checks, plots) is computed by rank 0
+    alone; the other ranks return None once the white-box tables are gathered.
+
+    The new figures are merged into results.json under the run directory's lock at the end (rows by
+    `report.ROW_KEY`, the per-stage sections by stage), so rows of other stages, ε and budgets that
+    results.json holds, also those a concurrent `dvtrain eval` wrote meanwhile, are kept. The
+    surrogate cache is loaded or trained under its own lock. Returns results.json as written (rank 0).
+    Raises DvtrainError for more processes than chunks, before any attack."""
     from dvtrain.eval.plots import evaluation_plots
 
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     check_section(tcfg, "eval.transfer.")
-    stages = finished_stages(run_dir, cfg, stages)
+    stages = finished_stages(run.path, cfg, stages)
     data = load_dataset(cfg.data).to(device)
-    results = load_results(run_dir)
-    loaded = {stage: load_stage(run_dir, cfg, data, stage, device) for stage in stages}
+    n_table = len(data.y_test) if cfg.eval.num_examples == 0 else min(len(data.y_test), cfg.eval.num_examples)
+    if share is not None and share.world > chunk_count(n_table, cfg.eval):
+        raise DvtrainError(too_many_processes(share.world, n_table, cfg.eval))
+    loaded = {stage: load_stage(run.path, cfg, data, stage, device) for stage in stages}
     for stage, submodels in loaded.items():  # refuse a broken checkpoint before any long computation
         for i, model in enumerate(submodels):
             check_finite(model, data.x_test[: cfg.eval.batch_size], f"submodel {i + 1} of stage {stage}")
-    examples, results["blackbox_surrogate"] = prepare_blackbox(run_dir, cfg, tcfg, data, device, train_surrogates)
+    main = share is None or share.rank == 0
+    phases = Phases(cfg.logging.progress and main)
+    rows = {}
     for stage, submodels in loaded.items():
-        evaluate_stage_fully(stage, submodels, data, cfg, tcfg, examples, results)
-    diversity_evaluation(run_dir, loaded, data, cfg, results)
-    results["plots"] = evaluation_plots(run_dir, results)
-    save_results(run_dir, cfg, results)
-    log_evaluation(cfg, run_dir, results)
-    evaluated = [r for r in results["eval"] if r["stage"] in stages]
-    print(results_markdown(evaluated, results.get("checks", {})) + "\n" + evaluation_markdown(results), flush=True)
+        if main:
+            print(f"[eval {stage}] white-box table: {', '.join(cfg.eval.full_attacks)}", flush=True)
+        rows[stage] = evaluate_stage(stage, submodels, data.x_test, data.y_test, cfg.eval, cfg.seed,
+                                     attacks=cfg.eval.full_attacks, share=share, phases=phases)
+    if not main:
+        return None
+    new: dict = {"eval": [r | {"table": EVAL_TABLE, "command": command} for stage in rows for r in rows[stage]]}
+    with run.lock(SURROGATE_LOCK), phases.phase("surrogates and black-box examples"):  # one writer of the cache
+        examples, new["blackbox_surrogate"] = prepare_blackbox(run.path, cfg, tcfg, data, device, train_surrogates)
+    for stage, submodels in loaded.items():
+        with phases.phase(f"{stage} transfer, black-box, ε sweep, checks"):
+            evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg, examples, new)
+    with phases.phase("vulnerability-diversity matrices"):
+        diversity_evaluation(run.path, loaded, data, cfg, new)
+    new["plots"] = evaluation_plots(run.path, new)
+    new["eval_provenance"] = {"command": command, "world_size": 1 if share is None else share.world,
+                              "threads_per_process": torch.get_num_threads(), "phase_s": dict(phases.seconds)}
+
+    def change(stored: dict) -> None:
+        stored["eval"] = merge_rows(stored["eval"], new["eval"])
+        for key in (*FULL_EVALUATION_KEYS, "plots"):
+            stored.setdefault(key, {}).update(new.get(key, {}))
+        stored["blackbox_surrogate"] = new["blackbox_surrogate"]
+        stored["eval_provenance"] = new["eval_provenance"]
+
+    results = update_results(run.path, cfg, change)
+    log_evaluation(cfg, run.path, results)
+    print(results_markdown(new["eval"], new.get("checks", {}), cfg.stages) + "\n" + evaluation_markdown(results),
+          flush=True)
     return results
 
 
@@ -105,7 +144,8 @@ def log_evaluation(cfg: Config, run_dir: Path, results: dict) -> None:
         for stage, files in results.get("plots", {}).items():
             logged.update({f"eval/{stage}/{kind}": wandb.Image(str(run_dir / rel)) for kind, rel in files.items()})
         tracker.run.log(logged)
-        tracker.summary({metric_key(*key): value for key, value in metrics.items()})
+        tracker.summary({metric_key(*key): value for key, value in metrics.items()}
+                        | {f"eval/time/{phase}_s": s for phase, s in results.get("eval_provenance", {}).get("phase_s", {}).items()})
         exit_code = 0
     finally:
         tracker.finish(exit_code)

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dvtrain import checkpoint
+from dvtrain import checkpoint, rundir
 from dvtrain.config import Config, load_config
 from dvtrain.data import Dataset, load_dataset
 from dvtrain.errors import DvtrainError
 from dvtrain.mixture import Mixture
 from dvtrain.submodels import Owned, build_submodel
 
-CONFIG_FILE = "config.yaml"  # as `dvtrain train` writes it into the run directory
+CONFIG_FILE = rundir.CONFIG
 
 
 def load_submodel_weights(cfg: Config, data: Dataset, path: Path, device: torch.device) -> list[nn.Module]:

@@ -12,7 +12,9 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-PLOTS_DIR = "plots"
+from dvtrain import rundir
+
+PLOTS_DIR = rundir.PLOTS
 DPI = 120
 CELL_INCHES = 0.9  # heat-map cell size, so the numbers written in the cells stay legible
 MIN_SIDE_INCHES = 3.5

@@ -4,6 +4,13 @@ results.json holds "eval" (white-box rows, see `dvtrain.eval.whitebox`), "stages
 stage, written by the training loop), and what `dvtrain eval` adds: "checks" (gradient-masking
 verdicts per stage), "transfer", "blackbox", "blackbox_surrogate", "eps_sweep", "plots". Both files
 are written atomically (a temporary file renamed over the old one), so a crash never leaves half a file.
+
+The white-box rows accumulate: a row is keyed by (table, stage, model, attack, norm, ε, budget), where
+table says which command produced it ("train": the table after each stage; "eval": `dvtrain eval`)
+and budget is what else determines the number (`dvtrain.eval.whitebox.cell_budget`). An evaluation at
+another ε or budget adds rows; one with the same key replaces just that row. Every write is a
+read-modify-write of the file on disk under the run directory's lock (`update_results`), so
+concurrent `dvtrain eval --stage A` and `--stage B` both land. results.md is rendered from the store.
 """
 
 from __future__ import annotations
@@ -11,12 +18,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dvtrain import rundir
+from collections.abc import Callable
+
 from dvtrain.config import STAGES, WHITEBOX_ATTACKS, Config
 from dvtrain.eval.transfer import mean_off_diagonal
+from dvtrain.rundir import RunDir
 
-RESULTS_JSON = "results.json"
-RESULTS_MD = "results.md"
-FULL_EVALUATION_KEYS = ("transfer", "blackbox", "eps_sweep", "checks")  # per-stage keys only `dvtrain eval` writes
+RESULTS_JSON = rundir.RESULTS_JSON
+RESULTS_MD = rundir.RESULTS_MD
+TRAIN_TABLE, EVAL_TABLE = "train", "eval"  # the row field "table": which command produced the row
+ROW_KEY = ("table", "stage", "model", "attack", "norm", "eps", "budget")  # one row per key in results.json
+FULL_EVALUATION_KEYS = ("transfer", "blackbox", "eps_sweep", "checks", "diversity")  # per-stage keys only `dvtrain eval` writes
 WORST_CASE = "worst_case"
 NORM_SUFFIXED = ("autoattack", WORST_CASE)  # attacks whose name does not say the norm: metric names add it
 BLACKBOX_PREFIX = "bb_"
@@ -36,24 +49,50 @@ def write_atomic(path: Path, text: str) -> None:
 
 def load_results(run_dir: Path) -> dict:
     """results.json of a run, or an empty one ({"eval": [], "stages": {}}) if there is none yet."""
-    path = Path(run_dir) / RESULTS_JSON
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"eval": [], "stages": {}}
+    path = RunDir(run_dir).results_json
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.setdefault("eval", [])
+    results.setdefault("stages", {})
+    return results
 
 
 def save_results(run_dir: Path, cfg: Config, results: dict) -> None:
-    """Write results.json and results.md (call it on the main process only)."""
-    run_dir = Path(run_dir)
+    """Write results.json and results.md as `results` holds them (call it on the main process only,
+    holding `RunDir.lock()`; `update_results` does both)."""
+    run = RunDir(run_dir)
     results["run"] = cfg.name
-    write_atomic(run_dir / RESULTS_JSON, json.dumps(results, indent=1))
+    write_atomic(run.results_json, json.dumps(results, indent=1))
     header = f"# dvtrain results: {cfg.name}\n\ndata: {cfg.data.name}, model: {cfg.model.arch} ×{cfg.ensemble.size}\n\n"
+    order = stage_order(results["stages"], cfg.stages)
     epochs = "".join(
-        f"- {stage}: {info['epochs']} epochs, {info['train_s']:.0f} s training\n"
-        for stage, info in results["stages"].items()
+        f"- {stage}: {results['stages'][stage]['epochs']} epochs, {results['stages'][stage]['train_s']:.0f} s training\n"
+        for stage in order
     )
-    tables = results_markdown(results["eval"], results.get("checks", {})) + evaluation_markdown(results)
-    write_atomic(run_dir / RESULTS_MD, header + epochs + "\n" + tables)
+    tables = results_markdown(results["eval"], results.get("checks", {}), cfg.stages) + evaluation_markdown(results)
+    write_atomic(run.results_md, header + epochs + "\n" + tables)
+
+
+def row_key(row: dict) -> tuple:
+    """A white-box row's identity in the store (`ROW_KEY`); rows of older dvtrain releases have no table
+    or budget (None)."""
+    return tuple(row.get(field) for field in ROW_KEY)
+
+
+def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
+    """`existing` with every row whose key a `new` row has replaced by it, the new rows last (newest)."""
+    replaced = {row_key(r) for r in new}
+    return [r for r in existing if row_key(r) not in replaced] + list(new)
+
+
+def update_results(run_dir: Path, cfg: Config, change: Callable[[dict], None]) -> dict:
+    """Read results.json, apply `change(results)` to it in place, write results.json and results.md;
+    all under the run directory's inter-process lock, so concurrent writers never lose each other's
+    rows. Returns the results as written (main process only)."""
+    with RunDir(run_dir).lock():
+        results = load_results(run_dir)
+        change(results)
+        save_results(run_dir, cfg, results)
+    return results
 
 
 # ----------------------------------------------------------------------------- names and numbers
@@ -87,6 +126,17 @@ def result_metrics(results: dict) -> dict[tuple[str, str, str], float]:
     return {key: value for key, value in out.items() if value is not None}
 
 
+def result_rows(results: dict) -> list[dict]:
+    """Every white-box row of a results.json with its metric name, oldest first (the newest row of a
+    (stage, model, metric) is what `result_metrics` gives): {stage, model, metric, value (%), attack,
+    norm, eps, budget, n, table}. Unlike `result_metrics`, rows at two ε or budgets stay apart; budget
+    and table are None for rows of older dvtrain releases."""
+    return [{"stage": r["stage"], "model": r["model"], "metric": metric_name(r["attack"], r.get("norm")),
+             "value": r["accuracy"], "attack": r["attack"], "norm": r.get("norm"), "eps": r.get("eps"),
+             "budget": r.get("budget"), "n": r.get("n"), "table": r.get("table")}
+            for r in results.get("eval", []) if r.get("accuracy") is not None]
+
+
 def metric_key(stage: str, model: str, metric: str) -> str:
     """The W&B summary key of a number: eval/<stage>/<model>/<metric>."""
     return f"eval/{stage}/{model}/{metric}"
@@ -111,8 +161,11 @@ def cell(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def stage_order(stages) -> list[str]:
-    return sorted(stages, key=lambda s: (STAGES.index(s) if s in STAGES else len(STAGES), s))
+def stage_order(stages, trained: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """`stages` in training order: the run's configured order (`trained`, i.e. cfg.stages) first, then
+    dvtrain's stage order (config.STAGES), then by name."""
+    order = list(dict.fromkeys([*trained, *STAGES]))
+    return sorted(dict.fromkeys(stages), key=lambda s: (order.index(s) if s in order else len(order), s))
 
 
 def _column_label(attack: str, norm: str | None, eps: float) -> str:
@@ -129,31 +182,68 @@ def _accuracy_cell(row: dict | None) -> str:
     return f"{row['accuracy']:.2f}{spread}{interval}"
 
 
-def results_markdown(rows: list[dict], checks: dict[str, list[str]] | None = None) -> str:
-    """One table per stage, in order of first appearance: a row per model, a column per (attack, norm),
-    the worst cases right after the clean column; then the stage's gradient-masking check lines."""
+TABLE_TITLES = {TRAIN_TABLE: "table written by `dvtrain train` after the stage (eval.attacks)",
+                EVAL_TABLE: "table written by `dvtrain eval` (eval.full_attacks)"}
+
+
+def _table_title(table: str | None, commands: list[str]) -> str:
+    title = TABLE_TITLES.get(table, "table written by an earlier dvtrain (command and budget not recorded)")
+    return title + "".join(f"; command: `{c}`" for c in commands)
+
+
+def results_markdown(rows: list[dict], checks: dict[str, list[str]] | None = None,
+                     trained: list[str] | tuple[str, ...] = ()) -> str:
+    """Per stage in training order (`stage_order`), one table per command that produced rows (the
+    training-time table first), headed by that command; a row per model, a column per (attack, norm,
+    ε, budget), so rows at two ε or budgets stand side by side, the worst cases right after the clean
+    column; then each column's budget and, under `dvtrain eval`'s table, the gradient-masking check lines."""
     checks = checks or {}
     out = []
-    for stage in dict.fromkeys(row["stage"] for row in rows):
-        own = [r for r in rows if r["stage"] == stage]
-        cells = {(r["model"], r["attack"], r.get("norm")): r for r in own}
-        columns = list(dict.fromkeys((r["attack"], r.get("norm"), r["eps"]) for r in own))
-        columns.sort(key=lambda c: (c[0] != "clean", c[0] != WORST_CASE))
-        models = list(dict.fromkeys(r["model"] for r in own))
-        sizes = sorted({r["n"] for r in own if "n" in r})
-        seeds = max((len(r.get("seed_accuracies", [])) for r in own), default=0)
-        note = (f"n = {', '.join(map(str, sizes))} test images; accuracy (%) with its 95 % Wilson interval"
-                + (f"; ± s.d. over {seeds} seeds of the randomised attacks" if seeds > 1 else "")
-                + "; worst case: images that survive every attack of that norm.") if sizes else ""
-        lines = [f"### {stage}", "", *([note, ""] if note else []),
-                 "| Model | " + " | ".join(_column_label(*c) for c in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
-        for model in models:
-            lines.append("| " + " | ".join([model_label(stage, model),
-                                            *(_accuracy_cell(cells.get((model, a, n))) for a, n, _ in columns)]) + " |")
-        if checks.get(stage):
-            lines += ["", *(f"- {line}" for line in checks[stage])]
-        out.append("\n".join(lines) + "\n")
+    for stage in stage_order({row["stage"] for row in rows}, trained):
+        tables = list(dict.fromkeys(r.get("table") for r in rows if r["stage"] == stage))
+        tables.sort(key=lambda t: (t != TRAIN_TABLE, t != EVAL_TABLE))
+        for table in tables:
+            own = [r for r in rows if r["stage"] == stage and r.get("table") == table]
+            out.append(_table_markdown(stage, table, own, checks.get(stage) if table in (EVAL_TABLE, None) else None))
     return "\n".join(out)
+
+
+def _column_budget(row: dict) -> str | None:
+    """The budget a row's column is told apart by: a worst case's images only (its submodel and mixture
+    rows combine different attack sets, the row's "of" names them), any other row's whole budget."""
+    budget = row.get("budget")
+    return budget.split(",of=")[0] if budget and row["attack"] == WORST_CASE else budget
+
+
+def _table_markdown(stage: str, table: str | None, own: list[dict], checks: list[str] | None) -> str:
+    commands = list(dict.fromkeys(r.get("command") for r in own))
+    cells, group = {}, {}
+    for r in own:
+        column = (r["attack"], r.get("norm"), r["eps"], _column_budget(r))
+        cells[(r["model"], *column)] = r
+        group.setdefault(column, commands.index(r.get("command")))
+    # Clean first; then each command's columns together (rows at another ε or budget beside the first
+    # ones, never merged into them), its worst cases first.
+    columns = sorted(group, key=lambda c: (c[0] != "clean", group[c], c[0] != WORST_CASE))
+    labels = [_column_label(a, n, e).removesuffix(" (%)") for a, n, e, _ in columns]
+    labels = [f"{label} [{k + 1}] (%)" if labels.count(label) > 1 else f"{label} (%)" for k, label in enumerate(labels)]
+    models = list(dict.fromkeys(r["model"] for r in own))
+    sizes = sorted({r["n"] for r in own if "n" in r})
+    seeds = max((len(r.get("seed_accuracies", [])) for r in own), default=0)
+    note = (f"n = {', '.join(map(str, sizes))} test images (each column's own, see budgets); accuracy (%) with its "
+            "95 % Wilson interval" + (f"; ± s.d. over {seeds} seeds of the randomised attacks" if seeds > 1 else "")
+            + "; worst case: images that survive every attack of that norm.") if sizes else ""
+    lines = [f"### {stage}", "", _table_title(table, [c for c in commands if c]) + ".", "", *([note, ""] if note else []),
+             "| Model | " + " | ".join(labels) + " |", "|---" + "|---:" * len(columns) + "|"]
+    for model in models:
+        lines.append("| " + " | ".join([model_label(stage, model),
+                                        *(_accuracy_cell(cells.get((model, *c))) for c in columns)]) + " |")
+    budgets = [(label, c[3]) for label, c in zip(labels, columns) if c[3]]
+    if budgets:
+        lines += ["", "Budgets:", *(f"- {label.removesuffix(' (%)')}: {b}" for label, b in budgets)]
+    if checks:
+        lines += ["", *(f"- {line}" for line in checks)]
+    return "\n".join(lines) + "\n"
 
 
 def _matrix_markdown(stage: str, rows: list[str], columns: list[str], values: list[list]) -> list[str]:

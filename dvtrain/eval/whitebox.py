@@ -7,16 +7,24 @@ attacks the mixture through its submodels. Each (model, attack, seed) cell draws
 from its own generator derived from the run seed, so a cell does not depend on which other cells
 were computed, and re-running an evaluation reproduces it exactly.
 
-Rows (what results.json stores): {stage, model, attack, norm, eps, accuracy (%), n, ci_low, ci_high}
+Rows (what results.json stores): {stage, model, attack, norm, eps, budget, accuracy (%), n, ci_low, ci_high}
 (+ sd and seed_accuracies when eval.seeds > 1). `attack: "worst_case"` rows give, per model and
 threat model (norm, ε), the share of images that survive every attack of that norm that was run,
 under every seed, and are classified correctly when clean.
+
+Every row counts exactly the images it was computed on: the table's first N images (eval.num_examples),
+except AutoAttack with eval.autoattack.num_examples = k, whose rows have n = k; a worst case covers
+the first images every attack of its norm saw, and its n says how many. An image wrong when clean is
+robust under no attack, so no row exceeds its model's clean accuracy on the same images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +35,7 @@ from dvtrain.errors import DvtrainError
 from dvtrain.eval.adaptive import adaptive_linf
 from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.eval.autoattack import autoattack_robust
+from dvtrain.eval.progress import Phases
 from dvtrain.eval.stats import PERCENT, accuracy_fields, wilson_interval
 from dvtrain.mixture import Mixture
 from dvtrain.rng import derive_seed, stream
@@ -98,21 +107,34 @@ def check_finite(model: nn.Module, x: Tensor, name: str) -> None:
         )
 
 
+def cell_size(cell: Cell, cfg: EvalConfig, n_images: int) -> int:
+    """How many of the table's `n_images` images (its first ones) `cell` is computed on: all of them,
+    except AutoAttack with eval.autoattack.num_examples = N > 0, which runs on the first N."""
+    if cell.attack == "autoattack" and cfg.autoattack.num_examples > 0:
+        return min(n_images, cfg.autoattack.num_examples)
+    return n_images
+
+
 def robust_mask(
     model: nn.Module, x: Tensor, y: Tensor, cell: Cell, cfg: EvalConfig, generator: torch.Generator,
     submodels: list[nn.Module] | None = None, placement: Placement | None = None, aa_seed: int = 0,
 ) -> Tensor:
-    """Per image [N] (bool): classified correctly on the attacked copy, in batches of eval.batch_size.
+    """Per image [N] (bool) of x [N, C, H, W] in [0, 1]: classified correctly both clean and on the
+    attacked copy, in batches of eval.batch_size (the caller picks the images: `cell_size`, chunks).
 
+    An image the model gets wrong when clean never counts as robust (AutoAttack's and RobustBench's
+    definition of robust accuracy), so no attack's accuracy exceeds clean accuracy on the same images.
     PGD runs eval.restarts times, each from the generator's next random starts; an image counts as
     robust only if it withstands every run, as the reference evaluation counts restarts. "adaptive"
     needs the mixture's `submodels` and `placement`; "autoattack" runs the library in this process.
     """
+    with torch.no_grad():
+        correct = torch.cat([model(x[s : s + cfg.batch_size]).argmax(dim=1) for s in range(0, len(y), cfg.batch_size)]) == y
     if cell.attack == "autoattack":
-        keep = len(y) if cfg.autoattack.num_examples == 0 else cfg.autoattack.num_examples
-        return autoattack_robust(model, x[:keep], y[:keep], cell.norm, cell.eps, cfg.autoattack, aa_seed, cfg.batch_size)
+        return correct & autoattack_robust(model, x, y, cell.norm, cell.eps, cfg.autoattack, aa_seed, cfg.batch_size)
+    if cell.attack == "clean":
+        return correct
     runs = cfg.restarts if cell.attack in PGD else 1
-    correct = torch.ones(len(y), dtype=torch.bool, device=y.device)
     for _ in range(runs):
         for start in range(0, len(y), cfg.batch_size):
             xb, yb = x[start : start + cfg.batch_size], y[start : start + cfg.batch_size]
@@ -134,34 +156,137 @@ def robust_accuracy(
     return PERCENT * float(robust_mask(model, x, y, cell, cfg, generator).double().mean())
 
 
-def _model_masks(
+def chunk_bounds(size: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each chunk of the first `size` images: fixed blocks of `chunk_size`, the last shorter."""
+    return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
+
+
+def chunk_count(n_images: int, cfg: EvalConfig) -> int:
+    """How many chunks the table's `n_images` images make (the most processes `dvtrain eval` can use)."""
+    return len(chunk_bounds(n_images, cfg.chunk_size))
+
+
+def chunk_generator(seed: int, name: str, cell: Cell, chunk: int, s: int) -> torch.Generator:
+    """The random starts of one (model, attack, norm, ε, chunk, seed): a stream of its own, so a chunk's
+    images are attacked alike whichever process computes it and whatever else that process computes."""
+    return stream(seed, "eval", name, cell.attack, cell.norm, float(cell.eps), "chunk", chunk, "seed", s)
+
+
+def _chunk_masks(
     name: str, model: nn.Module, x: Tensor, y: Tensor, columns: list[Cell], cfg: EvalConfig, seed: int,
-    submodels: list[nn.Module] | None = None, placement: Placement | None = None,
-) -> dict[Cell, list[Tensor]]:
-    """Per cell, one robustness mask per seed (one for deterministic attacks)."""
+    chunks: Callable[[int], list[int]], submodels: list[nn.Module] | None = None, placement: Placement | None = None,
+    phases: Phases | None = None, stage: str = "",
+) -> dict[tuple[int, int, int], Tensor]:
+    """(column index, seed, chunk) → the chunk's robustness mask (CPU), for the chunks `chunks(count)` picks
+    among the `count` chunks of each column's images; each column one phase of `phases` (a progress bar)."""
+    phases = phases if phases is not None else Phases(False)
     out = {}
-    for cell in columns:
+    for k, cell in enumerate(columns):
+        bounds = chunk_bounds(cell_size(cell, cfg, len(y)), cfg.chunk_size)
         repeats = cfg.seeds if randomised(cell, cfg) else 1
-        out[cell] = [
-            robust_mask(model, x, y, cell, cfg, _generator(seed, name, cell, s), submodels, placement,
-                        derive_seed(seed, "autoattack", name, cell.norm, s))
-            for s in range(repeats)
-        ]
+        mine = chunks(len(bounds))
+        threat = "" if cell.norm is None else f" {cell.norm} ε={cell.eps:g}"
+        with phases.phase(f"{stage} {name} {cell.attack}{threat}".strip(),
+                          repeats * sum(bounds[c][1] - bounds[c][0] for c in mine)) as bar:
+            for s in range(repeats):
+                for c in mine:
+                    start, end = bounds[c]
+                    aa_seed = derive_seed(seed, "autoattack", name, cell.norm, float(cell.eps), "chunk", c, "seed", s)
+                    out[(k, s, c)] = robust_mask(model, x[start:end], y[start:end], cell, cfg,
+                                                 chunk_generator(seed, name, cell, c, s), submodels, placement,
+                                                 aa_seed).cpu()
+                    bar.update(end - start)
     return out
 
 
-def _generator(seed: int, name: str, cell: Cell, s: int) -> torch.Generator:
-    # Seed 0 keeps the stream every earlier dvtrain release drew from, so old tables reproduce.
-    return stream(seed, "eval", name, cell.attack) if s == 0 else stream(seed, "eval", name, cell.attack, "seed", s)
+def _assemble(parts: dict[tuple[int, int, int], Tensor], columns: list[Cell], cfg: EvalConfig,
+              n_images: int) -> dict[Cell, list[Tensor]]:
+    """Per cell, one mask [cell_size] per seed, its chunks' masks in image order."""
+    out = {}
+    for k, cell in enumerate(columns):
+        count = chunk_count(cell_size(cell, cfg, n_images), cfg)
+        out[cell] = [torch.cat([parts[(k, s, c)] for c in range(count)])
+                     for s in range(cfg.seeds if randomised(cell, cfg) else 1)]
+    return out
+
+
+def _model_masks(
+    name: str, model: nn.Module, x: Tensor, y: Tensor, columns: list[Cell], cfg: EvalConfig, seed: int,
+    submodels: list[nn.Module] | None = None, placement: Placement | None = None, phases: Phases | None = None,
+    stage: str = "",
+) -> dict[Cell, list[Tensor]]:
+    """Per cell, one robustness mask per seed (one for deterministic attacks), every chunk computed here."""
+    parts = _chunk_masks(name, model, x, y, columns, cfg, seed, lambda count: list(range(count)), submodels, placement,
+                         phases, stage)
+    return _assemble(parts, columns, cfg, len(y))
+
+
+class ChunkShare(Protocol):
+    """How the processes of `dvtrain eval` share the chunks: chunk c is computed by rank c % world."""
+
+    rank: int
+    world: int
+
+    def gather(self, obj: object) -> list[object]:
+        """Every rank's `obj`, in rank order, on every rank."""
+
+
+class ProcessGroupShare:
+    """The chunks shared over the default torch.distributed process group (all_gather_object)."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def gather(self, obj: object) -> list[object]:
+        out: list[object] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def cell_budget(cell: Cell, cfg: EvalConfig, n_images: int) -> str:
+    """What, besides the threat model (norm, ε), determines a cell's number, as a short canonical
+    string: its images (n, the table's first ones), steps, step size, restarts, random start, seeds,
+    AutoAttack's version and caps. Two rows with equal (stage, model, attack, norm, ε, budget) are the
+    same measurement; results.json keeps one row per such key."""
+    n = f"n={cell_size(cell, cfg, n_images)}"
+    seeds = f"seeds={cfg.seeds if randomised(cell, cfg) else 1}"
+    if cell.attack in ("clean", "fgsm"):
+        return n
+    if cell.attack in PGD:
+        step = cfg.step_size if cell.norm == LINF else cfg.l2_step_size
+        return f"steps={cfg.steps},step={step:g},restarts={cfg.restarts},random_start={int(cfg.random_start)},{seeds},{n}"
+    if cell.attack == "adaptive":
+        return ",".join(f"{k}={v:g}" for k, v in dataclasses.asdict(cfg.adaptive).items()) + f",{seeds},{n}"
+    aa = cfg.autoattack
+    custom = f"attacks={'+'.join(aa.attacks)}," if aa.version == "custom" else ""
+    caps = f"iterations={aa.iterations or 'library'},queries={aa.square_queries or 'library'}"
+    return f"version={aa.version},{custom}{caps},{seeds},{n}"
+
+
+def worst_case_budget(norm: str, columns: list[Cell], cfg: EvalConfig, n_images: int) -> str:
+    """A worst case's budget: its images, the attacks it combines, and a digest of their budgets."""
+    own = [c for c in columns if c.attack == "clean" or c.norm == norm]
+    digest = hashlib.sha256(";".join(f"{c.attack}:{cell_budget(c, cfg, n_images)}" for c in own).encode()).hexdigest()
+    return f"n={worst_case_sizes(columns, cfg, n_images)[norm]},of={'+'.join(c.attack for c in own)},budgets={digest[:8]}"
+
+
+def worst_case_sizes(columns: list[Cell], cfg: EvalConfig, n_images: int) -> dict[str, int]:
+    """Per norm, how many images the worst case covers: the first k that clean and every attack of
+    that norm were computed on (the smallest `cell_size` among them)."""
+    clean = [cell_size(c, cfg, n_images) for c in columns if c.attack == "clean"]
+    return {norm: min(clean + [cell_size(c, cfg, n_images) for c in columns if c.norm == norm])
+            for norm in dict.fromkeys(c.norm for c in columns if c.norm is not None)}
 
 
 def worst_case(masks: dict[Cell, list[Tensor]]) -> dict[str, Tensor]:
-    """Per norm, images correct when clean and under every attack of that norm and every seed."""
+    """Per norm, images [k] correct when clean and under every attack of that norm and every seed, over
+    the first k images, k the shortest of those masks (the images every one of them saw)."""
     clean = [m for c, ms in masks.items() if c.attack == "clean" for m in ms]
     out = {}
     for norm in dict.fromkeys(c.norm for c in masks if c.norm is not None):
-        survived = torch.stack(clean + [m for c, ms in masks.items() if c.norm == norm for m in ms]).all(dim=0)
-        out[norm] = survived
+        own = clean + [m for c, ms in masks.items() if c.norm == norm for m in ms]
+        k = min(m.numel() for m in own)
+        out[norm] = torch.stack([m[:k] for m in own]).all(dim=0)
     return out
 
 
@@ -173,43 +298,46 @@ def _values(masks: dict[Cell, list[Tensor]], columns: list[Cell], n_seeds: int) 
     return torch.tensor(counts + [float(worst[norm].sum()) for norm in worst], dtype=torch.float64)
 
 
-def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: EvalConfig, n: dict[Cell, int]) -> list[dict]:
+def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: EvalConfig, n_images: int) -> list[dict]:
+    """Each row divides by the images its counts were taken on: `cell_size` for an attack, the
+    `worst_case_sizes` for a worst case (its n says which first images those are)."""
     rows = []
     for k, cell in enumerate(columns):
         per_seed = values[k * cfg.seeds : (k + 1) * cfg.seeds]
         if not randomised(cell, cfg):
             per_seed = per_seed[:1]
-        accs = [PERCENT * v / n[cell] for v in per_seed]
-        rows.append({"stage": stage, "model": name, "attack": cell.attack, "norm": cell.norm, "eps": float(cell.eps)}
-                    | accuracy_fields(accs, n[cell]))
+        n = cell_size(cell, cfg, n_images)
+        accs = [PERCENT * v / n for v in per_seed]
+        rows.append({"stage": stage, "model": name, "attack": cell.attack, "norm": cell.norm, "eps": float(cell.eps),
+                     "budget": cell_budget(cell, cfg, n_images)} | accuracy_fields(accs, n))
     eps = {c.norm: c.eps for c in columns}
-    norms = list(dict.fromkeys(c.norm for c in columns if c.norm is not None))
-    n_all = min(n.values())  # the worst case covers the images every attack saw
-    for norm, count in zip(norms, values[len(columns) * cfg.seeds :]):
-        low, high = wilson_interval(count, n_all)
+    sizes = worst_case_sizes(columns, cfg, n_images)
+    for (norm, n), count in zip(sizes.items(), values[len(columns) * cfg.seeds :]):
+        low, high = wilson_interval(count, n)
         rows.append({"stage": stage, "model": name, "attack": WORST_CASE, "norm": norm, "eps": float(eps[norm]),
-                     "accuracy": PERCENT * count / n_all, "n": n_all, "ci_low": low, "ci_high": high,
+                     "budget": worst_case_budget(norm, columns, cfg, n_images), "accuracy": PERCENT * count / n, "n": n, "ci_low": low, "ci_high": high,
                      "of": [c.attack for c in columns if c.norm == norm]})
     return rows
 
 
-def _trimmed(masks: dict[Cell, list[Tensor]]) -> dict[Cell, list[Tensor]]:
-    """Every mask cut to the shortest one's images (AutoAttack may run on fewer), for the worst case."""
-    n = min(m.numel() for ms in masks.values() for m in ms)
-    return {c: [m[:n] for m in ms] for c, ms in masks.items()}
-
-
 def evaluate_stage(
     stage: str, submodels: list[nn.Module], x: Tensor, y: Tensor, eval_cfg: EvalConfig, seed: int,
-    placement: Placement | None = None, attacks: list[str] | None = None,
+    placement: Placement | None = None, attacks: list[str] | None = None, share: ChunkShare | None = None,
+    phases: Phases | None = None,
 ) -> list[dict]:
     """Rows for each submodel and the mixture under each attack (default eval.attacks), then worst-case rows.
 
-    `submodels` are the ones `placement` says this process owns (all of them by default): each
-    process scores its own, and all take part in attacking the mixture. Every process returns every
-    row. Models are scored in eval mode (BatchNorm running statistics, as at test time) and handed
-    back in the mode they came in. Raises NonFiniteOutput for a model with NaN/inf outputs, and
-    DvtrainError for AutoAttack with submodels spread over several processes.
+    x [N, C, H, W] in [0, 1], y [N]; the table uses the first eval.num_examples of them (all for 0), in
+    chunks of eval.chunk_size, each attacked from its own random streams (`chunk_generator`).
+    Two ways to use several processes, with the same numbers as one process:
+    - `placement` (the training-time table): `submodels` are the ones this process owns; each process
+      scores its own on every chunk, and all take part in attacking the mixture.
+    - `share` (`dvtrain eval`): every process holds every submodel and computes every model on the
+      chunks c with c % world == rank; the masks are gathered, so every process returns every row.
+    Models are scored in eval mode (BatchNorm running statistics, as at test time) and handed back in
+    the mode they came in. `phases` shows a progress bar per (model, attack) and records its seconds
+    (none by default). Raises NonFiniteOutput for a model with NaN/inf outputs, and DvtrainError
+    for AutoAttack with submodels spread over several processes, or more processes than chunks.
     """
     placement = placement if placement is not None else LocalPlacement(len(submodels))
     attacks = list(eval_cfg.attacks if attacks is None else attacks)
@@ -218,6 +346,8 @@ def evaluate_stage(
                            "for a multi-process training run and use `dvtrain eval RUN_DIR` afterwards")
     if eval_cfg.num_examples > 0:
         x, y = x[: eval_cfg.num_examples], y[: eval_cfg.num_examples]
+    if share is not None and share.world > chunk_count(len(y), eval_cfg):
+        raise DvtrainError(too_many_processes(share.world, len(y), eval_cfg))
     columns = cells([a for a in attacks if a not in MIXTURE_ONLY], eval_cfg)
     mixture_columns = cells(attacks, eval_cfg)
     was_training = [model.training for model in submodels]
@@ -226,17 +356,47 @@ def evaluate_stage(
             model.eval()
         for i, model in zip(placement.owned, submodels):
             check_finite(model, x[: eval_cfg.batch_size], f"submodel {i + 1} of stage {stage}")
-        owned = [_trimmed(_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed))
-                 for i, model in zip(placement.owned, submodels)]
-        n = {c: (len(y) if c.attack != "autoattack" or eval_cfg.autoattack.num_examples == 0
-                 else min(len(y), eval_cfg.autoattack.num_examples)) for c in mixture_columns}
-        local = torch.stack([_values(m, columns, eval_cfg.seeds) for m in owned]).to(x.device)
-        table = {f"sub{i}": v.tolist() for i, v in enumerate(placement.all_gather(local))}
-        mixture = Mixture(submodels, placement)
-        masks = _trimmed(_model_masks(MIXTURE, mixture, x, y, mixture_columns, eval_cfg, seed, submodels, placement))
-        mixture_values = _values(masks, mixture_columns, eval_cfg.seeds).tolist()
+        if share is not None:
+            table, mixture_values = _shared_values(submodels, x, y, columns, mixture_columns, eval_cfg, seed, share,
+                                                   phases, stage)
+        else:
+            owned = [_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed, phases=phases, stage=stage)
+                     for i, model in zip(placement.owned, submodels)]
+            local = torch.stack([_values(m, columns, eval_cfg.seeds) for m in owned]).to(x.device)
+            table = {f"sub{i}": v.tolist() for i, v in enumerate(placement.all_gather(local))}
+            mixture = Mixture(submodels, placement)
+            masks = _model_masks(MIXTURE, mixture, x, y, mixture_columns, eval_cfg, seed, submodels, placement, phases,
+                                 stage)
+            mixture_values = _values(masks, mixture_columns, eval_cfg.seeds).tolist()
     finally:
         for model, mode in zip(submodels, was_training):
             model.train(mode)
-    rows = [r for name, values in table.items() for r in _rows(stage, name, values, columns, eval_cfg, n)]
-    return rows + _rows(stage, MIXTURE, mixture_values, mixture_columns, eval_cfg, n)
+    rows = [r for name, values in table.items() for r in _rows(stage, name, values, columns, eval_cfg, len(y))]
+    return rows + _rows(stage, MIXTURE, mixture_values, mixture_columns, eval_cfg, len(y))
+
+
+def too_many_processes(world: int, n_images: int, cfg: EvalConfig) -> str:
+    """The one-line refusal of a launch with more processes than the table has chunks."""
+    count = chunk_count(n_images, cfg)
+    return (f"{world} processes share {count} chunk{'s' * (count != 1)} of eval.chunk_size={cfg.chunk_size} images "
+            f"({n_images} test images); launch at most {count} processes or lower eval.chunk_size")
+
+
+def _shared_values(
+    submodels: list[nn.Module], x: Tensor, y: Tensor, columns: list[Cell], mixture_columns: list[Cell],
+    cfg: EvalConfig, seed: int, share: ChunkShare, phases: Phases | None, stage: str,
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Every model on this rank's chunks (c % world == rank), every rank's masks gathered and assembled."""
+    mine = lambda count: list(range(share.rank, count, share.world))  # noqa: E731
+    named = [(f"sub{i}", model, columns) for i, model in enumerate(submodels)]
+    named.append((MIXTURE, Mixture(submodels), mixture_columns))
+    local = {name: _chunk_masks(name, model, x, y, cols, cfg, seed, mine, submodels, None, phases, stage)
+             for name, model, cols in named}
+    merged: dict[str, dict] = {name: {} for name, _, _ in named}
+    for part in share.gather(local):
+        for name, masks in part.items():
+            merged[name].update(masks)
+    values = {name: _values(_assemble(merged[name], cols, cfg, len(y)), cols, cfg.seeds).tolist()
+              for name, _, cols in named}
+    mixture_values = values.pop(MIXTURE)
+    return values, mixture_values

@@ -24,7 +24,9 @@ from dvtrain.data import Dataset, num_batches
 from dvtrain.distributed.placement import Placement
 from dvtrain.distributed.runtime import launched_world_size
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.report import FULL_EVALUATION_KEYS, load_results, metric_name, results_markdown, save_results
+from dvtrain.eval.report import (
+    FULL_EVALUATION_KEYS, TRAIN_TABLE, load_results, metric_name, results_markdown, update_results,
+)
 from dvtrain.eval.whitebox import evaluate_stage
 from dvtrain.mixture import mixture_log_probs
 from dvtrain.models import training_mode
@@ -304,25 +306,38 @@ def upload_artifact(ctx: Context, stage: str, tracker: Tracker, owned: Owned, st
 
 
 def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: dict) -> list[dict]:
-    """Attack table of the stage's submodels and mixture, recorded in results.json/results.md."""
+    """Attack table of the stage's submodels and mixture, recorded in results.json/results.md.
+
+    The stage's weights are new, so every earlier figure of the stage (either table, and what
+    `dvtrain eval` added) is dropped; other stages' rows, written meanwhile by a concurrent `dvtrain
+    eval`, are kept (a read-modify-write under the run directory's lock)."""
     start = time.perf_counter()
     rows = evaluate_stage(
         stage, [owned.models[i] for i in owned.ids], ctx.data.x_test, ctx.data.y_test, ctx.cfg.eval, ctx.cfg.seed,
         ctx.placement,
     )
-    results["eval"] = [r for r in results["eval"] if r["stage"] != stage] + rows
-    for key in FULL_EVALUATION_KEYS:  # figures of the stage's previous weights are stale now
-        results.get(key, {}).pop(stage, None)
+    rows = [r | {"table": TRAIN_TABLE, "command": "dvtrain train"} for r in rows]
     images = state["epoch"] * len(ctx.data.y_train)
-    results["stages"][stage] = {
+    info = {
         "epochs": state["epoch"],
         "train_s": round(state["train_s"], 2),
         "images_per_s": round(images / state["train_s"], 1) if state["train_s"] > 0 else None,
         "eval_s": round(time.perf_counter() - start, 2),
     }
+
+    def change(stored: dict) -> None:
+        stored["eval"] = [r for r in stored["eval"] if r["stage"] != stage] + rows
+        for key in FULL_EVALUATION_KEYS:  # figures of the stage's previous weights are stale now
+            stored.get(key, {}).pop(stage, None)
+        stored["stages"][stage] = info
+        stored["provenance"] = results.get("provenance")
+
     if ctx.placement.is_main:
-        save_results(ctx.run_dir, ctx.cfg, results)
+        results.clear()
+        results.update(update_results(ctx.run_dir, ctx.cfg, change))
         print(results_markdown(rows), flush=True)
+    else:
+        change(results)
     return rows
 
 

@@ -1,0 +1,135 @@
+"""`dvtrain eval` under torchrun (issue 22 item 1): the test images in fixed chunks, each with random
+starts from its own stream, shared out over the ranks; the table is the same for 1, 2 and 3 processes
+(bit-identical at one thread per process), and bad input to the launched form is one line, exit 2,
+printed once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY
+from dvtrain import cli
+from dvtrain.config import EvalConfig
+from dvtrain.eval.whitebox import Cell, chunk_bounds, chunk_generator, evaluate_stage
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+CHUNKED = ["eval.num_examples=48", "eval.chunk_size=16", "eval.batch_size=8", "eval.seeds=2",
+           "eval.full_attacks=[clean,fgsm,pgd_linf,pgd_l2_margin,autoattack,adaptive]",
+           "eval.autoattack.version=custom", "eval.autoattack.attacks=[apgd-ce]", "eval.autoattack.iterations=2",
+           "eval.autoattack.norms=[Linf]", "eval.autoattack.num_examples=40", "eval.adaptive.steps=2",
+           "eval.checks.enabled=false", "eval.transfer.num_images=20", "eval.transfer.steps=1",
+           "eval.transfer.restarts=1", "eval.transfer.blackbox_steps=1", "eval.transfer.blackbox_restarts=1",
+           "eval.transfer.surrogate_size=2", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]"]
+
+
+def launch_eval(world: int, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    launcher = [] if world == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--standalone"]
+    cmd = [sys.executable, *launcher, "-m", "dvtrain.cli", "eval", str(run_dir), *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_a_chunks_random_starts_do_not_depend_on_the_world_size_or_the_rank():
+    """The stream of chunk c is a function of (seed, model, attack, norm, ε, chunk, seed index) alone."""
+    cell = Cell("pgd_linf", "Linf", 0.1)
+    draws = {c: torch.rand(5, generator=chunk_generator(0, "mixture", cell, c, 0)) for c in range(4)}
+    for world in (1, 2, 3):
+        for rank in range(world):
+            for c in range(rank, 4, world):  # what rank `rank` of `world` computes
+                assert torch.equal(torch.rand(5, generator=chunk_generator(0, "mixture", cell, c, 0)), draws[c])
+    assert not torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], torch.rand(5, generator=chunk_generator(0, "sub0", cell, 0, 0)))
+    other_eps = torch.rand(5, generator=chunk_generator(0, "mixture", Cell("pgd_linf", "Linf", 0.05), 0, 0))
+    assert not torch.equal(draws[0], other_eps)
+    assert chunk_bounds(40, 16) == [(0, 16), (16, 32), (32, 40)]
+    assert EvalConfig().chunk_size >= 1
+
+
+class OneRank:
+    rank, world = 0, 1
+
+    def gather(self, obj):
+        return [obj]
+
+
+def test_the_training_time_table_and_dvtrain_evals_share_path_give_the_same_rows(ensemble):
+    """Training scores per-owner submodels and attacks the mixture collectively; `dvtrain eval` computes
+    every model per chunk and gathers: both draw each chunk's starts from the same streams."""
+    models, data = ensemble
+    cfg = EvalConfig(eps=0.1, steps=2, step_size=0.05, l2_eps=0.5, l2_step_size=0.25, num_examples=50, chunk_size=16,
+                     batch_size=8, seeds=2, attacks=["clean", "fgsm", "pgd_linf", "pgd_l2_margin"])
+    training = evaluate_stage("dverge", models, data.x_test, data.y_test, cfg, seed=4)
+    shared = evaluate_stage("dverge", models, data.x_test, data.y_test, cfg, seed=4, share=OneRank())
+    assert shared == training and len({r["accuracy"] for r in training}) > 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("dist-eval") / "run"
+    # Trained long enough to be right on most images, so that the attacks' numbers differ.
+    assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]", "vanilla.epochs=4",
+                           "data.train_limit=512"]) == 0
+    return run_dir
+
+
+@pytest.mark.slow
+def test_one_two_and_three_processes_write_the_same_rows(trained, tmp_path):
+    rows = {}
+    surrogates = None
+    for world in (1, 2, 3):
+        run_dir = tmp_path / f"w{world}"
+        shutil.copytree(trained, run_dir)
+        if surrogates is not None:  # trained once: what is compared here is the white-box table
+            shutil.copytree(surrogates, run_dir / "surrogates")
+        done = launch_eval(world, run_dir, *CHUNKED)
+        assert done.returncode == 0, done.stderr[-3000:]
+        surrogates = tmp_path / "w1" / "surrogates"
+        results = json.loads((run_dir / "results.json").read_text())
+        rows[world] = [{k: v for k, v in r.items() if k != "command"} for r in results["eval"] if r["table"] == "eval"]
+    assert len(rows[1]) == 4 * 7 + 1  # 3 submodels and the mixture × (5 attacks, 2 worst cases), + adaptive
+    assert len({r["accuracy"] for r in rows[1]}) > 4  # the attacks' numbers differ: the comparison can fail
+    assert {r["n"] for r in rows[1] if r["attack"] == "autoattack"} == {40}
+    assert rows[2] == rows[1] and rows[3] == rows[1]  # bit-identical: the same floats
+
+
+def test_more_processes_than_chunks_is_one_line_exit_2_printed_once(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    done = launch_eval(3, run_dir, "eval.num_examples=32", "eval.chunk_size=16")
+    printed = [line for line in done.stderr.splitlines() if line.startswith("dvtrain: ")]
+    assert printed == ["dvtrain: error: 3 processes share 2 chunks of eval.chunk_size=16 images (32 test images); "
+                       "launch at most 2 processes or lower eval.chunk_size"], done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr.split("Root Cause")[1]
+    assert not (run_dir / "surrogates").exists()
+
+
+def test_a_missing_stage_under_a_launcher_is_one_line_exit_2_printed_once(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    done = launch_eval(2, run_dir, "--stage", "dverge")
+    printed = [line for line in done.stderr.splitlines() if line.startswith("dvtrain: ")]
+    assert len(printed) == 1 and "--stage dverge is not a stage of" in printed[0], done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr.split("Root Cause")[1]
+
+
+def test_each_phase_prints_a_progress_line_and_its_wall_time_is_recorded(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("progress: false", "progress: true"))
+    done = subprocess.run([sys.executable, "-m", "dvtrain.cli", "eval", str(run_dir), *CHUNKED],
+                          env={**ENV, "DVTRAIN_PROGRESS": "1"}, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    phases = json.loads((run_dir / "results.json").read_text())["eval_provenance"]["phase_s"]
+    assert "vanilla mixture adaptive Linf ε=0.1" in phases and "surrogates and black-box examples" in phases
+    for phase in phases:
+        assert phase in done.stderr and phases[phase] >= 0
+    assert "img/s" in done.stderr

@@ -1,0 +1,140 @@
+"""results.json accumulates and never collides (issue 22 item 4, issue 21 item 2): rows keyed by
+(table, stage, model, attack, norm, ε, budget); another ε or budget adds rows, the same key replaces
+its row; writers in several processes all land; results.md keeps every table in training order,
+headed by the command that produced it; `compare` reads the newest row per metric."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+from dvtrain import cli
+from dvtrain.config import Config
+from dvtrain.eval.compare import read_run_dir
+from dvtrain.eval.report import (
+    load_results, merge_rows, result_metrics, result_rows, results_markdown, row_key, update_results,
+)
+from dvtrain.rundir import RunDir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def row(stage: str, attack: str, eps: float, accuracy: float, table: str = "eval", budget: str = "n=100",
+        model: str = "mixture", command: str = "dvtrain eval RUN") -> dict:
+    norm = None if attack == "clean" else "Linf"
+    return {"stage": stage, "model": model, "attack": attack, "norm": norm, "eps": eps, "budget": budget,
+            "accuracy": accuracy, "n": 100, "ci_low": accuracy - 1, "ci_high": accuracy + 1, "table": table,
+            "command": command}
+
+
+def test_rundir_names_every_path_of_the_layout(tmp_path):
+    run = RunDir(tmp_path)
+    assert (run.config, run.results_json, run.results_md) == (
+        tmp_path / "config.yaml", tmp_path / "results.json", tmp_path / "results.md")
+    assert run.checkpoints("dverge") == tmp_path / "checkpoints" / "dverge" and run.checkpoints() == tmp_path / "checkpoints"
+    assert (run.surrogates, run.plots, run.wandb) == (tmp_path / "surrogates", tmp_path / "plots", tmp_path / "wandb")
+    with run.lock():
+        with run.lock():  # re-entrant in one process
+            assert (tmp_path / ".results.lock").exists()
+
+
+def test_another_eps_or_budget_adds_rows_and_the_same_key_replaces_its_row():
+    first = [row("dverge", "pgd_linf", 0.1, 40.0), row("dverge", "clean", 0.0, 90.0)]
+    other_eps = [row("dverge", "pgd_linf", 0.05, 60.0)]
+    other_budget = [row("dverge", "pgd_linf", 0.1, 35.0, budget="steps=50,n=100")]
+    rows = merge_rows(merge_rows(first, other_eps), other_budget)
+    assert len(rows) == 4 and {(r["eps"], r["budget"]) for r in rows if r["attack"] == "pgd_linf"} == {
+        (0.1, "n=100"), (0.05, "n=100"), (0.1, "steps=50,n=100")}
+    again = merge_rows(rows, [row("dverge", "pgd_linf", 0.1, 41.0)])
+    assert len(again) == 4 and [r["accuracy"] for r in again if row_key(r) == row_key(first[0])] == [41.0]
+    training = merge_rows(again, [row("dverge", "pgd_linf", 0.1, 41.0, table="train", command="dvtrain train")])
+    assert len(training) == 5  # the training-time table keeps its own row
+
+
+def test_result_metrics_keeps_its_contract_and_result_rows_keeps_both_eps(tmp_path):
+    rows = [row("dverge", "pgd_linf", 0.1, 40.0), row("dverge", "pgd_linf", 0.05, 60.0), row("dverge", "clean", 0.0, 90.0)]
+    results = {"eval": rows, "stages": {}}
+    assert result_metrics(results) == {("dverge", "mixture", "pgd_linf"): 60.0, ("dverge", "mixture", "clean"): 90.0}
+    listed = [(r["metric"], r["eps"], r["value"], r["budget"], r["table"]) for r in result_rows(results)]
+    assert listed == [("pgd_linf", 0.1, 40.0, "n=100", "eval"), ("pgd_linf", 0.05, 60.0, "n=100", "eval"),
+                      ("clean", 0.0, 90.0, "n=100", "eval")]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    experiment = read_run_dir(tmp_path)  # `dvtrain compare` reads a store with rows at two ε
+    assert experiment.values[("dverge", "mixture", "pgd_linf", 0.05)] == 60.0
+
+
+def test_results_markdown_keeps_every_table_in_training_order_headed_by_its_command():
+    rows = [row("dverge", "clean", 0.0, 80.0, table="train", command="dvtrain train"),
+            row("dverge", "pgd_linf", 0.1, 30.0, table="train", command="dvtrain train"),
+            row("vanilla", "clean", 0.0, 95.0, table="train", command="dvtrain train"),
+            row("vanilla", "pgd_linf", 0.1, 5.0, table="train", command="dvtrain train"),
+            row("dverge", "pgd_linf", 0.1, 25.0, command="dvtrain eval RUN", budget="steps=50,n=100"),
+            row("dverge", "pgd_linf", 0.05, 55.0, command="dvtrain eval RUN eval.eps=0.05", budget="steps=50,n=100")]
+    text = results_markdown(rows, {"dverge": ["pass: a check"]}, trained=["vanilla", "dverge"])
+    heads = [line for line in text.splitlines() if line.startswith("### ")]
+    assert heads == ["### vanilla", "### dverge", "### dverge"]  # training order; the training table stays
+    dverge_train, dverge_eval = text.split("### dverge")[1:]
+    assert "`dvtrain train`" in dverge_train and "30.00" in dverge_train and "- pass: a check" not in dverge_train
+    assert "`dvtrain eval RUN`" in dverge_eval and "`dvtrain eval RUN eval.eps=0.05`" in dverge_eval
+    header = next(line for line in dverge_eval.splitlines() if line.startswith("| Model"))
+    assert "PGD L∞ ε=0.1 (%)" in header and "PGD L∞ ε=0.05 (%)" in header  # two ε side by side
+    assert "| 25.00 [24.0, 26.0] | 55.00 [54.0, 56.0] |" in dverge_eval and "- pass: a check" in dverge_eval
+    assert "- PGD L∞ ε=0.05: steps=50,n=100" in dverge_eval
+
+
+WRITER = """
+import sys, time
+from dvtrain.config import Config
+from dvtrain.eval.report import update_results
+run_dir, stage, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for k in range(count):
+    def change(results, k=k):
+        time.sleep(0.01)  # widen the read-modify-write window: without the lock, writes would be lost
+        results["eval"].append({"stage": stage, "model": "mixture", "attack": "clean", "norm": None, "eps": 0.0,
+                                "budget": f"n={k + 1}", "accuracy": 50.0, "n": k + 1, "ci_low": 0.0, "ci_high": 100.0,
+                                "table": "eval"})
+    update_results(run_dir, Config(), change)
+"""
+
+
+def test_writers_in_two_processes_both_land(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), stage, "15"], env=env)
+               for stage in ("vanilla", "dverge")]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    rows = load_results(tmp_path)["eval"]
+    assert sorted((r["stage"], r["n"]) for r in rows) == sorted((s, k) for s in ("vanilla", "dverge") for k in range(1, 16))
+    assert (tmp_path / "results.md").read_text().count("### ") == 2
+
+
+SMALL = ["eval.transfer.num_images=30", "eval.transfer.steps=1", "eval.transfer.restarts=1",
+         "eval.transfer.blackbox_steps=1", "eval.transfer.blackbox_restarts=1", "eval.transfer.surrogate_size=2",
+         "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]", "eval.full_attacks=[clean,fgsm,pgd_linf]",
+         "eval.checks.enabled=false", "eval.num_examples=40"]
+
+
+@pytest.mark.slow
+def test_two_concurrent_evaluations_of_different_stages_both_land(tmp_path):
+    run_dir = tmp_path / "run"
+    assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla,dverge]"]) == 0
+    before = load_results(run_dir)["eval"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    evals = [subprocess.Popen([sys.executable, "-m", "dvtrain.cli", "eval", str(run_dir), *SMALL, "--stage", stage],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for stage in ("vanilla", "dverge")]
+    outputs = [e.communicate(timeout=600) for e in evals]
+    assert [e.returncode for e in evals] == [0, 0], [err[-2000:] for _, err in outputs]
+    results = load_results(run_dir)
+    rows = results["eval"]
+    assert {r["stage"] for r in rows if r["table"] == "eval"} == {"vanilla", "dverge"}
+    assert all(r in rows for r in before)  # the training tables are kept
+    assert set(results["transfer"]) == set(results["blackbox"]) == {"vanilla", "dverge"}
+    assert sum("training the surrogate ensemble" in out for out, _ in outputs) == 1  # one trained, one loaded the cache
+    md = (run_dir / "results.md").read_text()
+    assert [line for line in md.splitlines() if line.startswith("### ")] == ["### vanilla"] * 2 + ["### dverge"] * 2
