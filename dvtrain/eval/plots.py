@@ -33,7 +33,8 @@ DARK_CELL = 60.0  # cells above this success rate get white text
 LINE_WIDTH, MIXTURE_LINE_WIDTH = 1.0, 3.0
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Lay the figure out and write it as PNG at DPI (creating the folder); returns `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
@@ -63,7 +64,7 @@ def transfer_heatmap(matrix: dict, title: str, path: Path) -> Path:
                     color="white" if v == v and v > DARK_CELL else "black")
     fig.colorbar(image, ax=ax, label="attack success (%)")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def eps_sweep_plot(sweep: dict, title: str, path: Path) -> Path:
@@ -78,7 +79,7 @@ def eps_sweep_plot(sweep: dict, title: str, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _bars(ax, series: dict[str, dict[tuple[str, str], list[float]]], groups: list[tuple[str, str]],
@@ -119,7 +120,7 @@ def comparison_plots(series: dict[str, dict[tuple[str, str], list[float]]], kind
             ax.set_title(stage)
         axes[0].set_ylabel("accuracy (%), higher is better")
         axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="run")
-        written.append(_save(fig, path.with_name(f"{path.stem}_accuracy.png")))
+        written.append(save_figure(fig, path.with_name(f"{path.stem}_accuracy.png")))
     transfer = [c for c, k in kinds.items() if k == "transfer"]
     for column in transfer:  # in practice one: the mean off-diagonal success at one ε
         own = [s for s in stages if any((s, column) in v for v in series.values())]
@@ -131,7 +132,7 @@ def comparison_plots(series: dict[str, dict[tuple[str, str], list[float]]], kind
         ax.set_ylabel("transfer success (%), lower is better")
         ax.set_title(column.replace("↓", "") + ": submodel → other submodels")
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="run")
-        written.append(_save(fig, path.with_name(f"{path.stem}_transfer.png")))
+        written.append(save_figure(fig, path.with_name(f"{path.stem}_transfer.png")))
     return written
 
 
