@@ -168,7 +168,8 @@ def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str
         if off is not None:
             column = (stage, MIXTURE, TRANSFER_OFFDIAG, matrix.get("eps") or None)
             values[column] = off
-            basis[column] = f"{matrix.get('steps')} steps, {matrix.get('restarts')} restarts; n={matrix.get('n_images')}"
+            # Not its n_images: the images every submodel classifies correctly differ from run to run.
+            basis[column] = f"{matrix.get('steps')} steps, {matrix.get('restarts')} restarts"
     return values, {c: b for c, b in basis.items() if b}
 
 
