@@ -226,8 +226,17 @@ def test_worst_cases_over_other_attacks_are_marked(tmp_path, capsys):
     assert table[("full", "dverge")]["Worst L∞ ε=0.1"] == "62.00†"
     assert table[("plain-a", "dverge")]["Worst L∞ ε=0.1"] == "60.00"  # the column's common basis: unmarked
     assert not table[("full", "dverge")]["Worst L2 ε=0.5"].endswith("†")  # the L2 worst cases agree
-    note = next(line for line in out.splitlines() if line.startswith("† dverge Worst L∞ ε=0.1"))
-    assert "plain-a, plain-b: worst of clean, fgsm, pgd_linf; n=359" in note and "full: worst of clean, fgsm, pgd_linf, autoattack" in note
+    (note,) = [line for line in out.replace("\n  ", " ").splitlines() if line.startswith("†")]  # L∞, every stage alike
+    assert note == ("† Worst L∞ ε=0.1 (vanilla, dverge, dverge_advt) — plain-a, plain-b: worst of clean, fgsm, pgd_linf; "
+                    "n=359 | full: worst of clean, fgsm, pgd_linf, autoattack; n=359")
+
+
+def test_a_group_says_how_many_of_its_runs_have_a_number(tmp_path, capsys):
+    runs = [write_run(tmp_path, "s0", 0, 0.07), write_run(tmp_path, "s1", 1, 0.07, evaluated=False)]
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed"]) == 0
+    row = markdown_rows(capsys.readouterr().out)[("s0, s1", "dverge")]
+    assert row["n"] == "2" and row["BB all ε=0.1"] == "77.25 (n=1)"
+    assert row["Clean"] == f"97.50 ± {statistics.stdev([98.0, 97.0]):.2f}"
 
 
 def test_long_config_keys_are_abbreviated_with_a_legend(tmp_path, capsys):

@@ -80,6 +80,7 @@ class Experiment:
     from_wandb: bool = False  # a W&B group's runs: pieces of it given separately are one experiment
     # What a number rests on (attacks of a worst case, budget, images), as text; absent where unknown.
     basis: dict[Column, str] = field(default_factory=dict)
+    trained: bool = True  # False: only `dvtrain eval`'s W&B run, whose config yields to the training runs'
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -262,10 +263,13 @@ def experiment_from_wandb(label: str, runs: list[tuple[str, str | None, dict, di
     training: dict[Column, float] = {}
     evaluated: dict[Column, float] = {}
     config: dict[str, object] = {}
+    evaluation_config: dict[str, object] = {}
     for name, job_type, run_config, summary in runs:
         own_config = flatten(run_config)
-        config.update(own_config)
         stage = _stage_of(name, job_type)
+        # The experiment is what its training runs ran; the eval run's overrides (eval.*) are how it was
+        # measured, which the † marks show, so they neither split a group nor become columns.
+        (config if stage is not None else evaluation_config).update(own_config)
         numbers = {tuple(k.split("/")[1:]): v for k, v in summary.items()
                    if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for key, value in numbers.items():
@@ -279,7 +283,8 @@ def experiment_from_wandb(label: str, runs: list[tuple[str, str | None, dict, di
     # Only a worst case changes meaning with the attacks that ran; W&B does not record which did.
     basis = {c: TRAINING_TIME for c in training if c[2].startswith(WORST_CASE)}
     basis |= {c: FULL_EVALUATION for c in evaluated if c[2].startswith(WORST_CASE)}
-    return Experiment(label, source, training | evaluated, config, from_wandb=True, basis=basis)
+    return Experiment(label, source, training | evaluated, evaluation_config | config, from_wandb=True, basis=basis,
+                      trained=bool(training))
 
 
 def merge_wandb_groups(experiments: list[Experiment]) -> list[Experiment]:
@@ -298,7 +303,8 @@ def merge_wandb_groups(experiments: list[Experiment]) -> list[Experiment]:
                 first.values[column] = value
                 if column in e.basis:
                     first.basis[column] = e.basis[column]
-        first.config.update(e.config)
+        first.config = (e.config | first.config) if not e.trained else (first.config | e.config)
+        first.trained = first.trained or e.trained
         if e.source not in first.source.split(" "):
             first.source += " " + e.source
     return out
@@ -385,6 +391,7 @@ class Row:
     config: list[str]  # the differing config values, as shown
     cells: list[list[float]]  # per column: the values of the row's runs (one without --group-by)
     bases: list[list[str | None]]  # per column: what each of those values rests on (None: not known)
+    members: list[list[str]]  # per column: the experiments those values come from
     runs: int = 1  # experiments in the row's group
     marks: list[bool] = field(default_factory=list)  # per column: not comparable with the rest of the column
 
@@ -407,7 +414,8 @@ def table_rows(experiments: list[Experiment], columns: list[Shown], keys: list[s
             if not any(cells):
                 continue
             bases = [[m.basis.get((s, *c)) for m in members if (s, *c) in m.values] for c in columns]
-            rows.append(Row(", ".join(m.label for m in members), s, shown, cells, bases, len(members)))
+            names = [[m.label for m in members if (s, *c) in m.values] for c in columns]
+            rows.append(Row(", ".join(m.label for m in members), s, shown, cells, bases, names, len(members)))
     mark_incomparable(rows)
     return rows
 
@@ -432,20 +440,22 @@ def mark_incomparable(rows: list[Row]) -> None:
 
 
 def incomparable_notes(rows: list[Row], columns: list[Shown]) -> list[str]:
-    """A legend line per (stage, column) with a marked cell: what each row's numbers rest on."""
-    notes = []
+    """A legend line per column with a marked cell: which experiments' numbers rest on what, the stages
+    that share that story named together."""
+    said: dict[tuple[str, str], list[str]] = {}  # (column, what rests on what) → stages
     for stage in dict.fromkeys(r.stage for r in rows):
         own = [r for r in rows if r.stage == stage]
         for k, column in enumerate(columns):
             if not any(r.marks[k] for r in own):
                 continue
-            said = {}
+            who: dict[str, list[str]] = {}
             for r in own:
-                for b in dict.fromkeys(b for b in r.bases[k] if b is not None):
-                    said.setdefault(b, []).append(r.label)
-            notes.append(f"{NOT_COMPARABLE} {stage} {shown_label(column)}: "
-                         + " | ".join(f"{', '.join(labels)}: {b}" for b, labels in said.items()))
-    return notes
+                for name, b in zip(r.members[k], r.bases[k]):
+                    if b is not None:
+                        who.setdefault(b, []).append(name)
+            story = " | ".join(f"{', '.join(names)}: {b}" for b, names in who.items())
+            said.setdefault((shown_label(column), story), []).append(stage)
+    return [f"{NOT_COMPARABLE} {column} ({', '.join(stages)}) — {story}" for (column, story), stages in said.items()]
 
 
 def _show(value: object) -> str:
@@ -454,11 +464,13 @@ def _show(value: object) -> str:
     return "—" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def cell_text(values: list[float], marked: bool = False) -> str:
-    """Two decimals; mean ± sample s.d. for several runs; † where not comparable with its column."""
+def cell_text(values: list[float], marked: bool = False, runs: int = 1) -> str:
+    """Two decimals; mean ± sample s.d. for several runs, "(n=k)" where only k of the row's `runs` have
+    the number; † where not comparable with its column."""
     if not values:
         return "—"
     text = f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    text += f" (n={len(values)})" if len(values) < runs else ""
     return text + NOT_COMPARABLE if marked else text
 
 
@@ -482,13 +494,14 @@ def markdown_table(rows: list[Row], keys: list[str], columns: list[Shown], group
         first = (row.label, row.config) != previous
         previous = (row.label, row.config)
         lead = [row.label, *row.config, *([str(row.runs)] if grouped else [])] if first else [""] * (1 + len(keys) + grouped)
-        lines.append("| " + " | ".join([*lead, row.stage, *(cell_text(v, m) for v, m in zip(row.cells, row.marks))]) + " |")
+        lines.append("| " + " | ".join([*lead, row.stage, *(cell_text(v, m, row.runs) for v, m in zip(row.cells, row.marks))]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def legend(rows: list[Row], keys: list[str], columns: list[Shown], grouped: bool, hidden: int) -> str:
     """The lines under the table: what the numbers are, abbreviated keys, † notes, what --all adds."""
-    lines = [LEGEND + (" Cells: mean ± s.d. over the n runs of a row." if grouped else "")]
+    lines = [LEGEND + (" Cells: mean ± s.d. over the n runs of a row; (n=k): over the k of them that have the number."
+                       if grouped else "")]
     short = {k: v for k, v in short_keys(keys).items() if k != v}
     if short:
         lines.append("Config keys: " + ", ".join(f"{v} = {k}" for k, v in short.items()) + ".")
