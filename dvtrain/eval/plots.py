@@ -89,6 +89,8 @@ def _bars(ax, series: dict[str, dict[tuple[str, str], list[float]]], groups: lis
     width = BAR_SPAN / max(len(series), 1)
     for r, (run, values) in enumerate(series.items()):
         at = [(g, values[key]) for g, key in enumerate(groups) if key in values]
+        if not at:  # nothing of this run here: no legend entry (its colour stays its own in every figure)
+            continue
         spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in at]
         ax.bar([g + (r - (len(series) - 1) / 2) * width for g, _ in at], [statistics.mean(v) for _, v in at],
                width=width, label=run, color=COLORS[r % len(COLORS)],
