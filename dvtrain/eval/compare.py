@@ -371,8 +371,8 @@ def select_columns(experiments: list[Experiment], stage: str | None, submodels: 
         return sorted(present, key=_shown_order)
     chosen = []
     for model, metric in dict.fromkeys((m, k) for m, k, _ in sorted(present, key=_shown_order) if k in HEADLINE):
-        votes = Counter(c[3] for e in experiments for c in {c for c in e.values if wanted(c)}
-                        if (c[1], c[2]) == (model, metric))
+        votes = Counter(eps for e in experiments
+                        for eps in {c[3] for c in e.values if wanted(c) and (c[1], c[2]) == (model, metric)})
         chosen.append((model, metric, max(votes, key=lambda eps: (votes[eps], eps or 0.0))))
     return chosen
 
