@@ -147,7 +147,7 @@ def test_grouped_csv_has_n_and_sd_columns(seed_runs, tmp_path, capsys):
         (row,) = list(csv.DictReader(f))
     values = [mixture(run)[("vanilla", "clean")] for run in seed_runs.values()]
     assert row["n"] == "2" and float(row["Clean"]) == pytest.approx(statistics.mean(values))
-    assert float(row["Clean sd"]) == pytest.approx(statistics.stdev(values))
+    assert float(row["Clean sd"]) == pytest.approx(statistics.stdev(values)) and row["Clean n"] == "2"
 
 
 def write_run(root: Path, name: str, seed: int, dverge_eps: float, *, of: tuple[str, ...] = ("clean", "fgsm", "pgd_linf"),

@@ -513,22 +513,23 @@ def legend(rows: list[Row], keys: list[str], columns: list[Shown], grouped: bool
 
 def write_csv(path: Path, rows: list[Row], keys: list[str], columns: list[Shown], grouped: bool) -> None:
     """The same numbers at full precision, one row per (experiment, stage); with --group-by the row's
-    number of runs n and an s.d. column per number (empty where a row has one run); empty cells where a
-    row lacks a number."""
+    number of runs n, and per number its s.d. (empty where one run has it) and how many runs have it;
+    empty cells where a row lacks a number."""
     def mean(values: list[float]) -> str:
         return repr(statistics.mean(values)) if values else ""
 
-    def sd(values: list[float]) -> list[str]:
-        return [repr(statistics.stdev(values)) if len(values) > 1 else ""] if grouped else []
+    def spread(values: list[float]) -> list[object]:
+        return [repr(statistics.stdev(values)) if len(values) > 1 else "", len(values)] if grouped else []
 
     tmp = path.with_name(path.name + ".tmp")  # renamed into place once whole: never a half-written table
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", *keys, *(["n"] if grouped else []), "stage",
-                         *(part for c in columns for part in [shown_label(c), *([shown_label(c) + " sd"] if grouped else [])])])
+                         *(part for c in columns
+                           for part in [shown_label(c), *([shown_label(c) + " sd", shown_label(c) + " n"] if grouped else [])])])
         for row in rows:
             writer.writerow([row.label, *row.config, *([row.runs] if grouped else []), row.stage,
-                             *(part for v in row.cells for part in [mean(v), *sd(v)])])
+                             *(part for v in row.cells for part in [mean(v), *spread(v)])])
     tmp.replace(path)
 
 
