@@ -423,8 +423,8 @@ def table_rows(experiments: list[Experiment], columns: list[Shown], keys: list[s
 def mark_incomparable(rows: list[Row]) -> None:
     """Mark, per stage and column, the cells whose numbers rest on another basis than most of the column's
     (other attacks in a worst case, another budget, other images; all of them where no basis is the
-    majority), and the cells of a group
-    whose runs disagree among themselves. Numbers whose basis is not known are never marked."""
+    majority), and the cells of a group whose runs disagree among themselves. Numbers whose basis is
+    not known are never marked."""
     for row in rows:
         row.marks = [len(set(b for b in bases if b is not None)) > 1 for bases in row.bases]
     for stage in dict.fromkeys(r.stage for r in rows):
