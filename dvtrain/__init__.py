@@ -7,7 +7,9 @@ submodels, checkpoint, tracking, attacks, feature distillation (`distill`).
 
 Public API: `load_submodels(run_dir, stage, device=None)` and `load_mixture(run_dir, stage, device=None)`
 load a trained run's models for any attack library (images in [0, 1]; the mixture returns log mean
-probabilities, usable as logits).
+probabilities, usable as logits). Like the CLI, they set torch's CPU threads to the run's
+`compute.threads` (default 1) unless OMP_NUM_THREADS is set; `torch.set_num_threads` after loading
+overrides it.
 """
 
 from importlib.metadata import PackageNotFoundError, version

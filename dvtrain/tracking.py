@@ -199,6 +199,8 @@ class StepHistory:
     def __init__(self, run_dir: Path, stage: str, active: bool) -> None:
         self.path = RunDir(run_dir).wandb / f"{stage}-history.jsonl"
         self.active = active
+        if active:  # W&B off: the history still feeds the training curves (dvtrain.train.curves)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, step: int, row: dict, epoch_level: bool = False) -> None:
         if not self.active:

@@ -1,5 +1,6 @@
 """`dvtrain compare`: run directories, offline W&B runs written here, online groups and runs (dispatch
-only: no network), config differences, ε in the headers, --group-by, CSV, the W&B table, and one-line errors."""
+only: no network), config differences, ε in the headers, --group-by, CSV, the W&B table, the short
+default table and its width, the † marks, the plots, and one-line errors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from conftest import TINY
 from dvtrain import cli
 from dvtrain.eval import compare
-from dvtrain.eval.compare import column_label, compare_main
+from dvtrain.eval.compare import compare_main, shown_label
 from dvtrain.tracking import read_offline_run
 from dvtrain.eval.report import metric_name, result_metrics
 
@@ -39,51 +40,74 @@ def mixture(run_dir: Path) -> dict[tuple[str, str], float]:
 
 
 def header(run_dir: Path, stage: str, attack: str, model: str = "mixture") -> str:
-    """The column a results.json row lands in: stage, attack and its ε."""
+    """The column a results.json row lands in: its model, attack and ε (the stage is the row's)."""
     rows = json.loads((run_dir / "results.json").read_text())["eval"]
     (eps,) = {r["eps"] for r in rows if (r["stage"], r["model"], metric_name(r["attack"], r.get("norm"))) == (stage, model, attack)}
-    return column_label((stage, model, attack, eps))
+    return shown_label((model, attack, eps or None))
 
 
-def markdown_rows(text: str) -> dict[str, dict[str, str]]:
-    """Run label → column → cell, from the printed table."""
+def markdown_rows(text: str) -> dict[tuple[str, str], dict[str, str]]:
+    """(run label, stage) → column → cell, from the printed table; a run's name and config values are
+    written on its first stage's row only, so they are carried down."""
     lines = [line for line in text.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = {}
+    stage_at = header.index("Stage")
+    rows, lead = {}, []
     for line in lines[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+        lead = cells[:stage_at] if cells[0] else lead
+        cells[:stage_at] = lead
+        rows[(cells[0], cells[stage_at])] = dict(zip(header[1:], cells[1:]))
     return rows
 
 
-def test_one_row_per_experiment_with_all_stages_config_differences_and_eps(runs, capsys):
-    assert compare_main([str(runs["a"]), str(runs["b"]), str(runs["a"] / "wandb")]) == 0
+def labels(table: dict) -> list[str]:
+    return list(dict.fromkeys(label for label, _ in table))
+
+
+def test_one_row_per_experiment_and_stage_with_config_differences_and_eps(runs, capsys):
+    assert compare_main([str(runs["a"]), str(runs["b"]), str(runs["a"] / "wandb"), "--all"]) == 0
     table = markdown_rows(capsys.readouterr().out)
-    # the W&B runs of run A are one row, named like the run directory's (so both are named by their argument)
-    assert list(table) == [str(runs["a"]), "beta", str(runs["a"] / "wandb")]
+    # the W&B runs of run A are one experiment, named like the run directory's (so both are named by their argument)
+    assert labels(table) == [str(runs["a"]), "beta", str(runs["a"] / "wandb")]
+    assert list(table)[1:3] == [("beta", "vanilla"), ("beta", "dverge")]  # stages in training order
+    assert (str(runs["a"]), "dverge") not in table  # run A has no dverge stage: no row
     a, b = mixture(runs["a"]), mixture(runs["b"])
     for attack in ATTACKS:
         column = header(runs["a"], "vanilla", attack)
         assert column.endswith("ε=0.1") == (attack in ("fgsm", "pgd_linf"))
-        assert table[str(runs["a"])][column] == f"{a[('vanilla', attack)]:.2f}"
-        assert table[str(runs["a"] / "wandb")][column] == table[str(runs["a"])][column]  # the same numbers via W&B
-        assert table[str(runs["a"])][header(runs["b"], "dverge", attack)] == "—"  # run A has no dverge stage
+        assert table[(str(runs["a"]), "vanilla")][column] == f"{a[('vanilla', attack)]:.2f}"
+        # the same numbers via W&B, in the same columns: one metric at one ε is one column
+        assert table[(str(runs["a"] / "wandb"), "vanilla")][column] == table[(str(runs["a"]), "vanilla")][column]
         for stage in ("vanilla", "dverge"):
-            assert table["beta"][header(runs["b"], stage, attack)] == f"{b[(stage, attack)]:.2f}"
+            assert table[("beta", stage)][header(runs["b"], stage, attack)] == f"{b[(stage, attack)]:.2f}"
     # the config keys the runs differ in are columns (name, run dir and logging are not)
-    assert table["beta"]["seed"] == "1" and table[str(runs["a"])]["seed"] == "0"
-    assert table["beta"]["stages"] == '["vanilla", "dverge"]' and "name" not in table["beta"]
-    assert not any(column.startswith("logging.") for column in table["beta"])
+    assert table[("beta", "dverge")]["seed"] == "1" and table[(str(runs["a"]), "vanilla")]["seed"] == "0"
+    assert table[("beta", "vanilla")]["stages"] == '["vanilla", "dverge"]' and "name" not in table[("beta", "vanilla")]
+    assert not any(column.startswith("logging.") for column in table[("beta", "vanilla")])
+
+
+def test_default_table_is_the_headline_figures(runs, capsys):
+    """Without --all: clean and the worst case per norm (ε in the header); the legend says what --all adds."""
+    assert compare_main([str(runs["a"]), str(runs["b"])]) == 0
+    out = capsys.readouterr().out
+    table = markdown_rows(out)
+    worst_linf, worst_l2 = header(runs["b"], "dverge", "worst_case_linf"), header(runs["b"], "dverge", "worst_case_l2")
+    assert (worst_linf, worst_l2) == ("Worst L∞ ε=0.1", "Worst L2 ε=0.5")
+    assert list(table[("beta", "dverge")]) == ["seed", "stages", "Stage", "Clean", worst_linf, worst_l2]
+    b = mixture(runs["b"])
+    assert table[("beta", "dverge")][worst_linf] == f"{b[('dverge', 'worst_case_linf')]:.2f}"
+    assert "more columns (other attacks, models or ε): --all" in out
 
 
 def test_group_by_seed_gives_mean_and_sd(seed_runs, capsys):
     args = [str(run) for run in seed_runs.values()]
-    assert compare_main([*args, "--group-by", "seed"]) == 0
+    assert compare_main([*args, "--group-by", "seed", "--all"]) == 0
     table = markdown_rows(capsys.readouterr().out)
-    assert list(table) == ["seed0, seed1"]
+    assert list(table) == [("seed0, seed1", "vanilla")]
     (row,) = table.values()
     metrics = {m for stage, m in mixture(seed_runs["seed0"]) if stage == "vanilla"}
-    assert row["n"] == "2" and row["seed"] == "0, 1" and len(row) == 2 + len(metrics)  # no other config differs
+    assert row["n"] == "2" and row["seed"] == "0, 1" and len(row) == 3 + len(metrics)  # no other config differs
     spread = 0.0
     for attack in ATTACKS:
         values = [mixture(run)[("vanilla", attack)] for run in seed_runs.values()]
@@ -93,26 +117,153 @@ def test_group_by_seed_gives_mean_and_sd(seed_runs, capsys):
     assert spread > 0  # the seeds' numbers differ: the s.d. is of real spread
     # the same from the runs' wandb folders, and without --group-by one row per seed
     assert compare_main([str(run / "wandb") for run in seed_runs.values()]) == 0
-    assert set(markdown_rows(capsys.readouterr().out)) == {"seed0", "seed1"}
+    assert labels(markdown_rows(capsys.readouterr().out)) == ["seed0", "seed1"]
 
 
 def test_csv_holds_the_same_numbers_at_full_precision(runs, tmp_path, capsys):
     out = tmp_path / "cmp.csv"
-    assert compare_main([str(runs["a"]), str(runs["b"]), "--submodels", "--csv", str(out)]) == 0
+    assert compare_main([str(runs["a"]), str(runs["b"]), "--submodels", "--all", "--csv", str(out)]) == 0
     printed = markdown_rows(capsys.readouterr().out)
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"] for r in rows] == ["alpha", "beta"]
-    numbers = [c for c in printed["alpha"] if c not in ("seed", "stages")]
-    assert {c for c in rows[0] if not c.endswith(" sd")} - {"run", "n", "seed", "stages"} == set(numbers)
-    assert header(runs["a"], "vanilla", "pgd_l2", "sub2") in rows[0]  # --submodels adds every model's columns
-    for row, run in zip(rows, (runs["a"], runs["b"])):
+    assert [(r["run"], r["stage"]) for r in rows] == [("alpha", "vanilla"), ("beta", "vanilla"), ("beta", "dverge")]
+    numbers = [c for c in printed[("alpha", "vanilla")] if c not in ("seed", "stages", "Stage")]
+    assert set(rows[0]) - {"run", "stage", "seed", "stages"} == set(numbers)  # no n, no empty s.d. columns
+    assert header(runs["a"], "vanilla", "pgd_l2", "sub2") == "Submodel 3 pgd_l2 ε=0.5" in rows[0]  # --submodels
+    for row in rows:
+        run = runs["a"] if row["run"] == "alpha" else runs["b"]
         metrics = result_metrics(json.loads((run / "results.json").read_text()))
-        expected = {header(run, s, a, m): v for (s, m, a), v in metrics.items()}
+        expected = {header(run, s, a, m): v for (s, m, a), v in metrics.items() if s == row["stage"]}
         for column in numbers:
             cell = row[column]
             assert (float(cell) if cell else None) == expected.get(column)
-            assert printed[row["run"]][column] == (f"{float(cell):.2f}" if cell else "—")
+            assert printed[(row["run"], row["stage"])][column] == (f"{float(cell):.2f}" if cell else "—")
+
+
+def test_grouped_csv_has_n_and_sd_columns(seed_runs, tmp_path, capsys):
+    out = tmp_path / "cmp.csv"
+    assert compare_main([*(str(r) for r in seed_runs.values()), "--group-by", "seed", "--csv", str(out)]) == 0
+    with open(out, newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    values = [mixture(run)[("vanilla", "clean")] for run in seed_runs.values()]
+    assert row["n"] == "2" and float(row["Clean"]) == pytest.approx(statistics.mean(values))
+    assert float(row["Clean sd"]) == pytest.approx(statistics.stdev(values)) and row["Clean n"] == "2"
+
+
+def write_run(root: Path, name: str, seed: int, dverge_eps: float, *, of: tuple[str, ...] = ("clean", "fgsm", "pgd_linf"),
+              base: float = 50.0, extra_eps: float | None = None, evaluated: bool = True) -> Path:
+    """A run directory as dvtrain writes it (config.yaml, results.json) for all three stages: white-box
+    rows (a worst case over `of`; with `extra_eps` also rows at a second ε), and, if `evaluated`, the
+    black-box and transfer numbers `dvtrain eval` adds."""
+    run = root / name
+    run.mkdir()
+    (run / "config.yaml").write_text(f"name: {name}\nseed: {seed}\ndverge:\n  eps: {dverge_eps}\n"
+                                     "dverge_advt:\n  optim:\n    lr: 0.01\n")
+    stages = ("vanilla", "dverge", "dverge_advt")
+    rows = []
+    for k, stage in enumerate(stages):
+        value = base + 10 * k + seed
+        rows += [{"stage": stage, "model": "mixture", "attack": "clean", "norm": None, "eps": 0.0, "accuracy": 98.0 - seed, "n": 359},
+                 {"stage": stage, "model": "mixture", "attack": "worst_case", "norm": "Linf", "eps": 0.1, "accuracy": value,
+                  "n": 359, "of": list(of)},
+                 {"stage": stage, "model": "mixture", "attack": "worst_case", "norm": "L2", "eps": 0.5, "accuracy": value + 1.5,
+                  "n": 359, "of": ["clean", "pgd_l2"]}]
+        if extra_eps is not None:
+            rows.append({"stage": stage, "model": "mixture", "attack": "worst_case", "norm": "Linf", "eps": extra_eps,
+                         "accuracy": value - 20, "n": 359, "of": list(of)})
+    results = {"run": name, "eval": rows, "stages": {}}
+    if evaluated:
+        results["blackbox_surrogate"] = {"eps": 0.1, "size": 3, "steps": 10, "restarts": 1, "n_images": 200}
+        results["blackbox"] = {s: {"attacks": ["mi_pgd", "m_di2_fgsm", "all"], "models": ["mixture"],
+                                   "accuracy": [[80.0 + seed, 79.0, 77.25 + seed]]} for s in stages}
+        results["transfer"] = {s: {"sources": ["sub0", "sub1"], "targets": ["sub0", "sub1", "mixture"], "eps": 0.1,
+                                   "steps": 10, "restarts": 1, "n_images": 200,
+                                   "success": [[90.0, 10.0 + seed, 5.0], [30.0, 95.0, 8.0]]} for s in stages}
+    (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def test_three_runs_fit_a_160_column_terminal(tmp_path, capsys):
+    """Two seeds of one config and one of another, every stage, every headline figure, with and without
+    --group-by: no line of the table is wider than 160 characters."""
+    runs = [write_run(tmp_path, "seed-zero", 0, 0.07), write_run(tmp_path, "seed-one", 1, 0.07),
+            write_run(tmp_path, "other-eps", 0, 0.05)]
+    for extra in ([], ["--group-by", "seed"]):
+        assert compare_main([*(str(r) for r in runs), *extra]) == 0
+        out = capsys.readouterr().out
+        table = markdown_rows(out)
+        assert len(table) == (2 if extra else 3) * 3
+        assert max(len(line) for line in out.splitlines()) <= 160, out
+        first = table[(("seed-zero, seed-one" if extra else "seed-zero"), "dverge")]
+        assert list(first)[-5:] == ["Clean", "Worst L∞ ε=0.1", "Worst L2 ε=0.5", "BB all ε=0.1", "Transfer↓ ε=0.1"]
+    grouped = markdown_rows(out)[("seed-zero, seed-one", "dverge_advt")]
+    assert grouped["n"] == "2" and grouped["BB all ε=0.1"] == f"{77.75:.2f} ± {statistics.stdev([77.25, 78.25]):.2f}"
+    assert grouped["Transfer↓ ε=0.1"] == f"{20.25:.2f} ± {statistics.stdev([20.0, 20.5]):.2f}"
+    assert grouped["dverge.eps"] == "0.07" and markdown_rows(out)[("other-eps", "vanilla")]["dverge.eps"] == "0.05"
+
+
+def test_rows_at_several_eps_are_never_merged(tmp_path, capsys):
+    """results.json may hold a metric at several ε: the default table picks one ε per column and names it;
+    --all shows each ε in its own column."""
+    runs = [write_run(tmp_path, "one", 0, 0.07, extra_eps=0.05), write_run(tmp_path, "two", 1, 0.07)]
+    assert compare_main([str(r) for r in runs]) == 0
+    table = markdown_rows(capsys.readouterr().out)
+    assert table[("one", "vanilla")]["Worst L∞ ε=0.1"] == "50.00" and "Worst L∞ ε=0.05" not in table[("one", "vanilla")]
+    assert compare_main([*(str(r) for r in runs), "--all"]) == 0
+    table = markdown_rows(capsys.readouterr().out)
+    assert table[("one", "vanilla")]["Worst L∞ ε=0.05"] == "30.00" and table[("two", "vanilla")]["Worst L∞ ε=0.05"] == "—"
+    assert table[("one", "vanilla")]["Worst L∞ ε=0.1"] == "50.00"
+
+
+def test_worst_cases_over_other_attacks_are_marked(tmp_path, capsys):
+    """A run evaluated with `dvtrain eval` (AutoAttack in its worst case) beside two that were not: its
+    worst-case cells carry †, and a legend line names what each row's worst case covers."""
+    runs = [write_run(tmp_path, "plain-a", 0, 0.07), write_run(tmp_path, "plain-b", 1, 0.07),
+            write_run(tmp_path, "full", 2, 0.07, of=("clean", "fgsm", "pgd_linf", "autoattack"))]
+    assert compare_main([str(r) for r in runs]) == 0
+    out = capsys.readouterr().out
+    table = markdown_rows(out)
+    assert table[("full", "dverge")]["Worst L∞ ε=0.1"] == "62.00†"
+    assert table[("plain-a", "dverge")]["Worst L∞ ε=0.1"] == "60.00"  # the column's common basis: unmarked
+    assert not table[("full", "dverge")]["Worst L2 ε=0.5"].endswith("†")  # the L2 worst cases agree
+    (note,) = [line for line in out.replace("\n  ", " ").splitlines() if line.startswith("†")]  # L∞, every stage alike
+    assert note == ("† Worst L∞ ε=0.1 (vanilla, dverge, dverge_advt) — plain-a, plain-b: worst of clean, fgsm, pgd_linf; "
+                    "n=359 | full: worst of clean, fgsm, pgd_linf, autoattack; n=359")
+
+
+def test_a_group_says_how_many_of_its_runs_have_a_number(tmp_path, capsys):
+    runs = [write_run(tmp_path, "s0", 0, 0.07), write_run(tmp_path, "s1", 1, 0.07, evaluated=False)]
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed"]) == 0
+    row = markdown_rows(capsys.readouterr().out)[("s0, s1", "dverge")]
+    assert row["n"] == "2" and row["BB all ε=0.1"] == "77.25 (n=1)"
+    assert row["Clean"] == f"97.50 ± {statistics.stdev([98.0, 97.0]):.2f}"
+
+
+def test_long_config_keys_are_abbreviated_with_a_legend(tmp_path, capsys):
+    runs = [write_run(tmp_path, "x", 0, 0.07), write_run(tmp_path, "y", 0, 0.07)]
+    config = runs[1] / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.01", "lr: 0.02"))
+    assert compare_main([str(r) for r in runs]) == 0
+    out = capsys.readouterr().out
+    assert markdown_rows(out)[("y", "vanilla")]["dverge_advt.….lr"] == "0.02"
+    assert "dverge_advt.….lr = dverge_advt.optim.lr" in out
+
+
+def test_plots_one_figure_per_kind_with_error_bars(tmp_path, capsys):
+    """--plot FILE writes FILE_accuracy.png and FILE_transfer.png, each of a readable size."""
+    from matplotlib.image import imread
+
+    runs = [write_run(tmp_path, "seed-zero", 0, 0.07), write_run(tmp_path, "seed-one", 1, 0.07),
+            write_run(tmp_path, "other-eps", 0, 0.05)]
+    plot = tmp_path / "cmp.png"
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed", "--plot", str(plot)]) == 0
+    capsys.readouterr()
+    assert not plot.exists()
+    for kind in ("accuracy", "transfer"):
+        path = tmp_path / f"cmp_{kind}.png"
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        height, width = imread(path).shape[:2]
+        assert 400 <= height <= 800 and width <= 1920
 
 
 def test_stage_filter_and_the_evaluation_numbers_of_full_evaluation(tmp_path, capsys):
@@ -129,10 +280,14 @@ def test_stage_filter_and_the_evaluation_numbers_of_full_evaluation(tmp_path, ca
                                 "success": [[90.0, 10.0, 5.0], [30.0, 95.0, 8.0]]}},
     }
     (run / "results.json").write_text(json.dumps(results))
-    assert compare_main([str(run), "--stage", "dverge"]) == 0
+    assert compare_main([str(run), "--stage", "dverge", "--all"]) == 0
     table = markdown_rows(capsys.readouterr().out)
-    assert table == {"gamma": {"dverge autoattack_linf ε=0.1": "50.00", "dverge bb_mi_pgd": "80.00", "dverge bb_m_di2_fgsm": "75.00",
-                               "dverge bb_all": "72.50", "dverge transfer_offdiag": "20.00"}}
+    assert table == {("gamma", "dverge"): {"Stage": "dverge", "autoattack_linf ε=0.1": "50.00", "bb_mi_pgd": "80.00",
+                                           "bb_m_di2_fgsm": "75.00", "BB all": "72.50", "Transfer↓": "20.00"}}
+    assert compare_main([str(run)]) == 0  # the default table: headline figures only, no autoattack column
+    assert markdown_rows(capsys.readouterr().out) == {
+        ("gamma", "vanilla"): {"Stage": "vanilla", "Clean": "99.00", "BB all": "—", "Transfer↓": "—"},
+        ("gamma", "dverge"): {"Stage": "dverge", "Clean": "—", "BB all": "72.50", "Transfer↓": "20.00"}}
 
 
 def test_online_groups_and_runs_go_through_the_wandb_api(runs, monkeypatch, capsys):
@@ -155,10 +310,12 @@ def test_online_groups_and_runs_go_through_the_wandb_api(runs, monkeypatch, caps
     monkeypatch.setattr(compare, "_wandb_api", FakeApi)
     assert compare_main(["team/dvtrain/delta", "team/dvtrain/abc123", str(runs["b"])]) == 0
     table = markdown_rows(capsys.readouterr().out)
-    group, run = table["delta"], table["abc123"]
-    assert group["vanilla clean"] == "99.00" and group["dverge clean"] == "97.50"  # a group: all its stages in one row
-    assert group["dverge pgd_linf ε=0.1"] == "60.25" and run["dverge clean"] == "96.00" and run["vanilla clean"] == "—"
-    assert group["seed"] == "3" and table["beta"]["seed"] == "1"
+    assert labels(table) == ["delta", "abc123", "beta"]
+    assert table[("delta", "vanilla")]["Clean"] == "99.00" and table[("delta", "dverge")]["Clean"] == "97.50"  # a group: all its stages
+    assert table[("abc123", "dverge")]["Clean"] == "96.00" and ("abc123", "vanilla") not in table
+    assert table[("delta", "vanilla")]["seed"] == "3" and table[("beta", "vanilla")]["seed"] == "1"
+    assert compare_main(["team/dvtrain/delta", "--all"]) == 0
+    assert markdown_rows(capsys.readouterr().out)[("delta", "dverge")]["pgd_linf ε=0.1"] == "60.25"
 
     def unreachable():
         raise ConnectionError("no network")
@@ -169,21 +326,57 @@ def test_online_groups_and_runs_go_through_the_wandb_api(runs, monkeypatch, caps
     assert "cannot read the W&B group or run team/dvtrain/abc123 (ConnectionError)" in err and "wandb login" in err
 
 
+
+
+def test_wandb_training_and_evaluation_numbers_are_one_column(monkeypatch, capsys):
+    """A stage's training run (eval/<metric>/<model> at eval/<metric>/eps) and the `dvtrain eval` run
+    (eval/<stage>/<model>/<metric>, ε from its config) name one metric at one ε: one column, the later
+    evaluation's number; beside a group evaluated only at training time, the worst case is marked †."""
+    def training(stage: str, worst: float):
+        return (f"x-{stage}", stage, {"seed": 0, "eval": {"eps": 0.1, "l2_eps": 0.5}},
+                {"eval/worst_case_linf/mixture": worst, "eval/worst_case_linf/eps": 0.1, "eval/clean/mixture": 99.0,
+                 "eval/clean/eps": 0.0})
+
+    evaluation = ("x-eval", "eval", {"seed": 0, "eval": {"eps": 0.1, "l2_eps": 0.5, "transfer": {"eps": 0.1}}},
+                  {"eval/dverge/mixture/worst_case_linf": 62.12, "eval/dverge/mixture/transfer_offdiag": 20.0})
+
+    class FakeRun:
+        def __init__(self, name, job_type, config, summary):
+            self.name, self.job_type, self.config, self.summary_metrics = name, job_type, config, summary
+
+    class FakeApi:
+        def runs(self, path: str, filters: dict) -> list[FakeRun]:
+            group = filters["group"]
+            own = [training("dverge", 71.87)] + ([evaluation] if group == "evaluated" else [])
+            return [FakeRun(*r) for r in own]
+
+    monkeypatch.setattr(compare, "_wandb_api", FakeApi)
+    assert compare_main(["team/dvtrain/evaluated", "team/dvtrain/trained", "--all"]) == 0
+    out = capsys.readouterr().out
+    table = markdown_rows(out)
+    worst = [c for c in table[("evaluated", "dverge")] if c.startswith("Worst L∞")]
+    assert worst == ["Worst L∞ ε=0.1"]  # one metric, one name, its ε in the header
+    assert table[("evaluated", "dverge")]["Worst L∞ ε=0.1"] == "62.12†" and table[("trained", "dverge")]["Worst L∞ ε=0.1"] == "71.87†"
+    assert table[("evaluated", "dverge")]["Transfer↓ ε=0.1"] == "20.00"
+    assert "evaluated: `dvtrain eval` | trained: the training-time evaluation" in out
+
+
 def test_wandb_logs_the_table_and_the_chart(runs, tmp_path, capsys):
     plot = tmp_path / "cmp.png"
     args = [str(runs["a"]), str(runs["b"]), "--wandb", "offline", "--wandb-dir", str(tmp_path), "--plot", str(plot)]
     assert compare_main(args) == 0
     printed = markdown_rows(capsys.readouterr().out)
-    assert plot.read_bytes()[:8] == PNG_SIGNATURE
+    assert (tmp_path / "cmp_accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
     (offline,) = sorted((tmp_path / "wandb").glob("offline-run-*"))
     history = [r["history"]["item"] for r in read_offline_run(offline) if r["type"] == "history"]
     logged = {k: v for item in history for k, v in item.items()}
-    assert logged["compare/table._type"] == "table-file" and logged["compare/chart._type"] == "image-file"
+    assert logged["compare/table._type"] == "table-file" and logged["compare/accuracy._type"] == "image-file"
     table = json.loads((offline / "files" / logged["compare/table.path"]).read_text())
-    assert table["columns"][:3] == ["run", "seed", "stages"] and [row[0] for row in table["data"]] == ["alpha", "beta"]
+    assert table["columns"][:4] == ["run", "seed", "stages", "stage"]
+    assert [row[0] for row in table["data"]] == ["alpha", "beta", "beta"]
     for row in table["data"]:
-        for column, value in zip(table["columns"][3:], row[3:]):
-            assert printed[row[0]][column] == ("—" if value is None else f"{value:.2f}")
+        for column, value in zip(table["columns"][4:], row[4:]):
+            assert printed[(row[0], row[3])][column] == ("—" if value is None else f"{value:.2f}")
 
 
 @pytest.mark.parametrize("case", ["missing", "not a run", "corrupt results", "stage absent", "group-by unknown key",
@@ -206,7 +399,7 @@ def test_errors_are_one_line_and_name_the_fix(runs, tmp_path, capsys, case):
     code = compare_main(args)
     captured = capsys.readouterr()
     if message is None:  # not an error: the arguments label the rows when run names clash
-        assert code == 0 and list(markdown_rows(captured.out)) == [str(runs["a"]), str(other)]
+        assert code == 0 and labels(markdown_rows(captured.out)) == [str(runs["a"]), str(other)]
         return
     assert code == cli.EXIT_USER_ERROR
     assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err

@@ -1,15 +1,20 @@
 """`dvtrain compare A B …`: the evaluation numbers of several experiments side by side.
 
-One row per experiment, with all its stages. An argument is a run directory (its results.json and
-config.yaml); a folder of offline W&B runs (`RUN_DIR/wandb`, or a run directory without results)
-whose runs are gathered by W&B group, one row per group; one offline run (an offline-run-* directory
-or its .wandb file, read back with wandb's own `wandb leet inspect`); or an online W&B group or run
-`entity/project/GROUP_OR_RUN_ID` (through `wandb.Api`). A stage's training run stores its numbers as
-summary keys eval/<attack>/<model> (and eval/<attack>/eps), `dvtrain eval` as
-eval/<stage>/<model>/<metric>. Columns: every config key that differs between the experiments, then
-(stage, metric, ε) of the mixture, or of every model with --submodels. `--group-by seed` gathers the
-experiments that differ only in the seed into one row of mean ± s.d. Accuracies are in percent;
-transfer_offdiag is a success rate (lower is better).
+An argument is a run directory (its results.json and config.yaml); a folder of offline W&B runs
+(`RUN_DIR/wandb`, or a run directory without results) whose runs are gathered by W&B group, one
+experiment per group; one offline run (an offline-run-* directory or its .wandb file, read back with
+wandb's own `wandb leet inspect`); or an online W&B group or run `entity/project/GROUP_OR_RUN_ID`
+(through `wandb.Api`). A stage's training run stores its numbers as summary keys eval/<metric>/<model>
+(and eval/<metric>/eps), `dvtrain eval` as eval/<stage>/<model>/<metric> (its ε from its config); both
+land in one column per (model, metric, ε), `dvtrain eval`'s number winning where both exist.
+
+The table has one row per (experiment, stage): the config keys the experiments differ in, then by
+default the headline figures of the mixture (clean, worst case per norm, black-box "all",
+transferability), one ε per column, named in the header; `--all` shows every metric at every ε.
+`--group-by seed` gathers the experiments that differ only in the seed into one row of mean ± s.d.
+with n. A cell marked † rests on another basis than the rest of its column (the attacks a worst case
+covers, the attack budget, the number of images): a legend line says which. Accuracies are in
+percent; transfer_offdiag is a success rate (lower is better).
 """
 
 from __future__ import annotations
@@ -21,13 +26,18 @@ import re
 import statistics
 import sys
 import tempfile
+import textwrap
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dvtrain import rundir
 from dvtrain.config import STAGES, WANDB_MODES, LoggingConfig, read_yaml
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.report import METRIC_ORDER, RESULTS_JSON, metric_name, result_metrics
+from dvtrain.eval.report import (
+    BLACKBOX_PREFIX, METRIC_ORDER, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, format_eps, metric_name, model_label,
+)
+from dvtrain.eval.transfer import mean_off_diagonal
 from dvtrain.paths import read_json_object
 from dvtrain.tracking import OFFLINE_RUN_GLOB, offline_run_info, read_offline_run
 
@@ -38,24 +48,40 @@ MIXTURE = "mixture"
 EPS = "eps"  # summary key eval/<attack>/eps: the attack's ε
 # Config keys that do not change what a run computes, or name it: never columns, never split a group.
 NOT_COMPARED = ("name", "runs_dir", "logging.", "provenance.", "_wandb.")
+# The default table's figures, in this order; the worst cases are the report's headline numbers.
+HEADLINE = ("clean", metric_name(WORST_CASE, "Linf"), metric_name(WORST_CASE, "L2"), BLACKBOX_PREFIX + "all",
+            TRANSFER_OFFDIAG)
+SHORT_NAMES = {"clean": "Clean", metric_name(WORST_CASE, "Linf"): "Worst L∞", metric_name(WORST_CASE, "L2"): "Worst L2",
+               BLACKBOX_PREFIX + "all": "BB all", TRANSFER_OFFDIAG: "Transfer↓"}
+LOWER_IS_BETTER = (TRANSFER_OFFDIAG,)
+TERMINAL_WIDTH = 160  # the legend is wrapped to this; the default table of a few runs fits in it
+KEY_WIDTH = 16  # dotted config keys longer than this are shown as first.….last where that is unambiguous
+NOT_COMPARABLE = "†"
+# What a W&B number rests on, where W&B does not say which attacks or images: where it was computed.
+TRAINING_TIME, FULL_EVALUATION = "the training-time evaluation", "`dvtrain eval`"
 LEGEND = (
-    "Accuracy (%) of the mixture (with --submodels, of each model) per stage and attack at ε; bb_*: black-box "
-    "transfer from a surrogate ensemble; transfer_offdiag: mean success (%) of one submodel's PGD examples on the "
-    "others (lower is better); with --group-by: mean ± s.d. over the n runs of a row."
+    "Accuracy (%) of the mixture (with --submodels, also of each submodel) at the ε in the header (L∞ and black-box: "
+    "pixels in [0, 1]; L2: the norm). Worst: images that survive every attack of that norm. BB all: black-box "
+    "transfer from a surrogate ensemble, every attack. Transfer↓: mean success (%) of one submodel's PGD examples "
+    "on the others (lower is better)."
 )
 
 Column = tuple[str, str, str, float | None]  # (stage, model, metric, ε); ε None where it is 0 or not known
+Shown = tuple[str, str, float | None]  # a table column: (model, metric, ε); the stage is the row's
 
 
 @dataclass
 class Experiment:
-    """One row: an experiment's numbers over all its stages, and its flattened config."""
+    """One experiment: its numbers over all its stages, what each rests on, and its flattened config."""
 
     label: str  # how the row is named
     source: str  # the argument it was read from
     values: dict[Column, float]
     config: dict[str, object] = field(default_factory=dict)
     from_wandb: bool = False  # a W&B group's runs: pieces of it given separately are one experiment
+    # What a number rests on (attacks of a worst case, budget, images), as text; absent where unknown.
+    basis: dict[Column, str] = field(default_factory=dict)
+    trained: bool = True  # False: only `dvtrain eval`'s W&B run, whose config yields to the training runs'
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -99,20 +125,67 @@ def read_source(arg: str) -> list[Experiment]:
     )
 
 
+def _budget_text(row: dict) -> str:
+    """What a white-box row rests on: the attacks of a worst case, its budget (if recorded), its images."""
+    parts = []
+    if row.get("of"):
+        parts.append("worst of " + ", ".join(row["of"]))
+    if row.get("budget") not in (None, "", {}):
+        budget = row["budget"]
+        parts.append(", ".join(f"{k}={v}" for k, v in budget.items()) if isinstance(budget, dict) else str(budget))
+    if row.get("n") is not None:
+        parts.append(f"n={row['n']}")
+    return "; ".join(parts)
+
+
+def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str]]:
+    """Every number of a results.json as (stage, model, metric, ε) → value, and what each rests on.
+
+    White-box rows under `metric_name`; where several rows share a column (the same ε evaluated with
+    other budgets), the worst case over the most attacks wins, then the later row. Black-box accuracies
+    as bb_<attack> at the surrogate's ε; the mixture's transfer_offdiag (mean off-diagonal transfer
+    success, lower is better) at the transfer ε. Rows at different ε stay apart.
+    """
+    values: dict[Column, float] = {}
+    basis: dict[Column, str] = {}
+    attacks: dict[Column, int] = {}
+    for row in results.get("eval", []):
+        if row.get("accuracy") is None:
+            continue
+        column = (row["stage"], row["model"], metric_name(row["attack"], row.get("norm")), row.get("eps") or None)
+        covered = len(row.get("of") or ())
+        if covered >= attacks.get(column, 0):
+            values[column], basis[column], attacks[column] = row["accuracy"], _budget_text(row), covered
+    surrogate = results.get("blackbox_surrogate", {})
+    bb_basis = (f"surrogate ×{surrogate.get('size')}, {surrogate.get('steps')} steps, {surrogate.get('restarts')} "
+                f"restarts; n={surrogate.get('n_images')}") if surrogate else ""
+    for stage, table in results.get("blackbox", {}).items():
+        for m, model in enumerate(table["models"]):
+            for a, attack in enumerate(table["attacks"]):
+                column = (stage, model, BLACKBOX_PREFIX + attack, surrogate.get("eps") or None)
+                if table["accuracy"][m][a] is not None:
+                    values[column], basis[column] = table["accuracy"][m][a], bb_basis
+    for stage, matrix in results.get("transfer", {}).items():
+        off = mean_off_diagonal(matrix)
+        if off is not None:
+            column = (stage, MIXTURE, TRANSFER_OFFDIAG, matrix.get("eps") or None)
+            values[column] = off
+            # Not its n_images: the images every submodel classifies correctly differ from run to run.
+            basis[column] = f"{matrix.get('steps')} steps, {matrix.get('restarts')} restarts"
+    return values, {c: b for c, b in basis.items() if b}
+
+
 def read_run_dir(path: Path) -> Experiment:
     fix = f"evaluate the run again with `dvtrain eval {path}`"
     results = read_json_object(path / RESULTS_JSON, "results file", fix)
     try:
-        eps = {(r["stage"], r["model"], metric_name(r["attack"], r.get("norm"))): r.get("eps")
-               for r in results.get("eval", [])}
-        values = {(stage, model, metric, eps.get((stage, model, metric)) or None): value
-                  for (stage, model, metric), value in result_metrics(results).items()}
+        values, basis = results_values(results)
     except (KeyError, TypeError, AttributeError, IndexError):
         raise DvtrainError(f"{path / RESULTS_JSON} does not hold dvtrain's results; {fix}") from None
     if not values:
         raise DvtrainError(f"{path} has no evaluation results yet; run `dvtrain eval {path}` first")
     config = flatten(read_yaml(path / CONFIG_YAML)) if (path / CONFIG_YAML).is_file() else {}
-    return Experiment(results.get("run", path.name), str(path), values, config)
+    return Experiment(results.get("run", path.name), str(path), values, config, basis=basis)
 
 
 def offline_runs(path: Path) -> list[Path]:
@@ -170,25 +243,49 @@ def _stage_of(name: str, job_type: str | None) -> str | None:
     return next((stage for stage in STAGES if name.endswith("-" + stage)), None)
 
 
+def metric_eps(metric: str, config: dict[str, object]) -> float | None:
+    """The ε a `dvtrain eval` number was computed at, from that run's flattened config: eval.transfer.eps
+    for black-box and transfer, eval.l2_eps for L2 attacks, eval.eps for the other attacks, none for clean."""
+    if metric == "clean":
+        return None
+    if metric.startswith(BLACKBOX_PREFIX) or metric == TRANSFER_OFFDIAG:
+        key = "eval.transfer.eps"
+    else:
+        key = "eval.l2_eps" if "l2" in metric.split("_") else "eval.eps"
+    eps = config.get(key)
+    return float(eps) if isinstance(eps, (int, float)) and eps else None
+
+
 def experiment_from_wandb(label: str, runs: list[tuple[str, str | None, dict, dict]], source: str) -> Experiment:
-    """One experiment from its W&B runs (name, job type, config, summary): eval/<attack>/<model> of each
-    stage's run, eval/<stage>/<model>/<metric> of `dvtrain eval`'s. Tables and images are skipped."""
-    values: dict[Column, float] = {}
+    """One experiment from its W&B runs (name, job type, config, summary): eval/<metric>/<model> (at
+    eval/<metric>/eps) of each stage's run, eval/<stage>/<model>/<metric> of `dvtrain eval`'s, whose ε
+    comes from its config. One metric at one ε is one column: `dvtrain eval`'s number replaces the
+    training-time one. Tables and images are skipped."""
+    training: dict[Column, float] = {}
+    evaluated: dict[Column, float] = {}
     config: dict[str, object] = {}
+    evaluation_config: dict[str, object] = {}
     for name, job_type, run_config, summary in runs:
-        config.update(flatten(run_config))
+        own_config = flatten(run_config)
         stage = _stage_of(name, job_type)
+        # The experiment is what its training runs ran; the eval run's overrides (eval.*) are how it was
+        # measured, which the † marks show, so they neither split a group nor become columns.
+        (config if stage is not None else evaluation_config).update(own_config)
         numbers = {tuple(k.split("/")[1:]): v for k, v in summary.items()
                    if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for key, value in numbers.items():
             if len(key) == 3:
-                values[(key[0], key[1], key[2], None)] = float(value)
+                evaluated[(key[0], key[1], key[2], metric_eps(key[2], own_config))] = float(value)
             elif len(key) == 2 and stage is not None and key[1] != EPS:
-                values[(stage, key[1], key[0], numbers.get((key[0], EPS)) or None)] = float(value)
-    if not values:
+                training[(stage, key[1], key[0], numbers.get((key[0], EPS)) or None)] = float(value)
+    if not training and not evaluated:
         raise DvtrainError(f"the W&B runs of {source} have no evaluation numbers (summary keys eval/...); pass runs "
                            "of `dvtrain train` or `dvtrain eval` that finished")
-    return Experiment(label, source, values, config, from_wandb=True)
+    # Only a worst case changes meaning with the attacks that ran; W&B does not record which did.
+    basis = {c: TRAINING_TIME for c in training if c[2].startswith(WORST_CASE)}
+    basis |= {c: FULL_EVALUATION for c in evaluated if c[2].startswith(WORST_CASE)}
+    return Experiment(label, source, training | evaluated, evaluation_config | config, from_wandb=True, basis=basis,
+                      trained=bool(training))
 
 
 def merge_wandb_groups(experiments: list[Experiment]) -> list[Experiment]:
@@ -202,8 +299,13 @@ def merge_wandb_groups(experiments: list[Experiment]) -> list[Experiment]:
             if e.from_wandb:
                 merged[e.label] = e
             continue
-        first.values.update(e.values)
-        first.config.update(e.config)
+        for column, value in e.values.items():  # a training-time number never replaces `dvtrain eval`'s
+            if first.basis.get(column) != FULL_EVALUATION or e.basis.get(column) == FULL_EVALUATION:
+                first.values[column] = value
+                if column in e.basis:
+                    first.basis[column] = e.basis[column]
+        first.config = (e.config | first.config) if not e.trained else (first.config | e.config)
+        first.trained = first.trained or e.trained
         if e.source not in first.source.split(" "):
             first.source += " " + e.source
     return out
@@ -212,18 +314,30 @@ def merge_wandb_groups(experiments: list[Experiment]) -> list[Experiment]:
 # ----------------------------------------------------------------------------- the table
 
 
-def _column_order(column: Column) -> tuple:
-    stage, model, metric, eps = column
-    stage_rank = STAGES.index(stage) if stage in STAGES else len(STAGES)
-    model_rank = (model == MIXTURE, int(model[3:]) if model[3:].isdigit() else 0, model)
+def _stage_rank(stage: str) -> tuple:
+    return (STAGES.index(stage) if stage in STAGES else len(STAGES), stage)
+
+
+def _shown_order(shown: Shown) -> tuple:
+    model, metric, eps = shown
+    model_rank = (model != MIXTURE, int(model[3:]) if model[3:].isdigit() else 0, model)
+    headline = HEADLINE.index(metric) if metric in HEADLINE else len(HEADLINE)
     metric_rank = METRIC_ORDER.index(metric) if metric in METRIC_ORDER else len(METRIC_ORDER)
-    return stage_rank, stage, model_rank, metric_rank, metric, eps or 0.0
+    return model_rank, headline, metric_rank, metric, eps or 0.0
+
+
+def shown_label(shown: Shown) -> str:
+    """A table header: the metric's short name, the model where it is not the mixture, and the ε."""
+    model, metric, eps = shown
+    name = SHORT_NAMES.get(metric, metric)
+    name = name if model == MIXTURE else f"{model_label('', model)} {name}"
+    return f"{name} ε={format_eps(eps)}" if eps else name
 
 
 def column_label(column: Column) -> str:
+    """The stage and the header of a number: how CSV and W&B tables name it in one string."""
     stage, model, metric, eps = column
-    name = f"{stage} {metric}" if model == MIXTURE else f"{stage} {model} {metric}"
-    return f"{name} ε={eps:.4g}" if eps else name
+    return f"{stage} {shown_label((model, metric, eps))}"
 
 
 def differing_keys(experiments: list[Experiment], ignore: tuple[str, ...] = ()) -> list[str]:
@@ -232,16 +346,62 @@ def differing_keys(experiments: list[Experiment], ignore: tuple[str, ...] = ()) 
     return [k for k in keys if len({json.dumps(e.config.get(k), sort_keys=True) for e in experiments}) > 1]
 
 
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Config key → header: a key longer than KEY_WIDTH as its first and last parts ("dverge_advt.….lr")
+    where no other key of the table shortens to the same."""
+    def shorten(key: str) -> str:
+        parts = key.split(".")
+        return f"{parts[0]}.….{parts[-1]}" if len(key) > KEY_WIDTH and len(parts) > 2 else key
+
+    counts = Counter(shorten(k) for k in keys)
+    return {k: shorten(k) if counts[shorten(k)] == 1 else k for k in keys}
+
+
+def select_columns(experiments: list[Experiment], stage: str | None, submodels: bool, everything: bool) -> list[Shown]:
+    """The table's columns, (model, metric, ε): every one present with `everything`, else the HEADLINE
+    metrics, each at the one ε most experiments have (ties: the larger) — never two ε merged into one
+    column. Only the mixture's unless `submodels`; only `stage`'s numbers if given."""
+    def wanted(column: Column) -> bool:
+        return (stage is None or column[0] == stage) and (submodels or column[1] == MIXTURE)
+
+    for e in experiments:
+        if not any(wanted(c) for c in e.values):
+            raise DvtrainError(f"{e.source} has no numbers for stage {stage}; drop --stage or pass runs that have it")
+    present = {(c[1], c[2], c[3]) for e in experiments for c in e.values if wanted(c)}
+    if everything:
+        return sorted(present, key=_shown_order)
+    chosen = []
+    for model, metric in dict.fromkeys((m, k) for m, k, _ in sorted(present, key=_shown_order) if k in HEADLINE):
+        votes = Counter(eps for e in experiments
+                        for eps in {c[3] for c in e.values if wanted(c) and (c[1], c[2]) == (model, metric)})
+        chosen.append((model, metric, max(votes, key=lambda eps: (votes[eps], eps or 0.0))))
+    return chosen
+
+
+def hidden_count(experiments: list[Experiment], columns: list[Shown], stage: str | None, submodels: bool) -> int:
+    """How many (model, metric, ε) columns --all would add."""
+    return len(set(select_columns(experiments, stage, submodels, True)) - set(columns))
+
+
 @dataclass
 class Row:
+    """One row of the table: the experiments of a group (one without --group-by) at one stage."""
+
     label: str
+    stage: str
     config: list[str]  # the differing config values, as shown
     cells: list[list[float]]  # per column: the values of the row's runs (one without --group-by)
+    bases: list[list[str | None]]  # per column: what each of those values rests on (None: not known)
+    members: list[list[str]]  # per column: the experiments those values come from
+    runs: int = 1  # experiments in the row's group
+    marks: list[bool] = field(default_factory=list)  # per column: not comparable with the rest of the column
 
 
-def table_rows(experiments: list[Experiment], columns: list[Column], keys: list[str], group_by: list[str]) -> list[Row]:
-    """One row per experiment; with `group_by`, one per set of experiments whose differing config keys
-    agree except those in `group_by` (e.g. the seeds of one setting)."""
+def table_rows(experiments: list[Experiment], columns: list[Shown], keys: list[str], group_by: list[str],
+               stage: str | None = None) -> list[Row]:
+    """One row per (experiment, stage), stages in training order; with `group_by`, one per set of
+    experiments whose differing config keys agree except those in `group_by` (e.g. the seeds of one
+    setting) and stage. Then marks the cells that are not comparable (see `mark_incomparable`)."""
     groups: dict[str, list[Experiment]] = {}
     for e in experiments:
         signature = json.dumps([e.config.get(k) for k in keys if k not in group_by], sort_keys=True)
@@ -249,9 +409,54 @@ def table_rows(experiments: list[Experiment], columns: list[Column], keys: list[
     rows = []
     for members in groups.values():
         shown = [", ".join(dict.fromkeys(_show(m.config.get(k)) for m in members)) for k in keys]
-        cells = [[m.values[c] for m in members if c in m.values] for c in columns]
-        rows.append(Row(", ".join(m.label for m in members), shown, cells))
+        stages = sorted({c[0] for m in members for c in m.values if stage is None or c[0] == stage}, key=_stage_rank)
+        for s in stages:
+            cells = [[m.values[(s, *c)] for m in members if (s, *c) in m.values] for c in columns]
+            if not any(cells):
+                continue
+            bases = [[m.basis.get((s, *c)) for m in members if (s, *c) in m.values] for c in columns]
+            names = [[m.label for m in members if (s, *c) in m.values] for c in columns]
+            rows.append(Row(", ".join(m.label for m in members), s, shown, cells, bases, names, len(members)))
+    mark_incomparable(rows)
     return rows
+
+
+def mark_incomparable(rows: list[Row]) -> None:
+    """Mark, per stage and column, the cells whose numbers rest on another basis than most of the column's
+    (other attacks in a worst case, another budget, other images; all of them where no basis is the
+    majority), and the cells of a group whose runs disagree among themselves. Numbers whose basis is
+    not known are never marked."""
+    for row in rows:
+        row.marks = [len(set(b for b in bases if b is not None)) > 1 for bases in row.bases]
+    for stage in dict.fromkeys(r.stage for r in rows):
+        own = [r for r in rows if r.stage == stage]
+        for k in range(len(own[0].cells)):
+            known = Counter(b for r in own for b in r.bases[k] if b is not None)
+            if len(known) < 2:
+                continue
+            (first, n_first), (_, n_second) = known.most_common(2)
+            common = first if n_first > n_second else None  # no majority: every cell is marked
+            for r in own:
+                r.marks[k] = r.marks[k] or any(b not in (None, common) for b in r.bases[k])
+
+
+def incomparable_notes(rows: list[Row], columns: list[Shown]) -> list[str]:
+    """A legend line per column with a marked cell: which experiments' numbers rest on what, the stages
+    that share that story named together."""
+    said: dict[tuple[str, str], list[str]] = {}  # (column, what rests on what) → stages
+    for stage in dict.fromkeys(r.stage for r in rows):
+        own = [r for r in rows if r.stage == stage]
+        for k, column in enumerate(columns):
+            if not any(r.marks[k] for r in own):
+                continue
+            who: dict[str, list[str]] = {}
+            for r in own:
+                for name, b in zip(r.members[k], r.bases[k]):
+                    if b is not None:
+                        who.setdefault(b, []).append(name)
+            story = " | ".join(f"{', '.join(names)}: {b}" for b, names in who.items())
+            said.setdefault((shown_label(column), story), []).append(stage)
+    return [f"{NOT_COMPARABLE} {column} ({', '.join(stages)}) — {story}" for (column, story), stages in said.items()]
 
 
 def _show(value: object) -> str:
@@ -260,23 +465,14 @@ def _show(value: object) -> str:
     return "—" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def cell_text(values: list[float]) -> str:
+def cell_text(values: list[float], marked: bool = False, runs: int = 1) -> str:
+    """Two decimals; mean ± sample s.d. for several runs, "(n=k)" where only k of the row's `runs` have
+    the number; † where not comparable with its column."""
     if not values:
         return "—"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-def comparison(experiments: list[Experiment], stage: str | None, submodels: bool) -> list[Column]:
-    """Columns present in any experiment (of `stage` if given; the mixture's unless `submodels`)."""
-    def wanted(column: Column) -> bool:
-        return (stage is None or column[0] == stage) and (submodels or column[1] == MIXTURE)
-
-    for e in experiments:
-        if not any(wanted(c) for c in e.values):
-            raise DvtrainError(f"{e.source} has no numbers for stage {stage}; drop --stage or pass runs that have it")
-    return sorted({c for e in experiments for c in e.values if wanted(c)}, key=_column_order)
+    text = f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    text += f" (n={len(values)})" if len(values) < runs else ""
+    return text + NOT_COMPARABLE if marked else text
 
 
 def unique_labels(experiments: list[Experiment]) -> None:
@@ -287,35 +483,60 @@ def unique_labels(experiments: list[Experiment]) -> None:
             e.label = e.source
 
 
-def markdown_table(rows: list[Row], keys: list[str], columns: list[Column], grouped: bool) -> str:
-    header = ["Run", *keys, *(["n"] if grouped else []), *(column_label(c) for c in columns)]
-    lines = ["| " + " | ".join(header) + " |", "|---" * (1 + len(keys)) + "|---:" * (len(header) - 1 - len(keys)) + "|"]
+def markdown_table(rows: list[Row], keys: list[str], columns: list[Shown], grouped: bool) -> str:
+    """The printed table: a row per (experiment, stage); an experiment's name and config values are
+    written on its first row only, so its stages read as one block."""
+    names = short_keys(keys)
+    header = ["Run", *(names[k] for k in keys), *(["n"] if grouped else []), "Stage", *(shown_label(c) for c in columns)]
+    lines = ["| " + " | ".join(header) + " |",
+             "|---" * (2 + len(keys)) + "|---:" * (len(header) - 2 - len(keys)) + "|"]
+    previous = None
     for row in rows:
-        n = [str(max((len(v) for v in row.cells), default=0))] if grouped else []
-        lines.append("| " + " | ".join([row.label, *row.config, *n, *(cell_text(v) for v in row.cells)]) + " |")
+        first = (row.label, row.config) != previous
+        previous = (row.label, row.config)
+        lead = [row.label, *row.config, *([str(row.runs)] if grouped else [])] if first else [""] * (1 + len(keys) + grouped)
+        lines.append("| " + " | ".join([*lead, row.stage, *(cell_text(v, m, row.runs) for v, m in zip(row.cells, row.marks))]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: Path, rows: list[Row], keys: list[str], columns: list[Column]) -> None:
-    """The same numbers at full precision (mean and s.d. columns for rows of several runs); empty cells
-    where a row lacks a column."""
-    def sd(values: list[float]) -> str:
-        return repr(statistics.stdev(values)) if len(values) > 1 else ""
+def legend(rows: list[Row], keys: list[str], columns: list[Shown], grouped: bool, hidden: int) -> str:
+    """The lines under the table: what the numbers are, abbreviated keys, † notes, what --all adds."""
+    lines = [LEGEND + (" Cells: mean ± s.d. over the n runs of a row; (n=k): over the k of them that have the number."
+                       if grouped else "")]
+    short = {k: v for k, v in short_keys(keys).items() if k != v}
+    if short:
+        lines.append("Config keys: " + ", ".join(f"{v} = {k}" for k, v in short.items()) + ".")
+    lines += incomparable_notes(rows, columns)
+    if hidden:
+        lines.append(f"{hidden} more columns (other attacks, models or ε): --all.")
+    return "\n".join(textwrap.fill(line, TERMINAL_WIDTH, subsequent_indent="  ") for line in lines)
+
+
+def write_csv(path: Path, rows: list[Row], keys: list[str], columns: list[Shown], grouped: bool) -> None:
+    """The same numbers at full precision, one row per (experiment, stage); with --group-by the row's
+    number of runs n, and per number its s.d. (empty where one run has it) and how many runs have it;
+    empty cells where a row lacks a number."""
+    def mean(values: list[float]) -> str:
+        return repr(statistics.mean(values)) if values else ""
+
+    def spread(values: list[float]) -> list[object]:
+        return [repr(statistics.stdev(values)) if len(values) > 1 else "", len(values)] if grouped else []
 
     tmp = path.with_name(path.name + ".tmp")  # renamed into place once whole: never a half-written table
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", *keys, "n", *(part for c in columns for part in (column_label(c), column_label(c) + " sd"))])
+        writer.writerow(["run", *keys, *(["n"] if grouped else []), "stage",
+                         *(part for c in columns
+                           for part in [shown_label(c), *([shown_label(c) + " sd", shown_label(c) + " n"] if grouped else [])])])
         for row in rows:
-            n = max((len(v) for v in row.cells), default=0)
-            writer.writerow([row.label, *row.config, n, *(part for v in row.cells
-                                                          for part in ((repr(statistics.mean(v)) if v else ""), sd(v)))])
+            writer.writerow([row.label, *row.config, *([row.runs] if grouped else []), row.stage,
+                             *(part for v in row.cells for part in [mean(v), *spread(v)])])
     tmp.replace(path)
 
 
 def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path, rows: list[Row], keys: list[str],
-                   columns: list[Column], sources: list[str], plot: Path) -> None:
-    """A new W&B run (job type compare) holding the table (means) as a wandb.Table and the chart as a wandb.Image."""
+                   columns: list[Shown], sources: list[str], plots: list[Path]) -> None:
+    """A new W&B run (job type compare) holding the table (means) as a wandb.Table and the charts as wandb.Images."""
     from dvtrain.tracking import Tracker
 
     tracker = Tracker(LoggingConfig(wandb=mode, project=project, entity=entity, progress=False), wandb_dir,
@@ -326,10 +547,11 @@ def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path,
 
     exit_code = 1
     try:
-        table = wandb.Table(columns=["run", *keys, *(column_label(c) for c in columns)],
-                            data=[[row.label, *row.config, *(statistics.mean(v) if v else None for v in row.cells)]
-                                  for row in rows])
-        tracker.run.log({"compare/table": table, "compare/chart": wandb.Image(str(plot))})
+        table = wandb.Table(columns=["run", *keys, "stage", *(shown_label(c) for c in columns)],
+                            data=[[row.label, *row.config, row.stage,
+                                   *(statistics.mean(v) if v else None for v in row.cells)] for row in rows])
+        tracker.run.log({"compare/table": table}
+                        | {f"compare/{plot.stem.rpartition('_')[2]}": wandb.Image(str(plot)) for plot in plots})
         exit_code = 0
     finally:
         tracker.finish(exit_code)
@@ -339,23 +561,43 @@ def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dvtrain compare", description="Compare the evaluation numbers of runs side by side.")
+    parser = argparse.ArgumentParser(
+        prog="dvtrain compare",
+        description="Compare the evaluation numbers of runs side by side: by default the headline figures "
+                    "(clean, worst case per norm, black-box, transferability), one row per run and stage.")
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="run directory, its wandb folder (RUN_DIR/wandb), an offline W&B run "
                              "(RUN_DIR/wandb/offline-run-*) or an online W&B group or run (entity/project/GROUP_OR_RUN_ID)")
-    parser.add_argument("--stage", help="only this stage's columns")
+    parser.add_argument("--stage", help="only this stage's rows")
     parser.add_argument("--submodels", action="store_true", help="also every submodel's columns")
+    parser.add_argument("--all", "--full", dest="everything", action="store_true",
+                        help="every metric at every ε, not only the headline figures")
     parser.add_argument("--group-by", action="append", default=[], metavar="KEY",
                         help="config key the runs of one row may differ in, e.g. seed: one row of mean ± s.d. per "
                              "setting of the other keys (repeatable)")
     parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the table as CSV (full precision)")
-    parser.add_argument("--plot", type=Path, metavar="FILE", help="also draw the table as a bar chart (PNG)")
+    parser.add_argument("--plot", type=Path, metavar="FILE",
+                        help="also draw the table as bar charts, one PNG per kind of number: FILE's stem + _accuracy.png "
+                             "and, where there are transfer numbers, + _transfer.png")
     parser.add_argument("--wandb", choices=[m for m in WANDB_MODES if m != "disabled"],
-                        help="log the table and chart to a new W&B run (auto: online with a key, else offline)")
+                        help="log the table and charts to a new W&B run (auto: online with a key, else offline)")
     parser.add_argument("--project", default=LoggingConfig.project, help="W&B project for --wandb")
     parser.add_argument("--entity", help="W&B entity for --wandb")
     parser.add_argument("--wandb-dir", type=Path, default=Path("."), help="where --wandb writes its files (DIR/wandb/)")
     return parser
+
+
+def draw(rows: list[Row], columns: list[Shown], path: Path) -> list[Path]:
+    """The comparison charts (see `dvtrain.eval.plots.comparison_plots`): accuracies, and transfer success."""
+    from dvtrain.eval.plots import comparison_plots
+
+    series = {}
+    for row in rows:
+        for column, values in zip(columns, row.cells):
+            if values:
+                series.setdefault(row.label, {})[(row.stage, shown_label(column))] = values
+    kinds = {shown_label(c): ("transfer" if c[1] in LOWER_IS_BETTER else "accuracy") for c in columns}
+    return comparison_plots(series, kinds, [s for s in dict.fromkeys(r.stage for r in rows)], path)
 
 
 def compare_main(argv: list[str] | None = None) -> int:
@@ -367,23 +609,23 @@ def compare_main(argv: list[str] | None = None) -> int:
         if unknown:
             raise DvtrainError(f"--group-by {unknown[0]} is not a config key of these runs; pass a dotted key such as "
                                "seed or dverge.eps")
-        columns = comparison(experiments, args.stage, args.submodels)
+        columns = select_columns(experiments, args.stage, args.submodels, args.everything)
         unique_labels(experiments)
         keys = differing_keys(experiments)
-        rows = table_rows(experiments, columns, keys, args.group_by)
-        print(markdown_table(rows, keys, columns, bool(args.group_by)) + "\n" + LEGEND, flush=True)
+        grouped = bool(args.group_by)
+        rows = table_rows(experiments, columns, keys, args.group_by, args.stage)
+        hidden = 0 if args.everything else hidden_count(experiments, columns, args.stage, args.submodels)
+        print(markdown_table(rows, keys, columns, grouped) + "\n" + legend(rows, keys, columns, grouped, hidden), flush=True)
         if args.csv:
-            write_csv(args.csv, rows, keys, columns)
+            write_csv(args.csv, rows, keys, columns, grouped)
         if args.plot or args.wandb:
-            from dvtrain.eval.plots import comparison_plot
-
-            means = [[statistics.mean(v) if v else None for v in row.cells] for row in rows]
             with tempfile.TemporaryDirectory() as tmp:
-                plot = comparison_plot([row.label for row in rows], [column_label(c) for c in columns], means,
-                                       "dvtrain compare", args.plot or Path(tmp) / "compare.png")
+                plots = draw(rows, columns, args.plot or Path(tmp) / "compare.png")
+                if args.plot:
+                    print("plots: " + ", ".join(str(p) for p in plots), flush=True)
                 if args.wandb:
                     log_comparison(args.wandb, args.project, args.entity, args.wandb_dir, rows, keys, columns,
-                                   args.runs, plot)
+                                   args.runs, plots)
         return 0
     except DvtrainError as exc:
         print(f"dvtrain: error: {exc}", file=sys.stderr)

@@ -7,12 +7,14 @@ probabilities [N, K], which any library can treat as logits.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dvtrain import checkpoint, rundir
+from dvtrain.compute import set_threads
 from dvtrain.config import Config, load_config
 from dvtrain.data import Dataset, load_dataset
 from dvtrain.errors import DvtrainError
@@ -20,6 +22,7 @@ from dvtrain.mixture import Mixture
 from dvtrain.submodels import Owned, build_submodel
 
 CONFIG_FILE = rundir.CONFIG
+THREADS_ENV = "OMP_NUM_THREADS"  # a user who sets it has chosen the thread count: the API leaves it alone
 
 
 def load_submodel_weights(cfg: Config, data: Dataset, path: Path, device: torch.device) -> list[nn.Module]:
@@ -49,17 +52,31 @@ def load_stage(run_dir: Path, cfg: Config, data: Dataset, stage: str, device: to
     return load_submodel_weights(cfg, data, checkpoint.latest(checkpoint.stage_dir(run_dir, stage)), device)
 
 
+def thread_policy(cfg: Config) -> int:
+    """The CLI's torch thread count for the API: the run's `compute.threads` (default 1; see
+    `dvtrain.compute.set_threads`), unless OMP_NUM_THREADS is set, which then stands. Returns the count.
+
+    Why: torch's default of one thread per core makes attacks on a busy machine many times slower (the
+    README's AutoAttack example: not done after 600 s at the default, 135 s at one thread on 2 shared
+    cores). To choose another count in Python, call `torch.set_num_threads(k)` after loading."""
+    if os.environ.get(THREADS_ENV):
+        return torch.get_num_threads()
+    return set_threads(cfg.compute)
+
+
 def load_submodels(run_dir: str | Path, stage: str, device: str | torch.device | None = None) -> list[nn.Module]:
     """The submodels of a finished stage of a dvtrain run, in eval mode, on `device` (default: CPU).
 
-    Each maps images [N, C, H, W] in [0, 1] to logits [N, K]. Raises DvtrainError if RUN_DIR is not a
-    run directory or the stage has no finished checkpoint there.
+    Each maps images [N, C, H, W] in [0, 1] to logits [N, K]. Sets torch's CPU threads as the CLI
+    does (`thread_policy`: the run's compute.threads unless OMP_NUM_THREADS is set). Raises
+    DvtrainError if RUN_DIR is not a run directory or the stage has no finished checkpoint there.
     """
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise DvtrainError(f"{run_dir} is not a dvtrain run directory (no {CONFIG_FILE}); pass the directory train wrote")
     cfg = load_config(run_dir / CONFIG_FILE)
     finished_stages(run_dir, cfg, [stage])
+    thread_policy(cfg)
     device = torch.device("cpu" if device is None else device)
     return load_stage(run_dir, cfg, load_dataset(cfg.data), stage, device)
 
@@ -68,6 +85,6 @@ def load_mixture(run_dir: str | Path, stage: str, device: str | torch.device | N
     """The ensemble of a finished stage as one model (`dvtrain.mixture.Mixture`), in eval mode.
 
     Input images [N, C, H, W] in [0, 1]; output log (1/M) Σ_i softmax(f_i(x)) [N, K], usable as logits
-    by any attack library (e.g. AutoAttack). Errors as `load_submodels`.
+    by any attack library (e.g. AutoAttack). Threads and errors as `load_submodels`.
     """
     return Mixture(load_submodels(run_dir, stage, device)).eval()

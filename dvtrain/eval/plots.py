@@ -7,12 +7,14 @@ path it wrote.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dvtrain import rundir
+from dvtrain.eval.report import model_label
 
 PLOTS_DIR = rundir.PLOTS
 DPI = 120
@@ -20,14 +22,20 @@ CELL_INCHES = 0.9  # heat-map cell size, so the numbers written in the cells sta
 MIN_SIDE_INCHES = 3.5
 LINE_FIGSIZE = (6.0, 4.0)
 BAR_HEIGHT_INCHES = 4.5
-BAR_GROUP_INCHES = 0.5  # width per bar group (column) of a comparison chart
+BAR_GROUP_INCHES = 1.3  # width per bar group (column) of a comparison chart
+BAR_SPAN = 0.8  # of a group's width, the part its bars fill
+LEGEND_INCHES = 2.0  # room right of the axes for the legend of runs
+MAX_WIDTH_INCHES = 16.0  # a comparison chart never grows wider (1920 px at DPI)
+ERROR_CAP = 3  # points
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 PERCENT_RANGE = (0.0, 100.0)
 HEATMAP_COLORS = "Reds"
 DARK_CELL = 60.0  # cells above this success rate get white text
 LINE_WIDTH, MIXTURE_LINE_WIDTH = 1.0, 3.0
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Lay the figure out and write it as PNG at DPI (creating the folder); returns `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
@@ -36,8 +44,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _display(name: str) -> str:
-    """sub0 → S1 (the paper numbers submodels from 1), mixture → Mixture."""
-    return f"S{int(name.removeprefix('sub')) + 1}" if name.startswith("sub") else name.capitalize()
+    """sub0 → Submodel 1, mixture → Mixture: the names of the results tables."""
+    return model_label("", name)
 
 
 def transfer_heatmap(matrix: dict, title: str, path: Path) -> Path:
@@ -47,7 +55,7 @@ def transfer_heatmap(matrix: dict, title: str, path: Path) -> Path:
     fig = Figure(figsize=(max(MIN_SIDE_INCHES, CELL_INCHES * (len(cols) + 1)), max(MIN_SIDE_INCHES, CELL_INCHES * len(rows))))
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap=HEATMAP_COLORS, vmin=PERCENT_RANGE[0], vmax=PERCENT_RANGE[1])
-    ax.set_xticks(range(len(cols)), [_display(c) for c in cols])
+    ax.set_xticks(range(len(cols)), [_display(c) for c in cols], rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), [_display(r) for r in rows])
     ax.set_xlabel("target model")
     ax.set_ylabel("source submodel")
@@ -57,7 +65,7 @@ def transfer_heatmap(matrix: dict, title: str, path: Path) -> Path:
                     color="white" if v == v and v > DARK_CELL else "black")
     fig.colorbar(image, ax=ax, label="attack success (%)")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def eps_sweep_plot(sweep: dict, title: str, path: Path) -> Path:
@@ -72,24 +80,63 @@ def eps_sweep_plot(sweep: dict, title: str, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def comparison_plot(runs: list[str], columns: list[str], values: list[list[float | None]], title: str, path: Path) -> Path:
-    """Grouped bars: one group per column (stage and metric), one bar per run; missing values are gaps."""
-    fig = Figure(figsize=(max(LINE_FIGSIZE[0], BAR_GROUP_INCHES * len(columns) * max(len(runs), 1)), BAR_HEIGHT_INCHES))
-    ax = fig.add_subplot()
-    width = 1.0 / (len(runs) + 1)
-    for r, (run, row) in enumerate(zip(runs, values)):
-        xs = [c + r * width for c, v in enumerate(row) if v is not None]
-        ax.bar(xs, [v for v in row if v is not None], width=width, label=run)
-    ax.set_xticks([c + width * (len(runs) - 1) / 2 for c in range(len(columns))], columns, rotation=45, ha="right")
-    ax.set_ylabel("%")
+def _bars(ax, series: dict[str, dict[tuple[str, str], list[float]]], groups: list[tuple[str, str]],
+          tick: list[str]) -> None:
+    """One bar per run in each group: the mean, with the sample s.d. as an error bar where a run has
+    several values (seeds); a run without a group's number leaves a gap."""
+    width = BAR_SPAN / max(len(series), 1)
+    for r, (run, values) in enumerate(series.items()):
+        at = [(g, values[key]) for g, key in enumerate(groups) if key in values]
+        if not at:  # nothing of this run here: no legend entry (its colour stays its own in every figure)
+            continue
+        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in at]
+        ax.bar([g + (r - (len(series) - 1) / 2) * width for g, _ in at], [statistics.mean(v) for _, v in at],
+               width=width, label=run, color=COLORS[r % len(COLORS)],
+               yerr=spread if any(spread) else None, capsize=ERROR_CAP, error_kw={"elinewidth": LINE_WIDTH})
+    ax.set_xticks(range(len(groups)), tick)
     ax.set_ylim(*PERCENT_RANGE)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    return _save(fig, path)
+
+
+def comparison_plots(series: dict[str, dict[tuple[str, str], list[float]]], kinds: dict[str, str], stages: list[str],
+                     path: Path) -> list[Path]:
+    """`dvtrain compare --plot FILE`: one PNG per kind of number, FILE's stem + _accuracy.png (one panel
+    per stage, a bar group per accuracy column) and, where there are transfer numbers, + _transfer.png
+    (transfer success, lower is better: a bar group per stage). `series`: run → (stage, column) → the
+    values of the run's seeds (mean drawn, s.d. as error bar); `kinds`: column → "accuracy" | "transfer".
+    """
+    path = Path(path)
+    written = []
+    accuracy = [c for c, k in kinds.items() if k == "accuracy"]
+    panels = [s for s in stages if any((s, c) in v for v in series.values() for c in accuracy)]
+    if panels:
+        widths = [max(1, sum(any((s, c) in v for v in series.values()) for c in accuracy)) for s in panels]
+        fig = Figure(figsize=(min(MAX_WIDTH_INCHES, max(LINE_FIGSIZE[0], BAR_GROUP_INCHES * sum(widths) + LEGEND_INCHES)),
+                              BAR_HEIGHT_INCHES))
+        axes = fig.subplots(1, len(panels), sharey=True, squeeze=False, gridspec_kw={"width_ratios": widths})[0]
+        for ax, stage in zip(axes, panels):
+            columns = [c for c in accuracy if any((stage, c) in v for v in series.values())]
+            _bars(ax, series, [(stage, c) for c in columns], [c.replace(" ε=", "\nε=") for c in columns])
+            ax.set_title(stage)
+        axes[0].set_ylabel("accuracy (%), higher is better")
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="run")
+        written.append(save_figure(fig, path.with_name(f"{path.stem}_accuracy.png")))
+    transfer = [c for c, k in kinds.items() if k == "transfer"]
+    for column in transfer:  # in practice one: the mean off-diagonal success at one ε
+        own = [s for s in stages if any((s, column) in v for v in series.values())]
+        if not own:
+            continue
+        fig = Figure(figsize=(max(LINE_FIGSIZE[0], BAR_GROUP_INCHES * len(own) + LEGEND_INCHES), BAR_HEIGHT_INCHES))
+        ax = fig.add_subplot()
+        _bars(ax, series, [(s, column) for s in own], own)
+        ax.set_ylabel("transfer success (%), lower is better")
+        ax.set_title(column.replace("↓", "") + ": submodel → other submodels")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="run")
+        written.append(save_figure(fig, path.with_name(f"{path.stem}_transfer.png")))
+    return written
 
 
 def evaluation_plots(run_dir: Path, results: dict) -> dict[str, dict[str, str]]:

@@ -35,6 +35,7 @@ from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.submodels import Owned
 from dvtrain.timing import PhaseTimer
 from dvtrain.tracking import Progress, StepHistory, Tracker, new_run_id, resolve_mode, sync_command
+from dvtrain.train.curves import training_curves
 from dvtrain.train.optim import build_owned, set_epoch_lr
 from dvtrain.train.registry import REGISTRY
 from dvtrain.train.stage import StageRun, StepFigures
@@ -208,7 +209,7 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, sessio
         checkpoint.save_checkpoint(path, owned, placement, state)
     tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg) | {"provenance": session},
                       active=placement.is_main, run_id=state.get("wandb_run_id"))
-    history = StepHistory(ctx.run_dir, name, active=tracker.run is not None)
+    history = StepHistory(ctx.run_dir, name, active=placement.is_main)  # kept with W&B off too: training_curves draws it
     exit_code = 1
     try:
         steps_per_epoch = num_batches(len(ctx.data.y_train), section.batch_size, cfg.data.drop_last)
@@ -278,6 +279,8 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, sessio
         if not state["complete"]:  # zero epochs: the starting weights are this stage's result
             state["complete"] = True
             checkpoint.save_checkpoint(path, owned, placement, state)
+        if placement.is_main:
+            training_curves(ctx.run_dir, name, history.path, stage.main_loss, steps_per_epoch)
 
         results["provenance"] = provenance.record_stage(results.get("provenance"), session, name,
                                                         time.perf_counter() - started)
