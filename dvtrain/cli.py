@@ -353,9 +353,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         check_results(run_dir)
         set_threads(cfg.compute)
         from dvtrain.eval.evaluate import full_evaluation
-        from dvtrain.train.vanilla import train_plain_ensemble
+        from dvtrain.train.loop import train_in_process
 
-        full_evaluation(run_dir, cfg, stages, resolve_device(cfg.device), cfg.eval.transfer, train_plain_ensemble)
+        full_evaluation(run_dir, cfg, stages, resolve_device(cfg.device), cfg.eval.transfer, train_in_process)
         return 0
 
     return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")

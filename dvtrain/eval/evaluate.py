@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
-from dvtrain.eval.blackbox import SurrogateTrainer, blackbox_table, prepare_blackbox
+from dvtrain.eval.blackbox import ExampleSet, blackbox_table, prepare_blackbox
 from dvtrain.eval.checks import masking_checks, masking_probe
 from dvtrain.eval.load import finished_stages, load_stage
+from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.report import (
     evaluation_markdown, load_results, metric_key, result_metrics, results_markdown, save_results,
 )
@@ -29,7 +30,7 @@ from dvtrain.mixture import Mixture
 
 def evaluate_stage_fully(
     stage: str, submodels: list[nn.Module], data: Dataset, cfg: Config, tcfg: TransferConfig,
-    bb_examples: dict[str, list[Tensor]], results: dict,
+    blackbox: tuple[list[ExampleSet], Tensor], results: dict,
 ) -> None:
     """White-box table and checks, transfer matrix, black-box table and ε sweep of one stage, into `results`.
 
@@ -43,7 +44,7 @@ def evaluate_stage_fully(
     print(f"[eval {stage}] transferability matrix", flush=True)
     results.setdefault("transfer", {})[stage] = transfer_matrix(submodels, x_pool, y_pool, tcfg, cfg.seed)
     print(f"[eval {stage}] black-box transfer", flush=True)
-    results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, bb_examples, y, tcfg.batch_size)
+    results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, *blackbox, tcfg.batch_size)
     print(f"[eval {stage}] accuracy vs ε", flush=True)
     results.setdefault("eps_sweep", {})[stage] = epsilon_sweep(submodels, x, y, tcfg, cfg.seed)
     probe = None
@@ -51,13 +52,14 @@ def evaluate_stage_fully(
         print(f"[eval {stage}] gradient-masking checks", flush=True)
         probe = masking_probe(Mixture(submodels), data.x_test, data.y_test, cfg.eval, cfg.seed)
     results.setdefault("checks", {})[stage] = masking_checks(
-        stage, rows, probe, results["blackbox"][stage], cfg.eval, tcfg.eps)
+        stage, rows, probe, results["blackbox"][stage], cfg.eval)
 
 
 def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device: torch.device,
                     tcfg: TransferConfig, train_surrogates: SurrogateTrainer) -> dict:
     """The whole evaluation of a run's finished stages (all of them when `stages` is None).
     Single process: every submodel is loaded here, whatever world size trained them."""
+    from dvtrain.eval.blackbox_plot import add_blackbox_plot
     from dvtrain.eval.plots import evaluation_plots
 
     run_dir = Path(run_dir)
@@ -69,10 +71,11 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     for stage, submodels in loaded.items():  # refuse a broken checkpoint before any long computation
         for i, model in enumerate(submodels):
             check_finite(model, data.x_test[: cfg.eval.batch_size], f"submodel {i + 1} of stage {stage}")
-    examples, results["blackbox_surrogate"] = prepare_blackbox(run_dir, cfg, tcfg, data, device, train_surrogates)
+    sets, y_blackbox, results["blackbox_surrogate"] = prepare_blackbox(run_dir, cfg, tcfg, data, device, train_surrogates)
     for stage, submodels in loaded.items():
-        evaluate_stage_fully(stage, submodels, data, cfg, tcfg, examples, results)
+        evaluate_stage_fully(stage, submodels, data, cfg, tcfg, (sets, y_blackbox), results)
     results["plots"] = evaluation_plots(run_dir, results)
+    add_blackbox_plot(run_dir, results)
     save_results(run_dir, cfg, results)
     log_evaluation(cfg, run_dir, results)
     evaluated = [r for r in results["eval"] if r["stage"] in stages]
