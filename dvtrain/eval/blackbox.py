@@ -70,8 +70,8 @@ def attack_budget(attack: str, tcfg: TransferConfig) -> dict:
     if attack == M_DI2_FGSM:  # MI-FGSM on diverse inputs, steps of ε/T
         return {"steps": tcfg.blackbox_steps, "runs": 1, "step_fraction": 1 / tcfg.blackbox_steps,
                 "momentum": tcfg.momentum, "random_start": False, "di_prob": tcfg.di_prob, "di_resize": tcfg.di_resize}
-    if attack == SGM:  # I-FGSM with the residual gradients decayed by γ, steps of ε/T
-        return {"steps": tcfg.blackbox_steps, "runs": 1, "step_fraction": 1 / tcfg.blackbox_steps, "momentum": 0.0,
+    if attack == SGM:  # MI-FGSM with the residual gradients decayed by γ, steps of ε/T (torchattack's SGM)
+        return {"steps": tcfg.blackbox_steps, "runs": 1, "step_fraction": 1 / tcfg.blackbox_steps, "momentum": tcfg.momentum,
                 "random_start": False, "gamma": tcfg.sgm_gamma}
     raise ValueError(f"unknown transfer attack {attack!r}; choose from {', '.join(ATTACK_NAMES)}")
 

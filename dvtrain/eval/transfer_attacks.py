@@ -7,7 +7,8 @@ projected back into the L∞ ε-ball and [0, 1]. They differ in what the gradien
 - momentum PGD: the model itself, from a random start (restarts are separate runs);
 - M-DI²-FGSM: the model on *diverse inputs* (Xie et al., CVPR 2019), `DiverseInputs`;
 - SGM: the model with the gradient through every residual branch decayed by γ (Wu et al., ICLR 2020),
-  `skip_gradient`; µ = 0 (SGM's base attack is I-FGSM).
+  `skip_gradient`, on MI-FGSM's update as `torchattack`'s SGM does (the paper's Table 3: SGM combined
+  with momentum transfers better than on I-FGSM alone).
 Images are in [0, 1], ε in pixel units. Random draws come from the generator handed in (never torch's
 global one), so an example set is reproducible from its seed alone.
 """
