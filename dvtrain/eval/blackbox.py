@@ -139,7 +139,7 @@ def prepare_blackbox(
                                                   stream(tcfg.seed, "blackbox", name, attack, loss, eps, r), tcfg.batch_size)
                                             for r in range(budget["runs"])])
 
-                    examples = example_sets.load_or_generate(folder, manifest, generate).to(x.device)
+                    examples = example_sets.load_or_generate(folder, manifest, generate)  # on the CPU
                     sets.append(ExampleSet(name, attack, loss, eps, examples))
                     own.append(percent(correct_under(models, examples, y, tcfg.batch_size)[-1]))
         clean = ensemble_predictions(models, x)[-1] == y if len(y) else y.bool()
@@ -150,11 +150,13 @@ def prepare_blackbox(
 
 
 def correct_under(models: list[nn.Module], examples: Tensor, y: Tensor, batch_size: int) -> Tensor:
-    """[M + 1, N]: whether each submodel, then the mixture, classifies every run of `examples` [R, N, ...] correctly."""
+    """[M + 1, N]: whether each submodel, then the mixture, classifies every run of `examples` [R, N, ...]
+    correctly. `examples` may stay on the CPU (the sets of a whole protocol can be gigabytes): batches move."""
     right = torch.ones(len(models) + 1, len(y), dtype=torch.bool, device=y.device)
     for run in examples:
         for s in range(0, len(y), batch_size):
-            right[:, s : s + batch_size] &= ensemble_predictions(models, run[s : s + batch_size]) == y[s : s + batch_size]
+            batch = run[s : s + batch_size].to(y.device)
+            right[:, s : s + batch_size] &= ensemble_predictions(models, batch) == y[s : s + batch_size]
     return right
 
 
@@ -173,9 +175,9 @@ def blackbox_table(submodels: list[nn.Module], sets: list[ExampleSet], y: Tensor
 
 
 def all_accuracy(table: dict, model: str, eps: float) -> float | None:
-    """The "all" accuracy (%) of `model` at `eps` in a black-box table; None when ε was not in the sweep.
-    Reads the layout of dvtrain ≤ 0.x too (one ε, an "all" attack column) where its ε is given as None."""
-    if "all" not in table:  # older results.json: one ε, "all" the last attack column
+    """The "all" accuracy (%) of `model` at `eps` in a black-box table; None when ε was not in the sweep
+    or the table is of the older layout (one ε, not recorded in the table)."""
+    if "all" not in table:
         return None
     for k, e in enumerate(table["eps"]):
         if abs(e - eps) < 1e-12:

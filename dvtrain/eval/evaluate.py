@@ -2,8 +2,8 @@
 
 Per stage: the white-box table (eval.full_attacks: AutoAttack, margin PGD, the adaptive attack, with
 the worst case per image and Wilson intervals), the gradient-masking checks, the transferability
-matrix, black-box transfer from a surrogate ensemble, and the ε sweep; written to results.json,
-results.md, plots/ and (per logging.wandb) a W&B run "<name>-eval". The surrogate ensemble is
+matrix, black-box transfer from surrogate ensembles (`dvtrain.eval.blackbox`), and the ε sweep;
+written to results.json, results.md, plots/ and (per logging.wandb) a W&B run "<name>-eval". The surrogate ensembles are
 trained by a function the caller hands in (`SurrogateTrainer`), so evaluation imports no training code.
 """
 

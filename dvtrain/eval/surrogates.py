@@ -70,7 +70,8 @@ def surrogate_config(cfg: Config, tcfg: TransferConfig, size: int) -> Config:
 def surrogate_identity(scfg: Config) -> dict:
     """What a surrogate ensemble's weights depend on; a different identity is a different folder."""
     tree = to_dict(scfg)
-    return {"seed": scfg.seed, "data": data_identity(scfg), **{k: tree[k] for k in ("model", "ensemble", "vanilla")}}
+    return {"seed": scfg.seed, "data": data_identity(scfg), "precision": scfg.compute.precision,
+            **{k: tree[k] for k in ("model", "ensemble", "vanilla")}}
 
 
 def surrogate_dir(root: Path, scfg: Config) -> Path:
