@@ -116,37 +116,46 @@ def prepare_blackbox(
     info: dict = {"n_images": len(y), "eps": list(tcfg.sweep_eps), "seed": tcfg.seed, "cache": str(root),
                   "steps": tcfg.blackbox_steps, "restarts": tcfg.blackbox_restarts, "sgm_gamma": tcfg.sgm_gamma,
                   "di_prob": tcfg.di_prob, "losses": list(tcfg.blackbox_losses), "surrogates": [], "notes": []}
-    for size in tcfg.surrogate_sizes:
+    for size in dict.fromkeys(tcfg.surrogate_sizes):
         scfg = surrogates.surrogate_config(cfg, tcfg, size)
         models = surrogates.load_or_train(root, scfg, data, device, train)
-        mixture = Mixture(models).eval()
         attacks, notes = applicable_attacks(tcfg, models, cfg.model.arch)
         info["notes"] = list(dict.fromkeys(info["notes"] + notes))
-        name = f"ens{size}"
-        folder = Path(root) / example_sets.EXAMPLES / surrogates.data_folder(cfg) / surrogates.surrogate_dir(root, scfg).name
-        own = []
-        for eps in tcfg.sweep_eps:
-            for attack in attacks:
-                for loss in tcfg.blackbox_losses:
-                    budget = attack_budget(attack, tcfg)
-                    manifest = {"data": surrogates.data_identity(cfg), "images": index.tolist(),
-                                "surrogate": surrogates.surrogate_identity(scfg), "attack": attack, "loss": loss,
-                                "eps": eps, "seed": tcfg.seed, "budget": budget}
-
-                    def generate(attack=attack, loss=loss, eps=eps, budget=budget) -> Tensor:
-                        print(f"[eval] crafting {ATTACK_NAMES[attack]} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}", flush=True)
-                        return torch.stack([craft(mixture, x, y, attack, loss, eps, budget,
-                                                  stream(tcfg.seed, "blackbox", name, attack, loss, eps, r), tcfg.batch_size)
-                                            for r in range(budget["runs"])])
-
-                    examples = example_sets.load_or_generate(folder, manifest, generate)  # on the CPU
-                    sets.append(ExampleSet(name, attack, loss, eps, examples))
-                    own.append(percent(correct_under(models, examples, y, tcfg.batch_size)[-1]))
-        clean = ensemble_predictions(models, x)[-1] == y if len(y) else y.bool()
-        info["surrogates"].append({"name": name, "size": size, "seed": scfg.seed, "epochs": scfg.vanilla.epochs,
-                                   "dir": str(surrogates.surrogate_dir(root, scfg)), "clean_accuracy": percent(clean),
-                                   "sets": [s.key() for s in sets if s.surrogate == name], "own_accuracy": own})
+        own_sets = surrogate_sets(root, cfg, tcfg, scfg, models, attacks, x, y, index)
+        sets += own_sets
+        info["surrogates"].append({
+            "name": own_sets[0].surrogate if own_sets else f"ens{size}", "size": size, "seed": scfg.seed,
+            "epochs": scfg.vanilla.epochs, "dir": str(surrogates.surrogate_dir(root, scfg)),
+            "clean_accuracy": percent(correct_under(models, x[None], y, tcfg.batch_size)[-1]),
+            "sets": [s.key() for s in own_sets],
+            "own_accuracy": [percent(correct_under(models, s.examples, y, tcfg.batch_size)[-1]) for s in own_sets]})
     return sets, y, info
+
+
+def surrogate_sets(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, models: list[nn.Module],
+                   attacks: list[str], x: Tensor, y: Tensor, index: Tensor) -> list[ExampleSet]:
+    """The example sets of one surrogate ensemble (`scfg`, `models`): each attack × loss × ε of the sweep,
+    from the cache under `root` when their manifest matches, else crafted on the ensemble's mixture and stored."""
+    name = f"ens{scfg.ensemble.size}"
+    mixture = Mixture(models).eval()
+    folder = Path(root) / example_sets.EXAMPLES / surrogates.data_folder(cfg) / surrogates.surrogate_dir(root, scfg).name
+    out = []
+    for eps in tcfg.sweep_eps:
+        for attack in attacks:
+            for loss in tcfg.blackbox_losses:
+                budget = attack_budget(attack, tcfg)
+                manifest = {"data": surrogates.data_identity(cfg), "images": index.tolist(),
+                            "surrogate": surrogates.surrogate_identity(scfg), "attack": attack, "loss": loss,
+                            "eps": eps, "seed": tcfg.seed, "budget": budget}
+
+                def generate(attack=attack, loss=loss, eps=eps, budget=budget) -> Tensor:
+                    print(f"[eval] crafting {ATTACK_NAMES[attack]} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}", flush=True)
+                    return torch.stack([craft(mixture, x, y, attack, loss, eps, budget,
+                                              stream(tcfg.seed, "blackbox", name, attack, loss, eps, r), tcfg.batch_size)
+                                        for r in range(budget["runs"])])
+
+                out.append(ExampleSet(name, attack, loss, eps, example_sets.load_or_generate(folder, manifest, generate)))
+    return out
 
 
 def correct_under(models: list[nn.Module], examples: Tensor, y: Tensor, batch_size: int) -> Tensor:
