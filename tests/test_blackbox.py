@@ -217,3 +217,15 @@ def test_surrogate_ensembles_are_distinct_resumable_vanilla_runs(tmp_path, monke
     assert saves == [1] and set(epochs) == {1}  # only the second epoch was trained again
     for a, b in zip(straight[0], resumed):
         assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_sgm_examples_on_a_resnet_mixture_stay_in_budget_and_differ_from_momentum_pgd(resnet):
+    model, x, y = resnet
+    mixture = Mixture([model, ResNet20(3, 10, MEAN, STD).eval()])
+    cfg = TransferConfig(blackbox_steps=5)
+    sgm = blackbox.craft(mixture, x, y, "sgm", "ce", EPS, blackbox.attack_budget("sgm", cfg), stream(4, "sgm"), 2)
+    plain = blackbox.craft(mixture, x, y, "sgm", "ce", EPS, {**blackbox.attack_budget("sgm", cfg), "gamma": 1.0},
+                           stream(4, "sgm"), 2)
+    mi = momentum_pgd(mixture, x, y, EPS, EPS / 5, 5, 1.0, False)
+    assert torch.equal(plain, mi)  # γ = 1: SGM is MI-FGSM with steps of ε/T
+    assert (sgm - x).abs().max() <= EPS + 1e-6 and not torch.equal(sgm, mi)

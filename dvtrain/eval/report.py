@@ -186,8 +186,8 @@ def _blackbox_markdown(tables: dict[str, dict], protocol: dict) -> list[str]:
     lines = ["## Black-box transfer", "",
              f"Accuracy (%) on {protocol['n_images']} test images (seed {protocol['seed']}) under transfer examples "
              f"crafted on hold-out plain ensembles of {sizes} models of this architecture with momentum PGD "
-             f"({protocol['restarts']} restarts), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ {protocol['sgm_gamma']:g}), "
-             f"{protocol['steps']} steps each, losses {', '.join(protocol['losses'])}. A set counts an image correct "
+             f"({protocol['restarts']} random starts), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ {protocol['sgm_gamma']:g}), "
+             f"{protocol['steps']} steps each, losses {', '.join(l.upper() for l in protocol['losses'])}. A set counts an image correct "
              "only under all its runs; \"all\": correct under every set at that ε. Example sets and surrogates are "
              f"shared by every run on the same data ({protocol['cache']}).", "",
              *(f"- {note}" for note in protocol.get("notes", [])), *([""] if protocol.get("notes") else []),
