@@ -229,3 +229,18 @@ def test_sgm_examples_on_a_resnet_mixture_stay_in_budget_and_differ_from_momentu
     mi = momentum_pgd(mixture, x, y, EPS, EPS / 5, 5, 1.0, False)
     assert torch.equal(plain, mi)  # γ = 1: SGM is MI-FGSM with steps of ε/T
     assert (sgm - x).abs().max() <= EPS + 1e-6 and not torch.equal(sgm, mi)
+
+
+def test_results_metrics_name_the_all_column_per_eps_and_read_the_older_layout():
+    from dvtrain.eval.report import result_metrics
+
+    new = {"models": ["sub0", "mixture"], "n_images": 10, "eps": [0.01, 0.03],
+           "sets": [{"surrogate": "ens3", "attack": "mi_pgd", "loss": "ce", "eps": e} for e in (0.01, 0.03)],
+           "accuracy": [[90.0, 50.0], [95.0, 60.0]], "all": [[90.0, 50.0], [95.0, 60.0]]}
+    old = {"attacks": ["mi_pgd", "m_di2_fgsm", "all"], "models": ["sub0", "mixture"], "n_images": 10,
+           "accuracy": [[50.0, 60.0, 40.0], [70.0, 80.0, 65.0]]}
+    metrics = result_metrics({"blackbox": {"dverge": new, "vanilla": old}})
+    assert metrics[("dverge", "mixture", "bb_all_eps0.03")] == 60.0 and metrics[("dverge", "sub0", "bb_all_eps0.01")] == 90.0
+    assert metrics[("vanilla", "mixture", "bb_all")] == 65.0
+    assert blackbox.all_accuracy(new, "mixture", 0.03) == 60.0 and blackbox.all_accuracy(new, "mixture", 0.05) is None
+    assert blackbox.all_accuracy(old, "mixture", 0.03) is None
