@@ -183,15 +183,16 @@ def check_run_writable(cfg: Config, run_dir: Path) -> None:
             storage.check_writable(folder, what, "make it writable, point the variable elsewhere, or set logging.wandb=disabled")
 
 
-EVAL_FOLDERS = ("plots", "surrogates")  # dvtrain.eval.plots.PLOTS_DIR, dvtrain.eval.blackbox.SURROGATE_DIR
-
-
 def check_eval_writable(cfg: Config, run_dir: Path) -> None:
-    """`dvtrain eval` writes results.json/results.md, plots/ and surrogates/ in the run directory (and a W&B run):
-    refused before the surrogate ensemble is trained when any of them cannot be written."""
+    """`dvtrain eval` writes results.json/results.md and plots/ in the run directory, the shared transfer
+    cache (surrogate ensembles and example sets, eval.transfer.cache_dir) and a W&B run: refused before any
+    surrogate is trained when any of them cannot be written."""
+    from dvtrain.eval.surrogates import cache_root
+
     check_run_writable(cfg, run_dir)
-    for folder in EVAL_FOLDERS:
-        storage.check_writable(run_dir / folder, "folder", f"move that away or make {run_dir} writable")
+    storage.check_writable(run_dir / rundir.PLOTS, "folder", f"move that away or make {run_dir} writable")
+    cache = cache_root(run_dir, cfg.eval.transfer)
+    storage.check_writable(cache, "transfer cache", f"move that away, make it writable or set eval.transfer.cache_dir")
 
 
 def check_results(run_dir: Path) -> dict | None:
@@ -458,14 +459,14 @@ def eval_main(argv: list[str] | None = None) -> int:
         set_threads(cfg.compute)
         from dvtrain.eval.evaluate import full_evaluation
         from dvtrain.eval.whitebox import ProcessGroupShare
-        from dvtrain.train.vanilla import train_plain_ensemble
+        from dvtrain.train.loop import train_in_process
 
         command = " ".join(["dvtrain eval", *(sys.argv[2:] if argv is None else argv)])
         # Under a launcher every rank loads every submodel and takes its share of the test images.
         _, device = init_runtime(cfg, whole_ensemble=True)
         try:
             share = ProcessGroupShare() if launched_world_size() > 1 else None
-            full_evaluation(run_dir, cfg, stages, device, cfg.eval.transfer, train_plain_ensemble, command, share)
+            full_evaluation(run_dir, cfg, stages, device, cfg.eval.transfer, train_in_process, command, share)
         finally:
             shutdown()
         return 0

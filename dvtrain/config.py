@@ -48,6 +48,7 @@ RENAMED_SECTIONS = {"pretrain": "vanilla"}
 # Keys that no longer mean anything, with why: older run directories still hold them in config.yaml,
 # so they are ignored with a note instead of refused.
 RETIRED_KEYS = {
+    "eval.transfer.surrogate_size": "eval.transfer.surrogate_sizes (a list: one surrogate ensemble per size)",
     "eval.transfer.apgd_steps": "pyautoattack's APGD-CE replaced dvtrain's own (see eval.autoattack)",
     "eval.transfer.apgd_restarts": "pyautoattack's APGD-CE replaced dvtrain's own (see eval.autoattack)",
     "eval.adaptive.step_fraction": "the ensemble attack follows MORA's cosine step schedule (eval.adaptive.initial_step)",
@@ -256,6 +257,13 @@ class TrsConfig:
     optim: OptimConfig = field(default_factory=lambda: _baseline_adam([40, 80]))  # StepLR every 40 epochs
 
 
+# Black-box transfer attacks (dvtrain.eval.blackbox) and their losses (dvtrain.attacks.attack_loss).
+BlackboxAttack = Literal["mi_pgd", "m_di2_fgsm", "sgm"]
+BlackboxLoss = Literal["ce", "cw"]
+BLACKBOX_ATTACKS = typing.get_args(BlackboxAttack)
+BLACKBOX_LOSSES = typing.get_args(BlackboxLoss)
+
+
 @dataclass
 class TransferConfig:
     """Transferability, black-box and ε-sweep evaluation. Defaults follow the reference code's
@@ -273,18 +281,30 @@ class TransferConfig:
     # Reference white-box budgets.
     sweep_eps: list[float] = ranged(factory=lambda: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07], ge=0, le=1,
                                     nonempty=True, note=PIXELS)
-    # Black-box: a surrogate ensemble of plain classifiers with other seeds (reference: 3, 5 or 8),
-    # trained like the vanilla stage; None epochs = vanilla.epochs.
-    surrogate_size: int = ranged(3, ge=1)
+    # Black-box transfer (dvtrain.eval.blackbox; the paper's §5 protocol): surrogate ensembles of plain
+    # classifiers of the run's architecture, one per size (reference: 3, 5 and 8), each a vanilla-stage run
+    # with its own seed derived from `seed`; None epochs = vanilla.epochs.
+    surrogate_sizes: list[int] = ranged(factory=lambda: [3, 5, 8], ge=1, nonempty=True)
     surrogate_epochs: Optional[int] = ranged(None, ge=0, note="null: vanilla.epochs")
-    # Transferred attacks at ε = `eps`: momentum PGD (reference: 100 steps, 3 restarts) and
-    # M-DI²-FGSM (reference: 100 steps, transform probability 0.5).
+    # The protocol's own seed (surrogates, test images, attack draws): not the run's seed, so that every run
+    # on the same data is scored on the same transfer examples.
+    seed: int = ranged(0, ge=0)
+    # Where surrogates and example sets are shared between runs; null: `transfer_cache` beside the run
+    # directory (in the folder that holds the runs).
+    cache_dir: Optional[str] = None
+    # Transfer attacks, each with each loss at every ε of `sweep_eps` (reference: all three, CE and CW).
+    blackbox_attacks: list[BlackboxAttack] = ranged(factory=lambda: list(BLACKBOX_ATTACKS), nonempty=True)
+    blackbox_losses: list[BlackboxLoss] = ranged(factory=lambda: list(BLACKBOX_LOSSES), nonempty=True)
+    # Momentum PGD (reference: 100 steps, 3 restarts, steps of step_fraction·ε), M-DI²-FGSM and SGM
+    # (reference: 100 steps, one run, steps of ε/steps).
     blackbox_steps: int = ranged(100, ge=1)
     blackbox_restarts: int = ranged(3, ge=1)
     momentum: float = ranged(1.0, ge=0)  # MI-FGSM decay µ (Dong et al., CVPR 2018)
     di_prob: float = ranged(0.5, ge=0, le=1, note="a probability")
     # DI²-FGSM: resize-and-pad 299 px up to 330 (Xie et al., CVPR 2019)
     di_resize: float = ranged(330 / 299, ge=1, note="padded size / image size")
+    # SGM's decay of the gradient through residual branches (Wu et al., ICLR 2020; reference: 0.2)
+    sgm_gamma: float = ranged(0.2, ge=0, le=1, note="1: the plain gradient")
 
 
 # White-box attacks of the tables (dvtrain.eval.whitebox): "_margin" / "_dlr" use the CW margin / DLR loss

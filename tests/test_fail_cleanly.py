@@ -18,8 +18,8 @@ import yaml
 
 from conftest import REPO, TINY
 from dvtrain import cli
-from dvtrain.eval import blackbox, compare, evaluate
-from dvtrain.train import vanilla
+from dvtrain.eval import compare, evaluate, surrogates
+from dvtrain.train import loop
 
 WEIGHTS = Path("checkpoints") / "vanilla"
 
@@ -115,7 +115,7 @@ def test_eval_refuses_before_any_work(case, trained, tmp_path, capsys, monkeypat
     err = one_line(capsys.readouterr().err)
     assert err.startswith("dvtrain: error: ") and message in err, err
     assert (digest(run_dir) if run_dir.is_dir() else run_dir.read_bytes()) == before
-    assert not (tmp_path / "run" / blackbox.SURROGATE_DIR).exists()
+    assert not (tmp_path / surrogates.CACHE_DIR).exists()  # no surrogate trained for nothing
 
 
 # ----------------------------------------------------------------------------- dvtrain compare: refusals
@@ -187,7 +187,7 @@ def test_eval_stops_with_one_line_and_leaves_results_as_they_were(signum, code, 
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     before = digest(run_dir)
-    monkeypatch.setattr(vanilla, "train_plain_ensemble", _signal_self(signum))
+    monkeypatch.setattr(loop, "train_in_process", _signal_self(signum))
     handler = signal.getsignal(signal.SIGTERM)
     capsys.readouterr()
     assert cli.main(["eval", str(run_dir)]) == code

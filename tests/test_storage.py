@@ -178,11 +178,12 @@ def _no_work(monkeypatch) -> None:
     monkeypatch.setattr(evaluate, "full_evaluation", started)
 
 
-@pytest.mark.parametrize("blocked", ["plots", "surrogates"])
+@pytest.mark.parametrize("blocked", ["run/plots", "transfer_cache"])
 def test_eval_refuses_a_folder_it_cannot_write_before_any_work(blocked, trained, tmp_path, monkeypatch, capsys):
+    """plots/ in the run directory, and the shared transfer cache beside it (surrogates, example sets)."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
-    (run_dir / blocked).write_text("a file where dvtrain eval writes a folder")
+    (tmp_path / blocked).write_text("a file where dvtrain eval writes a folder")
     _no_work(monkeypatch)
     assert cli.main(["eval", str(run_dir)]) == cli.EXIT_USER_ERROR
     err = one_line(capsys.readouterr().err)
@@ -234,9 +235,9 @@ def test_eval_whose_surrogate_cache_cannot_be_written_says_run_it_again_not_resu
     shutil.copytree(trained, run_dir)
     monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(
         SafetensorError("Error while serializing: IoError(StorageFull)")))
-    args = ["eval.transfer.surrogate_epochs=1", "eval.transfer.surrogate_size=1", "eval.transfer.num_images=16"]
+    args = ["eval.transfer.surrogate_epochs=1", "eval.transfer.surrogate_sizes=[1]", "eval.transfer.num_images=16"]
     assert cli.main(["eval", str(run_dir), *args]) == cli.EXIT_USER_ERROR
     err = one_line(capsys.readouterr().err)
     assert "could not write checkpoint" in err and "surrogates" in err and "run it again" in err
     assert "--resume" not in err
-    assert not (run_dir / "surrogates.tmp").exists()
+    assert not list((tmp_path / "transfer_cache").rglob("*.tmp"))

@@ -137,7 +137,7 @@ def test_eval_command_reevaluates_saved_stages(tmp_path):
     assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]"]) == 0
     small = ["eval.transfer.num_images=40", "eval.transfer.steps=2", "eval.transfer.restarts=1",
              "eval.transfer.blackbox_steps=2", "eval.transfer.blackbox_restarts=1",
-             "eval.transfer.surrogate_size=2", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]",
+             "eval.transfer.surrogate_sizes=[2]", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]",
              "eval.autoattack.version=custom", "eval.autoattack.attacks=[apgd-ce]", "eval.autoattack.iterations=2",
              "eval.adaptive.steps=2", "eval.checks.long_steps=3",
              "eval.diversity.num_images=20"]

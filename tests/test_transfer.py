@@ -24,8 +24,9 @@ from dvtrain.data import load_dataset
 from dvtrain.eval.whitebox import robust_accuracy
 from dvtrain.mixture import Mixture
 from dvtrain.rng import stream
-from dvtrain.train.vanilla import train_plain_ensemble
-from dvtrain.eval.blackbox import DiverseInputs, blackbox_examples, blackbox_table, momentum_pgd
+from dvtrain.train.loop import train_in_process
+from dvtrain.eval.blackbox import ExampleSet, attack_budget, blackbox_table, craft
+from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd
 from dvtrain.eval.transfer import correct_by_all, epsilon_sweep, mean_off_diagonal, shuffled_test_set, transfer_matrix
 
 EPS = 0.1  # digits are 8×8 and coarse: the quickstart's evaluation budget
@@ -35,7 +36,7 @@ APGD_ITERATIONS = 20  # per restart; PGD gets the same number of steps
 TIE_TOLERANCE = 1.0  # percentage points (≈3 of 359 images)
 CROSSCHECK_IMAGES = 200
 FAST = TransferConfig(num_images=150, batch_size=64, eps=EPS, steps=5, restarts=1, sweep_eps=[0.0, 0.05, EPS],
-                      surrogate_epochs=1, blackbox_steps=3, blackbox_restarts=2)
+                      surrogate_sizes=[2], surrogate_epochs=1, blackbox_steps=3, blackbox_restarts=2)
 
 # Correctness, not speed: tiny nets run several times faster on one thread of a busy machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,24 +160,33 @@ def test_diverse_inputs_transform_is_random_differentiable_and_optional(ensemble
     assert torch.equal(never(x), models[0](x))
 
 
-def test_blackbox_examples_stay_in_budget_and_transfer(ensemble):
+def test_blackbox_examples_stay_in_budget_transfer_and_all_is_their_intersection(ensemble):
     models, data = ensemble
     x, y = data.x_test[:120], data.y_test[:120]
-    surrogates, targets = models[:2], models[2:]
+    surrogate, targets = Mixture(models[:2]), models[2:]
     cfg = TransferConfig(**{**vars(FAST), "blackbox_steps": 10})
-    examples = blackbox_examples(surrogates, x, y, cfg, SEED)
-    assert [len(examples[a]) for a in ("mi_pgd", "m_di2_fgsm")] == [cfg.blackbox_restarts, 1]
-    for runs in examples.values():
-        for adv in runs:
-            assert (adv - x).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
-    own = blackbox_table(surrogates, examples, y, 50)
-    table = blackbox_table(targets, examples, y, 50)
-    assert table["attacks"] == ["mi_pgd", "m_di2_fgsm", "all"] and table["models"] == ["sub0", "mixture"]
+    sets = []
+    for eps in (EPS / 2, EPS):
+        for attack in ("mi_pgd", "m_di2_fgsm"):
+            for loss in ("ce", "cw"):
+                budget = attack_budget(attack, cfg)
+                runs = torch.stack([craft(surrogate, x, y, attack, loss, eps, budget, stream(SEED, attack, loss, eps, r), 50)
+                                    for r in range(budget["runs"])])
+                assert len(runs) == (cfg.blackbox_restarts if attack == "mi_pgd" else 1)
+                assert (runs - x).abs().max() <= eps + 1e-6 and runs.min() >= 0 and runs.max() <= 1
+                sets.append(ExampleSet("ens2", attack, loss, eps, runs))
+    own = blackbox_table(models[:2], sets, y, 50)
+    table = blackbox_table(targets, sets, y, 50)
+    assert table["models"] == ["sub0", "mixture"] and table["eps"] == [EPS / 2, EPS] and len(table["sets"]) == 8
     for t in (own, table):
-        for row in t["accuracy"]:
-            assert row[2] <= min(row[:2])  # "all": correct under every transferred example
+        for acc, every in zip(t["accuracy"], t["all"]):
+            for k, eps in enumerate(t["eps"]):  # "all" ≤ every set it covers, and exactly their intersection
+                covered = [a for a, s in zip(acc, t["sets"]) if s["eps"] == eps]
+                assert every[k] <= min(covered)
+        assert t["all"][-1][1] <= t["all"][-1][0]  # a larger ε never leaves more images for the mixture here
     clean = accuracy(targets[0], x, y)
-    assert own["accuracy"][-1][0] < table["accuracy"][0][0] < clean  # white-box on the source, weaker on the target
+    # white-box on the source's mixture, weaker on the held-out target, weaker still than clean
+    assert own["all"][-1][1] < table["all"][0][1] < clean
     mi = momentum_pgd(targets[0], x, y, EPS, EPS / 5, 5, 1.0, True, stream(SEED, "mi"))
     assert accuracy(targets[0], mi, y) < clean
 
@@ -218,7 +228,7 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
     cfg.eval.autoattack = AutoAttackConfig(version="custom", attacks=["apgd-ce"], norms=["Linf"], iterations=3)
     cfg.eval.adaptive.steps, cfg.eval.checks.long_steps = 3, 6
     cfg.eval.diversity.num_images, cfg.eval.diversity.steps = 20, 2
-    results = full_evaluation(run_dir, cfg, None, torch.device("cpu"), cfg_small, train_plain_ensemble)
+    results = full_evaluation(run_dir, cfg, None, torch.device("cpu"), cfg_small, train_in_process)
 
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["transfer"] == results["transfer"] and set(saved["transfer"]) == {"vanilla", "dverge"}
@@ -231,28 +241,43 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
         checks = saved["checks"][stage]  # unbounded ε, more steps, white vs black box; AutoAttack ≤ PGD per model
         assert len(checks) == 3 + 4 and all(line.startswith(("pass: ", "warn: ")) for line in checks)
         assert saved["blackbox"][stage]["models"] == ["sub0", "sub1", "sub2", "mixture"]
+        assert saved["blackbox"][stage]["eps"] == [0.0, EPS] and len(saved["blackbox"][stage]["sets"]) == 8
         assert saved["eps_sweep"][stage]["eps"] == [0.0, EPS]
     assert saved["stages"]["dverge"]["epochs"] == 1  # the training record is kept
     md = (run_dir / "results.md").read_text()
     for section in ("### dverge", "AutoAttack L∞", "Adaptive L∞", "**Worst case** L∞", "- pass: ",
-                    "## Transferability: dverge", "## Black-box transfer", "## Accuracy vs ε: vanilla",
+                    "## Transferability: dverge", "## Black-box transfer", "### Black-box transfer at ε=0.1",
+                    "ens2 momentum PGD CW", "SGM does not apply to conv", "## Accuracy vs ε: vanilla",
                     "## Vulnerability diversity: dverge"):
         assert section in md
     links = [line[line.index("(") + 1 : -1] for line in md.splitlines() if line.startswith("![")]
-    assert len(links) == 4 + 2 and all(is_png(run_dir / link) for link in links)  # + 2 diversity heat maps
+    assert len(links) == 5 + 2 and all(is_png(run_dir / link) for link in links)  # + 2 diversity heat maps
     assert saved["diversity"]["dverge"]["n_images"] == 20
     assert all(link.startswith("plots/") for link in links)
 
-    # The surrogates are cached: the same settings load them, other settings train new ones.
+    # Surrogates and example sets are cached beside the run: a second evaluation trains and crafts nothing.
+    cache = tmp_path / "transfer_cache"
+    assert len(list(cache.glob("surrogates/digits-*/ens2-conv-*/checkpoints/vanilla/*"))) >= 1
+    stored = sorted(cache.glob("examples/digits-*/ens2-conv-*/*.safetensors"))
+    assert len(stored) == 2 * 2 * 2 and all(p.with_suffix(".json").is_file() for p in stored)
+    mtimes = [p.stat().st_mtime_ns for p in stored]
+
     def again(*args):
         pytest.fail("surrogates were trained again")
 
+    monkeypatch.setattr(blackbox, "craft", lambda *a, **k: pytest.fail("examples were crafted again"))
     data = load_dataset(cfg.data)
-    cached = blackbox.load_or_train_surrogates(run_dir, cfg, cfg_small, data, torch.device("cpu"), again)
-    assert len(cached) == cfg_small.surrogate_size and not cached[0].training
-    with pytest.raises(pytest.fail.Exception, match="trained again"):
-        blackbox.load_or_train_surrogates(run_dir, cfg, TransferConfig(**{**vars(cfg_small), "surrogate_epochs": 2}),
-                                          data, torch.device("cpu"), again)
+    sets, y, info = blackbox.prepare_blackbox(run_dir, cfg, cfg_small, data, torch.device("cpu"), again)
+    assert len(sets) == 8 and [p.stat().st_mtime_ns for p in stored] == mtimes
+    assert info["notes"] and "SGM does not apply to conv" in info["notes"][0]
+    again_table = blackbox_table(load_stage_models(run_dir, cfg, data), sets, y, 50)
+    assert again_table == results["blackbox"]["dverge"]
+
+
+def load_stage_models(run_dir, cfg, data):
+    from dvtrain.eval.load import load_stage
+
+    return load_stage(run_dir, cfg, data, "dverge", torch.device("cpu"))
 
 
 def test_full_evaluation_refuses_an_unfinished_stage(tmp_path):
@@ -260,4 +285,4 @@ def test_full_evaluation_refuses_an_unfinished_stage(tmp_path):
     assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]"]) == 0
     cfg = load_config(run_dir / "config.yaml")
     with pytest.raises(DvtrainError, match="stage dverge has no finished checkpoint"):
-        full_evaluation(run_dir, cfg, ["dverge"], torch.device("cpu"), FAST, train_plain_ensemble)
+        full_evaluation(run_dir, cfg, ["dverge"], torch.device("cpu"), FAST, train_in_process)

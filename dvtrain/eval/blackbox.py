@@ -1,9 +1,14 @@
-"""Black-box transfer: adversarial examples crafted on a separately trained surrogate ensemble, scored
-on the run's submodels and mixture (the paper's §5.2; protocol of the authors' eval/eval_bbox.py).
+"""Black-box transfer as the DVERGE paper measures it (Yang et al., NeurIPS 2020, §5 and appendix):
+adversarial examples crafted on hold-out surrogate ensembles (3, 5 and 8 plain models), with momentum PGD,
+M-DI²-FGSM and SGM, each with cross-entropy and CW-margin loss, at every ε of `eval.transfer.sweep_eps`;
+scored on every submodel and the mixture of each stage, per example set and as "all" per ε (an image
+counts only if it is classified correctly under every example set at that ε).
 
-The surrogates are plain classifiers trained like the vanilla stage with other seeds, cached in the
-run directory. Training them is training code, so it is handed in (`SurrogateTrainer`) by the
-composition root; this module only loads, caches and attacks.
+The surrogates (`dvtrain.eval.surrogates`) and the example sets (`dvtrain.eval.example_sets`) live in a
+cache shared by every run on the same data, so vanilla, DVERGE, +AdvT and the baselines are scored on
+identical examples. The surrogate mixture (log mean softmax) is attacked end to end; the CW margin on its
+log-probabilities is max_{j≠y} log p̄_j − log p̄_y, which keeps pushing until the image is misclassified
+(the reference's CW bug, REFERENCE_FACTS, stopped at p̄_y ≈ 0.905).
 """
 
 from __future__ import annotations
@@ -13,165 +18,182 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvtrain import checkpoint, rundir
-from dvtrain.config import Config, TransferConfig, to_dict
+from dvtrain.config import Config, TransferConfig
 from dvtrain.data import Dataset
-from dvtrain.distributed.placement import LocalPlacement
-from dvtrain.attacks import input_grad, noise, per_sample, project_linf
-from dvtrain.eval.load import load_submodel_weights
-from dvtrain.eval.transfer import ensemble_predictions, first, percent, shuffled_test_set
+from dvtrain.eval import example_sets, surrogates
+from dvtrain.eval.surrogates import SurrogateTrainer
+from dvtrain.eval.transfer import ensemble_predictions, percent
+from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd, residual_branch_ends, skip_gradient
 from dvtrain.mixture import Mixture
-from dvtrain.rng import derive_seed, stream
-from dvtrain.submodels import Owned
+from dvtrain.rng import stream
 
-SURROGATE_DIR = rundir.SURROGATES
-MI_PGD = "mi_pgd"  # momentum PGD (MI-FGSM's update with a random start and restarts)
-M_DI2_FGSM = "m_di2_fgsm"  # momentum + diverse inputs
-ALL_ATTACKS = "all"  # correct under every transferred example: the reference's "all" column
-
-
-def surrogate_config(cfg: Config, tcfg: TransferConfig) -> Config:
-    """The run's own architecture and vanilla recipe, with other seeds (derived from the run seed)."""
-    epochs = cfg.vanilla.epochs if tcfg.surrogate_epochs is None else tcfg.surrogate_epochs
-    return dataclasses.replace(
-        cfg,
-        seed=derive_seed(cfg.seed, "surrogate"),
-        ensemble=dataclasses.replace(cfg.ensemble, size=tcfg.surrogate_size),
-        vanilla=dataclasses.replace(cfg.vanilla, epochs=epochs),
-    )
+MI_PGD, M_DI2_FGSM, SGM = "mi_pgd", "m_di2_fgsm", "sgm"
+ALL_SETS = "all"  # correct under every example set at that ε: the reference's "all" column
+MIXTURE = "mixture"
+ATTACK_NAMES = {MI_PGD: "momentum PGD", M_DI2_FGSM: "M-DI²-FGSM", SGM: "SGM"}
+LOSS_NAMES = {"ce": "CE", "cw": "CW"}
+SGM_NOT_APPLICABLE = ("SGM does not apply to {arch}: it has no skip connections, so there is no residual "
+                      "gradient to decay; its rows are left out (not run)")
 
 
-def _surrogate_identity(scfg: Config) -> dict:
-    """What the cached weights depend on: a cache whose identity differs is retrained."""
-    tree = to_dict(scfg)
-    return {key: tree[key] for key in ("seed", "data", "model", "ensemble", "vanilla")}
+@dataclasses.dataclass
+class ExampleSet:
+    """One example set: `examples` [R, N, C, H, W] (R runs of the attack) crafted on surrogate ensemble
+    `surrogate` ("ens<k>") with `attack` and `loss` at `eps`, for the protocol's N test images."""
+
+    surrogate: str
+    attack: str
+    loss: str
+    eps: float
+    examples: Tensor
+
+    def key(self) -> dict:
+        return {"surrogate": self.surrogate, "attack": self.attack, "loss": self.loss, "eps": self.eps}
 
 
-SurrogateTrainer = Callable[[Config, Dataset, torch.device], Owned]
+def blackbox_images(data: Dataset, tcfg: TransferConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """The protocol's test images: the first `num_images` of a random order drawn from eval.transfer.seed
+    (the same images as `shuffled_test_set(data, seed)` for a run of that seed). Returns x, y, indices."""
+    order = torch.randperm(len(data.y_test), generator=stream(tcfg.seed, "eval", "images"))
+    index = order if tcfg.num_images == 0 else order[: tcfg.num_images]
+    device_index = index.to(data.y_test.device)
+    return data.x_test[device_index], data.y_test[device_index], index
 
 
-def load_or_train_surrogates(
-    run_dir: Path, cfg: Config, tcfg: TransferConfig, data: Dataset, device: torch.device, train: SurrogateTrainer,
-) -> list[nn.Module]:
-    """The surrogate ensemble cached under RUN_DIR/surrogates/ (safetensors), trained on first use by
-    `train(surrogate_config, data, device)`: the composition root (`dvtrain.cli`) passes the vanilla
-    stage's trainer, so evaluation imports no training code."""
-    scfg = surrogate_config(cfg, tcfg)
-    identity = _surrogate_identity(scfg)
-    path = Path(run_dir) / SURROGATE_DIR
-    found = checkpoint.latest(path)
-    if found is not None and checkpoint.read_state(found).get("surrogate") == identity:
-        return load_submodel_weights(scfg, data, found, device)
-    print(f"[eval] training the surrogate ensemble ({scfg.ensemble.size} × {scfg.model.arch}, "
-          f"{scfg.vanilla.epochs} epochs) into {path}", flush=True)
-    owned = train(scfg, data, device)
-    state = {"surrogate": identity, "complete": True, "epoch": scfg.vanilla.epochs}
-    checkpoint.save_checkpoint(path, owned, LocalPlacement(scfg.ensemble.size), state)
-    return [owned.models[i].eval() for i in owned.ids]
+def attack_budget(attack: str, tcfg: TransferConfig) -> dict:
+    """Everything besides the surrogate, loss, ε and seed that an attack's examples depend on."""
+    if attack == MI_PGD:  # random start, steps of step_fraction·ε, restarts
+        return {"steps": tcfg.blackbox_steps, "runs": tcfg.blackbox_restarts, "step_fraction": tcfg.step_fraction,
+                "momentum": tcfg.momentum, "random_start": True}
+    if attack == M_DI2_FGSM:  # MI-FGSM on diverse inputs, steps of ε/T
+        return {"steps": tcfg.blackbox_steps, "runs": 1, "step_fraction": 1 / tcfg.blackbox_steps,
+                "momentum": tcfg.momentum, "random_start": False, "di_prob": tcfg.di_prob, "di_resize": tcfg.di_resize}
+    if attack == SGM:  # MI-FGSM with the residual gradients decayed by γ, steps of ε/T (torchattack's SGM)
+        return {"steps": tcfg.blackbox_steps, "runs": 1, "step_fraction": 1 / tcfg.blackbox_steps, "momentum": tcfg.momentum,
+                "random_start": False, "gamma": tcfg.sgm_gamma}
+    raise ValueError(f"unknown transfer attack {attack!r}; choose from {', '.join(ATTACK_NAMES)}")
 
 
-# ----------------------------------------------------------------------------- black box: attacks
+def craft(surrogate: nn.Module, x: Tensor, y: Tensor, attack: str, loss: str, eps: float, budget: dict,
+          generator: torch.Generator, batch_size: int) -> Tensor:
+    """One run of `attack` with `loss` at `eps` on `surrogate` (a model of images in [0, 1]): [N, C, H, W].
+    Batches draw from `generator` in order."""
+    model = DiverseInputs(surrogate, budget["di_prob"], budget["di_resize"], generator) if attack == M_DI2_FGSM else surrogate
+    step = budget["step_fraction"] * eps
 
+    def run(xb: Tensor, yb: Tensor) -> Tensor:
+        return momentum_pgd(model, xb, yb, eps, step, budget["steps"], budget["momentum"], budget["random_start"],
+                            generator, loss)
 
-class DiverseInputs(nn.Module):
-    """model(T(x)) where, with probability `prob`, T scales x down by a random factor and pads it at a
-    random place (Xie et al., CVPR 2019), resized back so fixed-size models accept it; differentiable."""
-
-    def __init__(self, model: nn.Module, prob: float, resize: float, generator: torch.Generator):
-        super().__init__()
-        self.model, self.prob, self.resize, self.generator = model, prob, resize, generator
-
-    def _randint(self, low: int, high: int) -> int:
-        return int(torch.randint(low, high, (1,), generator=self.generator))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if float(torch.rand(1, generator=self.generator)) >= self.prob:
-            return self.model(x)
-        size = x.shape[-1]
-        padded_size = max(size + 1, round(size * self.resize))
-        inner = self._randint(size, padded_size)
-        top, left = self._randint(0, padded_size - inner + 1), self._randint(0, padded_size - inner + 1)
-        small = F.interpolate(x, size=(inner, inner), mode="nearest")
-        padded = F.pad(small, (left, padded_size - inner - left, top, padded_size - inner - top))
-        return self.model(F.interpolate(padded, size=x.shape[-2:], mode="bilinear", align_corners=False))
-
-
-def momentum_pgd(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, step_size: float, steps: int, momentum: float,
-    random_start: bool, generator: torch.Generator,
-) -> Tensor:
-    """MI-FGSM's update (Dong et al., CVPR 2018): accumulate per-image L1-normalised gradients with
-    decay `momentum`, step along the sign of the sum, project to the L∞ ball of x."""
-    x = x.detach()
-    x_adv = x.clone()
-    if random_start:
-        x_adv = (x + (2 * noise(torch.rand, x.shape, x, generator) - 1) * eps).clamp(0.0, 1.0)
-    velocity = torch.zeros_like(x)
-    tiny = torch.finfo(x.dtype).tiny
-    for _ in range(steps):
-        grad = input_grad(model, x_adv, y)
-        velocity = momentum * velocity + grad / per_sample(grad.abs().flatten(1).sum(1).clamp_min(tiny), grad)
-        x_adv = project_linf(x_adv + step_size * velocity.sign(), x, eps)
-    return x_adv.detach()
-
-
-def blackbox_examples(surrogates: list[nn.Module], x: Tensor, y: Tensor, cfg: TransferConfig, seed: int) -> dict[str, list[Tensor]]:
-    """Adversarial copies of x crafted on the surrogate Mixture (attacked end to end): attack → one per run.
-
-    Momentum PGD: random start, steps of ε·step_fraction, `blackbox_restarts` runs. M-DI²-FGSM: no
-    random start, steps of ε/steps (as MI-FGSM and DI²-FGSM), one run."""
-    surrogate = Mixture(surrogates)
-    mi_step, di_step = cfg.step_fraction * cfg.eps, cfg.eps / cfg.blackbox_steps
-    out: dict[str, list[Tensor]] = {MI_PGD: [], M_DI2_FGSM: []}
-    for r in range(cfg.blackbox_restarts):
-        g = stream(seed, "blackbox", MI_PGD, r)
-        out[MI_PGD].append(_batched(lambda xb, yb: momentum_pgd(
-            surrogate, xb, yb, cfg.eps, mi_step, cfg.blackbox_steps, cfg.momentum, True, g), x, y, cfg.batch_size))
-    g = stream(seed, "blackbox", M_DI2_FGSM)
-    diverse = DiverseInputs(surrogate, cfg.di_prob, cfg.di_resize, g)
-    out[M_DI2_FGSM].append(_batched(lambda xb, yb: momentum_pgd(
-        diverse, xb, yb, cfg.eps, di_step, cfg.blackbox_steps, cfg.momentum, False, g), x, y, cfg.batch_size))
-    return out
+    if attack == SGM:
+        with skip_gradient(surrogate, budget["gamma"]):
+            return _batched(run, x, y, batch_size)
+    return _batched(run, x, y, batch_size)
 
 
 def _batched(attack: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> Tensor:
     return torch.cat([attack(x[s : s + batch_size], y[s : s + batch_size]) for s in range(0, len(y), batch_size)])
 
 
-def blackbox_table(submodels: list[nn.Module], examples: dict[str, list[Tensor]], y: Tensor, batch_size: int) -> dict:
-    """Accuracy (%) of each submodel and the mixture on the transferred examples: per attack (correct
-    under all its runs) and "all" (correct under every example of every attack)."""
-    correct = {
-        attack: torch.stack([_predict_all(submodels, adv, batch_size) == y for adv in runs]).all(dim=0)
-        for attack, runs in examples.items()
-    }
-    correct[ALL_ATTACKS] = torch.stack(list(correct.values())).all(dim=0)
-    models = [*(f"sub{i}" for i in range(len(submodels))), "mixture"]
-    return {"attacks": list(correct), "models": models, "n_images": len(y),
-            "accuracy": [[percent(correct[a][m]) for a in correct] for m in range(len(models))]}
-
-
-def _predict_all(submodels: list[nn.Module], x: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([ensemble_predictions(submodels, x[s : s + batch_size]) for s in range(0, len(x), batch_size)], dim=1)
-
-
+def applicable_attacks(tcfg: TransferConfig, surrogate_models: list[nn.Module], arch: str) -> tuple[list[str], list[str]]:
+    """The configured attacks that apply to the surrogates, and a note for each that does not."""
+    if SGM in tcfg.blackbox_attacks and not residual_branch_ends(surrogate_models[0]):
+        return [a for a in tcfg.blackbox_attacks if a != SGM], [SGM_NOT_APPLICABLE.format(arch=arch)]
+    return list(tcfg.blackbox_attacks), []
 
 
 def prepare_blackbox(
     run_dir: Path, cfg: Config, tcfg: TransferConfig, data: Dataset, device: torch.device, train: SurrogateTrainer,
-) -> tuple[dict[str, list[Tensor]], dict]:
-    """The transferred examples (crafted once, reused for every stage) and a description of their source:
-    the surrogate mixture's clean accuracy and its own (white-box) accuracy under them."""
-    x, y = first(*shuffled_test_set(data, cfg.seed), tcfg.num_images)
-    surrogates = load_or_train_surrogates(run_dir, cfg, tcfg, data, device, train)
-    print("[eval] crafting black-box examples on the surrogate ensemble", flush=True)
-    examples = blackbox_examples(surrogates, x, y, tcfg, cfg.seed)
-    own = blackbox_table(surrogates, examples, y, tcfg.batch_size)
-    info = {"size": tcfg.surrogate_size, "seed": surrogate_config(cfg, tcfg).seed, "eps": tcfg.eps,
-            "steps": tcfg.blackbox_steps, "restarts": tcfg.blackbox_restarts, "n_images": len(y),
-            "clean_accuracy": percent(_predict_all(surrogates, x, tcfg.batch_size)[-1] == y),
-            "attacks": own["attacks"], "accuracy": own["accuracy"][-1]}
-    return examples, info
+) -> tuple[list[ExampleSet], Tensor, dict]:
+    """Every example set of the protocol (read from the shared cache, or crafted and stored there once),
+    the labels y [N] of its images, and a description for results.json ("blackbox_surrogate"): the
+    protocol, each surrogate ensemble's folder, clean accuracy and own (white-box) accuracy per set."""
+    root = surrogates.cache_root(run_dir, tcfg)
+    x, y, index = blackbox_images(data, tcfg)
+    sets: list[ExampleSet] = []
+    info: dict = {"n_images": len(y), "eps": list(tcfg.sweep_eps), "seed": tcfg.seed, "cache": str(root),
+                  "steps": tcfg.blackbox_steps, "restarts": tcfg.blackbox_restarts, "sgm_gamma": tcfg.sgm_gamma,
+                  "di_prob": tcfg.di_prob, "losses": list(tcfg.blackbox_losses), "surrogates": [], "notes": []}
+    for size in dict.fromkeys(tcfg.surrogate_sizes):
+        scfg = surrogates.surrogate_config(cfg, tcfg, size)
+        models = surrogates.load_or_train(root, scfg, data, device, train)
+        attacks, notes = applicable_attacks(tcfg, models, cfg.model.arch)
+        info["notes"] = list(dict.fromkeys(info["notes"] + notes))
+        own_sets = surrogate_sets(root, cfg, tcfg, scfg, models, attacks, x, y, index)
+        sets += own_sets
+        info["surrogates"].append({
+            "name": own_sets[0].surrogate if own_sets else f"ens{size}", "size": size, "seed": scfg.seed,
+            "epochs": scfg.vanilla.epochs, "dir": str(surrogates.surrogate_dir(root, scfg)),
+            "clean_accuracy": percent(correct_under(models, x[None], y, tcfg.batch_size)[-1]),
+            "sets": [s.key() for s in own_sets],
+            "own_accuracy": [percent(correct_under(models, s.examples, y, tcfg.batch_size)[-1]) for s in own_sets]})
+    return sets, y, info
+
+
+def surrogate_sets(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, models: list[nn.Module],
+                   attacks: list[str], x: Tensor, y: Tensor, index: Tensor) -> list[ExampleSet]:
+    """The example sets of one surrogate ensemble (`scfg`, `models`): each attack × loss × ε of the sweep,
+    from the cache under `root` when their manifest matches, else crafted on the ensemble's mixture and stored."""
+    name = f"ens{scfg.ensemble.size}"
+    mixture = Mixture(models).eval()
+    folder = Path(root) / example_sets.EXAMPLES / surrogates.data_folder(cfg) / surrogates.surrogate_dir(root, scfg).name
+    out = []
+    for eps in tcfg.sweep_eps:
+        for attack in attacks:
+            for loss in tcfg.blackbox_losses:
+                budget = attack_budget(attack, tcfg)
+                manifest = {"data": surrogates.data_identity(cfg), "images": index.tolist(),
+                            "surrogate": surrogates.surrogate_identity(scfg), "attack": attack, "loss": loss,
+                            "eps": eps, "seed": tcfg.seed, "budget": budget}
+
+                def generate(attack=attack, loss=loss, eps=eps, budget=budget) -> Tensor:
+                    print(f"[eval] crafting {ATTACK_NAMES[attack]} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}", flush=True)
+                    return torch.stack([craft(mixture, x, y, attack, loss, eps, budget,
+                                              stream(tcfg.seed, "blackbox", name, attack, loss, eps, r), tcfg.batch_size)
+                                        for r in range(budget["runs"])])
+
+                out.append(ExampleSet(name, attack, loss, eps, example_sets.load_or_generate(folder, manifest, generate)))
+    return out
+
+
+def correct_under(models: list[nn.Module], examples: Tensor, y: Tensor, batch_size: int) -> Tensor:
+    """[M + 1, N]: whether each submodel, then the mixture, classifies every run of `examples` [R, N, ...]
+    correctly. `examples` may stay on the CPU (the sets of a whole protocol can be gigabytes): batches move."""
+    right = torch.ones(len(models) + 1, len(y), dtype=torch.bool, device=y.device)
+    for run in examples:
+        for s in range(0, len(y), batch_size):
+            batch = run[s : s + batch_size].to(y.device)
+            right[:, s : s + batch_size] &= ensemble_predictions(models, batch) == y[s : s + batch_size]
+    return right
+
+
+def blackbox_table(submodels: list[nn.Module], sets: list[ExampleSet], y: Tensor, batch_size: int) -> dict:
+    """Accuracy (%) of each submodel and the mixture under every example set (correct under all its runs)
+    and "all" per ε (correct under every set at that ε), as results.json's "blackbox"[stage]:
+    {"models", "n_images", "sets": [{surrogate, attack, loss, eps}], "accuracy": [model][set],
+     "eps": [ε], "all": [model][ε]}."""
+    correct = [correct_under(submodels, s.examples, y, batch_size) for s in sets]
+    eps_grid = list(dict.fromkeys(s.eps for s in sets))
+    every = [torch.stack([c for c, s in zip(correct, sets) if s.eps == eps]).all(dim=0) for eps in eps_grid]
+    models = [*(f"sub{i}" for i in range(len(submodels))), MIXTURE]
+    return {"models": models, "n_images": len(y), "sets": [s.key() for s in sets],
+            "accuracy": [[percent(c[m]) for c in correct] for m in range(len(models))],
+            "eps": eps_grid, "all": [[percent(a[m]) for a in every] for m in range(len(models))]}
+
+
+def all_accuracy(table: dict, model: str, eps: float) -> float | None:
+    """The "all" accuracy (%) of `model` at `eps` in a black-box table; None when ε was not in the sweep
+    or the table is of the older layout (one ε, not recorded in the table)."""
+    if "all" not in table:
+        return None
+    for k, e in enumerate(table["eps"]):
+        if abs(e - eps) < 1e-12:
+            return table["all"][table["models"].index(model)][k]
+    return None
+
+
+def set_label(s: dict) -> str:
+    """A column header for an example set, e.g. "ens5 SGM CW"."""
+    return f"{s['surrogate']} {ATTACK_NAMES.get(s['attack'], s['attack'])} {LOSS_NAMES.get(s['loss'], s['loss'])}"

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dvtrain.config import EvalConfig
+from dvtrain.eval.blackbox import all_accuracy
 from dvtrain.eval.report import format_eps, model_label
 from dvtrain.eval.whitebox import MIXTURE, WORST_CASE, robust_accuracy
 from dvtrain.rng import stream
@@ -47,8 +48,7 @@ def _row(rows: list[dict], model: str, attack: str, norm: str | None) -> dict | 
     return next((r for r in rows if r["model"] == model and r["attack"] == attack and r.get("norm") == norm), None)
 
 
-def masking_checks(stage: str, rows: list[dict], probe: dict | None, blackbox: dict | None, cfg: EvalConfig,
-                   blackbox_eps: float | None = None) -> list[str]:
+def masking_checks(stage: str, rows: list[dict], probe: dict | None, blackbox: dict | None, cfg: EvalConfig) -> list[str]:
     """The check lines ("pass: …" / "warn: … likely cause …") for one stage's rows (`dvtrain.eval.whitebox`)."""
     lines = []
     if probe is not None:
@@ -67,16 +67,16 @@ def masking_checks(stage: str, rows: list[dict], probe: dict | None, blackbox: d
                          f"{short['accuracy']:.2f} % on the mixture{cause}")
     worst = _row(rows, MIXTURE, WORST_CASE, "Linf")
     if blackbox is not None and worst is not None:
-        transfer = blackbox["accuracy"][blackbox["models"].index(MIXTURE)][-1]
-        if blackbox_eps is not None and abs(blackbox_eps - worst["eps"]) > 1e-12:
-            lines.append(f"{PASS}: white-box vs black-box skipped: transfer ran at ε={format_eps(blackbox_eps)}, "
-                         f"the table at ε={format_eps(worst['eps'])} (set eval.transfer.eps=eval.eps to compare)")
-        elif transfer is not None:
+        transfer = all_accuracy(blackbox, MIXTURE, worst["eps"])
+        if transfer is None:
+            lines.append(f"{PASS}: white-box vs black-box skipped: no transfer examples at the table's "
+                         f"ε={format_eps(worst['eps'])} (add it to eval.transfer.sweep_eps to compare)")
+        else:
             verdict = PASS if worst["accuracy"] <= transfer else WARN
             cause = "" if verdict == PASS else (": transferred examples beat white-box attacks, the classic sign of "
                                                  "gradient masking (obfuscated gradients)")
             lines.append(f"{verdict}: white-box worst case L∞ {worst['accuracy']:.2f} % vs black-box transfer "
-                         f"{transfer:.2f} % on the mixture{cause}")
+                         f"(\"all\") {transfer:.2f} % on the mixture{cause}")
     for aa in (r for r in rows if r["attack"] == "autoattack"):
         pgd = [r for r in rows if r["model"] == aa["model"] and r["attack"].startswith("pgd_") and r.get("norm") == aa["norm"]]
         above = [r for r in pgd if aa["accuracy"] > r["accuracy"]]

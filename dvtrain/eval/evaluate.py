@@ -2,8 +2,9 @@
 
 Per stage: the white-box table (eval.full_attacks: AutoAttack, margin PGD, the adaptive attack, with
 the worst case per image and Wilson intervals), the gradient-masking checks, the transferability
-matrix, black-box transfer from a surrogate ensemble, the ε sweep and the vulnerability-diversity matrix; written to results.json,
-results.md, plots/ and (per logging.wandb) a W&B run "<name>-eval". The surrogate ensemble is
+matrix, black-box transfer from surrogate ensembles (`dvtrain.eval.blackbox`), the ε sweep and the
+vulnerability-diversity matrix; written to results.json, results.md, plots/ and (per logging.wandb) a
+W&B run "<name>-eval". The surrogate ensembles are
 trained by a function the caller hands in (`SurrogateTrainer`), so evaluation imports no training code.
 """
 
@@ -16,11 +17,12 @@ from torch import Tensor, nn
 
 from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
-from dvtrain.eval.blackbox import SurrogateTrainer, blackbox_table, prepare_blackbox
+from dvtrain.eval.blackbox import ExampleSet, blackbox_table, prepare_blackbox
 from dvtrain.eval.checks import masking_checks, masking_probe
 from dvtrain.eval.diversity import diversity_evaluation
 from dvtrain.eval.progress import Phases
 from dvtrain.eval.load import finished_stages, load_stage
+from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.report import (
     EVAL_TABLE, FULL_EVALUATION_KEYS, evaluation_markdown, merge_rows, metric_key, result_metrics, results_markdown, update_results,
 )
@@ -35,7 +37,7 @@ SURROGATE_LOCK = ".surrogates.lock"  # the surrogate cache's own lock: its train
 
 def evaluate_stage_fully(
     stage: str, submodels: list[nn.Module], rows: list[dict], data: Dataset, cfg: Config, tcfg: TransferConfig,
-    bb_examples: dict[str, list[Tensor]], results: dict,
+    blackbox: tuple[list[ExampleSet], Tensor], results: dict,
 ) -> None:
     """Given the stage's white-box `rows`: its checks, transfer matrix, black-box table and ε sweep, into
     `results` (this evaluation's own, merged into results.json later). These use a seeded random draw
@@ -45,7 +47,7 @@ def evaluate_stage_fully(
     print(f"[eval {stage}] transferability matrix", flush=True)
     results.setdefault("transfer", {})[stage] = transfer_matrix(submodels, x_pool, y_pool, tcfg, cfg.seed)
     print(f"[eval {stage}] black-box transfer", flush=True)
-    results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, bb_examples, y, tcfg.batch_size)
+    results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, *blackbox, tcfg.batch_size)
     print(f"[eval {stage}] accuracy vs ε", flush=True)
     results.setdefault("eps_sweep", {})[stage] = epsilon_sweep(submodels, x, y, tcfg, cfg.seed)
     probe = None
@@ -53,7 +55,7 @@ def evaluate_stage_fully(
         print(f"[eval {stage}] gradient-masking checks", flush=True)
         probe = masking_probe(Mixture(submodels), data.x_test, data.y_test, cfg.eval, cfg.seed)
     results.setdefault("checks", {})[stage] = masking_checks(
-        stage, rows, probe, results["blackbox"][stage], cfg.eval, tcfg.eps)
+        stage, rows, probe, results["blackbox"][stage], cfg.eval)
 
 
 def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device: torch.device,
@@ -64,14 +66,16 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     Every process loads every submodel. The white-box tables (eval.full_attacks, on the training-time
     table's images, eval.num_examples) are shared out by `share` (chunks of eval.chunk_size test images,
     chunk c on rank c % world; None: one process), with the same rows for any number of processes. The
-    rest (surrogates, transfer matrix, black-box table, ε sweep, checks, plots) is computed by rank 0
-    alone; the other ranks return None once the white-box tables are gathered.
+    rest (surrogate ensembles in the shared transfer cache, transfer matrix, black-box table, ε sweep,
+    checks, diversity, plots) is computed by rank 0 alone; the other ranks return None once the
+    white-box tables are gathered.
 
     The new figures are merged into results.json under the run directory's lock at the end (rows by
     `report.ROW_KEY`, the per-stage sections by stage), so rows of other stages, ε and budgets that
     results.json holds, also those a concurrent `dvtrain eval` wrote meanwhile, are kept. The
     surrogate cache is loaded or trained under its own lock. Returns results.json as written (rank 0).
     Raises DvtrainError for more processes than chunks, before any attack."""
+    from dvtrain.eval.blackbox_plot import add_blackbox_plot
     from dvtrain.eval.plots import evaluation_plots
 
     run = RunDir(run_dir)
@@ -97,13 +101,15 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
         return None
     new: dict = {"eval": [r | {"table": EVAL_TABLE, "command": command} for stage in rows for r in rows[stage]]}
     with run.lock(SURROGATE_LOCK), phases.phase("surrogates and black-box examples"):  # one writer of the cache
-        examples, new["blackbox_surrogate"] = prepare_blackbox(run.path, cfg, tcfg, data, device, train_surrogates)
+        sets, y_blackbox, new["blackbox_surrogate"] = prepare_blackbox(run.path, cfg, tcfg, data, device,
+                                                                       train_surrogates)
     for stage, submodels in loaded.items():
         with phases.phase(f"{stage} transfer, black-box, ε sweep, checks"):
-            evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg, examples, new)
+            evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg, (sets, y_blackbox), new)
     with phases.phase("vulnerability-diversity matrices"):
         diversity_evaluation(run.path, loaded, data, cfg, new)
     new["plots"] = evaluation_plots(run.path, new)
+    add_blackbox_plot(run.path, new)
     new["eval_provenance"] = {"command": command, "world_size": 1 if share is None else share.world,
                               "threads_per_process": torch.get_num_threads(), "phase_s": dict(phases.seconds)}
 

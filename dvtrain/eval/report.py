@@ -114,13 +114,11 @@ METRIC_ORDER = (
 
 def result_metrics(results: dict) -> dict[tuple[str, str, str], float]:
     """Every number of a results.json as (stage, model, metric) → value: white-box accuracies under
-    `metric_name`, black-box accuracies as bb_<attack>, and the mixture row's transfer_offdiag
+    `metric_name`, black-box "all" accuracies as bb_all_eps<ε> (`blackbox_metrics`), and the mixture row's transfer_offdiag
     (mean off-diagonal transfer *success*, lower is better). What `dvtrain compare` tabulates."""
     out = {(r["stage"], r["model"], metric_name(r["attack"], r.get("norm"))): r["accuracy"] for r in results.get("eval", [])}
     for stage, table in results.get("blackbox", {}).items():
-        for m, model in enumerate(table["models"]):
-            for a, attack in enumerate(table["attacks"]):
-                out[(stage, model, BLACKBOX_PREFIX + attack)] = table["accuracy"][m][a]
+        out.update({(stage, model, metric): value for (model, metric), value in blackbox_metrics(table).items()})
     for stage, matrix in results.get("transfer", {}).items():
         out[(stage, "mixture", TRANSFER_OFFDIAG)] = mean_off_diagonal(matrix)
     return {key: value for key, value in out.items() if value is not None}
@@ -135,6 +133,16 @@ def result_rows(results: dict) -> list[dict]:
              "value": r["accuracy"], "attack": r["attack"], "norm": r.get("norm"), "eps": r.get("eps"),
              "budget": r.get("budget"), "n": r.get("n"), "table": r.get("table")}
             for r in results.get("eval", []) if r.get("accuracy") is not None]
+
+
+def blackbox_metrics(table: dict) -> dict[tuple[str, str], float | None]:
+    """(model, metric) → accuracy of one stage's black-box table: "all" per ε as bb_all_eps<ε> (the paper's
+    curve). A results.json of dvtrain before the ε sweep (one ε, columns per attack) gives bb_<attack>."""
+    if "all" not in table:
+        return {(model, BLACKBOX_PREFIX + attack): table["accuracy"][m][a]
+                for m, model in enumerate(table["models"]) for a, attack in enumerate(table["attacks"])}
+    return {(model, f"{BLACKBOX_PREFIX}all_eps{eps:g}"): table["all"][m][k]
+            for m, model in enumerate(table["models"]) for k, eps in enumerate(table["eps"])}
 
 
 def metric_key(stage: str, model: str, metric: str) -> str:
@@ -255,20 +263,44 @@ def _matrix_markdown(stage: str, rows: list[str], columns: list[str], values: li
     return lines
 
 
-def _blackbox_markdown(tables: dict[str, dict], surrogate: dict) -> list[str]:
-    attacks = surrogate["attacks"]
+def _blackbox_markdown(tables: dict[str, dict], protocol: dict) -> list[str]:
+    """The black-box section (`dvtrain.eval.blackbox`): "all" per ε for every stage and model, then one
+    detailed table per ε (a column per surrogate ensemble × attack × loss), the surrogates' own rows first."""
+    from dvtrain.eval.blackbox import set_label
+
+    stages = [s for s in stage_order(tables) if "all" in tables[s]]
+    if not stages:
+        return []
+    eps_grid = tables[stages[0]]["eps"]
+    sizes = ", ".join(str(s["size"]) for s in protocol["surrogates"])
     lines = ["## Black-box transfer", "",
-             f"Accuracy (%) on {surrogate['n_images']} test images under examples crafted at ε={format_eps(surrogate['eps'])} "
-             f"on a surrogate ensemble of {surrogate['size']} independently trained plain classifiers (clean accuracy "
-             f"{cell(surrogate['clean_accuracy'])}%): momentum PGD ({surrogate['restarts']} restarts) and M-DI²-FGSM, "
-             f"{surrogate['steps']} steps each; an image counts as correct only if it is under every run, and under "
-             "every example of every attack for \"all\". The first row is the surrogate itself (white-box).", "",
-             "| Stage | Model | " + " | ".join(attacks) + " |", "|---|---" + "|---:" * len(attacks) + "|",
-             "| surrogate | Mixture (white-box) | " + " | ".join(cell(v) for v in surrogate["accuracy"]) + " |"]
-    for stage in stage_order(tables):
+             f"Accuracy (%) on {protocol['n_images']} test images (seed {protocol['seed']}) under transfer examples "
+             f"crafted on hold-out plain ensembles of {sizes} models of this architecture with momentum PGD "
+             f"({protocol['restarts']} random starts), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ {protocol['sgm_gamma']:g}), "
+             f"{protocol['steps']} steps each, losses {', '.join(l.upper() for l in protocol['losses'])}. A set counts an image correct "
+             "only under all its runs; \"all\": correct under every set at that ε. Example sets and surrogates are "
+             f"shared by every run on the same data ({protocol['cache']}).", "",
+             *(f"- {note}" for note in protocol.get("notes", [])), *([""] if protocol.get("notes") else []),
+             "| Stage | Model | " + " | ".join(f"all ε={format_eps(e)}" for e in eps_grid) + " |",
+             "|---|---" + "|---:" * len(eps_grid) + "|"]
+    for stage in stages:
         t = tables[stage]
         lines += [f"| {stage} | {model_label(stage, m)} | " + " | ".join(cell(v) for v in row) + " |"
-                  for m, row in zip(t["models"], t["accuracy"])]
+                  for m, row in zip(t["models"], t["all"])]
+    for k, eps in enumerate(eps_grid):
+        columns = [j for j, s in enumerate(tables[stages[0]]["sets"]) if s["eps"] == eps]
+        labels = [set_label(tables[stages[0]]["sets"][j]) for j in columns]
+        lines += ["", f"### Black-box transfer at ε={format_eps(eps)}", "",
+                  "| Stage | Model | " + " | ".join(labels) + " | all |", "|---|---" + "|---:" * (len(columns) + 1) + "|"]
+        for sur in protocol["surrogates"]:
+            own = {(s["surrogate"], s["attack"], s["loss"], s["eps"]): v for s, v in zip(sur["sets"], sur["own_accuracy"])}
+            keys = [tuple(tables[stages[0]]["sets"][j].values()) for j in columns]
+            lines.append(f"| surrogate {sur['name']} | Mixture (white-box) | " + " | ".join(
+                cell(own[key]) if key in own else "" for key in keys) + " | |")
+        for stage in stages:
+            t = tables[stage]
+            lines += [f"| {stage} | {model_label(stage, m)} | " + " | ".join(cell(acc[j]) for j in columns)
+                      + f" | {cell(every[k])} |" for m, acc, every in zip(t["models"], t["accuracy"], t["all"])]
     return [*lines, ""]
 
 
@@ -291,6 +323,8 @@ def evaluation_markdown(results: dict) -> str:
             out += [f"![transferability {stage}]({plots[stage]['transfer']})", ""]
     if results.get("blackbox"):
         out += _blackbox_markdown(results["blackbox"], results["blackbox_surrogate"])
+        if "blackbox" in plots.get(stage_order(results["blackbox"])[0], {}):
+            out += [f"![black-box transfer, all]({plots[stage_order(results['blackbox'])[0]]['blackbox']})", ""]
     for stage in stage_order(results.get("eps_sweep", {})):
         s = results["eps_sweep"][stage]
         out += [f"## Accuracy vs ε: {stage}", "",

@@ -21,7 +21,7 @@ from dvtrain import checkpoint, provenance
 from dvtrain.compute import autocast
 from dvtrain.config import Config, to_dict
 from dvtrain.data import Dataset, num_batches
-from dvtrain.distributed.placement import Placement
+from dvtrain.distributed.placement import LocalPlacement, Placement
 from dvtrain.distributed.runtime import launched_world_size
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import (
@@ -354,3 +354,10 @@ def train(ctx: Context) -> dict:
     if ctx.placement.is_main and sync is not None:
         print(f"W&B runs are offline; upload them with: {sync}", flush=True)
     return results
+
+
+def train_in_process(run_dir: Path, cfg: Config, data: Dataset, device: torch.device) -> dict:
+    """Train (or resume) `cfg`'s stages in RUN_DIR in this one process, exactly as `dvtrain train` does
+    (checkpoints, Ctrl-C handling, results.json). The caller has written RUN_DIR/config.yaml. What
+    `dvtrain eval` hands to evaluation to train its surrogate ensembles (`dvtrain.eval.surrogates`)."""
+    return train(Context(cfg, Path(run_dir), data, LocalPlacement(cfg.ensemble.size), device))

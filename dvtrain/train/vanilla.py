@@ -9,12 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dvtrain.config import Config, VanillaConfig
-from dvtrain.data import Dataset, batches, num_batches
-from dvtrain.distributed.placement import LocalPlacement
-from dvtrain.submodels import Owned
-from dvtrain.timing import DISABLED
-from dvtrain.train.optim import build_owned, set_epoch_lr
+from dvtrain.config import VanillaConfig
+from dvtrain.data import batches, num_batches
 from dvtrain.train.stage import OnStep, StageRun, StepFigures
 
 
@@ -58,17 +54,3 @@ class Vanilla:
                                 clean_logits=None, y=None, ensemble={}), len(drawn[0][1]))
         return {}
 
-
-def train_plain_ensemble(cfg: Config, data: Dataset, device: torch.device) -> Owned:
-    """`cfg.ensemble.size` plain classifiers trained in one process exactly as the vanilla stage trains
-    its submodels (`cfg.vanilla`, seeds from `cfg.seed`): the black-box surrogates of `dvtrain eval`."""
-    ids = list(range(cfg.ensemble.size))
-    owned = build_owned(cfg, data, ids, "vanilla", device)
-    placement = LocalPlacement(cfg.ensemble.size)
-    # Vanilla draws from per-submodel streams only: the shared generator is never consumed.
-    run = StageRun("vanilla", cfg, owned, placement, placement.replicas, data, torch.Generator(), DISABLED)
-    for epoch in range(cfg.vanilla.epochs):
-        for i in ids:
-            set_epoch_lr(owned.optimizers[i], cfg.vanilla.optim, epoch)
-        Vanilla(run).epoch(epoch, 0, lambda figures, images: None)
-    return owned
