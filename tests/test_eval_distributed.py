@@ -28,7 +28,7 @@ CHUNKED = ["eval.num_examples=48", "eval.chunk_size=16", "eval.batch_size=8", "e
            "eval.autoattack.norms=[Linf]", "eval.autoattack.num_examples=40", "eval.adaptive.steps=2",
            "eval.checks.enabled=false", "eval.transfer.num_images=20", "eval.transfer.steps=1",
            "eval.transfer.restarts=1", "eval.transfer.blackbox_steps=1", "eval.transfer.blackbox_restarts=1",
-           "eval.transfer.surrogate_size=2", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]"]
+           "eval.transfer.surrogate_sizes=[2]", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]"]
 
 
 def launch_eval(world: int, run_dir: Path, *args: str) -> subprocess.CompletedProcess:

@@ -114,7 +114,7 @@ def test_writers_in_two_processes_both_land(tmp_path):
 
 
 SMALL = ["eval.transfer.num_images=30", "eval.transfer.steps=1", "eval.transfer.restarts=1",
-         "eval.transfer.blackbox_steps=1", "eval.transfer.blackbox_restarts=1", "eval.transfer.surrogate_size=2",
+         "eval.transfer.blackbox_steps=1", "eval.transfer.blackbox_restarts=1", "eval.transfer.surrogate_sizes=[2]",
          "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]", "eval.full_attacks=[clean,fgsm,pgd_linf]",
          "eval.checks.enabled=false", "eval.num_examples=40"]
 
