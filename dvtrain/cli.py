@@ -26,7 +26,7 @@ from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs,
 from dvtrain.errors import DvtrainError
 from dvtrain.distributed.placement import Placement
 from dvtrain.distributed.runtime import (
-    init_runtime, is_main_rank, launched_world_size, report_to_launcher, resolve_device, shutdown,
+    init_runtime, is_main_rank, launched_world_size, report_to_launcher, shutdown,
 )
 from dvtrain.rundir import RunDir
 from dvtrain.paths import PathError, check_folder, read_json_object
