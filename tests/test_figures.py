@@ -14,7 +14,6 @@ from dvtrain.data import load_dataset
 from dvtrain.distributed.placement import LocalPlacement
 from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.models import build_model
-from dvtrain.rng import stream
 from dvtrain.train.loop import NonFiniteLoss, StepLog, test_metrics as epoch_test_metrics
 from dvtrain.train.dverge import dverge_step
 from dvtrain.train.engines import LoopEngine

@@ -15,10 +15,9 @@ import pytest
 
 from conftest import TINY
 from dvtrain import cli
-from dvtrain.config import Config
 from dvtrain.eval.compare import read_run_dir
 from dvtrain.eval.report import (
-    load_results, merge_rows, result_metrics, result_rows, results_markdown, row_key, update_results,
+    load_results, merge_rows, result_metrics, result_rows, results_markdown, row_key,
 )
 from dvtrain.rundir import RunDir
 
@@ -90,7 +89,6 @@ def test_results_markdown_keeps_every_table_in_training_order_headed_by_its_comm
 
 WRITER = """
 import sys, time
-from dvtrain.config import Config
 from dvtrain.eval.report import update_results
 run_dir, stage, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 for k in range(count):
