@@ -46,6 +46,7 @@ EXIT_USER_ERROR = 2  # as dvtrain.cli
 ONLINE_PATH = re.compile(r"^[^/\s]+/[^/\s]+/[^/\s]+$")
 MIXTURE = "mixture"
 EPS = "eps"  # summary key eval/<attack>/eps: the attack's ε
+BLACKBOX_EPS_INFIX = "_eps"  # bb_all_eps<ε>: black-box "all" at ε (dvtrain.eval.report.blackbox_metrics)
 # Config keys that do not change what a run computes, or name it: never columns, never split a group.
 NOT_COMPARED = ("name", "runs_dir", "logging.", "provenance.", "_wandb.")
 # The default table's figures, in this order; the worst cases are the report's headline numbers.
@@ -143,7 +144,7 @@ def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str
 
     White-box rows under `metric_name`; where several rows share a column (the same ε evaluated with
     other budgets), the worst case over the most attacks wins, then the later row. Black-box accuracies
-    as bb_<attack> at the surrogate's ε; the mixture's transfer_offdiag (mean off-diagonal transfer
+    as bb_all at each ε of the sweep (`blackbox_values`); the mixture's transfer_offdiag (mean off-diagonal transfer
     success, lower is better) at the transfer ε. Rows at different ε stay apart.
     """
     values: dict[Column, float] = {}
@@ -156,15 +157,10 @@ def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str
         covered = len(row.get("of") or ())
         if covered >= attacks.get(column, 0):
             values[column], basis[column], attacks[column] = row["accuracy"], _budget_text(row), covered
-    surrogate = results.get("blackbox_surrogate", {})
-    bb_basis = (f"surrogate ×{surrogate.get('size')}, {surrogate.get('steps')} steps, {surrogate.get('restarts')} "
-                f"restarts; n={surrogate.get('n_images')}") if surrogate else ""
     for stage, table in results.get("blackbox", {}).items():
-        for m, model in enumerate(table["models"]):
-            for a, attack in enumerate(table["attacks"]):
-                column = (stage, model, BLACKBOX_PREFIX + attack, surrogate.get("eps") or None)
-                if table["accuracy"][m][a] is not None:
-                    values[column], basis[column] = table["accuracy"][m][a], bb_basis
+        for column, (value, text) in blackbox_values(stage, table, results.get("blackbox_surrogate", {})).items():
+            if value is not None:
+                values[column], basis[column] = value, text
     for stage, matrix in results.get("transfer", {}).items():
         off = mean_off_diagonal(matrix)
         if off is not None:
@@ -173,6 +169,22 @@ def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str
             # Not its n_images: the images every submodel classifies correctly differ from run to run.
             basis[column] = f"{matrix.get('steps')} steps, {matrix.get('restarts')} restarts"
     return values, {c: b for c, b in basis.items() if b}
+
+
+def blackbox_values(stage: str, table: dict, surrogate: dict) -> dict[Column, tuple[float | None, str]]:
+    """One stage's black-box numbers as columns → (accuracy %, what it rests on): "all" (correct under every
+    example set) at each ε of the protocol's sweep; a results.json written before the sweep (one ε, a column
+    per attack) gives bb_<attack> at the surrogate's ε."""
+    if "all" in table:
+        sizes = "/".join(str(e.get("size")) for e in surrogate.get("surrogates", []))
+        text = (f"surrogates ×{sizes}, {len(table['sets'])} sets, {surrogate.get('steps')} steps; "
+                f"n={table.get('n_images')}")
+        return {(stage, model, BLACKBOX_PREFIX + "all", eps): (table["all"][m][k], text)
+                for m, model in enumerate(table["models"]) for k, eps in enumerate(table["eps"])}
+    text = (f"surrogate ×{surrogate.get('size')}, {surrogate.get('steps')} steps, {surrogate.get('restarts')} "
+            f"restarts; n={surrogate.get('n_images')}") if surrogate else ""
+    return {(stage, model, BLACKBOX_PREFIX + attack, surrogate.get("eps") or None): (table["accuracy"][m][a], text)
+            for m, model in enumerate(table["models"]) for a, attack in enumerate(table["attacks"])}
 
 
 def read_run_dir(path: Path) -> Experiment:
@@ -256,6 +268,18 @@ def metric_eps(metric: str, config: dict[str, object]) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) and eps else None
 
 
+def metric_at_eps(metric: str, config: dict[str, object]) -> tuple[str, float | None]:
+    """A `dvtrain eval` summary metric as (metric, ε): black-box "all" names its ε (bb_all_eps0.1 → bb_all at
+    0.1, as `dvtrain.eval.report.blackbox_metrics` writes it); the others take it from the config."""
+    name, found, eps = metric.partition(BLACKBOX_EPS_INFIX)
+    if found and metric.startswith(BLACKBOX_PREFIX):
+        try:
+            return name, float(eps)
+        except ValueError:
+            pass
+    return metric, metric_eps(metric, config)
+
+
 def experiment_from_wandb(label: str, runs: list[tuple[str, str | None, dict, dict]], source: str) -> Experiment:
     """One experiment from its W&B runs (name, job type, config, summary): eval/<metric>/<model> (at
     eval/<metric>/eps) of each stage's run, eval/<stage>/<model>/<metric> of `dvtrain eval`'s, whose ε
@@ -275,7 +299,7 @@ def experiment_from_wandb(label: str, runs: list[tuple[str, str | None, dict, di
                    if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for key, value in numbers.items():
             if len(key) == 3:
-                evaluated[(key[0], key[1], key[2], metric_eps(key[2], own_config))] = float(value)
+                evaluated[(key[0], key[1], *metric_at_eps(key[2], own_config))] = float(value)
             elif len(key) == 2 and stage is not None and key[1] != EPS:
                 training[(stage, key[1], key[0], numbers.get((key[0], EPS)) or None)] = float(value)
     if not training and not evaluated:
