@@ -151,7 +151,8 @@ def test_grouped_csv_has_n_and_sd_columns(seed_runs, tmp_path, capsys):
 
 
 def write_run(root: Path, name: str, seed: int, dverge_eps: float, *, of: tuple[str, ...] = ("clean", "fgsm", "pgd_linf"),
-              base: float = 50.0, extra_eps: float | None = None, evaluated: bool = True) -> Path:
+              base: float = 50.0, extra_eps: float | None = None, evaluated: bool = True,
+              bb_eps: tuple[float, ...] = (0.1,)) -> Path:
     """A run directory as dvtrain writes it (config.yaml, results.json) for all three stages: white-box
     rows (a worst case over `of`; with `extra_eps` also rows at a second ε), and, if `evaluated`, the
     black-box and transfer numbers `dvtrain eval` adds."""
@@ -173,9 +174,12 @@ def write_run(root: Path, name: str, seed: int, dverge_eps: float, *, of: tuple[
                          "accuracy": value - 20, "n": 359, "of": list(of)})
     results = {"run": name, "eval": rows, "stages": {}}
     if evaluated:
-        results["blackbox_surrogate"] = {"eps": 0.1, "size": 3, "steps": 10, "restarts": 1, "n_images": 200}
-        results["blackbox"] = {s: {"attacks": ["mi_pgd", "m_di2_fgsm", "all"], "models": ["mixture"],
-                                   "accuracy": [[80.0 + seed, 79.0, 77.25 + seed]]} for s in stages}
+        # The layout of dvtrain.eval.blackbox.blackbox_table: "all" per ε of the sweep.
+        results["blackbox_surrogate"] = {"eps": list(bb_eps), "surrogates": [{"size": 3}], "steps": 10, "n_images": 200}
+        sets = [{"surrogate": "ens3", "attack": "mi_pgd", "loss": "ce", "eps": e} for e in bb_eps]
+        results["blackbox"] = {s: {"models": ["mixture"], "n_images": 200, "sets": sets, "eps": list(bb_eps),
+                                   "accuracy": [[80.0 + seed for _ in bb_eps]],
+                                   "all": [[77.25 + seed - 10 * (0.1 - e) / 0.05 for e in bb_eps]]} for s in stages}
         results["transfer"] = {s: {"sources": ["sub0", "sub1"], "targets": ["sub0", "sub1", "mixture"], "eps": 0.1,
                                    "steps": 10, "restarts": 1, "n_images": 200,
                                    "success": [[90.0, 10.0 + seed, 5.0], [30.0, 95.0, 8.0]]} for s in stages}
@@ -200,6 +204,14 @@ def test_three_runs_fit_a_160_column_terminal(tmp_path, capsys):
     assert grouped["n"] == "2" and grouped["BB all ε=0.1"] == f"{77.75:.2f} ± {statistics.stdev([77.25, 78.25]):.2f}"
     assert grouped["Transfer↓ ε=0.1"] == f"{20.25:.2f} ± {statistics.stdev([20.0, 20.5]):.2f}"
     assert grouped["dverge.eps"] == "0.07" and markdown_rows(out)[("other-eps", "vanilla")]["dverge.eps"] == "0.05"
+
+
+def test_blackbox_all_at_every_eps_of_the_sweep(tmp_path, capsys):
+    """results.json's black-box table of the ε sweep ("all" per ε) gives one BB all column per ε."""
+    run = write_run(tmp_path, "swept", 0, 0.07, bb_eps=(0.05, 0.1))
+    assert compare_main([str(run), "--all"]) == 0
+    table = markdown_rows(capsys.readouterr().out)[("swept", "dverge")]
+    assert table["BB all ε=0.05"] == "67.25" and table["BB all ε=0.1"] == "77.25"
 
 
 def test_rows_at_several_eps_are_never_merged(tmp_path, capsys):
