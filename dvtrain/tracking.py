@@ -226,6 +226,8 @@ class StepHistory:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
         tmp.replace(self.path)
+        if tracker.run is None:  # W&B off: the history is kept for the loss curves, nothing to log again
+            return
         for entry in kept:
             (tracker.log_epoch if entry["epoch"] else tracker.log)(entry["row"], entry["step"])
 

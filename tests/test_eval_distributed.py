@@ -28,7 +28,8 @@ CHUNKED = ["eval.num_examples=48", "eval.chunk_size=16", "eval.batch_size=8", "e
            "eval.autoattack.norms=[Linf]", "eval.autoattack.num_examples=40", "eval.adaptive.steps=2",
            "eval.checks.enabled=false", "eval.transfer.num_images=20", "eval.transfer.steps=1",
            "eval.transfer.restarts=1", "eval.transfer.blackbox_steps=1", "eval.transfer.blackbox_restarts=1",
-           "eval.transfer.surrogate_sizes=[2]", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]"]
+           "eval.transfer.surrogate_sizes=[2]", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]",
+           "eval.diversity.num_images=10"]
 
 
 def launch_eval(world: int, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -83,15 +84,11 @@ def trained(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_one_two_and_three_processes_write_the_same_rows(trained, tmp_path):
     rows = {}
-    surrogates = None
-    for world in (1, 2, 3):
+    for world in (1, 2, 3):  # the surrogates are trained once, in the transfer cache the three runs share
         run_dir = tmp_path / f"w{world}"
         shutil.copytree(trained, run_dir)
-        if surrogates is not None:  # trained once: what is compared here is the white-box table
-            shutil.copytree(surrogates, run_dir / "surrogates")
         done = launch_eval(world, run_dir, *CHUNKED)
         assert done.returncode == 0, done.stderr[-3000:]
-        surrogates = tmp_path / "w1" / "surrogates"
         results = json.loads((run_dir / "results.json").read_text())
         rows[world] = [{k: v for k, v in r.items() if k != "command"} for r in results["eval"] if r["table"] == "eval"]
     assert len(rows[1]) == 4 * 7 + 1  # 3 submodels and the mixture × (5 attacks, 2 worst cases), + adaptive
@@ -108,7 +105,7 @@ def test_more_processes_than_chunks_is_one_line_exit_2_printed_once(trained, tmp
     assert printed == ["dvtrain: error: 3 processes share 2 chunks of eval.chunk_size=16 images (32 test images); "
                        "launch at most 2 processes or lower eval.chunk_size"], done.stderr[-3000:]
     assert "exitcode  : 2" in done.stderr.split("Root Cause")[1]
-    assert not (run_dir / "surrogates").exists()
+    assert not (tmp_path / "transfer_cache").exists()  # refused before any surrogate was trained
 
 
 def test_a_missing_stage_under_a_launcher_is_one_line_exit_2_printed_once(trained, tmp_path):

@@ -135,4 +135,5 @@ def test_two_concurrent_evaluations_of_different_stages_both_land(tmp_path):
     assert set(results["transfer"]) == set(results["blackbox"]) == {"vanilla", "dverge"}
     assert sum("training the surrogate ensemble" in out for out, _ in outputs) == 1  # one trained, one loaded the cache
     md = (run_dir / "results.md").read_text()
-    assert [line for line in md.splitlines() if line.startswith("### ")] == ["### vanilla"] * 2 + ["### dverge"] * 2
+    stage_tables = [line for line in md.splitlines() if line in ("### vanilla", "### dverge")]
+    assert stage_tables == ["### vanilla"] * 2 + ["### dverge"] * 2  # training order; both evaluations landed

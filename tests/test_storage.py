@@ -183,6 +183,7 @@ def test_eval_refuses_a_folder_it_cannot_write_before_any_work(blocked, trained,
     """plots/ in the run directory, and the shared transfer cache beside it (surrogates, example sets)."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
+    shutil.rmtree(tmp_path / blocked, ignore_errors=True)  # training drew its loss curves into plots/
     (tmp_path / blocked).write_text("a file where dvtrain eval writes a folder")
     _no_work(monkeypatch)
     assert cli.main(["eval", str(run_dir)]) == cli.EXIT_USER_ERROR
@@ -235,7 +236,8 @@ def test_eval_whose_surrogate_cache_cannot_be_written_says_run_it_again_not_resu
     shutil.copytree(trained, run_dir)
     monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(
         SafetensorError("Error while serializing: IoError(StorageFull)")))
-    args = ["eval.transfer.surrogate_epochs=1", "eval.transfer.surrogate_sizes=[1]", "eval.transfer.num_images=16"]
+    args = ["eval.transfer.surrogate_epochs=1", "eval.transfer.surrogate_sizes=[1]", "eval.transfer.num_images=16",
+            "eval.full_attacks=[clean,fgsm]"]
     assert cli.main(["eval", str(run_dir), *args]) == cli.EXIT_USER_ERROR
     err = one_line(capsys.readouterr().err)
     assert "could not write checkpoint" in err and "surrogates" in err and "run it again" in err

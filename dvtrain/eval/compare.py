@@ -63,7 +63,7 @@ TRAINING_TIME, FULL_EVALUATION = "the training-time evaluation", "`dvtrain eval`
 LEGEND = (
     "Accuracy (%) of the mixture (with --submodels, also of each submodel) at the ε in the header (L∞ and black-box: "
     "pixels in [0, 1]; L2: the norm). Worst: images that survive every attack of that norm. BB all: black-box "
-    "transfer from a surrogate ensemble, every attack. Transfer↓: mean success (%) of one submodel's PGD examples "
+    "transfer from the surrogate ensembles, correct under every example set at that ε. Transfer↓: mean success (%) of one submodel's PGD examples "
     "on the others (lower is better)."
 )
 
@@ -151,7 +151,7 @@ def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str
     basis: dict[Column, str] = {}
     attacks: dict[Column, int] = {}
     for row in results.get("eval", []):
-        if row.get("accuracy") is None:
+        if row["accuracy"] is None:  # a row without the key is damaged (KeyError: refused by the caller)
             continue
         column = (row["stage"], row["model"], metric_name(row["attack"], row.get("norm")), row.get("eps") or None)
         covered = len(row.get("of") or ())

@@ -256,11 +256,20 @@ def cell_budget(cell: Cell, cfg: EvalConfig, n_images: int) -> str:
         step = cfg.step_size if cell.norm == LINF else cfg.l2_step_size
         return f"steps={cfg.steps},step={step:g},restarts={cfg.restarts},random_start={int(cfg.random_start)},{seeds},{n}"
     if cell.attack == "adaptive":
-        return ",".join(f"{k}={v:g}" for k, v in dataclasses.asdict(cfg.adaptive).items()) + f",{seeds},{n}"
+        return ",".join(f"{k}={_setting(v)}" for k, v in dataclasses.asdict(cfg.adaptive).items()) + f",{seeds},{n}"
     aa = cfg.autoattack
     custom = f"attacks={'+'.join(aa.attacks)}," if aa.version == "custom" else ""
     caps = f"iterations={aa.iterations or 'library'},queries={aa.square_queries or 'library'}"
     return f"version={aa.version},{custom}{caps},{seeds},{n}"
+
+
+def _setting(value: object) -> str:
+    """A setting as budget text: numbers short (:g), lists joined with '+', None as 'none'."""
+    if isinstance(value, list):
+        return "+".join(_setting(v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}"
+    return "none" if value is None else str(value)
 
 
 def worst_case_budget(norm: str, columns: list[Cell], cfg: EvalConfig, n_images: int) -> str:

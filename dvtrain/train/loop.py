@@ -328,12 +328,14 @@ def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: 
         "eval_s": round(time.perf_counter() - start, 2),
     }
 
+    stage_provenance = results.get("provenance")  # read now: the main process replaces `results` below
+
     def change(stored: dict) -> None:
         stored["eval"] = [r for r in stored["eval"] if r["stage"] != stage] + rows
         for key in FULL_EVALUATION_KEYS:  # figures of the stage's previous weights are stale now
             stored.get(key, {}).pop(stage, None)
         stored["stages"][stage] = info
-        stored["provenance"] = results.get("provenance")
+        stored["provenance"] = stage_provenance
 
     if ctx.placement.is_main:
         results.clear()
