@@ -63,8 +63,8 @@ TRAINING_TIME, FULL_EVALUATION = "the training-time evaluation", "`dvtrain eval`
 LEGEND = (
     "Accuracy (%) of the mixture (with --submodels, also of each submodel) at the ε in the header (L∞ and black-box: "
     "pixels in [0, 1]; L2: the norm). Worst: images that survive every attack of that norm. BB all: black-box "
-    "transfer from the surrogate ensembles, correct under every example set at that ε. Transfer↓: mean success (%) of one submodel's PGD examples "
-    "on the others (lower is better)."
+    "transfer from the surrogate ensembles, correct under every example set at that ε. Transfer↓: mean success "
+    "(%) of one submodel's PGD examples on the others (lower is better)."
 )
 
 Column = tuple[str, str, str, float | None]  # (stage, model, metric, ε); ε None where it is 0 or not known
