@@ -176,6 +176,11 @@ def stage_order(stages, trained: list[str] | tuple[str, ...] = ()) -> list[str]:
     return sorted(dict.fromkeys(stages), key=lambda s: (order.index(s) if s in order else len(order), s))
 
 
+def attack_header(attack: str) -> str:
+    """An attack's name in tables and figures ("PGD margin", "AutoAttack")."""
+    return _HEADERS.get(attack, attack)
+
+
 def _column_label(attack: str, norm: str | None, eps: float) -> str:
     if norm is None:
         return f"{_HEADERS.get(attack, attack)} (%)"
@@ -326,15 +331,32 @@ def evaluation_markdown(results: dict) -> str:
         if "blackbox" in plots.get(stage_order(results["blackbox"])[0], {}):
             out += [f"![black-box transfer, all]({plots[stage_order(results['blackbox'])[0]]['blackbox']})", ""]
     for stage in stage_order(results.get("eps_sweep", {})):
-        s = results["eps_sweep"][stage]
-        out += [f"## Accuracy vs ε: {stage}", "",
-                f"White-box PGD-L∞, {s['steps']} steps of {s['step_fraction']:g}·ε, {s['restarts']} restarts, "
-                f"{s['n_images']} test images.", "",
-                *_matrix_markdown(stage, s["models"], [f"ε={format_eps(e)}" for e in s["eps"]], s["accuracy"]), ""]
+        out += _sweep_markdown(stage, results["eps_sweep"][stage])
         if "eps_sweep" in plots.get(stage, {}):
             out += [f"![accuracy vs ε {stage}]({plots[stage]['eps_sweep']})", ""]
     out += _diversity_markdown(results.get("diversity", {}))
     return "\n".join(out)
+
+
+def _sweep_markdown(stage: str, s: dict) -> list[str]:
+    """Accuracy against ε (`dvtrain.eval.sweep`): the worst case per model, then each attack per model;
+    a results.json of dvtrain before the worst case (PGD only, "accuracy") as it was."""
+    columns = [f"ε={format_eps(e)}" for e in s["eps"]]
+    budget = f"{s['steps']} steps of {s['step_fraction']:g}·ε, {s['restarts']} restarts, {s['n_images']} test images"
+    if "worst_case" not in s:
+        return [f"## Accuracy vs ε: {stage}", "", f"White-box PGD-L∞, {budget}.", "",
+                *_matrix_markdown(stage, s["models"], columns, s["accuracy"]), ""]
+    out = [f"## Accuracy vs ε: {stage}", "",
+           f"Robust accuracy (%) under white-box L∞ attacks, PGD with {budget} (the black-box table's images); "
+           "worst case: per image, correct clean and under every attack run on that model at that ε "
+           f"(submodels: {', '.join(attack_header(a) for a in s['of'][s['models'][0]])}; "
+           f"mixture: {', '.join(attack_header(a) for a in s['of']['mixture'])}).", "",
+           "Worst case:", "", *_matrix_markdown(stage, s["models"], columns, s["worst_case"]), ""]
+    for attack, table in s["attacks"].items():
+        ran = [(m, row) for m, row in zip(s["models"], table) if any(v is not None for v in row)]
+        out += [f"{attack_header(attack)}:", "", *_matrix_markdown(stage, [m for m, _ in ran], columns,
+                                                                     [row for _, row in ran]), ""]
+    return out
 
 
 def _diversity_markdown(entries: dict[str, dict]) -> list[str]:
