@@ -244,6 +244,10 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
         assert saved["blackbox"][stage]["models"] == ["sub0", "sub1", "sub2", "mixture"]
         assert saved["blackbox"][stage]["eps"] == [0.0, EPS] and len(saved["blackbox"][stage]["sets"]) == 8
         assert saved["eps_sweep"][stage]["eps"] == [0.0, EPS]
+        # The ε sweep counts the black-box images, so the masking check compares the two per ε.
+        assert saved["eps_sweep"][stage]["images"] == saved["blackbox"][stage]["images"] is not None
+        assert any(line.startswith(("pass: white-box worst case ≤", "warn: white-box worst case above"))
+                   for line in checks)
     assert saved["stages"]["dverge"]["epochs"] == 1  # the training record is kept
     md = (run_dir / "results.md").read_text()
     for section in ("### dverge", "AutoAttack L∞", "Adaptive L∞", "**Worst case** L∞", "- pass: ",
@@ -271,7 +275,7 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
     sets, y, info = blackbox.prepare_blackbox(run_dir, cfg, cfg_small, data, torch.device("cpu"), again)
     assert len(sets) == 8 and [p.stat().st_mtime_ns for p in stored] == mtimes
     assert info["notes"] and "SGM does not apply to conv" in info["notes"][0]
-    again_table = blackbox_table(load_stage_models(run_dir, cfg, data), sets, y, 50)
+    again_table = blackbox_table(load_stage_models(run_dir, cfg, data), sets, y, 50, info["images"])
     assert again_table == results["blackbox"]["dverge"]
 
 

@@ -256,11 +256,16 @@ def cell_budget(cell: Cell, cfg: EvalConfig, n_images: int) -> str:
         step = cfg.step_size if cell.norm == LINF else cfg.l2_step_size
         return f"steps={cfg.steps},step={step:g},restarts={cfg.restarts},random_start={int(cfg.random_start)},{seeds},{n}"
     if cell.attack == "adaptive":
-        return ",".join(f"{k}={v:g}" for k, v in dataclasses.asdict(cfg.adaptive).items()) + f",{seeds},{n}"
+        return ",".join(f"{k}={_budget_value(v)}" for k, v in dataclasses.asdict(cfg.adaptive).items()) + f",{seeds},{n}"
     aa = cfg.autoattack
     custom = f"attacks={'+'.join(aa.attacks)}," if aa.version == "custom" else ""
     caps = f"iterations={aa.iterations or 'library'},queries={aa.square_queries or 'library'}"
     return f"version={aa.version},{custom}{caps},{seeds},{n}"
+
+
+def _budget_value(value: float | list[float]) -> str:
+    """A budget entry: a number as %g, a list (eval.adaptive.blend_scales) as its numbers joined by +."""
+    return "+".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
 
 
 def worst_case_budget(norm: str, columns: list[Cell], cfg: EvalConfig, n_images: int) -> str:
