@@ -21,7 +21,8 @@ from pathlib import Path
 from dvtrain import rundir
 from collections.abc import Callable
 
-from dvtrain.config import STAGES, WHITEBOX_ATTACKS, Config
+from dvtrain.config import STAGES, Config
+from dvtrain.eval.attack_registry import ATTACKS, EACH_AUTOATTACK_NORM
 from dvtrain.eval.transfer import mean_off_diagonal
 from dvtrain.rundir import RunDir
 
@@ -31,13 +32,12 @@ TRAIN_TABLE, EVAL_TABLE = "train", "eval"  # the row field "table": which comman
 ROW_KEY = ("table", "stage", "model", "attack", "norm", "eps", "budget")  # one row per key in results.json
 FULL_EVALUATION_KEYS = ("transfer", "blackbox", "eps_sweep", "checks", "diversity")  # per-stage keys only `dvtrain eval` writes
 WORST_CASE = "worst_case"
-NORM_SUFFIXED = ("autoattack", WORST_CASE)  # attacks whose name does not say the norm: metric names add it
+# Attacks whose name does not say the norm (they run at several): metric names add it.
+NORM_SUFFIXED = (*(name for name, a in ATTACKS.items() if a.norm == EACH_AUTOATTACK_NORM), WORST_CASE)
 BLACKBOX_PREFIX = "bb_"
 BLACKBOX_ATTACKS = ("mi_pgd", "m_di2_fgsm", "all")
 TRANSFER_OFFDIAG = "transfer_offdiag"
-_HEADERS = {"clean": "Clean", "fgsm": "FGSM", "pgd_linf": "PGD", "pgd_l2": "PGD", "pgd_linf_margin": "PGD margin",
-            "pgd_l2_margin": "PGD margin", "pgd_linf_dlr": "PGD DLR", "pgd_l2_dlr": "PGD DLR", "autoattack": "AutoAttack",
-            "adaptive": "Adaptive", WORST_CASE: "**Worst case**"}
+_HEADERS = {name: a.header for name, a in ATTACKS.items()} | {WORST_CASE: "**Worst case**"}
 _NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
 
 
@@ -106,7 +106,7 @@ def metric_name(attack: str, norm: str | None) -> str:
 
 METRIC_ORDER = (
     *(metric_name(WORST_CASE, n) for n in ("Linf", "L2")),
-    *(m for a in WHITEBOX_ATTACKS for m in ([metric_name(a, n) for n in ("Linf", "L2")] if a in NORM_SUFFIXED else [a])),
+    *(m for a in ATTACKS for m in ([metric_name(a, n) for n in ("Linf", "L2")] if a in NORM_SUFFIXED else [a])),
     *(BLACKBOX_PREFIX + a for a in BLACKBOX_ATTACKS),
     TRANSFER_OFFDIAG,
 )
