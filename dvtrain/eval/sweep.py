@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dvtrain.config import EvalConfig
-from dvtrain.eval.stats import PERCENT
+from dvtrain.eval.transfer import percent
 from dvtrain.eval.whitebox import LINF, MIXTURE, Cell, robust_mask
 from dvtrain.mixture import Mixture
 from dvtrain.rng import derive_seed, stream
@@ -43,10 +43,6 @@ def sweep_attacks(model: str, cfg: EvalConfig) -> list[str]:
     return [a for a in cfg.transfer.sweep_attacks if model == MIXTURE or a not in MIXTURE_ONLY]
 
 
-def _percent(mask: Tensor) -> float | None:
-    return float(mask.double().mean() * PERCENT) if mask.numel() else None
-
-
 def epsilon_sweep(submodels: list[nn.Module], x: Tensor, y: Tensor, cfg: EvalConfig, seed: int) -> dict:
     """Robust accuracy (%) of each submodel and the mixture at every ε of eval.transfer.sweep_eps, per
     attack and as the per-image worst case over the attacks run on that model at that ε.
@@ -62,23 +58,21 @@ def epsilon_sweep(submodels: list[nn.Module], x: Tensor, y: Tensor, cfg: EvalCon
     per_attack = {a: [[None] * len(t.sweep_eps) for _ in models] for a in attacks}
     worst = [[None] * len(t.sweep_eps) for _ in models]
     for m, (name, model) in enumerate(models.items()):
-        with torch.no_grad():
-            clean = torch.cat([model(x[s : s + t.batch_size]).argmax(dim=1) for s in range(0, len(y), t.batch_size)]) == y \
-                if len(y) else torch.zeros(0, dtype=torch.bool)
+        clean = robust_mask(model, x, y, Cell("clean", None, 0.0), sweep_config(cfg, 0.0), torch.Generator())
         for k, eps in enumerate(t.sweep_eps):
             ecfg = sweep_config(cfg, eps)
             masks = []
             for attack in sweep_attacks(name, cfg):
                 cell = Cell(attack, LINF, float(eps))
-                if eps == 0 or not len(y):
+                if eps == 0:
                     mask = clean
                 else:
                     aa_seed = derive_seed(seed, "sweep", "autoattack", name, float(eps))
                     mask = robust_mask(model, x, y, cell, ecfg, stream(seed, "sweep", name, attack, float(eps)),
                                        submodels, None, aa_seed)
                 masks.append(mask)
-                per_attack[attack][m][k] = _percent(mask)
-            worst[m][k] = _percent(torch.stack([clean, *masks]).all(dim=0))
+                per_attack[attack][m][k] = percent(mask)
+            worst[m][k] = percent(torch.stack([clean, *masks]).all(dim=0))
     return {"eps": list(t.sweep_eps), "steps": t.steps, "step_fraction": t.step_fraction, "restarts": t.restarts,
             "n_images": len(y), "models": list(models), "attacks": per_attack,
             "of": {name: sweep_attacks(name, cfg) for name in models}, "worst_case": worst}
