@@ -28,8 +28,8 @@ EACH_AUTOATTACK_NORM = "eval.autoattack.norms"  # the attack runs once per norm 
 # When an attack draws random numbers (and is repeated over eval.seeds).
 ALWAYS, WITH_RANDOM_START, NEVER = "always", "eval.random_start", "never"
 
-Perturb = Callable[[nn.Module, Tensor, Tensor, float, EvalConfig, torch.Generator, "list[nn.Module] | None",
-                    "Placement | None"], Tensor]
+Perturb = Callable[[nn.Module, Tensor, Tensor, float, EvalConfig, torch.Generator, list[nn.Module] | None,
+                    Placement | None], Tensor]
 Robust = Callable[[nn.Module, Tensor, Tensor, str, float, EvalConfig, int], Tensor]
 
 
@@ -51,7 +51,7 @@ class WhiteboxAttack:
     restarts: bool = False
     mixture_only: bool = False
     # What besides the threat model, its images and seeds determines its number (results.json's budget).
-    budget: Callable[[EvalConfig, "str | None"], str] | None = None
+    budget: Callable[[EvalConfig, str | None], str] | None = None
     # How many of the table's first images it runs on (0: all of them).
     max_images: Callable[[EvalConfig], int] | None = None
 
