@@ -257,6 +257,9 @@ class TrsConfig:
     optim: OptimConfig = field(default_factory=lambda: _baseline_adam([40, 80]))  # StepLR every 40 epochs
 
 
+# White-box attacks the ε sweep can run (all L∞; a subset of WhiteboxAttack, checked in tests/test_attack_registry.py).
+SweepAttack = Literal["fgsm", "pgd_linf", "pgd_linf_margin", "pgd_linf_dlr", "autoattack", "adaptive"]
+SWEEP_ATTACKS = typing.get_args(SweepAttack)
 # Black-box transfer attacks (dvtrain.eval.blackbox) and their losses (dvtrain.attacks.attack_loss).
 BlackboxAttack = Literal["mi_pgd", "m_di2_fgsm", "sgm"]
 BlackboxLoss = Literal["ce", "cw"]
@@ -281,6 +284,10 @@ class TransferConfig:
     # Reference white-box budgets.
     sweep_eps: list[float] = ranged(factory=lambda: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07], ge=0, le=1,
                                     nonempty=True, note=PIXELS)
+    # White-box attacks of the ε sweep (dvtrain.eval.sweep), L∞ at every ε of `sweep_eps` on the black-box
+    # protocol's images; the sweep's worst case per image is over all of them. autoattack and adaptive run
+    # on the mixture only (their cost); the CIFAR-10 configs list the strong set, the default is cheap.
+    sweep_attacks: list[SweepAttack] = ranged(factory=lambda: ["pgd_linf", "pgd_linf_margin"], nonempty=True)
     # Black-box transfer (dvtrain.eval.blackbox; the paper's §5 protocol): surrogate ensembles of plain
     # classifiers of the run's architecture, one per size (reference: 3, 5 and 8), each a vanilla-stage run
     # with its own seed derived from `seed`; None epochs = vanilla.epochs.

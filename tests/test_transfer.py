@@ -27,7 +27,8 @@ from dvtrain.rng import stream
 from dvtrain.train.loop import train_in_process
 from dvtrain.eval.blackbox import ExampleSet, attack_budget, blackbox_table, craft
 from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd
-from dvtrain.eval.transfer import correct_by_all, epsilon_sweep, mean_off_diagonal, shuffled_test_set, transfer_matrix
+from dvtrain.eval.sweep import epsilon_sweep
+from dvtrain.eval.transfer import correct_by_all, mean_off_diagonal, shuffled_test_set, transfer_matrix
 
 EPS = 0.1  # digits are 8×8 and coarse: the quickstart's evaluation budget
 SEED = 0
@@ -194,9 +195,9 @@ def test_blackbox_examples_stay_in_budget_transfer_and_all_is_their_intersection
 def test_epsilon_sweep_starts_at_clean_accuracy_and_falls(ensemble):
     models, data = ensemble
     x, y = data.x_test[:100], data.y_test[:100]
-    sweep = epsilon_sweep(models, x, y, FAST, SEED)
+    sweep = epsilon_sweep(models, x, y, EvalConfig(transfer=FAST), SEED)
     assert sweep["models"] == ["sub0", "sub1", "sub2", "mixture"] and sweep["eps"] == FAST.sweep_eps
-    for name, row in zip(sweep["models"], sweep["accuracy"]):
+    for name, row in zip(sweep["models"], sweep["worst_case"]):
         model = Mixture(models) if name == "mixture" else models[int(name[3:])]
         assert row[0] == pytest.approx(accuracy(model, x, y))  # ε = 0 changes nothing
         assert row[0] > row[1] > row[2]
@@ -243,6 +244,10 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
         assert saved["blackbox"][stage]["models"] == ["sub0", "sub1", "sub2", "mixture"]
         assert saved["blackbox"][stage]["eps"] == [0.0, EPS] and len(saved["blackbox"][stage]["sets"]) == 8
         assert saved["eps_sweep"][stage]["eps"] == [0.0, EPS]
+        # The ε sweep counts the black-box images, so the masking check compares the two per ε.
+        assert saved["eps_sweep"][stage]["images"] == saved["blackbox"][stage]["images"] is not None
+        assert any(line.startswith(("pass: white-box worst case ≤", "warn: white-box worst case above"))
+                   for line in checks)
     assert saved["stages"]["dverge"]["epochs"] == 1  # the training record is kept
     md = (run_dir / "results.md").read_text()
     for section in ("### dverge", "AutoAttack L∞", "Adaptive L∞", "**Worst case** L∞", "- pass: ",
@@ -270,7 +275,7 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
     sets, y, info = blackbox.prepare_blackbox(run_dir, cfg, cfg_small, data, torch.device("cpu"), again)
     assert len(sets) == 8 and [p.stat().st_mtime_ns for p in stored] == mtimes
     assert info["notes"] and "SGM does not apply to conv" in info["notes"][0]
-    again_table = blackbox_table(load_stage_models(run_dir, cfg, data), sets, y, 50)
+    again_table = blackbox_table(load_stage_models(run_dir, cfg, data), sets, y, 50, info["images"])
     assert again_table == results["blackbox"]["dverge"]
 
 

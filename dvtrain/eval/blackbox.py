@@ -14,6 +14,7 @@ log-probabilities is max_{j≠y} log p̄_j − log p̄_y, which keeps pushing un
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,6 +61,12 @@ def blackbox_images(data: Dataset, tcfg: TransferConfig) -> tuple[Tensor, Tensor
     index = order if tcfg.num_images == 0 else order[: tcfg.num_images]
     device_index = index.to(data.y_test.device)
     return data.x_test[device_index], data.y_test[device_index], index
+
+
+def image_digest(index: Tensor) -> str:
+    """A short fingerprint of which test images (their indices [N]) a table counts: two tables with equal
+    digests count the same images in the same order."""
+    return hashlib.sha256(index.to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
 def attack_budget(attack: str, tcfg: TransferConfig) -> dict:
@@ -113,7 +120,7 @@ def prepare_blackbox(
     root = surrogates.cache_root(run_dir, tcfg)
     x, y, index = blackbox_images(data, tcfg)
     sets: list[ExampleSet] = []
-    info: dict = {"n_images": len(y), "eps": list(tcfg.sweep_eps), "seed": tcfg.seed, "cache": str(root),
+    info: dict = {"n_images": len(y), "images": image_digest(index), "eps": list(tcfg.sweep_eps), "seed": tcfg.seed, "cache": str(root),
                   "steps": tcfg.blackbox_steps, "restarts": tcfg.blackbox_restarts, "sgm_gamma": tcfg.sgm_gamma,
                   "di_prob": tcfg.di_prob, "losses": list(tcfg.blackbox_losses), "surrogates": [], "notes": []}
     for size in dict.fromkeys(tcfg.surrogate_sizes):
@@ -169,18 +176,19 @@ def correct_under(models: list[nn.Module], examples: Tensor, y: Tensor, batch_si
     return right
 
 
-def blackbox_table(submodels: list[nn.Module], sets: list[ExampleSet], y: Tensor, batch_size: int) -> dict:
+def blackbox_table(submodels: list[nn.Module], sets: list[ExampleSet], y: Tensor, batch_size: int,
+                   images: str | None = None) -> dict:
     """Accuracy (%) of each submodel and the mixture under every example set (correct under all its runs)
     and "all" per ε (correct under every set at that ε), as results.json's "blackbox"[stage]:
     {"models", "n_images", "sets": [{surrogate, attack, loss, eps}], "accuracy": [model][set],
-     "eps": [ε], "all": [model][ε]}."""
+     "eps": [ε], "all": [model][ε], "images": `images` (the `image_digest` of y's test images)}."""
     correct = [correct_under(submodels, s.examples, y, batch_size) for s in sets]
     eps_grid = list(dict.fromkeys(s.eps for s in sets))
     every = [torch.stack([c for c, s in zip(correct, sets) if s.eps == eps]).all(dim=0) for eps in eps_grid]
     models = [*(f"sub{i}" for i in range(len(submodels))), MIXTURE]
     return {"models": models, "n_images": len(y), "sets": [s.key() for s in sets],
             "accuracy": [[percent(c[m]) for c in correct] for m in range(len(models))],
-            "eps": eps_grid, "all": [[percent(a[m]) for a in every] for m in range(len(models))]}
+            "eps": eps_grid, "all": [[percent(a[m]) for a in every] for m in range(len(models))], "images": images}
 
 
 def all_accuracy(table: dict, model: str, eps: float) -> float | None:

@@ -6,7 +6,8 @@ the signs; dvtrain checks four on the mixture (the model whose robustness is cla
 
 1. an unbounded L∞ attack (ε covering the pixel range) drives accuracy to 0 %;
 2. more PGD iterations never raise accuracy (eval.steps vs eval.checks.long_steps);
-3. the white-box worst case is not above black-box transfer accuracy at the same ε;
+3. the white-box worst case of the ε sweep is not above black-box transfer accuracy ("all") at any ε,
+   on the same images;
 4. AutoAttack is not above any PGD row of its norm (per model).
 A warning names the likely cause.
 """
@@ -21,10 +22,37 @@ from torch import Tensor, nn
 from dvtrain.config import EvalConfig
 from dvtrain.eval.blackbox import all_accuracy
 from dvtrain.eval.report import format_eps, model_label
-from dvtrain.eval.whitebox import MIXTURE, WORST_CASE, robust_accuracy
+from dvtrain.eval.whitebox import MIXTURE, robust_accuracy
 from dvtrain.rng import stream
 
 PASS, WARN = "pass", "warn"
+EPS_MATCH = 1e-12  # the sweep and the black-box table read the same eval.transfer.sweep_eps values
+
+
+def whitebox_vs_blackbox(blackbox: dict, sweep: dict | None) -> str:
+    """Check 3's line: at every ε of both, the mixture's worst case over the sweep's white-box attacks vs its
+    black-box "all" accuracy, compared only where both count the same test images (equal image digests,
+    `dvtrain.eval.blackbox.image_digest`), since a few images of difference can flip the verdict.
+    Transfer examples beating every white-box attack on the same images is the classic sign of
+    gradient masking (Athalye et al., ICML 2018, §3)."""
+    if sweep is None or "worst_case" not in sweep or "all" not in blackbox:
+        return f"{PASS}: white-box vs black-box skipped: no ε sweep with a worst case or no black-box \"all\" column"
+    if sweep.get("images") is None or sweep.get("images") != blackbox.get("images"):
+        return (f"{PASS}: white-box vs black-box skipped: the ε sweep and the black-box table counted different test "
+                "images (evaluate both with one eval.transfer)")
+    white = sweep["worst_case"][sweep["models"].index(MIXTURE)]
+    pairs = [(eps, white[k], all_accuracy(blackbox, MIXTURE, eps)) for k, eps in enumerate(sweep["eps"])]
+    pairs = [(eps, w, b) for eps, w, b in pairs if w is not None and b is not None]
+    if not pairs:
+        return (f"{PASS}: white-box vs black-box skipped: no ε in both the sweep and the black-box table "
+                "(eval.transfer.sweep_eps)")
+    above = [(eps, w, b) for eps, w, b in pairs if w > b]
+    if not above:
+        return (f"{PASS}: white-box worst case ≤ black-box transfer (\"all\") on the mixture at every ε of the sweep "
+                f"({', '.join(f'ε={format_eps(e)}: {w:.2f} ≤ {b:.2f} %' for e, w, b in pairs)}; {sweep['n_images']} images)")
+    return (f"{WARN}: white-box worst case above black-box transfer (\"all\") on the mixture at "
+            f"{', '.join(f'ε={format_eps(e)}: {w:.2f} > {b:.2f} %' for e, w, b in above)} ({sweep['n_images']} images): "
+            "transferred examples beat white-box attacks, the classic sign of gradient masking (obfuscated gradients)")
 
 
 def masking_probe(mixture: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, seed: int) -> dict:
@@ -48,8 +76,10 @@ def _row(rows: list[dict], model: str, attack: str, norm: str | None) -> dict | 
     return next((r for r in rows if r["model"] == model and r["attack"] == attack and r.get("norm") == norm), None)
 
 
-def masking_checks(stage: str, rows: list[dict], probe: dict | None, blackbox: dict | None, cfg: EvalConfig) -> list[str]:
-    """The check lines ("pass: …" / "warn: … likely cause …") for one stage's rows (`dvtrain.eval.whitebox`)."""
+def masking_checks(stage: str, rows: list[dict], probe: dict | None, blackbox: dict | None, cfg: EvalConfig,
+                   sweep: dict | None = None) -> list[str]:
+    """The check lines ("pass: …" / "warn: … likely cause …") for one stage's rows (`dvtrain.eval.whitebox`),
+    its black-box table (`dvtrain.eval.blackbox.blackbox_table`) and ε sweep (`dvtrain.eval.sweep`)."""
     lines = []
     if probe is not None:
         eps, acc = probe["unbounded_eps"], probe["unbounded"]
@@ -65,18 +95,8 @@ def masking_checks(stage: str, rows: list[dict], probe: dict | None, blackbox: d
                                                  "the budget or the gradients are noisy (gradient masking)")
             lines.append(f"{verdict}: PGD-L∞ with {probe['long_steps']} steps {probe['long']:.2f} % vs {cfg.steps} steps "
                          f"{short['accuracy']:.2f} % on the mixture{cause}")
-    worst = _row(rows, MIXTURE, WORST_CASE, "Linf")
-    if blackbox is not None and worst is not None:
-        transfer = all_accuracy(blackbox, MIXTURE, worst["eps"])
-        if transfer is None:
-            lines.append(f"{PASS}: white-box vs black-box skipped: no transfer examples at the table's "
-                         f"ε={format_eps(worst['eps'])} (add it to eval.transfer.sweep_eps to compare)")
-        else:
-            verdict = PASS if worst["accuracy"] <= transfer else WARN
-            cause = "" if verdict == PASS else (": transferred examples beat white-box attacks, the classic sign of "
-                                                 "gradient masking (obfuscated gradients)")
-            lines.append(f"{verdict}: white-box worst case L∞ {worst['accuracy']:.2f} % vs black-box transfer "
-                         f"(\"all\") {transfer:.2f} % on the mixture{cause}")
+    if blackbox is not None:
+        lines.append(whitebox_vs_blackbox(blackbox, sweep))
     for aa in (r for r in rows if r["attack"] == "autoattack"):
         pgd = [r for r in rows if r["model"] == aa["model"] and r["attack"].startswith("pgd_") and r.get("norm") == aa["norm"]]
         above = [r for r in pgd if aa["accuracy"] > r["accuracy"]]

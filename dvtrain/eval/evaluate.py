@@ -10,6 +10,7 @@ trained by a function the caller hands in (`SurrogateTrainer`), so evaluation im
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
-from dvtrain.eval.blackbox import ExampleSet, blackbox_table, prepare_blackbox
+from dvtrain.eval.blackbox import ExampleSet, blackbox_images, blackbox_table, image_digest, prepare_blackbox
 from dvtrain.eval.checks import masking_checks, masking_probe
 from dvtrain.eval.diversity import diversity_evaluation
 from dvtrain.eval.progress import Phases
@@ -26,7 +27,8 @@ from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.report import (
     EVAL_TABLE, FULL_EVALUATION_KEYS, evaluation_markdown, merge_rows, metric_key, result_metrics, results_markdown, update_results,
 )
-from dvtrain.eval.transfer import epsilon_sweep, first, shuffled_test_set, transfer_matrix
+from dvtrain.eval.sweep import epsilon_sweep
+from dvtrain.eval.transfer import shuffled_test_set, transfer_matrix
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.whitebox import ChunkShare, check_finite, chunk_count, evaluate_stage, too_many_processes
 from dvtrain.mixture import Mixture
@@ -37,25 +39,29 @@ SURROGATE_LOCK = ".surrogates.lock"  # the surrogate cache's own lock: its train
 
 def evaluate_stage_fully(
     stage: str, submodels: list[nn.Module], rows: list[dict], data: Dataset, cfg: Config, tcfg: TransferConfig,
-    blackbox: tuple[list[ExampleSet], Tensor], results: dict,
+    blackbox: tuple[list[ExampleSet], Tensor, str], results: dict,
 ) -> None:
     """Given the stage's white-box `rows`: its checks, transfer matrix, black-box table and ε sweep, into
     `results` (this evaluation's own, merged into results.json later). These use a seeded random draw
-    of `tcfg.num_images` test images, the same for every stage."""
+    of `tcfg.num_images` test images, the same for every stage; the ε sweep and the black-box table the
+    same ones (`blackbox_images`; `blackbox` is (example sets, their labels, their images' digest))."""
     x_pool, y_pool = shuffled_test_set(data, cfg.seed)
-    x, y = first(x_pool, y_pool, tcfg.num_images)
     print(f"[eval {stage}] transferability matrix", flush=True)
     results.setdefault("transfer", {})[stage] = transfer_matrix(submodels, x_pool, y_pool, tcfg, cfg.seed)
     print(f"[eval {stage}] black-box transfer", flush=True)
-    results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, *blackbox, tcfg.batch_size)
-    print(f"[eval {stage}] accuracy vs ε", flush=True)
-    results.setdefault("eps_sweep", {})[stage] = epsilon_sweep(submodels, x, y, tcfg, cfg.seed)
+    sets, y_blackbox, images = blackbox
+    results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, sets, y_blackbox, tcfg.batch_size, images)
+    print(f"[eval {stage}] accuracy vs ε: {', '.join(tcfg.sweep_attacks)} and their worst case", flush=True)
+    x, y, index = blackbox_images(data, tcfg)
+    sweep_cfg = dataclasses.replace(cfg.eval, transfer=tcfg)
+    results.setdefault("eps_sweep", {})[stage] = epsilon_sweep(submodels, x, y, sweep_cfg, cfg.seed) | {
+        "images": image_digest(index)}
     probe = None
     if cfg.eval.checks.enabled:
         print(f"[eval {stage}] gradient-masking checks", flush=True)
         probe = masking_probe(Mixture(submodels), data.x_test, data.y_test, cfg.eval, cfg.seed)
     results.setdefault("checks", {})[stage] = masking_checks(
-        stage, rows, probe, results["blackbox"][stage], cfg.eval)
+        stage, rows, probe, results["blackbox"][stage], cfg.eval, results["eps_sweep"][stage])
 
 
 def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device: torch.device,
@@ -105,7 +111,8 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
                                                                        train_surrogates)
     for stage, submodels in loaded.items():
         with phases.phase(f"{stage} transfer, black-box, ε sweep, checks"):
-            evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg, (sets, y_blackbox), new)
+            evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg,
+                                 (sets, y_blackbox, new["blackbox_surrogate"]["images"]), new)
     with phases.phase("vulnerability-diversity matrices"):
         diversity_evaluation(run.path, loaded, data, cfg, new)
     new["plots"] = evaluation_plots(run.path, new)

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dvtrain import rundir
-from dvtrain.eval.report import model_label
+from dvtrain.eval.report import attack_header, model_label
 
 PLOTS_DIR = rundir.PLOTS
 DPI = 120
@@ -68,19 +68,37 @@ def transfer_heatmap(matrix: dict, title: str, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def eps_sweep_plot(sweep: dict, title: str, path: Path) -> Path:
-    """Accuracy (%) against ε, one line per model (the mixture drawn thicker)."""
+def eps_sweep_figure(sweep: dict, title: str) -> Figure:
+    """Accuracy (%) against ε: per model the worst case over the sweep's attacks (`dvtrain.eval.sweep`; the
+    mixture thick, submodels thin), and the mixture under each attack alone, dashed. A results.json of
+    dvtrain before the worst case (one attack, "accuracy") draws that attack's curves."""
     fig = Figure(figsize=LINE_FIGSIZE)
     ax = fig.add_subplot()
-    for name, accuracy in zip(sweep["models"], sweep["accuracy"]):
-        ax.plot(sweep["eps"], accuracy, marker="o", label=_display(name), linewidth=MIXTURE_LINE_WIDTH if name == "mixture" else LINE_WIDTH)
+    worst = sweep.get("worst_case", sweep.get("accuracy"))
+    for name, accuracy in zip(sweep["models"], worst):
+        ax.plot(sweep["eps"], _nan(accuracy), marker="o", label=f"{_display(name)}, worst case" if "worst_case" in sweep
+                else _display(name), linewidth=MIXTURE_LINE_WIDTH if name == "mixture" else LINE_WIDTH)
+    mixture = sweep["models"].index("mixture")
+    for attack, table in sweep.get("attacks", {}).items():
+        if any(v is not None for v in table[mixture]):
+            ax.plot(sweep["eps"], _nan(table[mixture]), linestyle="--", linewidth=LINE_WIDTH,
+                    label=f"Mixture, {attack_header(attack)}")
     ax.set_xlabel("ε (L∞, pixels in [0, 1])")
-    ax.set_ylabel("accuracy under PGD (%)")
+    ax.set_ylabel("robust accuracy (%)" if "worst_case" in sweep else "accuracy under PGD (%)")
     ax.set_ylim(*PERCENT_RANGE)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     ax.set_title(title)
-    return save_figure(fig, path)
+    return fig
+
+
+def _nan(values: list[float | None]) -> list[float]:
+    return [float("nan") if v is None else v for v in values]
+
+
+def eps_sweep_plot(sweep: dict, title: str, path: Path) -> Path:
+    """`eps_sweep_figure` written as PNG to `path`."""
+    return save_figure(eps_sweep_figure(sweep, title), path)
 
 
 def _bars(ax, series: dict[str, dict[tuple[str, str], list[float]]], groups: list[tuple[str, str]],
@@ -147,6 +165,6 @@ def evaluation_plots(run_dir: Path, results: dict) -> dict[str, dict[str, str]]:
         path = transfer_heatmap(matrix, f"{stage}: PGD transfer success", run_dir / PLOTS_DIR / f"transfer_{stage}.png")
         out.setdefault(stage, {})["transfer"] = path.relative_to(run_dir).as_posix()
     for stage, sweep in results.get("eps_sweep", {}).items():
-        path = eps_sweep_plot(sweep, f"{stage}: accuracy vs ε", run_dir / PLOTS_DIR / f"eps_sweep_{stage}.png")
+        path = eps_sweep_plot(sweep, f"{stage}: robust accuracy vs ε", run_dir / PLOTS_DIR / f"eps_sweep_{stage}.png")
         out.setdefault(stage, {})["eps_sweep"] = path.relative_to(run_dir).as_posix()
     return out

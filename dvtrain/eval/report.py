@@ -21,7 +21,8 @@ from pathlib import Path
 from dvtrain import rundir
 from collections.abc import Callable
 
-from dvtrain.config import STAGES, WHITEBOX_ATTACKS, Config
+from dvtrain.config import STAGES, Config
+from dvtrain.eval.attack_registry import ATTACKS, EACH_AUTOATTACK_NORM
 from dvtrain.eval.transfer import mean_off_diagonal
 from dvtrain.rundir import RunDir
 
@@ -31,13 +32,12 @@ TRAIN_TABLE, EVAL_TABLE = "train", "eval"  # the row field "table": which comman
 ROW_KEY = ("table", "stage", "model", "attack", "norm", "eps", "budget")  # one row per key in results.json
 FULL_EVALUATION_KEYS = ("transfer", "blackbox", "eps_sweep", "checks", "diversity")  # per-stage keys only `dvtrain eval` writes
 WORST_CASE = "worst_case"
-NORM_SUFFIXED = ("autoattack", WORST_CASE)  # attacks whose name does not say the norm: metric names add it
+# Attacks whose name does not say the norm (they run at several): metric names add it.
+NORM_SUFFIXED = (*(name for name, a in ATTACKS.items() if a.norm == EACH_AUTOATTACK_NORM), WORST_CASE)
 BLACKBOX_PREFIX = "bb_"
 BLACKBOX_ATTACKS = ("mi_pgd", "m_di2_fgsm", "all")
 TRANSFER_OFFDIAG = "transfer_offdiag"
-_HEADERS = {"clean": "Clean", "fgsm": "FGSM", "pgd_linf": "PGD", "pgd_l2": "PGD", "pgd_linf_margin": "PGD margin",
-            "pgd_l2_margin": "PGD margin", "pgd_linf_dlr": "PGD DLR", "pgd_l2_dlr": "PGD DLR", "autoattack": "AutoAttack",
-            "adaptive": "Adaptive", WORST_CASE: "**Worst case**"}
+_HEADERS = {name: a.header for name, a in ATTACKS.items()} | {WORST_CASE: "**Worst case**"}
 _NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
 
 
@@ -106,7 +106,7 @@ def metric_name(attack: str, norm: str | None) -> str:
 
 METRIC_ORDER = (
     *(metric_name(WORST_CASE, n) for n in ("Linf", "L2")),
-    *(m for a in WHITEBOX_ATTACKS for m in ([metric_name(a, n) for n in ("Linf", "L2")] if a in NORM_SUFFIXED else [a])),
+    *(m for a in ATTACKS for m in ([metric_name(a, n) for n in ("Linf", "L2")] if a in NORM_SUFFIXED else [a])),
     *(BLACKBOX_PREFIX + a for a in BLACKBOX_ATTACKS),
     TRANSFER_OFFDIAG,
 )
@@ -174,6 +174,11 @@ def stage_order(stages, trained: list[str] | tuple[str, ...] = ()) -> list[str]:
     dvtrain's stage order (config.STAGES), then by name."""
     order = list(dict.fromkeys([*trained, *STAGES]))
     return sorted(dict.fromkeys(stages), key=lambda s: (order.index(s) if s in order else len(order), s))
+
+
+def attack_header(attack: str) -> str:
+    """An attack's name in tables and figures ("PGD margin", "AutoAttack")."""
+    return _HEADERS.get(attack, attack)
 
 
 def _column_label(attack: str, norm: str | None, eps: float) -> str:
@@ -326,15 +331,32 @@ def evaluation_markdown(results: dict) -> str:
         if "blackbox" in plots.get(stage_order(results["blackbox"])[0], {}):
             out += [f"![black-box transfer, all]({plots[stage_order(results['blackbox'])[0]]['blackbox']})", ""]
     for stage in stage_order(results.get("eps_sweep", {})):
-        s = results["eps_sweep"][stage]
-        out += [f"## Accuracy vs ε: {stage}", "",
-                f"White-box PGD-L∞, {s['steps']} steps of {s['step_fraction']:g}·ε, {s['restarts']} restarts, "
-                f"{s['n_images']} test images.", "",
-                *_matrix_markdown(stage, s["models"], [f"ε={format_eps(e)}" for e in s["eps"]], s["accuracy"]), ""]
+        out += _sweep_markdown(stage, results["eps_sweep"][stage])
         if "eps_sweep" in plots.get(stage, {}):
             out += [f"![accuracy vs ε {stage}]({plots[stage]['eps_sweep']})", ""]
     out += _diversity_markdown(results.get("diversity", {}))
     return "\n".join(out)
+
+
+def _sweep_markdown(stage: str, s: dict) -> list[str]:
+    """Accuracy against ε (`dvtrain.eval.sweep`): the worst case per model, then each attack per model;
+    a results.json of dvtrain before the worst case (PGD only, "accuracy") as it was."""
+    columns = [f"ε={format_eps(e)}" for e in s["eps"]]
+    budget = f"{s['steps']} steps of {s['step_fraction']:g}·ε, {s['restarts']} restarts, {s['n_images']} test images"
+    if "worst_case" not in s:
+        return [f"## Accuracy vs ε: {stage}", "", f"White-box PGD-L∞, {budget}.", "",
+                *_matrix_markdown(stage, s["models"], columns, s["accuracy"]), ""]
+    out = [f"## Accuracy vs ε: {stage}", "",
+           f"Robust accuracy (%) under white-box L∞ attacks, PGD with {budget} (the black-box table's images); "
+           "worst case: per image, correct clean and under every attack run on that model at that ε "
+           f"(submodels: {', '.join(attack_header(a) for a in s['of'][s['models'][0]])}; "
+           f"mixture: {', '.join(attack_header(a) for a in s['of']['mixture'])}).", "",
+           "Worst case:", "", *_matrix_markdown(stage, s["models"], columns, s["worst_case"]), ""]
+    for attack, table in s["attacks"].items():
+        ran = [(m, row) for m, row in zip(s["models"], table) if any(v is not None for v in row)]
+        out += [f"{attack_header(attack)}:", "", *_matrix_markdown(stage, [m for m, _ in ran], columns,
+                                                                     [row for _, row in ran]), ""]
+    return out
 
 
 def _diversity_markdown(entries: dict[str, dict]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Transferability between submodels and accuracy against the attack budget (the paper's §5).
+"""Transferability between submodels (the paper's §5; accuracy against ε is `dvtrain.eval.sweep`).
 
 DVERGE's claim is about transfer: an adversarial example of one submodel should not fool the others.
 Protocols (see docs/evaluation.md) follow the paper (Yang et al., NeurIPS 2020, §5) and the authors'
@@ -66,10 +66,6 @@ def table_models(submodels: list[nn.Module]) -> dict[str, nn.Module]:
     return {f"sub{i}": m for i, m in enumerate(submodels)} | {"mixture": Mixture(submodels)}
 
 
-def own_prediction(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    return lambda x: model(x).argmax(dim=1)[None]
-
-
 def shuffled_test_set(data: Dataset, seed: int) -> tuple[Tensor, Tensor]:
     """The test set in a seeded random order: its first N images are the reference's random N."""
     order = torch.randperm(len(data.y_test), generator=stream(seed, "eval", "images")).to(data.y_test.device)
@@ -122,24 +118,3 @@ def mean_off_diagonal(matrix: dict) -> float | None:
     values = [matrix["success"][i][j] for i in range(m) for j in range(m) if i != j]
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
-
-
-# ----------------------------------------------------------------------------- ε sweep
-
-
-def epsilon_sweep(submodels: list[nn.Module], x: Tensor, y: Tensor, cfg: TransferConfig, seed: int) -> dict:
-    """Accuracy (%) of each submodel and the mixture under white-box PGD-L∞ at every ε of cfg.sweep_eps."""
-    models = table_models(submodels)
-    accuracy = []
-    for name, model in models.items():
-        row = []
-        for eps in cfg.sweep_eps:
-            runs = [stream(seed, "sweep", name, eps, r) for r in range(cfg.restarts)]
-            with torch.no_grad():
-                fooled = fooled_by(_random_start_pgd(model, eps, cfg), own_prediction(model), 1, x, y, cfg.batch_size, runs)
-            row.append(PERCENT - percent(fooled[0]) if len(y) else None)
-        accuracy.append(row)
-    return {"eps": list(cfg.sweep_eps), "steps": cfg.steps, "step_fraction": cfg.step_fraction,
-            "restarts": cfg.restarts, "n_images": len(y), "models": list(models), "accuracy": accuracy}
-
-

@@ -32,21 +32,15 @@ from torch import Tensor, nn
 from dvtrain.config import EvalConfig
 from dvtrain.distributed.placement import LocalPlacement, Placement
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.adaptive import adaptive_linf
-from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
-from dvtrain.eval.autoattack import autoattack_robust
+from dvtrain.eval.attack_registry import ATTACKS, L2, LINF, attack
 from dvtrain.eval.progress import Phases
 from dvtrain.eval.stats import PERCENT, accuracy_fields, wilson_interval
 from dvtrain.mixture import Mixture
 from dvtrain.rng import derive_seed, stream
 
 WORST_CASE = "worst_case"
-LINF, L2 = "Linf", "L2"
 MIXTURE = "mixture"
-# PGD variants: attack name → (norm, loss).
-PGD = {"pgd_linf": (LINF, "ce"), "pgd_l2": (L2, "ce"), "pgd_linf_margin": (LINF, "cw"), "pgd_l2_margin": (L2, "cw"),
-       "pgd_linf_dlr": (LINF, "dlr"), "pgd_l2_dlr": (L2, "dlr")}
-MIXTURE_ONLY = ("adaptive",)  # attacks that exist only for an ensemble
+MIXTURE_ONLY = tuple(name for name, a in ATTACKS.items() if a.mixture_only)  # attacks that exist only for an ensemble
 
 
 class NonFiniteOutput(DvtrainError):
@@ -64,36 +58,13 @@ class Cell:
 
 def cells(attacks: list[str], cfg: EvalConfig) -> list[Cell]:
     """The table's columns for `attacks` (autoattack once per eval.autoattack.norms), in the given order."""
-    eps = {LINF: cfg.eps, L2: cfg.l2_eps}
-    out = []
-    for attack in attacks:
-        if attack == "clean":
-            out.append(Cell(attack, None, 0.0))
-        elif attack in ("fgsm", "adaptive"):
-            out.append(Cell(attack, LINF, cfg.eps))
-        elif attack in PGD:
-            out.append(Cell(attack, PGD[attack][0], eps[PGD[attack][0]]))
-        elif attack == "autoattack":
-            out += [Cell(attack, norm, eps[norm]) for norm in cfg.autoattack.norms]
-        else:
-            raise ValueError(f"unknown attack {attack!r}")
-    return out
+    eps = {LINF: cfg.eps, L2: cfg.l2_eps, None: 0.0}
+    return [Cell(name, norm, eps[norm]) for name in attacks for norm in attack(name).norms(cfg)]
 
 
 def randomised(cell: Cell, cfg: EvalConfig) -> bool:
     """Whether the attack draws random numbers (and is therefore repeated over eval.seeds)."""
-    return cell.attack == "autoattack" or cell.attack == "adaptive" or (cell.attack in PGD and cfg.random_start)
-
-
-def _perturb(model: nn.Module, x: Tensor, y: Tensor, cell: Cell, cfg: EvalConfig, generator: torch.Generator) -> Tensor:
-    if cell.attack == "clean":
-        return x
-    if cell.attack == "fgsm":
-        return fgsm(model, x, y, cfg.eps)
-    norm, loss = PGD[cell.attack]
-    if norm == LINF:
-        return pgd_linf(model, x, y, cfg.eps, cfg.step_size, cfg.steps, cfg.random_start, generator, loss)
-    return pgd_l2(model, x, y, cfg.l2_eps, cfg.l2_step_size, cfg.steps, cfg.random_start, generator, loss)
+    return attack(cell.attack).is_randomised(cfg)
 
 
 def check_finite(model: nn.Module, x: Tensor, name: str) -> None:
@@ -110,9 +81,8 @@ def check_finite(model: nn.Module, x: Tensor, name: str) -> None:
 def cell_size(cell: Cell, cfg: EvalConfig, n_images: int) -> int:
     """How many of the table's `n_images` images (its first ones) `cell` is computed on: all of them,
     except AutoAttack with eval.autoattack.num_examples = N > 0, which runs on the first N."""
-    if cell.attack == "autoattack" and cfg.autoattack.num_examples > 0:
-        return min(n_images, cfg.autoattack.num_examples)
-    return n_images
+    cap = attack(cell.attack).max_images
+    return min(n_images, cap(cfg)) if cap is not None and cap(cfg) > 0 else n_images
 
 
 def robust_mask(
@@ -130,18 +100,15 @@ def robust_mask(
     """
     with torch.no_grad():
         correct = torch.cat([model(x[s : s + cfg.batch_size]).argmax(dim=1) for s in range(0, len(y), cfg.batch_size)]) == y
-    if cell.attack == "autoattack":
-        return correct & autoattack_robust(model, x, y, cell.norm, cell.eps, cfg.autoattack, aa_seed, cfg.batch_size)
-    if cell.attack == "clean":
+    spec = attack(cell.attack)
+    if spec.robust is not None:
+        return correct & spec.robust(model, x, y, cell.norm, cell.eps, cfg, aa_seed)
+    if spec.perturb is None:
         return correct
-    runs = cfg.restarts if cell.attack in PGD else 1
-    for _ in range(runs):
+    for _ in range(cfg.restarts if spec.restarts else 1):
         for start in range(0, len(y), cfg.batch_size):
             xb, yb = x[start : start + cfg.batch_size], y[start : start + cfg.batch_size]
-            if cell.attack == "adaptive":
-                x_adv = adaptive_linf(submodels, xb, yb, cfg.eps, cfg.adaptive, generator, placement)
-            else:
-                x_adv = _perturb(model, xb, yb, cell, cfg, generator)
+            x_adv = spec.perturb(model, xb, yb, cell.eps, cfg, generator, submodels, placement)
             with torch.no_grad():
                 correct[start : start + cfg.batch_size] &= model(x_adv).argmax(dim=1) == yb
     return correct
@@ -250,26 +217,8 @@ def cell_budget(cell: Cell, cfg: EvalConfig, n_images: int) -> str:
     same measurement; results.json keeps one row per such key."""
     n = f"n={cell_size(cell, cfg, n_images)}"
     seeds = f"seeds={cfg.seeds if randomised(cell, cfg) else 1}"
-    if cell.attack in ("clean", "fgsm"):
-        return n
-    if cell.attack in PGD:
-        step = cfg.step_size if cell.norm == LINF else cfg.l2_step_size
-        return f"steps={cfg.steps},step={step:g},restarts={cfg.restarts},random_start={int(cfg.random_start)},{seeds},{n}"
-    if cell.attack == "adaptive":
-        return ",".join(f"{k}={_setting(v)}" for k, v in dataclasses.asdict(cfg.adaptive).items()) + f",{seeds},{n}"
-    aa = cfg.autoattack
-    custom = f"attacks={'+'.join(aa.attacks)}," if aa.version == "custom" else ""
-    caps = f"iterations={aa.iterations or 'library'},queries={aa.square_queries or 'library'}"
-    return f"version={aa.version},{custom}{caps},{seeds},{n}"
-
-
-def _setting(value: object) -> str:
-    """A setting as budget text: numbers short (:g), lists joined with '+', None as 'none'."""
-    if isinstance(value, list):
-        return "+".join(_setting(v) for v in value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value:g}"
-    return "none" if value is None else str(value)
+    budget = attack(cell.attack).budget
+    return n if budget is None else f"{budget(cfg, cell.norm)},{seeds},{n}"
 
 
 def worst_case_budget(norm: str, columns: list[Cell], cfg: EvalConfig, n_images: int) -> str:

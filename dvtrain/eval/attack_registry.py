@@ -1,0 +1,137 @@
+"""Every white-box attack of the tables, declared once: its name (config, results.json), norm, loss,
+whether it draws random numbers, its table header, and how it runs. `dvtrain.eval.whitebox` (columns,
+seeds, budgets, runs), `dvtrain.eval.report` (headers, metric names) and `dvtrain.eval.sweep` read it;
+config.WhiteboxAttack lists the same names (tests/test_attack_registry.py checks that they agree).
+
+Runners come in two kinds: `perturb(model, x, y, eps, cfg, generator, submodels, placement)` returns
+adversarial images [N, C, H, W] for one batch (repeated over eval.restarts when `restarts`), and
+`robust(model, x, y, norm, eps, cfg, seed)` returns the per-image robust mask [N] of a library that
+batches and seeds itself (AutoAttack).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
+from dvtrain.config import EvalConfig
+from dvtrain.distributed.placement import Placement
+from dvtrain.eval.adaptive import adaptive_linf
+
+LINF, L2 = "Linf", "L2"
+EACH_AUTOATTACK_NORM = "eval.autoattack.norms"  # the attack runs once per norm listed there
+# When an attack draws random numbers (and is repeated over eval.seeds).
+ALWAYS, WITH_RANDOM_START, NEVER = "always", "eval.random_start", "never"
+
+Perturb = Callable[[nn.Module, Tensor, Tensor, float, EvalConfig, torch.Generator, list[nn.Module] | None,
+                    Placement | None], Tensor]
+Robust = Callable[[nn.Module, Tensor, Tensor, str, float, EvalConfig, int], Tensor]
+
+
+@dataclass(frozen=True)
+class WhiteboxAttack:
+    """One white-box attack. norm: LINF, L2, None (clean images) or EACH_AUTOATTACK_NORM; loss: "ce", "cw"
+    (CW margin), "dlr" or None; randomised: ALWAYS, WITH_RANDOM_START or NEVER; header: the table's and
+    figures' name; restarts: repeated eval.restarts times (an image must withstand every run);
+    mixture_only: exists only for an ensemble; exactly one of perturb / robust (none for clean); budget:
+    the budget string's attack-specific part (None: images and seeds say it all)."""
+
+    name: str
+    norm: str | None
+    loss: str | None
+    randomised: str
+    header: str
+    perturb: Perturb | None = None
+    robust: Robust | None = None
+    restarts: bool = False
+    mixture_only: bool = False
+    # What besides the threat model, its images and seeds determines its number (results.json's budget).
+    budget: Callable[[EvalConfig, str | None], str] | None = None
+    # How many of the table's first images it runs on (0: all of them).
+    max_images: Callable[[EvalConfig], int] | None = None
+
+    def is_randomised(self, cfg: EvalConfig) -> bool:
+        """Whether a run draws random numbers under `cfg` (PGD only from a random start)."""
+        return self.randomised == ALWAYS or (self.randomised == WITH_RANDOM_START and cfg.random_start)
+
+    def norms(self, cfg: EvalConfig) -> list[str | None]:
+        """The norms it runs at: its own, or each of eval.autoattack.norms."""
+        return list(cfg.autoattack.norms) if self.norm == EACH_AUTOATTACK_NORM else [self.norm]
+
+
+def _pgd(norm: str, loss: str) -> Perturb:
+    def run(model, x, y, eps, cfg, generator, submodels=None, placement=None):
+        if norm == LINF:
+            return pgd_linf(model, x, y, eps, cfg.step_size, cfg.steps, cfg.random_start, generator, loss)
+        return pgd_l2(model, x, y, eps, cfg.l2_step_size, cfg.steps, cfg.random_start, generator, loss)
+
+    return run
+
+
+def _fgsm(model, x, y, eps, cfg, generator, submodels=None, placement=None) -> Tensor:
+    return fgsm(model, x, y, eps)
+
+
+def _adaptive(model, x, y, eps, cfg, generator, submodels=None, placement=None) -> Tensor:
+    return adaptive_linf(submodels, x, y, eps, cfg.adaptive, generator, placement)
+
+
+def _autoattack(model, x, y, norm, eps, cfg, seed) -> Tensor:
+    from dvtrain.eval.autoattack import autoattack_robust  # pyautoattack loads only when it runs
+
+    return autoattack_robust(model, x, y, norm, eps, cfg.autoattack, seed, cfg.batch_size)
+
+
+def _pgd_budget(cfg: EvalConfig, norm: str | None) -> str:
+    step = cfg.step_size if norm == LINF else cfg.l2_step_size
+    return f"steps={cfg.steps},step={step:g},restarts={cfg.restarts},random_start={int(cfg.random_start)}"
+
+
+def _budget_value(value: float | list[float]) -> str:
+    """A budget entry: a number as %g, a list (eval.adaptive.blend_scales) as its numbers joined by +."""
+    return "+".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+
+
+def _adaptive_budget(cfg: EvalConfig, norm: str | None) -> str:
+    return ",".join(f"{k}={_budget_value(v)}" for k, v in dataclasses.asdict(cfg.adaptive).items())
+
+
+def _autoattack_budget(cfg: EvalConfig, norm: str | None) -> str:
+    aa = cfg.autoattack
+    custom = f"attacks={'+'.join(aa.attacks)}," if aa.version == "custom" else ""
+    return f"version={aa.version},{custom}iterations={aa.iterations or 'library'},queries={aa.square_queries or 'library'}"
+
+
+def _pgd_record(name: str, norm: str, loss: str, header: str) -> WhiteboxAttack:
+    return WhiteboxAttack(name, norm, loss, WITH_RANDOM_START, header, perturb=_pgd(norm, loss), restarts=True,
+                          budget=_pgd_budget)
+
+
+ATTACKS: dict[str, WhiteboxAttack] = {a.name: a for a in (
+    WhiteboxAttack("clean", None, None, NEVER, "Clean"),
+    WhiteboxAttack("fgsm", LINF, "ce", NEVER, "FGSM", perturb=_fgsm),  # Goodfellow et al., ICLR 2015
+    # PGD (Madry et al., ICLR 2018) with cross-entropy, the CW margin (Carlini & Wagner, S&P 2017) or DLR
+    # (Croce & Hein, ICML 2020) loss.
+    _pgd_record("pgd_linf", LINF, "ce", "PGD"),
+    _pgd_record("pgd_l2", L2, "ce", "PGD"),
+    _pgd_record("pgd_linf_margin", LINF, "cw", "PGD margin"),
+    _pgd_record("pgd_l2_margin", L2, "cw", "PGD margin"),
+    _pgd_record("pgd_linf_dlr", LINF, "dlr", "PGD DLR"),
+    _pgd_record("pgd_l2_dlr", L2, "dlr", "PGD DLR"),
+    WhiteboxAttack("autoattack", EACH_AUTOATTACK_NORM, None, ALWAYS, "AutoAttack", robust=_autoattack,
+                   budget=_autoattack_budget, max_images=lambda cfg: cfg.autoattack.num_examples),
+    WhiteboxAttack("adaptive", LINF, "ce", ALWAYS, "Adaptive", perturb=_adaptive, mixture_only=True,  # after MORA
+                   budget=_adaptive_budget),
+)}
+
+
+def attack(name: str) -> WhiteboxAttack:
+    """The record of `name`; ValueError for an unknown one."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    return ATTACKS[name]

@@ -1,0 +1,110 @@
+"""The ε sweep's worst case over white-box attacks (dvtrain.eval.sweep), its figure, and the masking check
+"white-box ≤ black-box" on the same images (dvtrain.eval.checks), on conv submodels fitted to digits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dvtrain.config import (
+    AdaptiveConfig, AutoAttackConfig, ConfigError, DataConfig, EvalConfig, TransferConfig, load_config,
+)
+from dvtrain.eval.checks import masking_checks, whitebox_vs_blackbox
+from dvtrain.eval.plots import eps_sweep_figure, eps_sweep_plot
+from dvtrain.eval.sweep import epsilon_sweep
+from dvtrain.mixture import Mixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SEED = 0
+N_IMAGES = 60
+SWEEP = [0.0, 0.05, 0.1]
+ATTACKS = ["pgd_linf", "pgd_linf_margin", "autoattack", "adaptive"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def cheap_config(attacks: list[str]) -> EvalConfig:
+    """Every kind of sweep attack at a budget of seconds (few steps, one APGD-CE, one adaptive run)."""
+    transfer = TransferConfig(num_images=N_IMAGES, batch_size=64, steps=3, restarts=1, sweep_eps=SWEEP,
+                              sweep_attacks=attacks)
+    return EvalConfig(transfer=transfer,
+                      autoattack=AutoAttackConfig(version="custom", attacks=["apgd-ce"], norms=["Linf", "L2"], iterations=3),
+                      adaptive=AdaptiveConfig(steps=3, blend_scales=[0.5], target_classes=1))
+
+
+@pytest.fixture(scope="module")
+def sweep(ensemble):
+    models, data = ensemble
+    return epsilon_sweep(models, data.x_test[:N_IMAGES], data.y_test[:N_IMAGES], cheap_config(ATTACKS), SEED)
+
+
+def test_worst_case_is_below_every_attack_at_every_eps(ensemble, sweep):
+    models, data = ensemble
+    x, y = data.x_test[:N_IMAGES], data.y_test[:N_IMAGES]
+    assert sweep["models"] == ["sub0", "sub1", "sub2", "mixture"] and sweep["eps"] == SWEEP
+    assert sweep["n_images"] == N_IMAGES and list(sweep["attacks"]) == ATTACKS
+    # AutoAttack and the ensemble attack run on the mixture only; PGD of both losses on every model.
+    assert sweep["of"]["sub0"] == ["pgd_linf", "pgd_linf_margin"] and sweep["of"]["mixture"] == ATTACKS
+    assert sweep["attacks"]["autoattack"][0] == [None] * len(SWEEP)
+    for m, name in enumerate(sweep["models"]):
+        model = Mixture(models) if name == "mixture" else models[m]
+        with torch.no_grad():
+            clean = float((model(x).argmax(1) == y).double().mean() * 100)
+        for k in range(len(SWEEP)):
+            ran = [sweep["attacks"][a][m][k] for a in sweep["of"][name]]
+            assert sweep["worst_case"][m][k] <= min(ran)
+        assert sweep["worst_case"][m][0] == pytest.approx(clean)  # ε = 0 perturbs nothing
+        assert sweep["worst_case"][m][1] < clean and sweep["worst_case"][m][2] <= sweep["worst_case"][m][1]
+
+
+def test_sweep_attacks_are_checked():
+    with pytest.raises(ConfigError, match="sweep_attacks"):
+        load_config(None, ["eval.transfer.sweep_attacks=[pgd_l2]"])
+
+
+def test_sweep_figure_draws_the_worst_case_series(sweep, tmp_path):
+    fig = eps_sweep_figure(sweep, "dverge: robust accuracy vs ε")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    worst = lines["Mixture, worst case"]
+    assert list(worst.get_xdata()) == SWEEP and list(worst.get_ydata()) == sweep["worst_case"][3]
+    assert worst.get_linewidth() > lines["Submodel 1, worst case"].get_linewidth()
+    assert list(lines["Mixture, AutoAttack"].get_ydata()) == sweep["attacks"]["autoattack"][3]
+    path = eps_sweep_plot(sweep, "dverge", tmp_path / "plots" / "eps_sweep_dverge.png")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def fake_sweep(mixture_worst: list[float], images: str) -> dict:
+    return {"eps": [0.05, 0.1], "models": ["sub0", "mixture"], "n_images": 100, "images": images,
+            "worst_case": [[50.0, 30.0], mixture_worst], "attacks": {}, "of": {}}
+
+
+BLACKBOX = {"models": ["sub0", "mixture"], "eps": [0.05, 0.1], "all": [[70.0, 60.0], [80.0, 65.0]], "images": "abc"}
+# The white-box table at eval.eps = 0.1 on its own images: its worst case (70 %) is above black-box "all" (65 %).
+ROWS = [{"model": "mixture", "attack": "worst_case", "norm": "Linf", "eps": 0.1, "accuracy": 70.0}]
+
+
+def test_whitebox_vs_blackbox_compares_the_same_images():
+    # The sweep counted the black-box images: 40 % ≤ 65 % at ε 0.1 passes, although the table's worst case on
+    # other images (70 %) would have warned.
+    line = masking_checks("dverge", ROWS, None, BLACKBOX, EvalConfig(), fake_sweep([60.0, 40.0], "abc"))[0]
+    assert line.startswith("pass: white-box worst case ≤ black-box") and "ε=0.1: 40.00 ≤ 65.00 %" in line
+    # Same images, white-box above black-box at ε 0.1 only: a warning naming that ε.
+    line = whitebox_vs_blackbox(BLACKBOX, fake_sweep([60.0, 70.0], "abc"))
+    assert line.startswith("warn: ") and "ε=0.1: 70.00 > 65.00 %" in line and "ε=0.05" not in line
+    # Other images: no verdict either way (a few images can flip it).
+    for images in ("other", None):
+        line = whitebox_vs_blackbox(BLACKBOX, fake_sweep([60.0, 70.0], images))
+        assert line.startswith("pass: white-box vs black-box skipped") and "different test images" in line
+
+
+def test_sweep_and_blackbox_use_the_same_images():
+    from dvtrain.data import load_dataset
+    from dvtrain.eval.blackbox import blackbox_images, image_digest
+
+    data = load_dataset(DataConfig(name="digits"))
+    tcfg = TransferConfig(num_images=50, seed=3)
+    x, y, index = blackbox_images(data, tcfg)
+    assert torch.equal(x, data.x_test[index]) and torch.equal(y, data.y_test[index])
+    assert image_digest(index) == image_digest(blackbox_images(data, dataclasses.replace(tcfg))[2])
+    assert image_digest(index) != image_digest(blackbox_images(data, dataclasses.replace(tcfg, seed=4))[2])
