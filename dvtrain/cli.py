@@ -192,7 +192,7 @@ def check_eval_writable(cfg: Config, run_dir: Path) -> None:
     check_run_writable(cfg, run_dir)
     storage.check_writable(run_dir / rundir.PLOTS, "folder", f"move that away or make {run_dir} writable")
     cache = cache_root(run_dir, cfg.eval.transfer)
-    storage.check_writable(cache, "transfer cache", f"move that away, make it writable or set eval.transfer.cache_dir")
+    storage.check_writable(cache, "transfer cache", "move that away, make it writable or set eval.transfer.cache_dir")
 
 
 def check_results(run_dir: Path) -> dict | None:
