@@ -37,23 +37,29 @@ SURROGATE_LOCK = ".surrogates.lock"  # the surrogate cache's own lock: its train
 
 def evaluate_stage_fully(
     stage: str, submodels: list[nn.Module], rows: list[dict], data: Dataset, cfg: Config, tcfg: TransferConfig,
-    blackbox: tuple[list[ExampleSet], Tensor], results: dict,
+    blackbox: tuple[list[ExampleSet], Tensor], results: dict, phases: Phases | None = None,
 ) -> None:
     """Given the stage's white-box `rows`: its checks, transfer matrix, black-box table and ε sweep, into
     `results` (this evaluation's own, merged into results.json later). These use a seeded random draw
-    of `tcfg.num_images` test images, the same for every stage."""
+    of `tcfg.num_images` test images, the same for every stage. `phases` times each part with a bar."""
+    phases = phases if phases is not None else Phases(False)
     x_pool, y_pool = shuffled_test_set(data, cfg.seed)
     x, y = first(x_pool, y_pool, tcfg.num_images)
-    print(f"[eval {stage}] transferability matrix", flush=True)
-    results.setdefault("transfer", {})[stage] = transfer_matrix(submodels, x_pool, y_pool, tcfg, cfg.seed)
-    print(f"[eval {stage}] black-box transfer", flush=True)
-    results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, *blackbox, tcfg.batch_size)
-    print(f"[eval {stage}] accuracy vs ε", flush=True)
-    results.setdefault("eps_sweep", {})[stage] = epsilon_sweep(submodels, x, y, tcfg, cfg.seed)
+    sets, y_blackbox = blackbox
+    with phases.phase(f"{stage} transferability matrix", len(y) * len(submodels)) as bar:
+        results.setdefault("transfer", {})[stage] = transfer_matrix(submodels, x_pool, y_pool, tcfg, cfg.seed)
+        bar.update(len(y) * len(submodels))
+    with phases.phase(f"{stage} black-box transfer", len(y_blackbox) * len(sets)) as bar:
+        results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, sets, y_blackbox, tcfg.batch_size)
+        bar.update(len(y_blackbox) * len(sets))
+    n_sweep = len(y) * (len(submodels) + 1) * len(tcfg.sweep_eps)
+    with phases.phase(f"{stage} accuracy vs ε", n_sweep) as bar:
+        results.setdefault("eps_sweep", {})[stage] = epsilon_sweep(submodels, x, y, tcfg, cfg.seed)
+        bar.update(n_sweep)
     probe = None
     if cfg.eval.checks.enabled:
-        print(f"[eval {stage}] gradient-masking checks", flush=True)
-        probe = masking_probe(Mixture(submodels), data.x_test, data.y_test, cfg.eval, cfg.seed)
+        with phases.phase(f"{stage} gradient-masking checks"):
+            probe = masking_probe(Mixture(submodels), data.x_test, data.y_test, cfg.eval, cfg.seed)
     results.setdefault("checks", {})[stage] = masking_checks(
         stage, rows, probe, results["blackbox"][stage], cfg.eval)
 
@@ -100,14 +106,15 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     if not main:
         return None
     new: dict = {"eval": [r | {"table": EVAL_TABLE, "command": command} for stage in rows for r in rows[stage]]}
-    with run.lock(SURROGATE_LOCK), phases.phase("surrogates and black-box examples"):  # one writer of the cache
+    with run.lock(SURROGATE_LOCK):  # one writer of the cache
         sets, y_blackbox, new["blackbox_surrogate"] = prepare_blackbox(run.path, cfg, tcfg, data, device,
-                                                                       train_surrogates)
+                                                                       train_surrogates, phases)
     for stage, submodels in loaded.items():
-        with phases.phase(f"{stage} transfer, black-box, ε sweep, checks"):
-            evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg, (sets, y_blackbox), new)
-    with phases.phase("vulnerability-diversity matrices"):
+        evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg, (sets, y_blackbox), new, phases)
+    n_pairs = min(cfg.eval.diversity.num_images, len(data.y_test)) * len(loaded) if cfg.eval.diversity.enabled else 0
+    with phases.phase("vulnerability-diversity matrices", n_pairs) as bar:
         diversity_evaluation(run.path, loaded, data, cfg, new)
+        bar.update(n_pairs)
     new["plots"] = evaluation_plots(run.path, new)
     add_blackbox_plot(run.path, new)
     new["eval_provenance"] = {"command": command, "world_size": 1 if share is None else share.world,
