@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
+from dvtrain.eval.budget import reduced_budget_note
 from dvtrain.eval.blackbox import ExampleSet, blackbox_table, prepare_blackbox
 from dvtrain.eval.checks import masking_checks, masking_probe
 from dvtrain.eval.diversity import diversity_evaluation
@@ -96,6 +97,9 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
         for i, model in enumerate(submodels):
             check_finite(model, data.x_test[: cfg.eval.batch_size], f"submodel {i + 1} of stage {stage}")
     main = share is None or share.rank == 0
+    note = reduced_budget_note(cfg.eval)
+    if main and note:
+        print(note, flush=True)
     phases = Phases(cfg.logging.progress and main)
     rows = {}
     for stage, submodels in loaded.items():
