@@ -1,5 +1,5 @@
 """Budgets that fit the data (issue 22 item 3): the quickstart's eval section is below the full
-protocol and says so in one line; the CIFAR configs keep the paper's and RobustBench's budgets.
+protocol and says so in one line; the CIFAR configs keep the paper's and RobustBench's budgets."""
 
 from __future__ import annotations
 
