@@ -256,7 +256,9 @@ def cell_budget(cell: Cell, cfg: EvalConfig, n_images: int) -> str:
         step = cfg.step_size if cell.norm == LINF else cfg.l2_step_size
         return f"steps={cfg.steps},step={step:g},restarts={cfg.restarts},random_start={int(cfg.random_start)},{seeds},{n}"
     if cell.attack == "adaptive":
-        return ",".join(f"{k}={v:g}" for k, v in dataclasses.asdict(cfg.adaptive).items()) + f",{seeds},{n}"
+        # list settings (blend_scales) as values joined by "/", so the budget stays one comma-separated string
+        return ",".join(f"{k}=" + ("/".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}")
+                        for k, v in dataclasses.asdict(cfg.adaptive).items()) + f",{seeds},{n}"
     aa = cfg.autoattack
     custom = f"attacks={'+'.join(aa.attacks)}," if aa.version == "custom" else ""
     caps = f"iterations={aa.iterations or 'library'},queries={aa.square_queries or 'library'}"
