@@ -23,3 +23,14 @@ def test_the_quickstart_names_each_reduced_setting_in_one_line():
     assert note is not None and "\n" not in note
     for label in ("AutoAttack norms", "mixture-only attacks", "adaptive steps 25 (full: 100)", "surrogate ensembles [3]"):
         assert label in note, label
+
+
+def test_the_adaptive_rows_budget_names_its_blends():
+    from dvtrain.config import EvalConfig
+    from dvtrain.eval.whitebox import cell_budget, cells
+
+    cfg = load_config(CONFIGS / "digits_quickstart.yaml").eval
+    (cell,) = cells(["adaptive"], cfg)
+    assert "blend_scales=0.5/0/1," in cell_budget(cell, cfg, 100)
+    (cell,) = cells(["adaptive"], EvalConfig())
+    assert "blend_scales=0.5/0/0.25/0.75/1," in cell_budget(cell, EvalConfig(), 100)
