@@ -428,6 +428,9 @@ class EvalConfig:
     full_attacks: list[WhiteboxAttack] = ranged(factory=lambda: [
         "clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin", "pgd_l2_margin", "autoattack", "adaptive"],
         nonempty=True)
+    # Attacks of full_attacks run on the mixture only (the headline model), not on each submodel: a
+    # quick budget's choice for the costly ones (docs/evaluation.md, "Budgets"). "adaptive" always is.
+    mixture_only: list[WhiteboxAttack] = ranged(factory=list, note="empty: every attack on every model")
     # Randomised attacks (random starts) are repeated with this many seeds; rows give mean ± s.d.
     seeds: int = ranged(1, ge=1)
     autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)

@@ -31,6 +31,8 @@ from dvtrain.config import LoggingConfig
 from dvtrain.errors import DvtrainError
 from dvtrain.rundir import RunDir
 
+PROGRESS_ENV = "DVTRAIN_PROGRESS"  # 1: progress bars off a terminal too (logs, captured output)
+
 WANDB_HOST = "api.wandb.ai"
 WANDB_READ_TIMEOUT_S = 120
 OFFLINE_RUN_GLOB = "offline-run-*"
@@ -298,7 +300,8 @@ class Progress:
             total=total_steps,
             desc=f"{stage} {epoch + 1}/{epochs}",
             leave=False,
-            disable=None if enabled else True,
+            # like `dvtrain eval`'s phases: on a terminal, or anywhere with DVTRAIN_PROGRESS=1
+            disable=True if not enabled else (False if os.environ.get(PROGRESS_ENV) == "1" else None),
             dynamic_ncols=True,
         )
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from dvtrain.config import Config, TransferConfig
 from dvtrain.data import Dataset
+from dvtrain.eval.progress import Phases
 from dvtrain.eval import example_sets, surrogates
 from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.transfer import ensemble_predictions, percent
@@ -113,10 +114,14 @@ def applicable_attacks(tcfg: TransferConfig, surrogate_models: list[nn.Module], 
 
 def prepare_blackbox(
     run_dir: Path, cfg: Config, tcfg: TransferConfig, data: Dataset, device: torch.device, train: SurrogateTrainer,
+    phases: Phases | None = None,
 ) -> tuple[list[ExampleSet], Tensor, dict]:
     """Every example set of the protocol (read from the shared cache, or crafted and stored there once),
     the labels y [N] of its images, and a description for results.json ("blackbox_surrogate"): the
-    protocol, each surrogate ensemble's folder, clean accuracy and own (white-box) accuracy per set."""
+    protocol, each surrogate ensemble's folder, clean accuracy and own (white-box) accuracy per set.
+    `phases` times each ensemble's training (its stage loop shows its own epoch bars) and each set's
+    crafting (a bar over its images)."""
+    phases = phases if phases is not None else Phases(False)
     root = surrogates.cache_root(run_dir, tcfg)
     x, y, index = blackbox_images(data, tcfg)
     sets: list[ExampleSet] = []
@@ -125,10 +130,11 @@ def prepare_blackbox(
                   "di_prob": tcfg.di_prob, "losses": list(tcfg.blackbox_losses), "surrogates": [], "notes": []}
     for size in dict.fromkeys(tcfg.surrogate_sizes):
         scfg = surrogates.surrogate_config(cfg, tcfg, size)
-        models = surrogates.load_or_train(root, scfg, data, device, train)
+        with phases.phase(f"surrogate ensemble of {size}"):
+            models = surrogates.load_or_train(root, scfg, data, device, train)
         attacks, notes = applicable_attacks(tcfg, models, cfg.model.arch)
         info["notes"] = list(dict.fromkeys(info["notes"] + notes))
-        own_sets = surrogate_sets(root, cfg, tcfg, scfg, models, attacks, x, y, index)
+        own_sets = surrogate_sets(root, cfg, tcfg, scfg, models, attacks, x, y, index, phases)
         sets += own_sets
         info["surrogates"].append({
             "name": own_sets[0].surrogate if own_sets else f"ens{size}", "size": size, "seed": scfg.seed,
@@ -140,7 +146,8 @@ def prepare_blackbox(
 
 
 def surrogate_sets(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, models: list[nn.Module],
-                   attacks: list[str], x: Tensor, y: Tensor, index: Tensor) -> list[ExampleSet]:
+                   attacks: list[str], x: Tensor, y: Tensor, index: Tensor, phases: Phases | None = None,
+                   ) -> list[ExampleSet]:
     """The example sets of one surrogate ensemble (`scfg`, `models`): each attack × loss × ε of the sweep,
     from the cache under `root` when their manifest matches, else crafted on the ensemble's mixture and stored."""
     name = f"ens{scfg.ensemble.size}"
@@ -156,10 +163,14 @@ def surrogate_sets(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, 
                             "eps": eps, "seed": tcfg.seed, "budget": budget}
 
                 def generate(attack=attack, loss=loss, eps=eps, budget=budget) -> Tensor:
-                    print(f"[eval] crafting {ATTACK_NAMES[attack]} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}", flush=True)
-                    return torch.stack([craft(mixture, x, y, attack, loss, eps, budget,
-                                              stream(tcfg.seed, "blackbox", name, attack, loss, eps, r), tcfg.batch_size)
-                                        for r in range(budget["runs"])])
+                    label = f"crafting {ATTACK_NAMES[attack]} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}"
+                    with (phases or Phases(False)).phase(label, len(y) * budget["runs"]) as bar:
+                        runs = []
+                        for r in range(budget["runs"]):
+                            runs.append(craft(mixture, x, y, attack, loss, eps, budget,
+                                              stream(tcfg.seed, "blackbox", name, attack, loss, eps, r), tcfg.batch_size))
+                            bar.update(len(y))
+                        return torch.stack(runs)
 
                 out.append(ExampleSet(name, attack, loss, eps, example_sets.load_or_generate(folder, manifest, generate)))
     return out

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
+from dvtrain.eval.budget import reduced_budget_note
 from dvtrain.eval.blackbox import ExampleSet, blackbox_images, blackbox_table, image_digest, prepare_blackbox
 from dvtrain.eval.checks import masking_checks, masking_probe
 from dvtrain.eval.diversity import diversity_evaluation
@@ -28,7 +29,7 @@ from dvtrain.eval.report import (
     EVAL_TABLE, FULL_EVALUATION_KEYS, evaluation_markdown, merge_rows, metric_key, result_metrics, results_markdown, update_results,
 )
 from dvtrain.eval.sweep import epsilon_sweep
-from dvtrain.eval.transfer import shuffled_test_set, transfer_matrix
+from dvtrain.eval.transfer import first, shuffled_test_set, transfer_matrix
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.whitebox import ChunkShare, check_finite, chunk_count, evaluate_stage, too_many_processes
 from dvtrain.mixture import Mixture
@@ -39,27 +40,35 @@ SURROGATE_LOCK = ".surrogates.lock"  # the surrogate cache's own lock: its train
 
 def evaluate_stage_fully(
     stage: str, submodels: list[nn.Module], rows: list[dict], data: Dataset, cfg: Config, tcfg: TransferConfig,
-    blackbox: tuple[list[ExampleSet], Tensor, str], results: dict,
+    blackbox: tuple[list[ExampleSet], Tensor, str], results: dict, phases: Phases | None = None,
 ) -> None:
     """Given the stage's white-box `rows`: its checks, transfer matrix, black-box table and ε sweep, into
     `results` (this evaluation's own, merged into results.json later). These use a seeded random draw
     of `tcfg.num_images` test images, the same for every stage; the ε sweep and the black-box table the
-    same ones (`blackbox_images`; `blackbox` is (example sets, their labels, their images' digest))."""
+    same ones (`blackbox_images`; `blackbox` is (example sets, their labels, their images' digest)).
+    `phases` times each part with a bar."""
+    phases = phases if phases is not None else Phases(False)
     x_pool, y_pool = shuffled_test_set(data, cfg.seed)
-    print(f"[eval {stage}] transferability matrix", flush=True)
-    results.setdefault("transfer", {})[stage] = transfer_matrix(submodels, x_pool, y_pool, tcfg, cfg.seed)
-    print(f"[eval {stage}] black-box transfer", flush=True)
+    n_transfer = len(first(x_pool, y_pool, tcfg.num_images)[1]) * len(submodels)
+    with phases.phase(f"{stage} transferability matrix", n_transfer) as bar:
+        results.setdefault("transfer", {})[stage] = transfer_matrix(submodels, x_pool, y_pool, tcfg, cfg.seed)
+        bar.update(n_transfer)
     sets, y_blackbox, images = blackbox
-    results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, sets, y_blackbox, tcfg.batch_size, images)
-    print(f"[eval {stage}] accuracy vs ε: {', '.join(tcfg.sweep_attacks)} and their worst case", flush=True)
+    with phases.phase(f"{stage} black-box transfer", len(y_blackbox) * len(sets)) as bar:
+        results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, sets, y_blackbox, tcfg.batch_size,
+                                                                   images)
+        bar.update(len(y_blackbox) * len(sets))
     x, y, index = blackbox_images(data, tcfg)
     sweep_cfg = dataclasses.replace(cfg.eval, transfer=tcfg)
-    results.setdefault("eps_sweep", {})[stage] = epsilon_sweep(submodels, x, y, sweep_cfg, cfg.seed) | {
-        "images": image_digest(index)}
+    n_sweep = len(y) * (len(submodels) + 1) * len(tcfg.sweep_eps)
+    with phases.phase(f"{stage} accuracy vs ε: {', '.join(tcfg.sweep_attacks)} and their worst case", n_sweep) as bar:
+        results.setdefault("eps_sweep", {})[stage] = epsilon_sweep(submodels, x, y, sweep_cfg, cfg.seed) | {
+            "images": image_digest(index)}
+        bar.update(n_sweep)
     probe = None
     if cfg.eval.checks.enabled:
-        print(f"[eval {stage}] gradient-masking checks", flush=True)
-        probe = masking_probe(Mixture(submodels), data.x_test, data.y_test, cfg.eval, cfg.seed)
+        with phases.phase(f"{stage} gradient-masking checks"):
+            probe = masking_probe(Mixture(submodels), data.x_test, data.y_test, cfg.eval, cfg.seed)
     results.setdefault("checks", {})[stage] = masking_checks(
         stage, rows, probe, results["blackbox"][stage], cfg.eval, results["eps_sweep"][stage])
 
@@ -96,6 +105,9 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
         for i, model in enumerate(submodels):
             check_finite(model, data.x_test[: cfg.eval.batch_size], f"submodel {i + 1} of stage {stage}")
     main = share is None or share.rank == 0
+    note = reduced_budget_note(cfg.eval)
+    if main and note:
+        print(note, flush=True)
     phases = Phases(cfg.logging.progress and main)
     rows = {}
     for stage, submodels in loaded.items():
@@ -106,15 +118,16 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     if not main:
         return None
     new: dict = {"eval": [r | {"table": EVAL_TABLE, "command": command} for stage in rows for r in rows[stage]]}
-    with run.lock(SURROGATE_LOCK), phases.phase("surrogates and black-box examples"):  # one writer of the cache
+    with run.lock(SURROGATE_LOCK):  # one writer of the cache
         sets, y_blackbox, new["blackbox_surrogate"] = prepare_blackbox(run.path, cfg, tcfg, data, device,
-                                                                       train_surrogates)
+                                                                       train_surrogates, phases)
     for stage, submodels in loaded.items():
-        with phases.phase(f"{stage} transfer, black-box, ε sweep, checks"):
-            evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg,
-                                 (sets, y_blackbox, new["blackbox_surrogate"]["images"]), new)
-    with phases.phase("vulnerability-diversity matrices"):
+        evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg,
+                             (sets, y_blackbox, new["blackbox_surrogate"]["images"]), new, phases)
+    n_pairs = min(cfg.eval.diversity.num_images, len(data.y_test)) * len(loaded) if cfg.eval.diversity.enabled else 0
+    with phases.phase("vulnerability-diversity matrices", n_pairs) as bar:
         diversity_evaluation(run.path, loaded, data, cfg, new)
+        bar.update(n_pairs)
     new["plots"] = evaluation_plots(run.path, new)
     add_blackbox_plot(run.path, new)
     new["eval_provenance"] = {"command": command, "world_size": 1 if share is None else share.world,

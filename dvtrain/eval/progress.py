@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-FORCE_ENV = "DVTRAIN_PROGRESS"
+from dvtrain.tracking import PROGRESS_ENV as FORCE_ENV  # one name for training and evaluation bars
 
 
 class Phases:

@@ -306,7 +306,7 @@ def evaluate_stage(
         x, y = x[: eval_cfg.num_examples], y[: eval_cfg.num_examples]
     if share is not None and share.world > chunk_count(len(y), eval_cfg):
         raise DvtrainError(too_many_processes(share.world, len(y), eval_cfg))
-    columns = cells([a for a in attacks if a not in MIXTURE_ONLY], eval_cfg)
+    columns = cells([a for a in attacks if a not in (*MIXTURE_ONLY, *eval_cfg.mixture_only)], eval_cfg)
     mixture_columns = cells(attacks, eval_cfg)
     was_training = [model.training for model in submodels]
     try:
