@@ -31,6 +31,6 @@ def test_the_adaptive_rows_budget_names_its_blends():
 
     cfg = load_config(CONFIGS / "digits_quickstart.yaml").eval
     (cell,) = cells(["adaptive"], cfg)
-    assert "blend_scales=0.5/0/1," in cell_budget(cell, cfg, 100)
+    assert "blend_scales=0.5+0+1," in cell_budget(cell, cfg, 100)
     (cell,) = cells(["adaptive"], EvalConfig())
-    assert "blend_scales=0.5/0/0.25/0.75/1," in cell_budget(cell, EvalConfig(), 100)
+    assert "blend_scales=0.5+0+0.25+0.75+1," in cell_budget(cell, EvalConfig(), 100)

@@ -89,6 +89,7 @@ def test_results_markdown_keeps_every_table_in_training_order_headed_by_its_comm
 
 WRITER = """
 import sys, time
+from dvtrain.config import Config
 from dvtrain.eval.report import update_results
 run_dir, stage, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 for k in range(count):

@@ -226,6 +226,7 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
     cfg = load_config(run_dir / "config.yaml")
     cfg_small = TransferConfig(**{**vars(FAST), "num_images": 40, "sweep_eps": [0.0, EPS]})
     cfg.eval.full_attacks = ["clean", "pgd_linf", "pgd_linf_margin", "autoattack", "adaptive"]
+    cfg.eval.mixture_only = []  # the quickstart's reduced budget attacks the mixture alone with AutoAttack
     cfg.eval.autoattack = AutoAttackConfig(version="custom", attacks=["apgd-ce"], norms=["Linf"], iterations=3)
     cfg.eval.adaptive.steps, cfg.eval.checks.long_steps = 3, 6
     cfg.eval.diversity.num_images, cfg.eval.diversity.steps = 20, 2

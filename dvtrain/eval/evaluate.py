@@ -61,7 +61,7 @@ def evaluate_stage_fully(
     x, y, index = blackbox_images(data, tcfg)
     sweep_cfg = dataclasses.replace(cfg.eval, transfer=tcfg)
     n_sweep = len(y) * (len(submodels) + 1) * len(tcfg.sweep_eps)
-    with phases.phase(f"{stage} accuracy vs ε: {', '.join(tcfg.sweep_attacks)} and their worst case", n_sweep) as bar:
+    with phases.phase(f"{stage} accuracy vs ε", n_sweep) as bar:  # tcfg.sweep_attacks and their worst case
         results.setdefault("eps_sweep", {})[stage] = epsilon_sweep(submodels, x, y, sweep_cfg, cfg.seed) | {
             "images": image_digest(index)}
         bar.update(n_sweep)
