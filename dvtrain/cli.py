@@ -320,7 +320,8 @@ def interruptible(command: Callable[[], int], interrupted: str) -> int:
         print(f"dvtrain: interrupted; {interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated as stop:
-        print(f"dvtrain: {stop}; {interrupted}", file=sys.stderr)
+        if is_main_rank():  # a launcher SIGTERMs the other ranks when one fails: that one's line is the news
+            print(f"dvtrain: {stop}; {interrupted}", file=sys.stderr)
         return stop.code
 
 
