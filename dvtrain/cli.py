@@ -459,7 +459,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         set_threads(cfg.compute)
         from dvtrain.eval.evaluate import full_evaluation
-        from dvtrain.eval.whitebox import ProcessGroupShare
+        from dvtrain.eval.share import ProcessGroupShare
         from dvtrain.train.loop import train_in_process
 
         command = " ".join(["dvtrain eval", *(sys.argv[2:] if argv is None else argv)])
