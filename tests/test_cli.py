@@ -78,7 +78,7 @@ def _parsed(argv: list[str], monkeypatch) -> argparse.Namespace:
         cli.main(argv)
     monkeypatch.undo()
     ns = parsed.value.args[0]
-    return cli.run_dir_before_overrides(ns) if hasattr(ns, "stage") else ns
+    return cli.run_dir_before_overrides(ns) if hasattr(ns, "stage") and hasattr(ns, "run_dir") else ns
 
 
 class _Parsed(Exception):
@@ -95,6 +95,9 @@ ORDERS = {
                                         {"run_dir": "R", "stage": ["a", "b"], "overrides": ["eval.eps=0.05", "eval.steps=2"]}),
     "eval: override before the run directory": (["eval", "eval.eps=0.05", "R", "--stage", "a"],
                                                 {"run_dir": "R", "stage": ["a"], "overrides": ["eval.eps=0.05"]}),
+    "compare: options between runs": (["compare", "R1", "--all", "R2", "--group-by", "seed", "R3", "--stage", "dverge"],
+                                      {"runs": ["R1", "R2", "R3"], "everything": True, "group_by": ["seed"],
+                                       "stage": "dverge"}),
     "train: override before --run-dir": (["train", "eval.eps=0.1", "--run-dir", "X"],
                                          {"run_dir": "X", "overrides": ["eval.eps=0.1"]}),
     "train: flags between overrides": (["train", "a=1", "--resume", "b=2", "--run-dir", "X", "c=3", "--config", "f.yaml"],
@@ -116,8 +119,8 @@ def test_print_config_after_overrides_applies_them(tmp_path, capsys):
     assert printed["dverge"]["eps"] == pytest.approx(8 / 255) and printed["seed"] == 4 and printed["name"] == "x"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["--version"],
-                                  ["train", "dverge.epz=1"]], ids=" ".join)
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["compare", "--help"],
+                                  ["--version"], ["train", "dverge.epz=1"]], ids=" ".join)
 def test_help_version_and_a_refused_config_do_not_import_torch(argv):
     """`dvtrain --help` answers without loading torch (seconds on a small machine): torch, wandb, accelerate and
     matplotlib are imported only by the commands that use them (issue 21, item 6)."""
