@@ -115,7 +115,7 @@ def _unstarted_sections(cfg: Config, run_dir: Path) -> tuple[str, ...]:
     return tuple(
         f"{stage}."
         for stage in cfg.stages
-        if checkpoint.latest(checkpoint.stage_dir(run_dir, stage)) is None
+        if checkpoint.latest(RunDir(run_dir).checkpoints(stage)) is None
     )
 
 
@@ -218,14 +218,14 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
     resolve_mode(cfg.logging)
 
     def finished(stage: str) -> bool:
-        path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
+        path = None if run_dir is None else checkpoint.latest(RunDir(run_dir).checkpoints(stage))
         return path is not None and bool(checkpoint.read_state(path).get("complete"))
 
     expected = {"arch": cfg.model.arch, "ensemble_size": cfg.ensemble.size}
     for k, stage in enumerate(cfg.stages):
         if run_dir is not None:
-            check_folder(checkpoint.stage_dir(run_dir, stage), "checkpoint folder", "move that file away")
-        path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
+            check_folder(RunDir(run_dir).checkpoints(stage), "checkpoint folder", "move that file away")
+        path = None if run_dir is None else checkpoint.latest(RunDir(run_dir).checkpoints(stage))
         if path is not None:
             found = {key: checkpoint.read_state(path).get(key) for key in expected}
             if found != expected:
@@ -274,7 +274,7 @@ def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) ->
         raise DvtrainError(f"{run_dir} has no finished stage to evaluate (stages: {', '.join(cfg.stages)}); "
                            f"finish training first: dvtrain train --run-dir {run_dir} --resume")
     for stage in stages:
-        checkpoint.check_weights(checkpoint.latest(checkpoint.stage_dir(run_dir, stage)), cfg.ensemble.size)
+        checkpoint.check_weights(checkpoint.latest(RunDir(run_dir).checkpoints(stage)), cfg.ensemble.size)
     return stages
 
 
