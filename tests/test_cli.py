@@ -27,8 +27,18 @@ def _exit_code_and_output(args: list[str], capsys) -> tuple[int, str]:
 def test_help_lists_every_command_and_version_prints_it(capsys):
     code, shown = _exit_code_and_output(["--help"], capsys)
     assert code == 0
-    listed = [line.split()[0] for line in shown.split("commands:")[1].splitlines() if line.startswith("  ")]
-    assert listed == ["train", "eval", "compare"]
+    lines = shown.split("commands:\n")[1].split("\n\n")[0].splitlines()
+    assert all(len(line) <= cli.HELP_WIDTH for line in lines)  # long descriptions wrap under their command
+    said: dict[str, str] = {}
+    for line in lines:  # "  name     text", then continuation lines indented further
+        if line[2] != " ":
+            name, _, line = line.strip().partition(" ")
+        said[name] = " ".join([said.get(name, ""), line.strip()]).strip()
+    assert list(said) == ["train", "eval", "compare"]
+    assert "ADP, GAL, TRS" in said["train"]  # the baselines train too
+    for what in ("AutoAttack", "ensemble-adaptive attack", "gradient-masking checks", "transferability",
+                 "black-box transfer", "ε sweep"):  # what `dvtrain eval` runs (issue 21: it said APGD)
+        assert what in said["eval"], what
     assert _exit_code_and_output(["--version"], capsys) == (0, f"dvtrain {dvtrain.__version__}\n")
     for wrong in ([], ["trian"]):
         assert _exit_code_and_output(wrong, capsys)[0] == cli.EXIT_USER_ERROR
