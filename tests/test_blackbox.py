@@ -25,6 +25,7 @@ from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.models import build_model
 from dvtrain.models.resnet import ResNet20
 from dvtrain.rng import stream
+from dvtrain.rundir import RunDir
 from dvtrain.train import loop
 
 EPS, STEP, GAMMA = 0.05, 0.01, 0.2
@@ -194,7 +195,7 @@ def test_surrogate_ensembles_are_distinct_resumable_vanilla_runs(tmp_path, monke
     assert configs[0].seed != configs[1].seed != cfg.seed and configs[0].stages == ["vanilla"]
     straight = [surrogates.load_or_train(tmp_path / "a", s, data, torch.device("cpu"), loop.train_in_process) for s in configs]
     folder = surrogates.surrogate_dir(tmp_path / "a", configs[0])
-    assert (folder / CONFIG_FILE).is_file() and checkpoint.latest(checkpoint.stage_dir(folder, "vanilla")) is not None
+    assert (folder / CONFIG_FILE).is_file() and checkpoint.latest(RunDir(folder).checkpoints("vanilla")) is not None
     firsts = [m.conv1.weight for m in straight[0]] + [m.conv1.weight for m in straight[1]]
     assert all(not torch.equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1 :])  # no member shared
 

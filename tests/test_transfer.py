@@ -28,7 +28,8 @@ from dvtrain.train.loop import train_in_process
 from dvtrain.eval.blackbox import ExampleSet, attack_budget, blackbox_table, craft
 from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd
 from dvtrain.eval.sweep import epsilon_sweep
-from dvtrain.eval.transfer import correct_by_all, mean_off_diagonal, shuffled_test_set, transfer_matrix
+from dvtrain.eval.report import mean_off_diagonal
+from dvtrain.eval.transfer import correct_by_all, shuffled_test_set, transfer_matrix
 
 EPS = 0.1  # digits are 8×8 and coarse: the quickstart's evaluation budget
 SEED = 0

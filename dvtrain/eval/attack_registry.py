@@ -7,6 +7,10 @@ Runners come in two kinds: `perturb(model, x, y, eps, cfg, generator, submodels,
 adversarial images [N, C, H, W] for one batch (repeated over eval.restarts when `restarts`), and
 `robust(model, x, y, norm, eps, cfg, seed)` returns the per-image robust mask [N] of a library that
 batches and seeds itself (AutoAttack).
+
+The records are plain data and import no torch: results files, `dvtrain.eval.report` and `dvtrain compare`
+read the names and headers without loading it. Each runner imports the attack code it calls (torch,
+pyautoattack) when it first runs.
 """
 
 from __future__ import annotations
@@ -14,14 +18,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
-
-from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.config import EvalConfig
-from dvtrain.distributed.placement import Placement
-from dvtrain.eval.adaptive import adaptive_linf
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from dvtrain.distributed.placement import Placement
+
+    Perturb = Callable[[nn.Module, Tensor, Tensor, float, EvalConfig, torch.Generator, list[nn.Module] | None,
+                        Placement | None], Tensor]
+    Robust = Callable[[nn.Module, Tensor, Tensor, str, float, EvalConfig, int], Tensor]
 
 LINF, L2 = "Linf", "L2"
 AUTOATTACK_STANDARD_RUNS = 4  # APGD-CE, APGD-T, FAB-T, Square (Croce & Hein, ICML 2020)
@@ -29,10 +38,6 @@ AUTOATTACK_LIBRARY_ITERATIONS = 100  # pyautoattack's default n_iter
 EACH_AUTOATTACK_NORM = "eval.autoattack.norms"  # the attack runs once per norm listed there
 # When an attack draws random numbers (and is repeated over eval.seeds).
 ALWAYS, WITH_RANDOM_START, NEVER = "always", "eval.random_start", "never"
-
-Perturb = Callable[[nn.Module, Tensor, Tensor, float, EvalConfig, torch.Generator, list[nn.Module] | None,
-                    Placement | None], Tensor]
-Robust = Callable[[nn.Module, Tensor, Tensor, str, float, EvalConfig, int], Tensor]
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class WhiteboxAttack:
 
 def _pgd(norm: str, loss: str) -> Perturb:
     def run(model, x, y, eps, cfg, generator, submodels=None, placement=None):
+        from dvtrain.attacks import pgd_l2, pgd_linf
+
         if norm == LINF:
             return pgd_linf(model, x, y, eps, cfg.step_size, cfg.steps, cfg.random_start, generator, loss)
         return pgd_l2(model, x, y, eps, cfg.l2_step_size, cfg.steps, cfg.random_start, generator, loss)
@@ -79,15 +86,19 @@ def _pgd(norm: str, loss: str) -> Perturb:
 
 
 def _fgsm(model, x, y, eps, cfg, generator, submodels=None, placement=None) -> Tensor:
+    from dvtrain.attacks import fgsm
+
     return fgsm(model, x, y, eps)
 
 
 def _adaptive(model, x, y, eps, cfg, generator, submodels=None, placement=None) -> Tensor:
+    from dvtrain.eval.adaptive import adaptive_linf
+
     return adaptive_linf(submodels, x, y, eps, cfg.adaptive, generator, placement)
 
 
 def _autoattack(model, x, y, norm, eps, cfg, seed) -> Tensor:
-    from dvtrain.eval.autoattack import autoattack_robust  # pyautoattack loads only when it runs
+    from dvtrain.eval.autoattack import autoattack_robust
 
     return autoattack_robust(model, x, y, norm, eps, cfg.autoattack, seed, cfg.batch_size)
 

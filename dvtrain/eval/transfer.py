@@ -137,11 +137,3 @@ def transfer_matrix(submodels: list[nn.Module], x: Tensor, y: Tensor, cfg: Trans
 def _random_start_pgd(model: nn.Module, eps: float, cfg: TransferConfig) -> Callable[[Tensor, Tensor, torch.Generator], Tensor]:
     """One random-start run of dvtrain's PGD-L∞ at eps, with cfg's steps and relative step size."""
     return lambda x, y, g: pgd_linf(model, x, y, eps, cfg.step_fraction * eps, cfg.steps, True, g)
-
-
-def mean_off_diagonal(matrix: dict) -> float | None:
-    """Mean success of submodel i's examples on the other submodels j ≠ i: the number DVERGE lowers."""
-    m = len(matrix["sources"])
-    values = [matrix["success"][i][j] for i in range(m) for j in range(m) if i != j]
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
