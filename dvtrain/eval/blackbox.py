@@ -209,14 +209,23 @@ def blackbox_table(submodels: list[nn.Module], sets: list[ExampleSet], y: Tensor
     """Accuracy (%) of each submodel and the mixture under every example set (correct under all its runs)
     and "all" per ε (correct under every set at that ε), as results.json's "blackbox"[stage]:
     {"models", "n_images", "sets": [{surrogate, attack, loss, eps}], "accuracy": [model][set],
-     "eps": [ε], "all": [model][ε], "images": `images` (the `image_digest` of y's test images)}."""
+     "eps": [ε], "all": [model][ε], "all_by_surrogate": {surrogate: [model][ε]} (every set of that
+     surrogate ensemble at ε), "images": `images` (the `image_digest` of y's test images)}."""
     correct = [correct_under(submodels, s.examples, y, batch_size) for s in sets]
     eps_grid = list(dict.fromkeys(s.eps for s in sets))
-    every = [torch.stack([c for c, s in zip(correct, sets) if s.eps == eps]).all(dim=0) for eps in eps_grid]
     models = [*(f"sub{i}" for i in range(len(submodels))), MIXTURE]
+
+    def every(keep: Callable[[ExampleSet], bool]) -> list[list[float | None]]:
+        """[model][ε]: correct under every set at ε that `keep` selects (None where it selects none)."""
+        masks = [[c for c, s in zip(correct, sets) if s.eps == eps and keep(s)] for eps in eps_grid]
+        both = [torch.stack(ms).all(dim=0) if ms else None for ms in masks]
+        return [[None if a is None else percent(a[m]) for a in both] for m in range(len(models))]
+
+    surrogates = list(dict.fromkeys(s.surrogate for s in sets))
     return {"models": models, "n_images": len(y), "sets": [s.key() for s in sets],
             "accuracy": [[percent(c[m]) for c in correct] for m in range(len(models))],
-            "eps": eps_grid, "all": [[percent(a[m]) for a in every] for m in range(len(models))], "images": images}
+            "eps": eps_grid, ALL_SETS: every(lambda s: True), "images": images,
+            "all_by_surrogate": {name: every(lambda s, name=name: s.surrogate == name) for name in surrogates}}
 
 
 def all_accuracy(table: dict, model: str, eps: float) -> float | None:

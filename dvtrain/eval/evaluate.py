@@ -127,7 +127,6 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
         stage_checks(stage, submodels, rows[stage], data, cfg, (sets, y_blackbox, new["blackbox_surrogate"]["images"]),
                      new, phases)
     new["plots"] = evaluation_plots(run.path, new)
-    add_blackbox_plot(run.path, new)
     new["eval_provenance"] = {"command": command, "world_size": 1 if share is None else share.world,
                               "threads_per_process": torch.get_num_threads(), "phase_s": dict(phases.seconds)}
 
@@ -137,6 +136,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
             stored.setdefault(key, {}).update(new.get(key, {}))
         stored["blackbox_surrogate"] = new["blackbox_surrogate"]
         stored["eval_provenance"] = new["eval_provenance"]
+        add_blackbox_plot(run.path, stored, cfg.stages)  # every evaluated stage's curves, this run's and earlier ones
 
     results = update_results(run.path, cfg, change)
     log_evaluation(cfg, run.path, results)
