@@ -86,6 +86,17 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def vanilla_run(tmp_path_factory) -> Path:
+    """One finished vanilla stage of TINY (every file `dvtrain train` leaves: config, checkpoint, results,
+    plots), trained once for the whole session: tests copy it before changing anything."""
+    from dvtrain import cli
+
+    run_dir = tmp_path_factory.mktemp("vanilla_run") / "run"
+    assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]"]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def seed_runs(tmp_path_factory) -> dict[str, Path]:
     """Two experiments that differ only in the seed, in run directories seed0 and seed1 (no `name=`),
     vanilla only (long enough to learn, so the seeds' accuracies differ), each logged to an offline W&B run

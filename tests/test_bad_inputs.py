@@ -19,11 +19,9 @@ def digest(folder: Path) -> dict:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]"]) == 0
-    return run_dir
+@pytest.fixture
+def trained(vanilla_run) -> Path:
+    return vanilla_run  # shared with other modules: copy it before changing it
 
 
 def copy_of(trained: Path, tmp_path: Path, edit_config: dict | None = None) -> Path:

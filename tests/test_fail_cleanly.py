@@ -29,12 +29,11 @@ def digest(folder: Path) -> dict:
             if p.is_file() and p.suffix != ".lock"}  # a run directory's empty lock files hold no data
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A finished vanilla stage with a results.json (what `dvtrain train` leaves)."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]", "vanilla.epochs=1"]) == 0
-    return run_dir
+@pytest.fixture
+def trained(vanilla_run) -> Path:
+    """A finished vanilla stage with a results.json (what `dvtrain train` leaves), shared with other
+    modules: copy it before changing it."""
+    return vanilla_run
 
 
 # `dvtrain eval` computes its white-box table before the surrogates: a cheap one reaches them at once.

@@ -35,7 +35,7 @@ SCALE = 1000.0  # the issue's saturated-logit model: same predictions, softmax o
 MARGIN_TOLERANCE = 1.0  # percentage points
 CE_BLIND_SPOT = 10.0  # CE-PGD on the scaled model must read at least this much higher (measured ≈30)
 N_TABLE = 60
-AA_ITERATIONS, AA_QUERIES = 20, 200
+AA_ITERATIONS, AA_QUERIES = 10, 100
 # The ensemble attack shortened to 20 steps a run: these tests check budgets and bookkeeping, not strength
 # (tests/test_ensemble_attack.py does).
 EVAL = EvalConfig(eps=EPS, steps=10, step_size=0.025, l2_eps=0.5, l2_step_size=0.125, batch_size=500,
@@ -104,9 +104,13 @@ def test_margin_pgd_sees_through_saturated_logits_and_cross_entropy_does_not(ens
 
 def test_worst_case_is_below_every_attack_and_autoattack_below_pgd(ensemble):
     models, data = ensemble
-    # The standard version with a short budget (the library's 100 iterations and 5000 queries take minutes here).
+    # The standard version with a short budget (the library's 100 iterations and 5000 queries take minutes here;
+    # 10 and 100 give these nets the same AutoAttack accuracies as 20 and 200, each 2.5-3.3 points below PGD).
+    # One blend and one target class of the ensemble attack: here it only has to be a row of the mixture's
+    # worst case (its strength: tests/test_ensemble_attack.py).
     aa = AutoAttackConfig(version="standard", norms=["Linf"], iterations=AA_ITERATIONS, square_queries=AA_QUERIES)
-    cfg = dataclasses.replace(EVAL, num_examples=N_TABLE, seeds=2, autoattack=aa)
+    adaptive = dataclasses.replace(EVAL.adaptive, blend_scales=[0.5], target_classes=1)
+    cfg = dataclasses.replace(EVAL, num_examples=N_TABLE, seeds=2, autoattack=aa, adaptive=adaptive)
     attacks = ["clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin", "pgd_l2_dlr", "autoattack", "adaptive"]
     rows = evaluate_stage("vanilla", models, data.x_test, data.y_test, cfg, seed=0, attacks=attacks)
     for model in ("sub0", "sub1", "sub2", "mixture"):

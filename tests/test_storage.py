@@ -165,11 +165,9 @@ def test_a_read_only_run_directory_is_refused_before_resuming(tmp_path, read_onl
 # ----------------------------------------------------------------------------- eval and compare
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("storage") / "run"
-    assert cli.train_main(["--run-dir", str(run_dir), *QUICK, "stages=[vanilla]"]) == 0
-    return run_dir
+@pytest.fixture
+def trained(vanilla_run) -> Path:
+    return vanilla_run  # shared with other modules: copy it before changing it
 
 
 def _no_work(monkeypatch) -> None:
