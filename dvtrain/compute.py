@@ -17,7 +17,6 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
-import torch._dynamo
 from torch import Tensor, nn
 
 from dvtrain.config import ComputeConfig, Config
@@ -127,6 +126,8 @@ class EagerFallback:
 
 def compile_features(model: nn.Module, models_sharing_code: int = 1) -> None:
     """Compile `model.features` (and so `forward`, which calls it) in place: one graph per layer."""
+    import torch._dynamo  # several seconds of import, only when compiling (every dvtrain process paid it)
+
     limit = models_sharing_code * model.num_layers * GRAPHS_PER_LAYER
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     model.features = EagerFallback(model.features, f"{type(model).__name__}.features")
