@@ -3,13 +3,14 @@
 
     python -m dvtrain.bench --eval [--procs 1 2] [--device cpu|cuda|auto] [--threads N] [--images N]
                                    [--train-epochs N | --run RUN_DIR --stage STAGE] [--config YAML]
-                                   [--attacks NAME ...] [eval.key=value ...]
+                                   [--attacks NAME,NAME,...] [eval.key=value ...]
 
-What runs is dvtrain's own evaluation path: every count P is a real launch, `python -m
+What runs is dvtrain's own evaluation path: every count P > 1 is a real launch, `python -m
 torch.distributed.run --standalone --nproc_per_node P` (gloo on the CPU, NCCL on GPUs, through
 `init_runtime` as `dvtrain eval` joins a launch), each process with `--threads` torch threads
 (OMP_NUM_THREADS too), holding every submodel and calling `dvtrain.eval.whitebox.evaluate_stage` with
-`share=ProcessGroupShare()` (one process: `share=None`, as `dvtrain eval` does), one attack at a time.
+`share=ProcessGroupShare()`, one attack at a time; one process runs without a launcher and with
+`share=None`, as plain `dvtrain eval` does.
 The attacks and their budgets are the config's `eval.full_attacks` (default: the quickstart's
 `dvtrain eval` table, configs/digits_quickstart.yaml, with its reduced budget: AutoAttack on the
 mixture only, 25 iterations, 500 Square queries; the adaptive attack at 25 steps).
@@ -40,7 +41,6 @@ from pathlib import Path
 
 import torch
 
-from dvtrain.bench import describe
 from dvtrain.cli import EXIT_USER_ERROR
 from dvtrain.config import Config, load_config
 from dvtrain.data import load_dataset
@@ -48,6 +48,7 @@ from dvtrain.distributed.runtime import init_runtime, launched_world_size, resol
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.load import finished_stages, load_stage
 from dvtrain.eval.whitebox import ProcessGroupShare, chunk_count, evaluate_stage, too_many_processes
+from dvtrain.submodels import build_submodel
 
 PROG = "python -m dvtrain.bench --eval"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_quickstart.yaml"
@@ -109,7 +110,10 @@ def worker(spec_file: Path) -> None:
     try:
         share = ProcessGroupShare() if launched_world_size() > 1 else None
         data = load_dataset(cfg.data).to(device)
-        submodels = load_stage(Path(spec["run_dir"]), cfg, data, spec["stage"], device)
+        if spec["run_dir"] is None:  # freshly initialised: each submodel from its own seed, as training starts
+            submodels = [build_submodel(cfg, data, i).to(device) for i in range(cfg.ensemble.size)]
+        else:
+            submodels = load_stage(Path(spec["run_dir"]), cfg, data, spec["stage"], device)
         figures = time_attacks(spec["stage"], submodels, data.x_test, data.y_test, cfg, spec["attacks"], share, device)
         if share is None or share.rank == 0:
             Path(spec["out"]).write_text(json.dumps(figures))
@@ -133,7 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"vanilla epochs of the timed ensemble (0: freshly initialised; default {DEFAULT_TRAIN_EPOCHS})")
     p.add_argument("--run", type=Path, default=None, help="time a stage of this run directory instead of training")
     p.add_argument("--stage", default=None, help="with --run: the stage to time (default: its last finished one)")
-    p.add_argument("--attacks", nargs="+", default=None, help="attacks to time (default: the config's eval.full_attacks)")
+    p.add_argument("--attacks", default=None, metavar="NAME,NAME,...",
+                   help="attacks to time, comma-separated (default: the config's eval.full_attacks)")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # one launched process
     p.add_argument("overrides", nargs="*", metavar="eval.key=value", help="eval.* overrides, e.g. eval.chunk_size=30")
     return p.parse_args(argv)
@@ -160,7 +165,7 @@ def check_args(args: argparse.Namespace) -> tuple[Config, Path, list[str], torch
     if args.images is not None:
         overrides.append(f"eval.num_examples={args.images}")
     if args.attacks is not None:
-        overrides.append(f"eval.full_attacks=[{','.join(args.attacks)}]")
+        overrides.append(f"eval.full_attacks=[{args.attacks}]")
     cfg = load_config(config, overrides)
     n_test = len(load_dataset(cfg.data).y_test)
     n_images = n_test if cfg.eval.num_examples == 0 else min(n_test, cfg.eval.num_examples)
@@ -177,7 +182,7 @@ def _run(cmd: list[str], env: dict, what: str) -> None:
 
 
 def train_ensemble(config: Path, run_dir: Path, epochs: int, device: torch.device, env: dict) -> None:
-    """The config's ensemble after `epochs` vanilla epochs (0: initial weights), saved by `dvtrain train`."""
+    """The config's ensemble after `epochs` vanilla epochs, saved by `dvtrain train` in `run_dir`."""
     _run([sys.executable, "-m", "dvtrain.cli", "train", "--config", str(config), "--run-dir", str(run_dir),
           f"stages=[{TRAINED_STAGE}]", f"{TRAINED_STAGE}.epochs={epochs}", f"device={device}",
           "eval.attacks=[clean]", "logging.wandb=disabled", "logging.progress=false"], env, "training the ensemble")
@@ -188,8 +193,10 @@ def launch(procs: int, spec: dict, folder: Path, env: dict) -> dict[str, dict]:
     spec = spec | {"out": str(folder / f"figures_{procs}.json")}
     spec_file = folder / f"spec_{procs}.json"
     spec_file.write_text(json.dumps(spec))
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-          "-m", "dvtrain.bench_eval", "--worker", str(spec_file)], env, f"the launch of {procs} process(es)")
+    # One process runs as plain `dvtrain eval` does (no launcher, no process group); more under torchrun.
+    launcher = [] if procs == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    _run([sys.executable, *launcher, "-m", "dvtrain.bench_eval", "--worker", str(spec_file)], env,
+         f"the launch of {procs} process(es)")
     return json.loads(Path(spec["out"]).read_text())
 
 
@@ -234,21 +241,25 @@ def main(argv: list[str] | None = None) -> dict | None:
     except DvtrainError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+    from dvtrain.bench import describe  # the driver's only: a launched process need not import the training engines
+
     counts = sorted(set(args.procs))
     torch.set_num_threads(args.threads)  # as in each launched process, so that `describe` says their count
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dvtrain-bench-eval-") as tmp:
         folder = Path(tmp)
-        if args.run is None:
+        if args.run is None and args.train_epochs == 0:
+            run_dir, stage, weights = None, TRAINED_STAGE, "freshly initialised"
+        elif args.run is None:
             run_dir, stage = folder / "run", TRAINED_STAGE
             train_ensemble(config, run_dir, args.train_epochs, device, env)
-            weights = f"{TRAINED_STAGE} stage, {args.train_epochs} epoch(s)" if args.train_epochs else "freshly initialised"
+            weights = f"{TRAINED_STAGE} stage, {args.train_epochs} epoch(s)"
         else:
             run_dir = args.run
             stage = args.stage or finished_stages(run_dir, cfg, None)[-1]
             weights = f"{run_dir}, stage {stage}"
-        spec = {"config": str(config), "overrides": overrides, "run_dir": str(run_dir), "stage": stage,
+        spec = {"config": str(config), "overrides": overrides, "run_dir": run_dir and str(run_dir), "stage": stage,
                 "attacks": list(cfg.eval.full_attacks)}
         per_procs = {p: launch(p, spec, folder, env) for p in counts}
     summary = summarise(per_procs)
