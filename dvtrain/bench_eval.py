@@ -23,8 +23,11 @@ cost (they only keep attacking images still robust), so their figures are those 
 Per attack: every process first runs it on a few images (warm-up: imports, thread pools, the process
 group's first collectives), then, between two barriers, on the table's images; images/s = images
 attacked (Σ over the attack's rows of n × seeds: every model it runs on, every norm) / wall seconds of
-the slowest process. "overall" is all attacks' images over all their seconds. The last line printed is
-one JSON object with every figure and the machine's load average (`uptime`) before and after.
+the slowest process. "overall" is all attacks' images over all their seconds. Each process also
+records the CPU seconds it spent in the timed run: "CPU-bound P vs 1" = the one process's CPU seconds
+over the busiest of P processes', the speed-up the split of the work allows on otherwise idle cores
+(uneven shares and serial parts lower it; other jobs on the machine hardly do). The last line printed
+is one JSON object with every figure and the machine's load average (`uptime`) before and after.
 """
 
 from __future__ import annotations
@@ -89,12 +92,14 @@ def time_attacks(stage: str, submodels: list, x: torch.Tensor, y: torch.Tensor, 
     figures = {}
     for attack in attacks:
         _wait_for_all(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         rows = evaluate_stage(stage, submodels, x, y, cfg.eval, cfg.seed, attacks=[attack], share=share)
+        cpu = time.process_time() - cpu_start  # this process's own work, whatever else the machine runs
         _wait_for_all(device)
         seconds = time.perf_counter() - start
         figures[attack] = {"models": len({r["model"] for r in rows if r["attack"] == attack}),
-                           "images": images_attacked(rows, attack), "seconds": seconds}
+                           "images": images_attacked(rows, attack), "seconds": seconds,
+                           "cpu_s": [cpu] if share is None else share.gather(cpu)}
     return figures
 
 
@@ -206,29 +211,38 @@ def summarise(per_procs: dict[int, dict[str, dict]]) -> dict:
     counts = sorted(per_procs)
     base = counts[0]
 
-    def entry(images: int, seconds: dict[int, float], models: int | None = None) -> dict:
+    def entry(images: int, seconds: dict[int, float], cpu: dict[int, list[float]], models: int | None = None) -> dict:
         ips = {str(p): round(images / s, 2) for p, s in seconds.items()}
         out = {"images": images, "seconds": {str(p): round(s, 3) for p, s in seconds.items()}, "images_per_s": ips,
-               "speedup": {str(p): round(ips[str(p)] / ips[str(base)], 2) for p in counts[1:]}}
+               "speedup": {str(p): round(ips[str(p)] / ips[str(base)], 2) for p in counts[1:]},
+               "cpu_s": {str(p): [round(c, 3) for c in per_rank] for p, per_rank in cpu.items()},
+               # The speed-up the work's split allows on idle cores: all of the smallest count's CPU seconds
+               # over the busiest process's (a load-independent check of balance and serial parts).
+               "cpu_bound_speedup": {str(p): round(sum(cpu[base]) / max(cpu[p]), 2) for p in counts[1:]}}
         return out if models is None else {"models": models} | out
 
     first = per_procs[base]
-    attacks = {a: entry(f["images"], {p: per_procs[p][a]["seconds"] for p in counts}, f["models"])
+    attacks = {a: entry(f["images"], {p: per_procs[p][a]["seconds"] for p in counts},
+                        {p: per_procs[p][a]["cpu_s"] for p in counts}, f["models"])
                for a, f in first.items()}
     overall = entry(sum(f["images"] for f in first.values()),
-                    {p: sum(f["seconds"] for f in per_procs[p].values()) for p in counts})
+                    {p: sum(f["seconds"] for f in per_procs[p].values()) for p in counts},
+                    {p: [sum(per_rank) for per_rank in zip(*(f["cpu_s"] for f in per_procs[p].values()))]
+                     for p in counts})
     return {"attacks": attacks, "overall": overall}
 
 
 def print_table(summary: dict, counts: list[int]) -> None:
     base = counts[0]
     head = f"{'attack':<18}{'models':>7}{'images':>8}" + "".join(f"{f'{p} proc img/s':>15}" for p in counts)
-    print(head + "".join(f"{f'{p} vs {base}':>9}" for p in counts[1:]))
+    print(head + "".join(f"{f'{p} vs {base}':>9}" for p in counts[1:])
+          + "".join(f"{f'CPU-bound {p} vs {base}':>19}" for p in counts[1:]))
     rows = [*summary["attacks"].items(), ("overall", summary["overall"])]
     for name, f in rows:
         line = f"{name:<18}{f.get('models', ''):>7}{f['images']:>8}"
         line += "".join(f"{f['images_per_s'][str(p)]:>15.1f}" for p in counts)
-        print(line + "".join(f"{f['speedup'][str(p)]:>8.2f}×" for p in counts[1:]))
+        line += "".join(f"{f['speedup'][str(p)]:>8.2f}×" for p in counts[1:])
+        print(line + "".join(f"{f['cpu_bound_speedup'][str(p)]:>18.2f}×" for p in counts[1:]))
 
 
 def main(argv: list[str] | None = None) -> dict | None:
