@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 "attacks": list(cfg.eval.full_attacks)}
         per_procs = {p: launch(p, spec, folder, env) for p in counts}
     summary = summarise(per_procs)
-    print(f"evaluation throughput, {cfg.model.arch}×{cfg.ensemble.size} ({weights}), {n_images} images in chunks of "
-          f"{cfg.eval.chunk_size}, {args.threads} thread(s) per process, {describe(device)}")
+    print(f"evaluation throughput, {cfg.model.arch}×{cfg.ensemble.size} ({weights}), {n_images} images in "
+          f"{chunk_count(n_images, cfg.eval)} chunks of at most {cfg.eval.chunk_size}, {args.threads} thread(s) per process, {describe(device)}")
     print_table(summary, counts)
     report = {
         "device": describe(device), "torch": torch.__version__,
