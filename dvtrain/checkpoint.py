@@ -1,6 +1,6 @@
 """Checkpoints of a stage: safetensors and JSON only, never pickles, and never half-written.
 
-Layout of `checkpoints/<stage>/`:
+Layout of a stage's folder, `RunDir(run_dir).checkpoints(stage)` (the run directory's layout is dvtrain.rundir's):
     sub<i>.safetensors         weights and buffers of submodel i (what `dvtrain eval` and users load)
     sub<i>.resume.safetensors  its optimizer state and random stream (what `--resume` needs)
     state.json                 epoch reached, completion, layers drawn, shared stream, architecture
@@ -31,7 +31,6 @@ from dvtrain.submodels import Owned
 from dvtrain.errors import DvtrainError, WriteFailed
 from dvtrain.paths import PathError, read_json_object
 from dvtrain.distributed.placement import Placement
-from dvtrain.rundir import RunDir
 
 STATE_FILE = "state.json"
 
@@ -42,10 +41,6 @@ class CheckpointError(DvtrainError):
 
 class CheckpointWriteFailed(CheckpointError, WriteFailed):
     pass
-
-
-def stage_dir(run_dir: Path, stage: str) -> Path:
-    return RunDir(run_dir).checkpoints(stage)
 
 
 def _tmp(path: Path) -> Path:

@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,7 +116,7 @@ def _unstarted_sections(cfg: Config, run_dir: Path) -> tuple[str, ...]:
     return tuple(
         f"{stage}."
         for stage in cfg.stages
-        if checkpoint.latest(checkpoint.stage_dir(run_dir, stage)) is None
+        if checkpoint.latest(RunDir(run_dir).checkpoints(stage)) is None
     )
 
 
@@ -218,14 +219,14 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
     resolve_mode(cfg.logging)
 
     def finished(stage: str) -> bool:
-        path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
+        path = None if run_dir is None else checkpoint.latest(RunDir(run_dir).checkpoints(stage))
         return path is not None and bool(checkpoint.read_state(path).get("complete"))
 
     expected = {"arch": cfg.model.arch, "ensemble_size": cfg.ensemble.size}
     for k, stage in enumerate(cfg.stages):
         if run_dir is not None:
-            check_folder(checkpoint.stage_dir(run_dir, stage), "checkpoint folder", "move that file away")
-        path = None if run_dir is None else checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
+            check_folder(RunDir(run_dir).checkpoints(stage), "checkpoint folder", "move that file away")
+        path = None if run_dir is None else checkpoint.latest(RunDir(run_dir).checkpoints(stage))
         if path is not None:
             found = {key: checkpoint.read_state(path).get(key) for key in expected}
             if found != expected:
@@ -274,7 +275,7 @@ def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) ->
         raise DvtrainError(f"{run_dir} has no finished stage to evaluate (stages: {', '.join(cfg.stages)}); "
                            f"finish training first: dvtrain train --run-dir {run_dir} --resume")
     for stage in stages:
-        checkpoint.check_weights(checkpoint.latest(checkpoint.stage_dir(run_dir, stage)), cfg.ensemble.size)
+        checkpoint.check_weights(checkpoint.latest(RunDir(run_dir).checkpoints(stage)), cfg.ensemble.size)
     return stages
 
 
@@ -334,7 +335,9 @@ def _context(cfg: Config, run_dir: Path, data, placement, device):
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dvtrain train",
-        description="Train a DVERGE ensemble: vanilla pretraining, DVERGE, DVERGE+AdvT, then evaluation.",
+        description="Train an ensemble stage by stage (config `stages`: vanilla pretraining, DVERGE, DVERGE+AdvT, or "
+                    "the baselines ADP, GAL, TRS), each stage followed by a quick white-box table (eval.attacks); "
+                    "`dvtrain eval` runs the whole evaluation.",
     )
     parser.add_argument("--config", help=f"YAML config (default: configs/{DEFAULT_CONFIG})")
     parser.add_argument("--run-dir", help="run directory (default: <runs_dir>/<name>)")
@@ -436,7 +439,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         prog="dvtrain eval",
         description="The whole evaluation of a run's saved stages: white-box table (AutoAttack, margin PGD, the "
         "ensemble-adaptive attack, worst case per image, 95% intervals) with gradient-masking checks, "
-        "transferability matrix, black-box transfer from a surrogate ensemble, ε sweep, plots.",
+        "transferability matrix, black-box transfer from surrogate ensembles, ε sweep, vulnerability-diversity "
+        "matrix, plots.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory `dvtrain train` wrote (it holds config.yaml)")
     parser.add_argument("--stage", action="append", help="stage to evaluate (repeatable; default: every saved stage)")
@@ -459,7 +463,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         set_threads(cfg.compute)
         from dvtrain.eval.evaluate import full_evaluation
-        from dvtrain.eval.whitebox import ProcessGroupShare
+        from dvtrain.eval.share import ProcessGroupShare
         from dvtrain.train.loop import train_in_process
 
         command = " ".join(["dvtrain eval", *(sys.argv[2:] if argv is None else argv)])
@@ -497,10 +501,15 @@ def compare_main(argv: list[str]) -> int:
 
 
 COMMANDS = {
-    "train": (train_main, "train an ensemble: vanilla, DVERGE, DVERGE+AdvT (or the baselines), evaluated after each stage"),
-    "eval": (eval_main, "the paper's whole evaluation of a run's saved stages (AutoAttack, transferability, black-box, ε sweep)"),
-    "compare": (compare_main, "runs side by side: one row per run, config differences, mean ± s.d. over seeds"),
+    "train": (train_main, "train an ensemble stage by stage (vanilla, DVERGE, DVERGE+AdvT, or the baselines ADP, GAL, "
+                          "TRS), with a quick white-box table (eval.attacks: FGSM, PGD) after each stage"),
+    "eval": (eval_main, "the paper's whole evaluation of a run's finished stages: AutoAttack, margin PGD and the "
+                        "ensemble-adaptive attack (worst case per image), gradient-masking checks, transferability, "
+                        "black-box transfer from surrogate ensembles, ε sweep, vulnerability diversity, plots"),
+    "compare": (compare_main, "the evaluation numbers of runs side by side: headline figures per run and stage, the "
+                              "config keys they differ in; --group-by seed: mean ± s.d. over seeds"),
 }
+HELP_WIDTH = 100  # `dvtrain --help` wraps each command's line to this many characters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dvtrain",
         description="Distributed trainer for robust model ensembles with DVERGE (Yang et al., NeurIPS 2020).",
-        epilog="commands:\n" + "".join(f"  {name:<9}{line}\n" for name, (_, line) in COMMANDS.items())
+        epilog="commands:\n" + "".join(textwrap.fill(line, HELP_WIDTH, initial_indent=f"  {name:<9}",
+                                                        subsequent_indent=" " * 11) + "\n"
+                                          for name, (_, line) in COMMANDS.items())
         + "\n`dvtrain COMMAND --help` describes each.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

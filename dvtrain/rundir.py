@@ -5,7 +5,6 @@
       results.json           every table's rows and what `dvtrain eval` adds (dvtrain.eval.report)
       results.md             the same, rendered for people
       checkpoints/<stage>/   each stage's checkpoints (dvtrain.checkpoint)
-      surrogates/            the black-box surrogate ensemble's cached weights
       plots/                 evaluation figures (PNG)
       wandb/                 W&B's offline runs and dvtrain's step histories
       .results.lock          the inter-process lock of results.json and the caches
@@ -13,6 +12,9 @@
 Several processes may write to one run directory at once (two `dvtrain eval --stage …`, or `eval`
 while `train` extends the run): whatever reads-modifies-writes results.json or a cache holds `lock()`
 (an OS file lock from the `filelock` package, released if the holder dies). No torch import here.
+
+The black-box surrogate ensembles and example sets are not in the run directory: they live in a cache
+shared by every run on the same data, whose layout `dvtrain.eval.surrogates` owns (`cache_root`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ CONFIG = "config.yaml"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 CHECKPOINTS = "checkpoints"
-SURROGATES = "surrogates"
 PLOTS = "plots"
 WANDB = "wandb"
 LOCK = ".results.lock"
@@ -59,10 +60,6 @@ class RunDir:
         """The folder of all checkpoints, or of one stage's."""
         folder = self.path / CHECKPOINTS
         return folder if stage is None else folder / stage
-
-    @property
-    def surrogates(self) -> Path:
-        return self.path / SURROGATES
 
     @property
     def plots(self) -> Path:

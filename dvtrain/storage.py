@@ -15,13 +15,18 @@ from pathlib import Path
 
 import yaml
 
+from dvtrain import rundir
 from dvtrain.config import RENAMED_SECTIONS, STAGES, Config, read_yaml
 from dvtrain.errors import DvtrainError
 
-CONFIG_FILE = "config.yaml"
-# What dvtrain writes in a run directory (train: config, checkpoints, results, W&B; eval: plots, surrogates),
-# with the `.tmp` files of its whole-then-rename writes and the `.tmp`/`.old`/`.trash-*` checkpoint folders.
-RUN_ENTRIES = ("config.yaml", "checkpoints", "results.json", "results.md", "wandb", "plots", "surrogates")
+CONFIG_FILE = rundir.CONFIG
+# dvtrain before the shared transfer cache (dvtrain.eval.surrogates) kept the surrogates in RUN_DIR/surrogates/.
+OLD_SURROGATES = "surrogates"
+# What dvtrain writes in a run directory (train: config, checkpoints, results, W&B; eval: plots; earlier
+# releases: surrogates), with the `.tmp` files of its whole-then-rename writes and the `.tmp`/`.old`/`.trash-*`
+# checkpoint folders.
+RUN_ENTRIES = (rundir.CONFIG, rundir.CHECKPOINTS, rundir.RESULTS_JSON, rundir.RESULTS_MD, rundir.WANDB, rundir.PLOTS,
+               OLD_SURROGATES)
 RUN_ENTRY_SUFFIXES = ("", ".tmp", ".old", ".part")
 TRASH = ".trash-"
 

@@ -25,6 +25,7 @@ from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.models import build_model
 from dvtrain.models.resnet import ResNet20
 from dvtrain.rng import stream
+from dvtrain.rundir import RunDir
 from dvtrain.train import loop
 
 EPS, STEP, GAMMA = 0.05, 0.01, 0.2
@@ -194,7 +195,7 @@ def test_surrogate_ensembles_are_distinct_resumable_vanilla_runs(tmp_path, monke
     assert configs[0].seed != configs[1].seed != cfg.seed and configs[0].stages == ["vanilla"]
     straight = [surrogates.load_or_train(tmp_path / "a", s, data, torch.device("cpu"), loop.train_in_process) for s in configs]
     folder = surrogates.surrogate_dir(tmp_path / "a", configs[0])
-    assert (folder / CONFIG_FILE).is_file() and checkpoint.latest(checkpoint.stage_dir(folder, "vanilla")) is not None
+    assert (folder / CONFIG_FILE).is_file() and checkpoint.latest(RunDir(folder).checkpoints("vanilla")) is not None
     firsts = [m.conv1.weight for m in straight[0]] + [m.conv1.weight for m in straight[1]]
     assert all(not torch.equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1 :])  # no member shared
 
@@ -244,3 +245,29 @@ def test_results_metrics_name_the_all_column_per_eps_and_read_the_older_layout()
     assert metrics[("vanilla", "mixture", "bb_all")] == 65.0
     assert blackbox.all_accuracy(new, "mixture", 0.03) == 60.0 and blackbox.all_accuracy(new, "mixture", 0.05) is None
     assert blackbox.all_accuracy(old, "mixture", 0.03) is None
+
+
+def test_the_curves_show_every_evaluated_stage_one_panel_per_surrogate_ensemble(tmp_path):
+    """plots/blackbox_all.png (a panel per surrogate ensemble, then "all") and plots/whitebox_worst_case.png
+    are drawn from results.json as merged, so stages evaluated by separate runs of `dvtrain eval` share them."""
+    from PIL import Image
+
+    from dvtrain.eval.blackbox_plot import DPI, FILE, PANEL_INCHES, WHITEBOX_FILE, add_blackbox_plot
+
+    def table(level: float) -> dict:
+        row = [level, level - 10, None]
+        return {"models": ["sub0", "mixture"], "n_images": 200, "eps": [0.05, 0.1, 0.15], "all": [row, row],
+                "all_by_surrogate": {"ens3": [row, row], "ens5": [row, row]}}
+
+    def sweep(level: float) -> dict:
+        return {"eps": [0.05, 0.1], "n_images": 200, "models": ["sub0", "mixture"], "worst_case": [[level, 1.0]] * 2}
+
+    results = {"blackbox": {"dverge": table(60.0), "vanilla": table(40.0)},
+               "eps_sweep": {"dverge": sweep(30.0), "vanilla": sweep(20.0)}}
+    add_blackbox_plot(tmp_path, results, ["vanilla", "dverge"])
+    for stage in ("vanilla", "dverge"):
+        assert results["plots"][stage] == {"blackbox": f"plots/{FILE}", "whitebox_worst_case": f"plots/{WHITEBOX_FILE}"}
+    width, height = Image.open(tmp_path / "plots" / FILE).size
+    assert (width, height) == (round(3 * PANEL_INCHES[0] * DPI), round(PANEL_INCHES[1] * DPI))  # ens3, ens5, all
+    assert Image.open(tmp_path / "plots" / WHITEBOX_FILE).size[0] == round(PANEL_INCHES[0] * DPI)
+    assert add_blackbox_plot(tmp_path / "none", {}) is None and not (tmp_path / "none").exists()

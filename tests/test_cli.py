@@ -27,8 +27,18 @@ def _exit_code_and_output(args: list[str], capsys) -> tuple[int, str]:
 def test_help_lists_every_command_and_version_prints_it(capsys):
     code, shown = _exit_code_and_output(["--help"], capsys)
     assert code == 0
-    listed = [line.split()[0] for line in shown.split("commands:")[1].splitlines() if line.startswith("  ")]
-    assert listed == ["train", "eval", "compare"]
+    lines = shown.split("commands:\n")[1].split("\n\n")[0].splitlines()
+    assert all(len(line) <= cli.HELP_WIDTH for line in lines)  # long descriptions wrap under their command
+    said: dict[str, str] = {}
+    for line in lines:  # "  name     text", then continuation lines indented further
+        if line[2] != " ":
+            name, _, line = line.strip().partition(" ")
+        said[name] = " ".join([said.get(name, ""), line.strip()]).strip()
+    assert list(said) == ["train", "eval", "compare"]
+    assert "ADP, GAL, TRS" in said["train"]  # the baselines train too
+    for what in ("AutoAttack", "ensemble-adaptive attack", "gradient-masking checks", "transferability",
+                 "black-box transfer", "ε sweep"):  # what `dvtrain eval` runs (issue 21: it said APGD)
+        assert what in said["eval"], what
     assert _exit_code_and_output(["--version"], capsys) == (0, f"dvtrain {dvtrain.__version__}\n")
     for wrong in ([], ["trian"]):
         assert _exit_code_and_output(wrong, capsys)[0] == cli.EXIT_USER_ERROR
@@ -78,7 +88,7 @@ def _parsed(argv: list[str], monkeypatch) -> argparse.Namespace:
         cli.main(argv)
     monkeypatch.undo()
     ns = parsed.value.args[0]
-    return cli.run_dir_before_overrides(ns) if hasattr(ns, "stage") else ns
+    return cli.run_dir_before_overrides(ns) if hasattr(ns, "stage") and hasattr(ns, "run_dir") else ns
 
 
 class _Parsed(Exception):
@@ -95,6 +105,9 @@ ORDERS = {
                                         {"run_dir": "R", "stage": ["a", "b"], "overrides": ["eval.eps=0.05", "eval.steps=2"]}),
     "eval: override before the run directory": (["eval", "eval.eps=0.05", "R", "--stage", "a"],
                                                 {"run_dir": "R", "stage": ["a"], "overrides": ["eval.eps=0.05"]}),
+    "compare: options between runs": (["compare", "R1", "--all", "R2", "--group-by", "seed", "R3", "--stage", "dverge"],
+                                      {"runs": ["R1", "R2", "R3"], "everything": True, "group_by": ["seed"],
+                                       "stage": "dverge"}),
     "train: override before --run-dir": (["train", "eval.eps=0.1", "--run-dir", "X"],
                                          {"run_dir": "X", "overrides": ["eval.eps=0.1"]}),
     "train: flags between overrides": (["train", "a=1", "--resume", "b=2", "--run-dir", "X", "c=3", "--config", "f.yaml"],
@@ -116,8 +129,8 @@ def test_print_config_after_overrides_applies_them(tmp_path, capsys):
     assert printed["dverge"]["eps"] == pytest.approx(8 / 255) and printed["seed"] == 4 and printed["name"] == "x"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["--version"],
-                                  ["train", "dverge.epz=1"]], ids=" ".join)
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["compare", "--help"],
+                                  ["--version"], ["train", "dverge.epz=1"]], ids=" ".join)
 def test_help_version_and_a_refused_config_do_not_import_torch(argv):
     """`dvtrain --help` answers without loading torch (seconds on a small machine): torch, wandb, accelerate and
     matplotlib are imported only by the commands that use them (issue 21, item 6)."""

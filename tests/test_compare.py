@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import REPO, TINY
 from dvtrain import cli
 from dvtrain.eval import compare
 from dvtrain.eval.compare import compare_main, shown_label
@@ -204,6 +207,29 @@ def test_three_runs_fit_a_160_column_terminal(tmp_path, capsys):
     assert grouped["n"] == "2" and grouped["BB all ε=0.1"] == f"{77.75:.2f} ± {statistics.stdev([77.25, 78.25]):.2f}"
     assert grouped["Transfer↓ ε=0.1"] == f"{20.25:.2f} ± {statistics.stdev([20.0, 20.5]):.2f}"
     assert grouped["dverge.eps"] == "0.07" and markdown_rows(out)[("other-eps", "vanilla")]["dverge.eps"] == "0.05"
+
+
+def test_options_between_the_runs(tmp_path, capsys):
+    """`dvtrain compare RUN1 --all RUN2 --group-by seed RUN3` reads every run, as with the options last."""
+    runs = [str(write_run(tmp_path, name, seed, eps)) for name, seed, eps in
+            (("seed-zero", 0, 0.07), ("seed-one", 1, 0.07), ("other-eps", 0, 0.05))]
+    assert cli.main(["compare", *runs, "--all", "--group-by", "seed"]) == 0
+    options_last = capsys.readouterr().out
+    assert cli.main(["compare", runs[0], "--all", runs[1], "--group-by", "seed", runs[2]]) == 0
+    assert capsys.readouterr().out == options_last
+    assert labels(markdown_rows(options_last)) == ["seed-zero, seed-one", "other-eps"]
+
+
+def test_compare_reads_run_directories_without_torch(tmp_path):
+    """`dvtrain compare` of run directories reads JSON and YAML only: torch (seconds to import on a small
+    machine), wandb and matplotlib stay unloaded."""
+    runs = [str(write_run(tmp_path, "seed-zero", 0, 0.07)), str(write_run(tmp_path, "other-eps", 0, 0.05))]
+    code = ("import sys\nfrom dvtrain import cli\ncode = cli.main(sys.argv[1:])\n"
+            "print(code, sorted(m for m in ('torch', 'wandb', 'accelerate', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, "compare", *runs], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr
+    assert labels(markdown_rows(done.stdout)) == ["seed-zero", "other-eps"]
 
 
 def test_blackbox_all_at_every_eps_of_the_sweep(tmp_path, capsys):

@@ -184,3 +184,17 @@ def test_the_oversubscription_warning_comes_once_per_node_not_once_per_rank(monk
             compute.set_threads(ComputeConfig(threads=1))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("unit, warns", [("AVX2", True), ("AVX512", False)])
+def test_bf16_on_a_cpu_without_avx512_warns_that_fp32_is_faster(monkeypatch, unit, warns):
+    """bf16 is emulated on an AVX2-only CPU (2.4x slower vanilla training measured on one): say so once."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: unit)
+    cfg = load_config(None, ["compute.precision=bf16"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compute.check_compute(cfg, torch.device("cpu"), world_size=1)
+        compute.check_compute(load_config(None, ["compute.precision=fp32"]), torch.device("cpu"), world_size=1)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == int(warns)
+    assert not warns or ("AVX2" in messages[0] and "compute.precision=fp32" in messages[0])

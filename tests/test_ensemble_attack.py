@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import REPO, TINY
+from dvtrain import cli
 from dvtrain.attacks import pgd_linf
 from dvtrain.config import AdaptiveConfig, AutoAttackConfig
 from dvtrain.eval.adaptive import adaptive_linf, blended_logits, step_size, submodel_weights, top2_gap
+from dvtrain.eval import ensemble_attack_check
 from dvtrain.eval.autoattack import autoattack_robust
 from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.rng import stream
@@ -97,3 +104,28 @@ def test_targeted_runs_only_add_fooled_images(ensemble):
         robust_u, robust_b = mixture(untargeted).argmax(1) == y, mixture(both).argmax(1) == y
     assert bool((robust_b <= robust_u).all())
     assert torch.equal(untargeted[robust_u], x[robust_u])
+
+
+def test_the_settings_check_runs_as_a_module(tmp_path, capsys):
+    """`python -m dvtrain.eval.ensemble_attack_check RUN STAGE` (docs/evaluation.md, "The ensemble attack") on a
+    trained run: one line per attack run, in order, each a robust count of the N images no larger than the
+    clean count; an unfinished stage is one line and exit status 2."""
+    run_dir = tmp_path / "run"
+    assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla]", "vanilla.epochs=3",
+                           "data.train_limit=512"]) == 0
+    capsys.readouterr()
+    n = 24
+    # (--skip apgd: APGD-CE would double the time; the strength test above runs it on the same kind of mixture)
+    assert ensemble_attack_check.main([str(run_dir), "vanilla", "--split", "test", "--n", str(n), "--skip", "apgd",
+                                       "steps=2", "target_classes=1", "blend_scales=[0.5]"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = ["clean", "margin PGD", "ensemble attack"]
+    assert len(lines) == len(names) and all(f" eps=0.1 {name}" in line for name, line in zip(names, lines))
+    assert all(line.startswith(f"vanilla test[:{n}] ") for line in lines)
+    counts = [int(re.search(r": (\d+) robust \(", line).group(1)) for line in lines]
+    assert 0 < counts[0] <= n and all(c <= counts[0] for c in counts[1:])
+    assert "steps: 2" in lines[-1] and "target_classes: 1" in lines[-1]  # the overrides reached eval.adaptive
+    refused = subprocess.run([sys.executable, "-m", "dvtrain.eval.ensemble_attack_check", str(run_dir), "dverge"],
+                             capture_output=True, text=True, cwd=REPO, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert refused.returncode == 2 and refused.stderr.startswith("dvtrain: error: ") and refused.stderr.count("\n") == 1

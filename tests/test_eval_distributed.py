@@ -1,6 +1,6 @@
 """`dvtrain eval` under torchrun (issue 22 item 1): the test images in fixed chunks, each with random
-starts from its own stream, shared out over the ranks; the table is the same for 1, 2 and 3 processes
-(bit-identical at one thread per process), and bad input to the launched form is one line, exit 2,
+starts from its own stream, and every other part as tasks with streams of their own, shared out over
+the ranks; results.json is the same for 1, 2 and 3 processes (bit-identical at one thread per process), and bad input to the launched form is one line, exit 2,
 printed once."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CHUNKED = ["eval.num_examples=48", "eval.chunk_size=16", "eval.batch_size=8", "e
            "eval.autoattack.norms=[Linf]", "eval.autoattack.num_examples=40", "eval.adaptive.steps=2",
            "eval.checks.enabled=false", "eval.transfer.num_images=20", "eval.transfer.steps=1",
            "eval.transfer.restarts=1", "eval.transfer.blackbox_steps=1", "eval.transfer.blackbox_restarts=1",
-           "eval.transfer.surrogate_sizes=[2]", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05]",
+           "eval.transfer.surrogate_sizes=[2,3]", "eval.transfer.surrogate_epochs=1", "eval.transfer.sweep_eps=[0.05,0.1]",
            "eval.diversity.num_images=10", "eval.mixture_only=[]"]
 
 
@@ -95,20 +95,51 @@ def trained(tmp_path_factory) -> Path:
     return run_dir
 
 
+SECTIONS = ("transfer", "blackbox", "eps_sweep", "diversity")  # besides the rows: every shared-out result
+
+
+def comparable(results: dict) -> dict:
+    """What must not depend on the number of processes: the rows, every evaluation section, and the
+    surrogates' description without its paths (each world size writes its own cache)."""
+    out = {"rows": [{k: v for k, v in r.items() if k != "command"} for r in results["eval"] if r["table"] == "eval"]}
+    out |= {key: results[key] for key in SECTIONS}
+    surrogate = {k: v for k, v in results["blackbox_surrogate"].items() if k != "cache"}
+    surrogate["surrogates"] = [{k: v for k, v in s.items() if k != "dir"} for s in surrogate["surrogates"]]
+    return out | {"blackbox_surrogate": surrogate}
+
+
+def cache_files(cache: Path) -> dict[str, bytes]:
+    """Every example set and surrogate checkpoint of a transfer cache, by relative path."""
+    files = [*cache.rglob("examples/**/*.safetensors"), *cache.rglob("checkpoints/vanilla/*.safetensors")]
+    return {str(f.relative_to(cache)): f.read_bytes() for f in files}
+
+
 @pytest.mark.slow
-def test_one_two_and_three_processes_write_the_same_rows(trained, tmp_path):
-    rows = {}
-    for world in (1, 2, 3):  # the surrogates are trained once, in the transfer cache the three runs share
-        run_dir = tmp_path / f"w{world}"
+def test_one_two_and_three_processes_write_the_same_results(trained, tmp_path):
+    """Everything `dvtrain eval` computes is shared out (white-box chunks; surrogate ensembles, example
+    sets, transfer runs, ε-sweep cells and diversity rows as tasks), each world size with a cache of its
+    own, so the surrogates and example sets are made by whichever ranks get them: the same bytes."""
+    results, caches, crafted = {}, {}, {}
+    for world in (1, 2, 3):
+        run_dir, cache = tmp_path / f"w{world}", tmp_path / f"cache{world}"
         shutil.copytree(trained, run_dir)
-        done = launch_eval(world, run_dir, *CHUNKED)
+        done = launch_eval(world, run_dir, *CHUNKED, f"eval.transfer.cache_dir={cache}")
         assert done.returncode == 0, done.stderr[-3000:]
-        results = json.loads((run_dir / "results.json").read_text())
-        rows[world] = [{k: v for k, v in r.items() if k != "command"} for r in results["eval"] if r["table"] == "eval"]
-    assert len(rows[1]) == 4 * 7 + 1  # 3 submodels and the mixture × (5 attacks, 2 worst cases), + adaptive
-    assert len({r["accuracy"] for r in rows[1]}) > 4  # the attacks' numbers differ: the comparison can fail
-    assert {r["n"] for r in rows[1] if r["attack"] == "autoattack"} == {40}
-    assert rows[2] == rows[1] and rows[3] == rows[1]  # bit-identical: the same floats
+        stored = json.loads((run_dir / "results.json").read_text())
+        results[world], caches[world] = comparable(stored), cache_files(cache)
+        crafted[world] = [p for p in stored["eval_provenance"]["phase_s"] if p.startswith("crafting ")]
+    rows = results[1]["rows"]
+    assert len(rows) == 4 * 7 + 1  # 3 submodels and the mixture × (5 attacks, 2 worst cases), + adaptive
+    assert len({r["accuracy"] for r in rows}) > 4  # the attacks' numbers differ: the comparison can fail
+    assert {r["n"] for r in rows if r["attack"] == "autoattack"} == {40}
+    assert len(results[1]["blackbox"]["vanilla"]["sets"]) == 2 * 2 * 2 * 2  # 2 ensembles × 2 ε × MI/DI × CE/CW
+    assert sum(path.startswith("examples/") for path in caches[1]) == 16 and len(caches[1]) > 16  # + surrogates
+    sweep = results[1]["eps_sweep"]["vanilla"]["worst_case"]
+    assert len({v for row in sweep for v in row}) > 2
+    assert results[2] == results[1] and results[3] == results[1]  # bit-identical: the same floats
+    assert caches[2] == caches[1] and caches[3] == caches[1]  # the same bytes, whichever rank made them
+    # Rank 0 (whose phases results.json records) crafted only its share of the 16 sets.
+    assert len(crafted[1]) == 16 and 0 < len(crafted[2]) < 16 and 0 < len(crafted[3]) < len(crafted[2])
 
 
 def test_more_processes_than_chunks_is_one_line_exit_2_printed_once(trained, tmp_path):

@@ -34,7 +34,7 @@ def test_each_phase_of_dvtrain_eval_prints_a_progress_line_and_its_seconds(tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     phases = load_results(run_dir)["eval_provenance"]["phase_s"]
     expected = ["vanilla sub0 pgd_linf Linf ε=0.1", "vanilla mixture pgd_linf Linf ε=0.1", "surrogate ensemble of 2",
-                "vanilla transferability matrix", "vanilla black-box transfer", "vanilla accuracy vs ε",
+                "transferability matrices", "vanilla black-box transfer", "accuracy vs ε",
                 "vanilla gradient-masking checks", "vulnerability-diversity matrices"]
     for name in expected:
         assert name in phases and phases[name] >= 0, (name, sorted(phases))

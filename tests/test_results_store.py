@@ -37,7 +37,7 @@ def test_rundir_names_every_path_of_the_layout(tmp_path):
     assert (run.config, run.results_json, run.results_md) == (
         tmp_path / "config.yaml", tmp_path / "results.json", tmp_path / "results.md")
     assert run.checkpoints("dverge") == tmp_path / "checkpoints" / "dverge" and run.checkpoints() == tmp_path / "checkpoints"
-    assert (run.surrogates, run.plots, run.wandb) == (tmp_path / "surrogates", tmp_path / "plots", tmp_path / "wandb")
+    assert (run.plots, run.wandb) == (tmp_path / "plots", tmp_path / "wandb")
     with run.lock():
         with run.lock():  # re-entrant in one process
             assert (tmp_path / ".results.lock").exists()

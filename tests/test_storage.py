@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 
 from conftest import TINY
 from dvtrain import checkpoint, cli
+from dvtrain.rundir import RunDir
 from dvtrain.eval import evaluate, report
 
 QUICK = [*TINY, "stages=[vanilla, dverge]", "vanilla.epochs=2", "data.train_limit=128", "eval.num_examples=16",
@@ -103,13 +104,13 @@ def test_a_write_failing_midway_keeps_every_checkpoint_and_resume_finishes(case,
     assert cli.train_main(["--run-dir", str(run_dir), *QUICK]) == cli.EXIT_USER_ERROR
     err = one_line(capsys.readouterr().err)
     assert expected in err and "--resume" in err, err
-    kept = checkpoint.latest(checkpoint.stage_dir(run_dir, "vanilla"))
+    kept = checkpoint.latest(RunDir(run_dir).checkpoints("vanilla"))
     assert kept is not None
     checkpoint.check_weights(kept, 3)
     assert not list((run_dir / "checkpoints").glob("*.tmp")) and not list((run_dir / "checkpoints").glob("*.trash-*"))
     monkeypatch.undo()
     assert cli.train_main(["--run-dir", str(run_dir), "--resume"]) == 0
-    assert checkpoint.read_state(checkpoint.latest(checkpoint.stage_dir(run_dir, "dverge")))["complete"]
+    assert checkpoint.read_state(checkpoint.latest(RunDir(run_dir).checkpoints("dverge")))["complete"]
 
 
 def test_a_state_file_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
@@ -124,7 +125,7 @@ def test_a_state_file_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_p
     run_dir = tmp_path / "run"
     assert cli.train_main(["--run-dir", str(run_dir), *QUICK]) == cli.EXIT_USER_ERROR
     assert "previous checkpoint is kept" in one_line(capsys.readouterr().err)
-    kept = checkpoint.read_state(checkpoint.latest(checkpoint.stage_dir(run_dir, "vanilla")))
+    kept = checkpoint.read_state(checkpoint.latest(RunDir(run_dir).checkpoints("vanilla")))
     assert (kept["epoch"], kept["step"]) == (0, 2)  # the first checkpoint (every 2 steps); the second failed
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
     monkeypatch.undo()

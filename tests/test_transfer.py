@@ -28,7 +28,8 @@ from dvtrain.train.loop import train_in_process
 from dvtrain.eval.blackbox import ExampleSet, attack_budget, blackbox_table, craft
 from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd
 from dvtrain.eval.sweep import epsilon_sweep
-from dvtrain.eval.transfer import correct_by_all, mean_off_diagonal, shuffled_test_set, transfer_matrix
+from dvtrain.eval.report import mean_off_diagonal
+from dvtrain.eval.transfer import correct_by_all, shuffled_test_set, transfer_matrix
 
 EPS = 0.1  # digits are 8×8 and coarse: the quickstart's evaluation budget
 SEED = 0
@@ -175,7 +176,7 @@ def test_blackbox_examples_stay_in_budget_transfer_and_all_is_their_intersection
                                     for r in range(budget["runs"])])
                 assert len(runs) == (cfg.blackbox_restarts if attack == "mi_pgd" else 1)
                 assert (runs - x).abs().max() <= eps + 1e-6 and runs.min() >= 0 and runs.max() <= 1
-                sets.append(ExampleSet("ens2", attack, loss, eps, runs))
+                sets.append(ExampleSet("ensA" if loss == "ce" else "ensB", attack, loss, eps, runs))  # two groups
     own = blackbox_table(models[:2], sets, y, 50)
     table = blackbox_table(targets, sets, y, 50)
     assert table["models"] == ["sub0", "mixture"] and table["eps"] == [EPS / 2, EPS] and len(table["sets"]) == 8
@@ -184,6 +185,12 @@ def test_blackbox_examples_stay_in_budget_transfer_and_all_is_their_intersection
             for k, eps in enumerate(t["eps"]):  # "all" ≤ every set it covers, and exactly their intersection
                 covered = [a for a, s in zip(acc, t["sets"]) if s["eps"] == eps]
                 assert every[k] <= min(covered)
+        assert sorted(t["all_by_surrogate"]) == ["ensA", "ensB"]
+        for m in range(len(t["models"])):  # per surrogate ensemble: ≤ each of its sets, ≥ "all"
+            for k, eps in enumerate(t["eps"]):
+                for name, by in t["all_by_surrogate"].items():
+                    own_sets = [a for a, s in zip(t["accuracy"][m], t["sets"]) if s["eps"] == eps and s["surrogate"] == name]
+                    assert t["all"][m][k] <= by[m][k] <= min(own_sets)
         assert t["all"][-1][1] <= t["all"][-1][0]  # a larger ε never leaves more images for the mixture here
     clean = accuracy(targets[0], x, y)
     # white-box on the source's mixture, weaker on the held-out target, weaker still than clean

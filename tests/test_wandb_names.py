@@ -9,6 +9,7 @@ import pytest
 
 from conftest import TINY
 from dvtrain import cli, checkpoint
+from dvtrain.rundir import RunDir
 from dvtrain.tracking import ARTIFACT_NAME_MAX, fit_name, offline_run_info, read_offline_run
 
 VALID_ARTIFACT = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -85,7 +86,7 @@ def test_an_artifact_wandb_refuses_is_a_warning_and_resume_uploads_it(tmp_path, 
     assert len(warnings) == 2 and "--resume tries again" in warnings[0] and "Traceback" not in err
     assert _artifacts(run_dir) == []
     for stage in ("vanilla", "dverge"):
-        state = checkpoint.read_state(checkpoint.latest(checkpoint.stage_dir(run_dir, stage)))
+        state = checkpoint.read_state(checkpoint.latest(RunDir(run_dir).checkpoints(stage)))
         assert state["complete"] and not state.get("artifact_logged")
     monkeypatch.setattr(wandb.Artifact, "add_dir", real_add_dir)
     assert cli.train_main(["--run-dir", str(run_dir), "--resume"]) == 0

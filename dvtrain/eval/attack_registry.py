@@ -7,6 +7,10 @@ Runners come in two kinds: `perturb(model, x, y, eps, cfg, generator, submodels,
 adversarial images [N, C, H, W] for one batch (repeated over eval.restarts when `restarts`), and
 `robust(model, x, y, norm, eps, cfg, seed)` returns the per-image robust mask [N] of a library that
 batches and seeds itself (AutoAttack).
+
+The records are plain data and import no torch: results files, `dvtrain.eval.report` and `dvtrain compare`
+read the names and headers without loading it. Each runner imports the attack code it calls (torch,
+pyautoattack) when it first runs.
 """
 
 from __future__ import annotations
@@ -14,23 +18,26 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
-
-from dvtrain.attacks import fgsm, pgd_l2, pgd_linf
 from dvtrain.config import EvalConfig
-from dvtrain.distributed.placement import Placement
-from dvtrain.eval.adaptive import adaptive_linf
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from dvtrain.distributed.placement import Placement
+
+    Perturb = Callable[[nn.Module, Tensor, Tensor, float, EvalConfig, torch.Generator, list[nn.Module] | None,
+                        Placement | None], Tensor]
+    Robust = Callable[[nn.Module, Tensor, Tensor, str, float, EvalConfig, int], Tensor]
 
 LINF, L2 = "Linf", "L2"
+AUTOATTACK_STANDARD_RUNS = 4  # APGD-CE, APGD-T, FAB-T, Square (Croce & Hein, ICML 2020)
+AUTOATTACK_LIBRARY_ITERATIONS = 100  # pyautoattack's default n_iter
 EACH_AUTOATTACK_NORM = "eval.autoattack.norms"  # the attack runs once per norm listed there
 # When an attack draws random numbers (and is repeated over eval.seeds).
 ALWAYS, WITH_RANDOM_START, NEVER = "always", "eval.random_start", "never"
-
-Perturb = Callable[[nn.Module, Tensor, Tensor, float, EvalConfig, torch.Generator, list[nn.Module] | None,
-                    Placement | None], Tensor]
-Robust = Callable[[nn.Module, Tensor, Tensor, str, float, EvalConfig, int], Tensor]
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,9 @@ class WhiteboxAttack:
     budget: Callable[[EvalConfig, str | None], str] | None = None
     # How many of the table's first images it runs on (0: all of them).
     max_images: Callable[[EvalConfig], int] | None = None
+    # Roughly how many forward-backward passes it makes per image and model under a config: the cost
+    # `dvtrain.eval.share` balances processes by (an estimate; no number depends on it).
+    passes: Callable[[EvalConfig], float] = lambda cfg: 1.0
 
     def is_randomised(self, cfg: EvalConfig) -> bool:
         """Whether a run draws random numbers under `cfg` (PGD only from a random start)."""
@@ -66,6 +76,8 @@ class WhiteboxAttack:
 
 def _pgd(norm: str, loss: str) -> Perturb:
     def run(model, x, y, eps, cfg, generator, submodels=None, placement=None):
+        from dvtrain.attacks import pgd_l2, pgd_linf
+
         if norm == LINF:
             return pgd_linf(model, x, y, eps, cfg.step_size, cfg.steps, cfg.random_start, generator, loss)
         return pgd_l2(model, x, y, eps, cfg.l2_step_size, cfg.steps, cfg.random_start, generator, loss)
@@ -74,15 +86,19 @@ def _pgd(norm: str, loss: str) -> Perturb:
 
 
 def _fgsm(model, x, y, eps, cfg, generator, submodels=None, placement=None) -> Tensor:
+    from dvtrain.attacks import fgsm
+
     return fgsm(model, x, y, eps)
 
 
 def _adaptive(model, x, y, eps, cfg, generator, submodels=None, placement=None) -> Tensor:
+    from dvtrain.eval.adaptive import adaptive_linf
+
     return adaptive_linf(submodels, x, y, eps, cfg.adaptive, generator, placement)
 
 
 def _autoattack(model, x, y, norm, eps, cfg, seed) -> Tensor:
-    from dvtrain.eval.autoattack import autoattack_robust  # pyautoattack loads only when it runs
+    from dvtrain.eval.autoattack import autoattack_robust
 
     return autoattack_robust(model, x, y, norm, eps, cfg.autoattack, seed, cfg.batch_size)
 
@@ -109,12 +125,25 @@ def _autoattack_budget(cfg: EvalConfig, norm: str | None) -> str:
 
 def _pgd_record(name: str, norm: str, loss: str, header: str) -> WhiteboxAttack:
     return WhiteboxAttack(name, norm, loss, WITH_RANDOM_START, header, perturb=_pgd(norm, loss), restarts=True,
-                          budget=_pgd_budget)
+                          budget=_pgd_budget, passes=lambda cfg: cfg.steps * cfg.restarts)
+
+
+def _autoattack_passes(cfg: EvalConfig) -> float:
+    """The library's attacks run one after the other, each about `iterations` steps per image (APGD-T and
+    FAB-T once per target class: counted as one, since most images fall to the first attacks)."""
+    aa = cfg.autoattack
+    runs = len(aa.attacks) if aa.version == "custom" else AUTOATTACK_STANDARD_RUNS
+    return (aa.iterations or AUTOATTACK_LIBRARY_ITERATIONS) * runs
+
+
+def _adaptive_passes(cfg: EvalConfig) -> float:
+    a = cfg.adaptive
+    return a.steps * (len(a.blend_scales) + a.target_classes) * a.restarts
 
 
 ATTACKS: dict[str, WhiteboxAttack] = {a.name: a for a in (
     WhiteboxAttack("clean", None, None, NEVER, "Clean"),
-    WhiteboxAttack("fgsm", LINF, "ce", NEVER, "FGSM", perturb=_fgsm),  # Goodfellow et al., ICLR 2015
+    WhiteboxAttack("fgsm", LINF, "ce", NEVER, "FGSM", perturb=_fgsm, passes=lambda cfg: 2.0),  # Goodfellow et al., ICLR 2015
     # PGD (Madry et al., ICLR 2018) with cross-entropy, the CW margin (Carlini & Wagner, S&P 2017) or DLR
     # (Croce & Hein, ICML 2020) loss.
     _pgd_record("pgd_linf", LINF, "ce", "PGD"),
@@ -124,9 +153,10 @@ ATTACKS: dict[str, WhiteboxAttack] = {a.name: a for a in (
     _pgd_record("pgd_linf_dlr", LINF, "dlr", "PGD DLR"),
     _pgd_record("pgd_l2_dlr", L2, "dlr", "PGD DLR"),
     WhiteboxAttack("autoattack", EACH_AUTOATTACK_NORM, None, ALWAYS, "AutoAttack", robust=_autoattack,
-                   budget=_autoattack_budget, max_images=lambda cfg: cfg.autoattack.num_examples),
+                   budget=_autoattack_budget, max_images=lambda cfg: cfg.autoattack.num_examples,
+                   passes=_autoattack_passes),
     WhiteboxAttack("adaptive", LINF, "ce", ALWAYS, "Adaptive", perturb=_adaptive, mixture_only=True,  # after MORA
-                   budget=_adaptive_budget),
+                   budget=_adaptive_budget, passes=_adaptive_passes),
 )}
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from dvtrain.config import Config, TransferConfig
 from dvtrain.data import Dataset
 from dvtrain.eval.progress import Phases
+from dvtrain.eval.share import Share, is_main, shared_map
 from dvtrain.eval import example_sets, surrogates
 from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.transfer import ensemble_predictions, percent
@@ -114,66 +115,82 @@ def applicable_attacks(tcfg: TransferConfig, surrogate_models: list[nn.Module], 
 
 def prepare_blackbox(
     run_dir: Path, cfg: Config, tcfg: TransferConfig, data: Dataset, device: torch.device, train: SurrogateTrainer,
-    phases: Phases | None = None,
-) -> tuple[list[ExampleSet], Tensor, dict]:
+    phases: Phases | None = None, share: Share | None = None,
+) -> tuple[list[ExampleSet], Tensor, dict] | None:
     """Every example set of the protocol (read from the shared cache, or crafted and stored there once),
     the labels y [N] of its images, and a description for results.json ("blackbox_surrogate"): the
     protocol, each surrogate ensemble's folder, clean accuracy and own (white-box) accuracy per set.
-    `phases` times each ensemble's training (its stage loop shows its own epoch bars) and each set's
-    crafting (a bar over its images)."""
+
+    Under `share` (several processes) each surrogate ensemble is trained, and each example set crafted,
+    by one rank into the shared cache (largest first to the least-loaded rank), and rank 0 then reads
+    them all back; the other ranks return None. A set's random numbers come from its own stream, so the
+    examples are the same whichever rank crafted them. `phases` times each ensemble's training (its
+    stage loop shows its own epoch bars) and each set's crafting (a bar over its images)."""
     phases = phases if phases is not None else Phases(False)
     root = surrogates.cache_root(run_dir, tcfg)
     x, y, index = blackbox_images(data, tcfg)
-    sets: list[ExampleSet] = []
+    sizes = list(dict.fromkeys(tcfg.surrogate_sizes))
+    configs = {size: surrogates.surrogate_config(cfg, tcfg, size) for size in sizes}
+
+    def ensemble(size: int) -> list[nn.Module]:
+        with phases.phase(f"surrogate ensemble of {size}"):
+            return surrogates.load_or_train(root, configs[size], data, device, train)
+
+    if share is not None and share.world > 1:  # each trained on one rank; then every rank reads every one
+        shared_map(share, sizes, sizes, lambda size: ensemble(size) and None)
+    models = {size: ensemble(size) for size in sizes}
+    applicable = {size: applicable_attacks(tcfg, models[size], cfg.model.arch) for size in sizes}
+    tasks = [(size, float(eps), attack, loss) for size in sizes for eps in tcfg.sweep_eps for attack in applicable[size][0]
+             for loss in tcfg.blackbox_losses]
+
+    def example_set(task: tuple[int, float, str, str]) -> ExampleSet:
+        size, eps, attack, loss = task
+        return surrogate_set(root, cfg, tcfg, configs[size], models[size], attack, loss, eps, x, y, index, phases)
+
+    if share is not None and share.world > 1:
+        costs = [size * attack_budget(attack, tcfg)["runs"] * tcfg.blackbox_steps for size, _, attack, _ in tasks]
+        shared_map(share, tasks, costs, lambda task: example_set(task) and None)
+    if not is_main(share):
+        return None
+    sets = [example_set(task) for task in tasks]
     info: dict = {"n_images": len(y), "images": image_digest(index), "eps": list(tcfg.sweep_eps), "seed": tcfg.seed, "cache": str(root),
                   "steps": tcfg.blackbox_steps, "restarts": tcfg.blackbox_restarts, "sgm_gamma": tcfg.sgm_gamma,
-                  "di_prob": tcfg.di_prob, "losses": list(tcfg.blackbox_losses), "surrogates": [], "notes": []}
-    for size in dict.fromkeys(tcfg.surrogate_sizes):
-        scfg = surrogates.surrogate_config(cfg, tcfg, size)
-        with phases.phase(f"surrogate ensemble of {size}"):
-            models = surrogates.load_or_train(root, scfg, data, device, train)
-        attacks, notes = applicable_attacks(tcfg, models, cfg.model.arch)
-        info["notes"] = list(dict.fromkeys(info["notes"] + notes))
-        own_sets = surrogate_sets(root, cfg, tcfg, scfg, models, attacks, x, y, index, phases)
-        sets += own_sets
+                  "di_prob": tcfg.di_prob, "losses": list(tcfg.blackbox_losses), "surrogates": [],
+                  "notes": list(dict.fromkeys(note for size in sizes for note in applicable[size][1]))}
+    for size in sizes:
+        own_sets = [s for s, task in zip(sets, tasks) if task[0] == size]
         info["surrogates"].append({
-            "name": own_sets[0].surrogate if own_sets else f"ens{size}", "size": size, "seed": scfg.seed,
-            "epochs": scfg.vanilla.epochs, "dir": str(surrogates.surrogate_dir(root, scfg)),
-            "clean_accuracy": percent(correct_under(models, x[None], y, tcfg.batch_size)[-1]),
+            "name": f"ens{size}", "size": size, "seed": configs[size].seed, "epochs": configs[size].vanilla.epochs,
+            "dir": str(surrogates.surrogate_dir(root, configs[size])),
+            "clean_accuracy": percent(correct_under(models[size], x[None], y, tcfg.batch_size)[-1]),
             "sets": [s.key() for s in own_sets],
-            "own_accuracy": [percent(correct_under(models, s.examples, y, tcfg.batch_size)[-1]) for s in own_sets]})
+            "own_accuracy": [percent(correct_under(models[size], s.examples, y, tcfg.batch_size)[-1]) for s in own_sets]})
     return sets, y, info
 
 
-def surrogate_sets(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, models: list[nn.Module],
-                   attacks: list[str], x: Tensor, y: Tensor, index: Tensor, phases: Phases | None = None,
-                   ) -> list[ExampleSet]:
-    """The example sets of one surrogate ensemble (`scfg`, `models`): each attack × loss × ε of the sweep,
-    from the cache under `root` when their manifest matches, else crafted on the ensemble's mixture and stored."""
+def surrogate_set(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, models: list[nn.Module], attack: str,
+                  loss: str, eps: float, x: Tensor, y: Tensor, index: Tensor, phases: Phases | None = None) -> ExampleSet:
+    """One example set of one surrogate ensemble (`scfg`, `models`): `attack` with `loss` at `eps` on the
+    protocol's images x [N, C, H, W] (test-set indices `index`), from the cache under `root` when its
+    manifest matches, else crafted on the ensemble's mixture from the set's own stream and stored."""
     name = f"ens{scfg.ensemble.size}"
-    mixture = Mixture(models).eval()
     folder = Path(root) / example_sets.EXAMPLES / surrogates.data_folder(cfg) / surrogates.surrogate_dir(root, scfg).name
-    out = []
-    for eps in tcfg.sweep_eps:
-        for attack in attacks:
-            for loss in tcfg.blackbox_losses:
-                budget = attack_budget(attack, tcfg)
-                manifest = {"data": surrogates.data_identity(cfg), "images": index.tolist(),
-                            "surrogate": surrogates.surrogate_identity(scfg), "attack": attack, "loss": loss,
-                            "eps": eps, "seed": tcfg.seed, "budget": budget}
+    budget = attack_budget(attack, tcfg)
+    manifest = {"data": surrogates.data_identity(cfg), "images": index.tolist(), "surrogate": surrogates.surrogate_identity(scfg),
+                "attack": attack, "loss": loss, "eps": eps, "seed": tcfg.seed, "budget": budget}
 
-                def generate(attack=attack, loss=loss, eps=eps, budget=budget) -> Tensor:
-                    label = f"crafting {ATTACK_NAMES[attack]} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}"
-                    with (phases or Phases(False)).phase(label, len(y) * budget["runs"]) as bar:
-                        runs = []
-                        for r in range(budget["runs"]):
-                            runs.append(craft(mixture, x, y, attack, loss, eps, budget,
-                                              stream(tcfg.seed, "blackbox", name, attack, loss, eps, r), tcfg.batch_size))
-                            bar.update(len(y))
-                        return torch.stack(runs)
+    def generate() -> Tensor:
+        mixture = Mixture(models).eval()
+        label = f"crafting {ATTACK_NAMES[attack]} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}"
+        with (phases or Phases(False)).phase(label, len(y) * budget["runs"]) as bar:
+            runs = []
+            for r in range(budget["runs"]):
+                runs.append(craft(mixture, x, y, attack, loss, eps, budget, stream(tcfg.seed, "blackbox", name, attack, loss, eps, r),
+                                  tcfg.batch_size))
+                bar.update(len(y))
+            return torch.stack(runs)
 
-                out.append(ExampleSet(name, attack, loss, eps, example_sets.load_or_generate(folder, manifest, generate)))
-    return out
+    return ExampleSet(name, attack, loss, eps, example_sets.load_or_generate(folder, manifest, generate))
 
 
 def correct_under(models: list[nn.Module], examples: Tensor, y: Tensor, batch_size: int) -> Tensor:
@@ -192,14 +209,23 @@ def blackbox_table(submodels: list[nn.Module], sets: list[ExampleSet], y: Tensor
     """Accuracy (%) of each submodel and the mixture under every example set (correct under all its runs)
     and "all" per ε (correct under every set at that ε), as results.json's "blackbox"[stage]:
     {"models", "n_images", "sets": [{surrogate, attack, loss, eps}], "accuracy": [model][set],
-     "eps": [ε], "all": [model][ε], "images": `images` (the `image_digest` of y's test images)}."""
+     "eps": [ε], "all": [model][ε], "all_by_surrogate": {surrogate: [model][ε]} (every set of that
+     surrogate ensemble at ε), "images": `images` (the `image_digest` of y's test images)}."""
     correct = [correct_under(submodels, s.examples, y, batch_size) for s in sets]
     eps_grid = list(dict.fromkeys(s.eps for s in sets))
-    every = [torch.stack([c for c, s in zip(correct, sets) if s.eps == eps]).all(dim=0) for eps in eps_grid]
     models = [*(f"sub{i}" for i in range(len(submodels))), MIXTURE]
+
+    def every(keep: Callable[[ExampleSet], bool]) -> list[list[float | None]]:
+        """[model][ε]: correct under every set at ε that `keep` selects (None where it selects none)."""
+        masks = [[c for c, s in zip(correct, sets) if s.eps == eps and keep(s)] for eps in eps_grid]
+        both = [torch.stack(ms).all(dim=0) if ms else None for ms in masks]
+        return [[None if a is None else percent(a[m]) for a in both] for m in range(len(models))]
+
+    surrogates = list(dict.fromkeys(s.surrogate for s in sets))
     return {"models": models, "n_images": len(y), "sets": [s.key() for s in sets],
             "accuracy": [[percent(c[m]) for c in correct] for m in range(len(models))],
-            "eps": eps_grid, "all": [[percent(a[m]) for a in every] for m in range(len(models))], "images": images}
+            "eps": eps_grid, ALL_SETS: every(lambda s: True), "images": images,
+            "all_by_surrogate": {name: every(lambda s, name=name: s.surrogate == name) for name in surrogates}}
 
 
 def all_accuracy(table: dict, model: str, eps: float) -> float | None:

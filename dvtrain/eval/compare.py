@@ -35,9 +35,9 @@ from dvtrain import rundir
 from dvtrain.config import STAGES, WANDB_MODES, LoggingConfig, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import (
-    BLACKBOX_PREFIX, METRIC_ORDER, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, format_eps, metric_name, model_label,
+    BLACKBOX_PREFIX, METRIC_ORDER, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, format_eps, mean_off_diagonal,
+    metric_name, model_label,
 )
-from dvtrain.eval.transfer import mean_off_diagonal
 from dvtrain.paths import read_json_object
 from dvtrain.tracking import OFFLINE_RUN_GLOB, offline_run_info, read_offline_run
 
@@ -625,7 +625,7 @@ def draw(rows: list[Row], columns: list[Shown], path: Path) -> list[Path]:
 
 
 def compare_main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # options between the runs too: RUN1 --all RUN2 --group-by seed
     try:
         experiments = merge_wandb_groups([e for arg in args.runs for e in read_source(arg)])
         known = {k for e in experiments for k in e.config}

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from dvtrain.config import Config, DiversityConfig, DvergeConfig
 from dvtrain.data import Dataset
 from dvtrain.distill import distill
+from dvtrain.eval.share import Share, is_main, shared_map
 from dvtrain.rng import stream
 
 PLOTS_DIR = "plots"
@@ -47,25 +49,39 @@ def diversity_matrix(
     submodels: list[nn.Module], x: Tensor, y: Tensor, x_s: Tensor, distillation: DvergeConfig, cfg: DiversityConfig,
     generator: torch.Generator,
 ) -> list[list[float]]:
-    """D [M][M] (nats): D[i][j] = mean over the pairs of CE(f_j(x'_{f_i^l}(x, x_s)), y).
+    """D [M][M] (nats): D[i][j] = mean over the pairs of CE(f_j(x'_{f_i^l}(x, x_s)), y), in this process.
 
     x, x_s: [N, C, H, W] in [0, 1] (target and source images), y: [N] the targets' labels. Batches of
-    `cfg.batch_size` pairs, each at `cfg.layer` or at a layer drawn from `generator`, uniformly over the
-    submodels' layers 1..num_layers (all submodels share the architecture). Submodels must be in eval
-    mode; none is modified. Raises ValueError if x is empty.
+    `cfg.batch_size` pairs, each at `cfg.layer` or at a layer drawn from `generator` (`batch_layers`).
+    Submodels must be in eval mode; none is modified. Raises ValueError if x is empty.
     """
     if len(y) == 0:
         raise ValueError("the diversity matrix needs at least one image pair")
-    size, layers = len(submodels), submodels[0].num_layers
-    total = torch.zeros(size, size, dtype=torch.float64)
-    for start in range(0, len(y), cfg.batch_size):
+    layers = batch_layers(submodels[0].num_layers, len(y), cfg, generator)
+    return [diversity_row(submodels, i, x, y, x_s, distillation, cfg, layers) for i in range(len(submodels))]
+
+
+def batch_layers(num_layers: int, n_pairs: int, cfg: DiversityConfig, generator: torch.Generator) -> list[int]:
+    """The layer of each batch of `cfg.batch_size` pairs: `cfg.layer`, or drawn from `generator`, uniformly
+    over the layers 1..num_layers (all submodels share the architecture). Drawn up front, so that each
+    row of the matrix can be computed on its own (distillation without a random start draws nothing)."""
+    batches = range(0, n_pairs, cfg.batch_size)
+    if cfg.layer is not None:
+        return [cfg.layer for _ in batches]
+    return [int(torch.randint(1, num_layers + 1, (), generator=generator)) for _ in batches]
+
+
+def diversity_row(submodels: list[nn.Module], i: int, x: Tensor, y: Tensor, x_s: Tensor, distillation: DvergeConfig,
+                  cfg: DiversityConfig, layers: list[int]) -> list[float]:
+    """Row i of D (nats): the images distilled on submodel i at each batch's layer in `layers`, scored by
+    every submodel j as mean CE(f_j(x'), y). Shapes as in `diversity_matrix`."""
+    total = torch.zeros(len(submodels), dtype=torch.float64)
+    for layer, start in zip(layers, range(0, len(y), cfg.batch_size)):
         xb, yb, sb = x[start : start + cfg.batch_size], y[start : start + cfg.batch_size], x_s[start : start + cfg.batch_size]
-        layer = cfg.layer if cfg.layer is not None else int(torch.randint(1, layers + 1, (), generator=generator))
-        for i, source in enumerate(submodels):
-            distilled = distill(source, layer, xb, sb, distillation, generator)
-            with torch.no_grad():
-                for j, model in enumerate(submodels):
-                    total[i, j] += F.cross_entropy(model(distilled), yb, reduction="sum").double().cpu()
+        distilled = distill(submodels[i], layer, xb, sb, distillation, torch.Generator(device=xb.device))
+        with torch.no_grad():
+            for j, model in enumerate(submodels):
+                total[j] += F.cross_entropy(model(distilled), yb, reduction="sum").double().cpu()
     return (total / len(y)).tolist()
 
 
@@ -80,23 +96,50 @@ def image_pairs(submodels: list[nn.Module], data: Dataset, n: int, generator: to
     return data.x_test[targets], data.y_test[targets], data.x_test[sources]
 
 
-def stage_diversity(stage: str, submodels: list[nn.Module], data: Dataset, cfg: Config) -> dict:
-    """results["diversity"][stage]: {"models", "matrix" (D, nats), "metric" (eq. 2's d), "n_images", "protocol"}
-    (matrix and metric None when no test image is classified correctly by every submodel).
+def stage_pairs(stage: str, submodels: list[nn.Module], data: Dataset, cfg: Config) -> dict:
+    """A stage's image pairs, batch layers and distillation settings (what each row of its matrix needs).
     The pairs and layers come from the run's seed alone, so every stage is measured on the same pairs
     when its submodels classify the same images correctly."""
     div, distillation = cfg.eval.diversity, distillation_settings(cfg, stage)
     generator = stream(cfg.seed, "diversity")
     x, y, x_s = image_pairs(submodels, data, div.num_images, generator)
-    protocol = {"eps": distillation.eps, "step_size": distillation.step_size, "steps": distillation.steps,
-                "momentum": distillation.momentum, "batch_size": div.batch_size, "layer": div.layer, "bn_mode": "eval"}
-    if len(y) == 0:  # no test image that every submodel classifies correctly: nothing to measure
-        return {"models": [f"sub{i}" for i in range(len(submodels))], "matrix": None, "metric": None,
-                "n_images": 0, "protocol": protocol}
-    matrix = diversity_matrix(submodels, x, y, x_s, distillation, div, generator)
-    metric = [[(row[i] + row[j]) / 2 for j in range(len(row))] for i, row in enumerate(matrix)]
+    return {"x": x, "y": y, "x_s": x_s, "distillation": distillation,
+            "layers": batch_layers(submodels[0].num_layers, len(y), div, generator)}
+
+
+def stage_entry(submodels: list[nn.Module], pairs: dict, matrix: list[list[float]] | None, cfg: DiversityConfig) -> dict:
+    """results["diversity"][stage]: {"models", "matrix" (D, nats), "metric" (eq. 2's d), "n_images",
+    "protocol"} (matrix and metric None when no test image is classified correctly by every submodel)."""
+    d = pairs["distillation"]
+    protocol = {"eps": d.eps, "step_size": d.step_size, "steps": d.steps, "momentum": d.momentum,
+                "batch_size": cfg.batch_size, "layer": cfg.layer, "bn_mode": "eval"}
+    metric = None if matrix is None else [[(row[i] + row[j]) / 2 for j in range(len(row))] for i, row in enumerate(matrix)]
     return {"models": [f"sub{i}" for i in range(len(submodels))], "matrix": matrix, "metric": metric,
-            "n_images": len(y), "protocol": protocol}
+            "n_images": len(pairs["y"]), "protocol": protocol}
+
+
+def stage_diversity(stage: str, submodels: list[nn.Module], data: Dataset, cfg: Config) -> dict:
+    """One stage's results["diversity"] entry (`stage_entry`), computed in this process."""
+    return diversities({stage: submodels}, data, cfg)[stage]
+
+
+def diversities(stages: dict[str, list[nn.Module]], data: Dataset, cfg: Config, share: Share | None = None,
+                bar: tqdm | None = None) -> dict[str, dict]:
+    """Every stage's `stage_entry`; each row (stage, source submodel i) of each matrix is one task of
+    `share` (None: all here), computed alike on any rank; `bar` counts this rank's rows' image pairs."""
+    pairs = {stage: stage_pairs(stage, subs, data, cfg) for stage, subs in stages.items()}
+    tasks = [(stage, i) for stage, subs in stages.items() if len(pairs[stage]["y"]) for i in range(len(subs))]
+
+    def row(task: tuple[str, int]) -> list[float]:
+        stage, i = task
+        p = pairs[stage]
+        return diversity_row(stages[stage], i, p["x"], p["y"], p["x_s"], p["distillation"], cfg.eval.diversity, p["layers"])
+
+    sizes = [len(pairs[stage]["y"]) for stage, _ in tasks]
+    rows = dict(zip(tasks, shared_map(share, tasks, sizes, row, bar, sizes)))
+    return {stage: stage_entry(subs, pairs[stage], [rows[(stage, i)] for i in range(len(subs))] if len(pairs[stage]["y"]) else None,
+                               cfg.eval.diversity)
+            for stage, subs in stages.items()}
 
 
 def diversity_heatmap(entry: dict, title: str, path: Path) -> Path:
@@ -128,14 +171,19 @@ def diversity_heatmap(entry: dict, title: str, path: Path) -> Path:
     return path
 
 
-def diversity_evaluation(run_dir: Path, stages: dict[str, list[nn.Module]], data: Dataset, cfg: Config, results: dict) -> None:
+def diversity_evaluation(run_dir: Path, stages: dict[str, list[nn.Module]], data: Dataset, cfg: Config, results: dict,
+                         share: Share | None = None, bar: tqdm | None = None) -> None:
     """Every stage's matrix into results["diversity"] and its heat map under RUN_DIR/plots/ (path relative
-    to the run in the entry's "plot"); nothing when eval.diversity.enabled is false."""
+    to the run in the entry's "plot"), rows shared out by `share` and written by rank 0; nothing when
+    eval.diversity.enabled is false."""
     if not cfg.eval.diversity.enabled:
         return
-    for stage, submodels in stages.items():
-        print(f"[eval {stage}] vulnerability-diversity matrix", flush=True)
-        entry = stage_diversity(stage, submodels, data, cfg)
+    if is_main(share):
+        print(f"[eval] vulnerability-diversity matrices: {', '.join(stages)}", flush=True)
+    entries = diversities(stages, data, cfg, share, bar)
+    if not is_main(share):
+        return
+    for stage, entry in entries.items():
         if entry["matrix"] is not None:
             path = diversity_heatmap(entry, f"{stage}: vulnerability diversity",
                                      Path(run_dir) / PLOTS_DIR / f"diversity_{stage}.png")

@@ -28,43 +28,41 @@ from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.report import (
     EVAL_TABLE, FULL_EVALUATION_KEYS, evaluation_markdown, merge_rows, metric_key, result_metrics, results_markdown, update_results,
 )
-from dvtrain.eval.sweep import epsilon_sweep
-from dvtrain.eval.transfer import first, shuffled_test_set, transfer_matrix
+from dvtrain.eval.share import Share
+from dvtrain.eval.sweep import epsilon_sweeps
+from dvtrain.eval.transfer import shuffled_test_set, transfer_matrices
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.whitebox import ChunkShare, check_finite, chunk_count, evaluate_stage, too_many_processes
+from dvtrain.eval.whitebox import check_finite, chunk_count, evaluate_stage, too_many_processes
 from dvtrain.mixture import Mixture
 from dvtrain.rundir import RunDir
 
-SURROGATE_LOCK = ".surrogates.lock"  # the surrogate cache's own lock: its training may take an hour
 
-
-def evaluate_stage_fully(
-    stage: str, submodels: list[nn.Module], rows: list[dict], data: Dataset, cfg: Config, tcfg: TransferConfig,
-    blackbox: tuple[list[ExampleSet], Tensor, str], results: dict, phases: Phases | None = None,
-) -> None:
-    """Given the stage's white-box `rows`: its checks, transfer matrix, black-box table and ε sweep, into
-    `results` (this evaluation's own, merged into results.json later). These use a seeded random draw
-    of `tcfg.num_images` test images, the same for every stage; the ε sweep and the black-box table the
-    same ones (`blackbox_images`; `blackbox` is (example sets, their labels, their images' digest)).
-    `phases` times each part with a bar."""
-    phases = phases if phases is not None else Phases(False)
+def shared_evaluation(loaded: dict[str, list[nn.Module]], data: Dataset, cfg: Config, tcfg: TransferConfig,
+                      phases: Phases, share: Share | None) -> dict:
+    """Every stage's transferability matrix and ε sweep, their runs shared out by `share` (None: all here):
+    {"transfer": {stage: matrix}, "eps_sweep": {stage: sweep}} on every rank. The matrices use a seeded
+    random draw of the test images (`shuffled_test_set`), the same for every stage; the sweep the
+    black-box protocol's images (`blackbox_images`), so its worst case and the black-box "all" column at
+    one ε count the same images."""
     x_pool, y_pool = shuffled_test_set(data, cfg.seed)
-    n_transfer = len(first(x_pool, y_pool, tcfg.num_images)[1]) * len(submodels)
-    with phases.phase(f"{stage} transferability matrix", n_transfer) as bar:
-        results.setdefault("transfer", {})[stage] = transfer_matrix(submodels, x_pool, y_pool, tcfg, cfg.seed)
-        bar.update(n_transfer)
-    sets, y_blackbox, images = blackbox
-    with phases.phase(f"{stage} black-box transfer", len(y_blackbox) * len(sets)) as bar:
-        results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, sets, y_blackbox, tcfg.batch_size,
-                                                                   images)
-        bar.update(len(y_blackbox) * len(sets))
+    with phases.phase("transferability matrices") as bar:
+        transfer = transfer_matrices(loaded, x_pool, y_pool, tcfg, cfg.seed, share, bar)
     x, y, index = blackbox_images(data, tcfg)
     sweep_cfg = dataclasses.replace(cfg.eval, transfer=tcfg)
-    n_sweep = len(y) * (len(submodels) + 1) * len(tcfg.sweep_eps)
-    with phases.phase(f"{stage} accuracy vs ε", n_sweep) as bar:  # tcfg.sweep_attacks and their worst case
-        results.setdefault("eps_sweep", {})[stage] = epsilon_sweep(submodels, x, y, sweep_cfg, cfg.seed) | {
-            "images": image_digest(index)}
-        bar.update(n_sweep)
+    with phases.phase("accuracy vs ε") as bar:  # tcfg.sweep_attacks and their worst case
+        sweeps = epsilon_sweeps(loaded, x, y, sweep_cfg, cfg.seed, share, bar)
+    return {"transfer": transfer, "eps_sweep": {stage: sweep | {"images": image_digest(index)} for stage, sweep in sweeps.items()}}
+
+
+def stage_checks(stage: str, submodels: list[nn.Module], rows: list[dict], data: Dataset, cfg: Config,
+                 blackbox: tuple[list[ExampleSet], Tensor, str], results: dict, phases: Phases) -> None:
+    """Rank 0, given the stage's white-box `rows` and its ε sweep in `results`: its black-box table
+    (`blackbox` is (example sets, their labels, their images' digest)) and gradient-masking checks."""
+    sets, y_blackbox, images = blackbox
+    with phases.phase(f"{stage} black-box transfer", len(y_blackbox) * len(sets)) as bar:
+        results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, sets, y_blackbox, cfg.eval.transfer.batch_size,
+                                                                   images)
+        bar.update(len(y_blackbox) * len(sets))
     probe = None
     if cfg.eval.checks.enabled:
         with phases.phase(f"{stage} gradient-masking checks"):
@@ -75,20 +73,22 @@ def evaluate_stage_fully(
 
 def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device: torch.device,
                     tcfg: TransferConfig, train_surrogates: SurrogateTrainer, command: str = "dvtrain eval",
-                    share: ChunkShare | None = None) -> dict | None:
+                    share: Share | None = None) -> dict | None:
     """The whole evaluation of a run's finished stages (all of them when `stages` is None).
 
-    Every process loads every submodel. The white-box tables (eval.full_attacks, on the training-time
-    table's images, eval.num_examples) are shared out by `share` (chunks of eval.chunk_size test images,
-    chunk c on rank c % world; None: one process), with the same rows for any number of processes. The
-    rest (surrogate ensembles in the shared transfer cache, transfer matrix, black-box table, ε sweep,
-    checks, diversity, plots) is computed by rank 0 alone; the other ranks return None once the
-    white-box tables are gathered.
+    Every process loads every submodel, and the work is shared out by `share` (None: one process) with
+    the same numbers for any number of processes (`dvtrain.eval.share`): the white-box tables
+    (eval.full_attacks, on the training-time table's images, eval.num_examples) in chunks of
+    eval.chunk_size test images; the surrogate ensembles and example sets (into the shared transfer
+    cache), the transferability runs, the ε sweep's cells and the diversity matrices' rows as tasks.
+    Rank 0 alone scores the black-box tables (forward passes), runs the gradient-masking checks, draws
+    the plots and writes; the other ranks return None.
 
     The new figures are merged into results.json under the run directory's lock at the end (rows by
     `report.ROW_KEY`, the per-stage sections by stage), so rows of other stages, ε and budgets that
-    results.json holds, also those a concurrent `dvtrain eval` wrote meanwhile, are kept. The
-    surrogate cache is loaded or trained under its own lock. Returns results.json as written (rank 0).
+    results.json holds, also those a concurrent `dvtrain eval` wrote meanwhile, are kept. Each surrogate
+    ensemble and example set is trained or crafted under its own lock in the cache. Returns
+    results.json as written (rank 0).
     Raises DvtrainError for more processes than chunks, before any attack."""
     from dvtrain.eval.blackbox_plot import add_blackbox_plot
     from dvtrain.eval.plots import evaluation_plots
@@ -115,21 +115,18 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
             print(f"[eval {stage}] white-box table: {', '.join(cfg.eval.full_attacks)}", flush=True)
         rows[stage] = evaluate_stage(stage, submodels, data.x_test, data.y_test, cfg.eval, cfg.seed,
                                      attacks=cfg.eval.full_attacks, share=share, phases=phases)
+    new: dict = {"eval": [r | {"table": EVAL_TABLE, "command": command} for stage in rows for r in rows[stage]]}
+    blackbox = prepare_blackbox(run.path, cfg, tcfg, data, device, train_surrogates, phases, share)
+    new |= shared_evaluation(loaded, data, cfg, tcfg, phases, share)
+    with phases.phase("vulnerability-diversity matrices") as bar:
+        diversity_evaluation(run.path, loaded, data, cfg, new, share, bar)
     if not main:
         return None
-    new: dict = {"eval": [r | {"table": EVAL_TABLE, "command": command} for stage in rows for r in rows[stage]]}
-    with run.lock(SURROGATE_LOCK):  # one writer of the cache
-        sets, y_blackbox, new["blackbox_surrogate"] = prepare_blackbox(run.path, cfg, tcfg, data, device,
-                                                                       train_surrogates, phases)
+    sets, y_blackbox, new["blackbox_surrogate"] = blackbox
     for stage, submodels in loaded.items():
-        evaluate_stage_fully(stage, submodels, rows[stage], data, cfg, tcfg,
-                             (sets, y_blackbox, new["blackbox_surrogate"]["images"]), new, phases)
-    n_pairs = min(cfg.eval.diversity.num_images, len(data.y_test)) * len(loaded) if cfg.eval.diversity.enabled else 0
-    with phases.phase("vulnerability-diversity matrices", n_pairs) as bar:
-        diversity_evaluation(run.path, loaded, data, cfg, new)
-        bar.update(n_pairs)
+        stage_checks(stage, submodels, rows[stage], data, cfg, (sets, y_blackbox, new["blackbox_surrogate"]["images"]),
+                     new, phases)
     new["plots"] = evaluation_plots(run.path, new)
-    add_blackbox_plot(run.path, new)
     new["eval_provenance"] = {"command": command, "world_size": 1 if share is None else share.world,
                               "threads_per_process": torch.get_num_threads(), "phase_s": dict(phases.seconds)}
 
@@ -139,6 +136,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
             stored.setdefault(key, {}).update(new.get(key, {}))
         stored["blackbox_surrogate"] = new["blackbox_surrogate"]
         stored["eval_provenance"] = new["eval_provenance"]
+        add_blackbox_plot(run.path, stored, cfg.stages)  # every evaluated stage's curves, this run's and earlier ones
 
     results = update_results(run.path, cfg, change)
     log_evaluation(cfg, run.path, results)

@@ -19,6 +19,7 @@ from dvtrain.config import Config, load_config
 from dvtrain.data import Dataset, load_dataset
 from dvtrain.errors import DvtrainError
 from dvtrain.mixture import Mixture
+from dvtrain.rundir import RunDir
 from dvtrain.submodels import Owned, build_submodel
 
 CONFIG_FILE = rundir.CONFIG
@@ -33,7 +34,7 @@ def load_submodel_weights(cfg: Config, data: Dataset, path: Path, device: torch.
 
 
 def stage_finished(run_dir: Path, stage: str) -> bool:
-    path = checkpoint.latest(checkpoint.stage_dir(run_dir, stage))
+    path = checkpoint.latest(RunDir(run_dir).checkpoints(stage))
     return path is not None and bool(checkpoint.read_state(path).get("complete"))
 
 
@@ -49,7 +50,7 @@ def finished_stages(run_dir: Path, cfg: Config, stages: list[str] | None) -> lis
 
 def load_stage(run_dir: Path, cfg: Config, data: Dataset, stage: str, device: torch.device) -> list[nn.Module]:
     """Every submodel of a finished stage in one process, in eval mode."""
-    return load_submodel_weights(cfg, data, checkpoint.latest(checkpoint.stage_dir(run_dir, stage)), device)
+    return load_submodel_weights(cfg, data, checkpoint.latest(RunDir(run_dir).checkpoints(stage)), device)
 
 
 def thread_policy(cfg: Config) -> int:

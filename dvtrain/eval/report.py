@@ -23,7 +23,6 @@ from collections.abc import Callable
 
 from dvtrain.config import STAGES, Config
 from dvtrain.eval.attack_registry import ATTACKS, EACH_AUTOATTACK_NORM
-from dvtrain.eval.transfer import mean_off_diagonal
 from dvtrain.rundir import RunDir
 
 RESULTS_JSON = rundir.RESULTS_JSON
@@ -110,6 +109,17 @@ METRIC_ORDER = (
     *(BLACKBOX_PREFIX + a for a in BLACKBOX_ATTACKS),
     TRANSFER_OFFDIAG,
 )
+
+
+def mean_off_diagonal(matrix: dict) -> float | None:
+    """Mean success (%) of submodel i's examples on the other submodels j ≠ i, from a results.json transfer
+    matrix ({"sources": [...], "success": [[...]]}, `dvtrain.eval.transfer.transfer_matrix`): the number
+    DVERGE lowers (Yang et al., NeurIPS 2020, §5). Cells that are None (nothing to attack) are skipped;
+    None when no cell has a number."""
+    m = len(matrix["sources"])
+    values = [matrix["success"][i][j] for i in range(m) for j in range(m) if i != j]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def result_metrics(results: dict) -> dict[tuple[str, str, str], float]:

@@ -20,13 +20,17 @@ import dataclasses
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from dvtrain.config import EvalConfig
+from dvtrain.eval import attack_registry as registry
+from dvtrain.eval.share import Share, shared_map
 from dvtrain.eval.transfer import percent
 from dvtrain.eval.whitebox import LINF, MIXTURE, Cell, robust_mask
 from dvtrain.mixture import Mixture
 from dvtrain.rng import derive_seed, stream
 
+CLEAN = "clean"
 MIXTURE_ONLY = ("autoattack", "adaptive")  # too costly for every submodel at every ε; the mixture is the claim
 
 
@@ -43,36 +47,55 @@ def sweep_attacks(model: str, cfg: EvalConfig) -> list[str]:
     return [a for a in cfg.transfer.sweep_attacks if model == MIXTURE or a not in MIXTURE_ONLY]
 
 
-def epsilon_sweep(submodels: list[nn.Module], x: Tensor, y: Tensor, cfg: EvalConfig, seed: int) -> dict:
-    """Robust accuracy (%) of each submodel and the mixture at every ε of eval.transfer.sweep_eps, per
-    attack and as the per-image worst case over the attacks run on that model at that ε.
+def epsilon_sweeps(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, cfg: EvalConfig, seed: int,
+                   share: Share | None = None, bar: tqdm | None = None) -> dict[str, dict]:
+    """Robust accuracy (%) of each stage's submodels and mixture at every ε of eval.transfer.sweep_eps,
+    per attack and as the per-image worst case over the attacks run on that model at that ε.
 
-    x [N, C, H, W] in [0, 1], y [N]: the sweep's images (the caller's; `dvtrain eval` hands in the
-    black-box protocol's). Models are expected in eval mode. Each (model, attack, ε) draws from its own
-    stream of `seed`. Returns results.json's "eps_sweep"[stage]: {"eps": [ε], "models": [name],
-    "n_images": N, "attacks": {attack: [model][ε] (None where it did not run on that model)},
-    "of": {model: [attacks]}, "worst_case": [model][ε], "steps", "step_fraction", "restarts"}."""
+    `stages`: stage name → its submodels (eval mode). x [N, C, H, W] in [0, 1], y [N]: the sweep's images
+    (`dvtrain eval` hands in the black-box protocol's). Each (stage, model, attack, ε) cell is one task
+    of `share` (None: all here) and draws from its own stream of `seed`, so the numbers do not depend on
+    the number of processes; `bar` counts this rank's cells' images. Returns, per stage, results.json's "eps_sweep"[stage]: {"eps": [ε],
+    "models": [name], "n_images": N, "attacks": {attack: [model][ε] (None where it did not run on that
+    model)}, "of": {model: [attacks]}, "worst_case": [model][ε], "steps", "step_fraction", "restarts"}."""
     t = cfg.transfer
-    models = {f"sub{i}": m for i, m in enumerate(submodels)} | {MIXTURE: Mixture(submodels)}
-    attacks = list(dict.fromkeys(t.sweep_attacks))
-    per_attack = {a: [[None] * len(t.sweep_eps) for _ in models] for a in attacks}
-    worst = [[None] * len(t.sweep_eps) for _ in models]
-    for m, (name, model) in enumerate(models.items()):
-        clean = robust_mask(model, x, y, Cell("clean", None, 0.0), sweep_config(cfg, 0.0), torch.Generator())
-        for k, eps in enumerate(t.sweep_eps):
-            ecfg = sweep_config(cfg, eps)
-            masks = []
-            for attack in sweep_attacks(name, cfg):
-                cell = Cell(attack, LINF, float(eps))
-                if eps == 0:
-                    mask = clean
-                else:
-                    aa_seed = derive_seed(seed, "sweep", "autoattack", name, float(eps))
-                    mask = robust_mask(model, x, y, cell, ecfg, stream(seed, "sweep", name, attack, float(eps)),
-                                       submodels, None, aa_seed)
-                masks.append(mask)
-                per_attack[attack][m][k] = percent(mask)
-            worst[m][k] = percent(torch.stack([clean, *masks]).all(dim=0))
-    return {"eps": list(t.sweep_eps), "steps": t.steps, "step_fraction": t.step_fraction, "restarts": t.restarts,
-            "n_images": len(y), "models": list(models), "attacks": per_attack,
-            "of": {name: sweep_attacks(name, cfg) for name in models}, "worst_case": worst}
+    named = {stage: {f"sub{i}": m for i, m in enumerate(subs)} | {MIXTURE: Mixture(subs)} for stage, subs in stages.items()}
+    # Clean first (the worst case needs it), then every attack at every ε > 0 (at ε = 0 an attack is the identity).
+    tasks = [(stage, name, CLEAN, 0.0) for stage, models in named.items() for name in models]
+    tasks += [(stage, name, a, float(eps)) for stage, models in named.items() for name in models
+              for eps in t.sweep_eps if eps != 0 for a in sweep_attacks(name, cfg)]
+
+    def run(task: tuple[str, str, str, float]) -> Tensor:
+        stage, name, attack, eps = task
+        model = named[stage][name]
+        if attack == CLEAN:
+            return robust_mask(model, x, y, Cell(CLEAN, None, 0.0), sweep_config(cfg, 0.0), torch.Generator()).cpu()
+        aa_seed = derive_seed(seed, "sweep", "autoattack", name, eps)
+        return robust_mask(model, x, y, Cell(attack, LINF, eps), sweep_config(cfg, eps),
+                           stream(seed, "sweep", name, attack, eps), stages[stage], None, aa_seed).cpu()
+
+    def cost(task: tuple[str, str, str, float]) -> float:
+        stage, name, attack, eps = task
+        return registry.attack(attack).passes(sweep_config(cfg, eps)) * (len(stages[stage]) if name == MIXTURE else 1)
+
+    masks = dict(zip(tasks, shared_map(share, tasks, [cost(task) for task in tasks], run, bar, [len(y)] * len(tasks))))
+    out = {}
+    for stage, models in named.items():
+        per_attack = {a: [[None] * len(t.sweep_eps) for _ in models] for a in dict.fromkeys(t.sweep_attacks)}
+        worst = [[None] * len(t.sweep_eps) for _ in models]
+        for m, name in enumerate(models):
+            clean = masks[(stage, name, CLEAN, 0.0)]
+            for k, eps in enumerate(t.sweep_eps):
+                cell_masks = [clean if eps == 0 else masks[(stage, name, a, float(eps))] for a in sweep_attacks(name, cfg)]
+                for a, mask in zip(sweep_attacks(name, cfg), cell_masks):
+                    per_attack[a][m][k] = percent(mask)
+                worst[m][k] = percent(torch.stack([clean, *cell_masks]).all(dim=0))
+        out[stage] = {"eps": list(t.sweep_eps), "steps": t.steps, "step_fraction": t.step_fraction,
+                      "restarts": t.restarts, "n_images": len(y), "models": list(models), "attacks": per_attack,
+                      "of": {name: sweep_attacks(name, cfg) for name in models}, "worst_case": worst}
+    return out
+
+
+def epsilon_sweep(submodels: list[nn.Module], x: Tensor, y: Tensor, cfg: EvalConfig, seed: int) -> dict:
+    """`epsilon_sweeps` of one ensemble, in this process: its results.json "eps_sweep" entry."""
+    return epsilon_sweeps({"": submodels}, x, y, cfg, seed)[""]

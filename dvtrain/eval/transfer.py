@@ -15,10 +15,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from dvtrain.config import TransferConfig
 from dvtrain.data import Dataset
 from dvtrain.attacks import pgd_linf
+from dvtrain.eval.share import Share, shared_map
 from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.rng import stream
 
@@ -88,33 +90,50 @@ def correct_by_all(submodels: list[nn.Module], x: Tensor, y: Tensor, batch_size:
     return torch.cat(right)
 
 
-def transfer_matrix(submodels: list[nn.Module], x: Tensor, y: Tensor, cfg: TransferConfig, seed: int) -> dict:
-    """PGD-L∞ crafted on submodel i; success rate (% misclassified) on submodel j and on the mixture.
+def transfer_matrices(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, cfg: TransferConfig, seed: int,
+                      share: Share | None = None, bar: tqdm | None = None) -> dict[str, dict]:
+    """Per stage: PGD-L∞ crafted on submodel i; success rate (% misclassified) on submodel j and on the mixture.
 
-    As the reference does, only images that all submodels classify correctly are attacked (the first
-    `cfg.num_images` of them in x's order), so a success is always caused by the perturbation. The
-    diagonal is submodel i's white-box PGD success on those images."""
-    keep = correct_by_all(submodels, x, y, cfg.batch_size)
-    x, y = first(x[keep], y[keep], cfg.num_images)
-    success = []
-    for i, source in enumerate(submodels):
-        runs = [stream(seed, "transfer", f"sub{i}", r) for r in range(cfg.restarts)]
-        fooled = fooled_by(_random_start_pgd(source, cfg.eps, cfg), lambda a: ensemble_predictions(submodels, a),
-                           len(submodels) + 1, x, y, cfg.batch_size, runs)
-        success.append([percent(row) for row in fooled])
-    names = [f"sub{i}" for i in range(len(submodels))]
-    return {"eps": cfg.eps, "steps": cfg.steps, "step_fraction": cfg.step_fraction, "restarts": cfg.restarts,
-            "n_images": len(y), "sources": names, "targets": [*names, "mixture"], "success": success}
+    `stages`: stage name → its submodels (eval mode); x [N, C, H, W] in [0, 1], y [N]. As the reference
+    does, only images that all of a stage's submodels classify correctly are attacked (the first
+    `cfg.num_images` of them in x's order), so a success is always caused by the perturbation; an image
+    counts as fooled if any of `cfg.restarts` runs fools it. The diagonal is submodel i's white-box PGD
+    success on those images. Each (stage, source, restart) run is one task of `share` (None: all here),
+    with its own stream, so the matrices do not depend on the number of processes; `bar` counts this
+    rank's runs' images."""
+    picked = {}
+    for stage, submodels in stages.items():
+        keep = correct_by_all(submodels, x, y, cfg.batch_size)
+        picked[stage] = first(x[keep], y[keep], cfg.num_images)
+    tasks = [(stage, i, r) for stage, subs in stages.items() for i in range(len(subs)) for r in range(cfg.restarts)]
+
+    def run(task: tuple[str, int, int]) -> Tensor:
+        stage, i, r = task
+        submodels, (xs, ys) = stages[stage], picked[stage]
+        return fooled_by(_random_start_pgd(submodels[i], cfg.eps, cfg), lambda a: ensemble_predictions(submodels, a),
+                         len(submodels) + 1, xs, ys, cfg.batch_size, [stream(seed, "transfer", f"sub{i}", r)]).cpu()
+
+    costs = [len(picked[stage][1]) * cfg.steps for stage, _, _ in tasks]
+    images = [len(picked[stage][1]) for stage, _, _ in tasks]
+    fooled = dict(zip(tasks, shared_map(share, tasks, costs, run, bar, images)))
+    out = {}
+    for stage, submodels in stages.items():
+        names = [f"sub{i}" for i in range(len(submodels))]
+        success = []
+        for i in range(len(submodels)):
+            runs = torch.stack([fooled[(stage, i, r)] for r in range(cfg.restarts)]).any(dim=0)
+            success.append([percent(row) for row in runs])
+        out[stage] = {"eps": cfg.eps, "steps": cfg.steps, "step_fraction": cfg.step_fraction, "restarts": cfg.restarts,
+                      "n_images": len(picked[stage][1]), "sources": names, "targets": [*names, "mixture"],
+                      "success": success}
+    return out
+
+
+def transfer_matrix(submodels: list[nn.Module], x: Tensor, y: Tensor, cfg: TransferConfig, seed: int) -> dict:
+    """`transfer_matrices` of one ensemble, in this process: its results.json "transfer" entry."""
+    return transfer_matrices({"": submodels}, x, y, cfg, seed)[""]
 
 
 def _random_start_pgd(model: nn.Module, eps: float, cfg: TransferConfig) -> Callable[[Tensor, Tensor, torch.Generator], Tensor]:
     """One random-start run of dvtrain's PGD-L∞ at eps, with cfg's steps and relative step size."""
     return lambda x, y, g: pgd_linf(model, x, y, eps, cfg.step_fraction * eps, cfg.steps, True, g)
-
-
-def mean_off_diagonal(matrix: dict) -> float | None:
-    """Mean success of submodel i's examples on the other submodels j ≠ i: the number DVERGE lowers."""
-    m = len(matrix["sources"])
-    values = [matrix["success"][i][j] for i in range(m) for j in range(m) if i != j]
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None

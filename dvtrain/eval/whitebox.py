@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +33,7 @@ from dvtrain.distributed.placement import LocalPlacement, Placement
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.attack_registry import ATTACKS, L2, LINF, attack
 from dvtrain.eval.progress import Phases
+from dvtrain.eval.share import Share
 from dvtrain.eval.stats import PERCENT, accuracy_fields, wilson_interval
 from dvtrain.mixture import Mixture
 from dvtrain.rng import derive_seed, stream
@@ -199,28 +199,6 @@ def _model_masks(
     return _assemble(parts, columns, cfg, len(y))
 
 
-class ChunkShare(Protocol):
-    """How the processes of `dvtrain eval` share the chunks: chunk c is computed by rank c % world."""
-
-    rank: int
-    world: int
-
-    def gather(self, obj: object) -> list[object]:
-        """Every rank's `obj`, in rank order, on every rank."""
-
-
-class ProcessGroupShare:
-    """The chunks shared over the default torch.distributed process group (all_gather_object)."""
-
-    def __init__(self) -> None:
-        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-    def gather(self, obj: object) -> list[object]:
-        out: list[object] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-
 def cell_budget(cell: Cell, cfg: EvalConfig, n_images: int) -> str:
     """What, besides the threat model (norm, ε), determines a cell's number, as a short canonical
     string: its images (n, the table's first ones), steps, step size, restarts, random start, seeds,
@@ -291,7 +269,7 @@ def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: 
 
 def evaluate_stage(
     stage: str, submodels: list[nn.Module], x: Tensor, y: Tensor, eval_cfg: EvalConfig, seed: int,
-    placement: Placement | None = None, attacks: list[str] | None = None, share: ChunkShare | None = None,
+    placement: Placement | None = None, attacks: list[str] | None = None, share: Share | None = None,
     phases: Phases | None = None,
 ) -> list[dict]:
     """Rows for each submodel and the mixture under each attack (default eval.attacks), then worst-case rows.
@@ -353,7 +331,7 @@ def too_many_processes(world: int, n_images: int, cfg: EvalConfig) -> str:
 
 def _shared_values(
     submodels: list[nn.Module], x: Tensor, y: Tensor, columns: list[Cell], mixture_columns: list[Cell],
-    cfg: EvalConfig, seed: int, share: ChunkShare, phases: Phases | None, stage: str,
+    cfg: EvalConfig, seed: int, share: Share, phases: Phases | None, stage: str,
 ) -> tuple[dict[str, list[float]], list[float]]:
     """Every model on this rank's chunks (c % world == rank), every rank's masks gathered and assembled."""
     mine = lambda count: list(range(share.rank, count, share.world))  # noqa: E731

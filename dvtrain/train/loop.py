@@ -31,6 +31,7 @@ from dvtrain.eval.whitebox import evaluate_stage
 from dvtrain.mixture import mixture_log_probs
 from dvtrain.models import training_mode
 from dvtrain.rng import stream
+from dvtrain.rundir import RunDir
 from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.submodels import Owned
 from dvtrain.timing import PhaseTimer
@@ -143,7 +144,7 @@ class StepLog:
 def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
     """Restore the stage's own checkpoint, or start it from the weights of the stage it builds on."""
     cfg = ctx.cfg
-    path = checkpoint.latest(checkpoint.stage_dir(ctx.run_dir, stage))
+    path = checkpoint.latest(RunDir(ctx.run_dir).checkpoints(stage))
     if path is not None:
         state = checkpoint.read_state(path)
         expected = {"arch": cfg.model.arch, "ensemble_size": cfg.ensemble.size}
@@ -157,7 +158,7 @@ def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
         return state
     source = getattr(cfg, stage).init_from
     if source is not None:  # None: the fresh initialisation build_owned made
-        src = checkpoint.latest(checkpoint.stage_dir(ctx.run_dir, source))
+        src = checkpoint.latest(RunDir(ctx.run_dir).checkpoints(source))
         if src is None or not checkpoint.read_state(src).get("complete"):
             raise DvtrainError(
                 f"stage {stage} starts from the final weights of stage {source}, which this run has not finished; "
@@ -201,7 +202,7 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, sessio
     shared = checkpoint.generator_from_text(state["shared_generator"])
     timer = PhaseTimer(cfg.logging.step_timing, ctx.device)
     stage = REGISTRY[name](StageRun(name, cfg, owned, placement, placement.replicas, ctx.data, shared, timer))
-    path = checkpoint.stage_dir(ctx.run_dir, name)
+    path = RunDir(ctx.run_dir).checkpoints(name)
     if state.get("wandb_run_id") is None and resolve_mode(cfg.logging) != "disabled":
         # The stage's W&B run id, checkpointed with its starting point before the run exists: a kill
         # at any later moment resumes this run rather than opening a second one.
@@ -299,7 +300,7 @@ def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, sessio
 def upload_artifact(ctx: Context, stage: str, tracker: Tracker, owned: Owned, state: dict, results: dict) -> None:
     """The stage's final checkpoint as a W&B model artifact; once W&B took it, the checkpoint's state says
     so (`artifact_logged`), and until then every --resume tries again (a failure is a warning, not an end)."""
-    path = checkpoint.stage_dir(ctx.run_dir, stage)
+    path = RunDir(ctx.run_dir).checkpoints(stage)
     uploaded = tracker.artifact(ctx.cfg.name, "model", checkpoint.latest(path),
                                 {"stage": stage, "epochs": state["epoch"], "provenance": results.get("provenance")},
                                 suffix=f"-{stage}")

@@ -1,0 +1,91 @@
+"""How the processes of `dvtrain eval` share its work, with the same numbers for any number of processes.
+
+Two kinds of sharing, both deterministic:
+- the white-box table's test images, in fixed chunks (`dvtrain.eval.whitebox`: chunk c on rank c % world);
+- independent tasks (a surrogate ensemble to train, an example set to craft, one (model, attack, ε) cell
+  of the ε sweep, one source submodel's transfer run, one row of a diversity matrix): `shared_map`
+  gives each task to one rank, longest first to the least-loaded rank, and gathers the results.
+
+Either way each unit of work draws its random numbers from a stream named after the unit itself
+(`dvtrain.rng.stream`), never after the rank, so which process computed it changes nothing: at equal
+thread counts the results are bit-identical to one process's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+import torch
+from tqdm import tqdm
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Share(Protocol):
+    """The processes of one `dvtrain eval`: this one's rank, their number, and an all-gather."""
+
+    rank: int
+    world: int
+
+    def gather(self, obj: object) -> list[object]:
+        """Every rank's `obj` (picklable), in rank order, on every rank. Every rank must call it."""
+
+
+class ProcessGroupShare:
+    """The processes of the default torch.distributed process group (all_gather_object)."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def gather(self, obj: object) -> list[object]:
+        out: list[object] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def assign(costs: Sequence[float], world: int) -> list[int]:
+    """The rank of each task: longest processing time first, each to the rank with the least work so far
+    (ties: the lower rank, then the earlier task), so the assignment is a function of `costs` and `world`.
+    Costs are any consistent unit (e.g. forward-backward passes)."""
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[k] = rank
+        load[rank] += costs[k]
+    return owner
+
+
+def shared_map(share: Share | None, tasks: Sequence[T], costs: Sequence[float], run: Callable[[T], R],
+               bar: tqdm | None = None, images: Sequence[int] | None = None) -> list[R]:
+    """[run(task) for task in tasks] on every rank, each task run by the one rank `assign` gives it.
+
+    `run` must not depend on the rank (its random numbers come from the task), and its results must be
+    picklable (keep them small: masks, floats; large artifacts go through a shared cache on disk, with
+    `run` returning None). Every rank must call this with the same tasks and costs. One process
+    (`share` None) runs every task in order. `bar` (a progress bar) counts this rank's tasks' `images`
+    (one number per task) as they finish, so its rate and ETA are this rank's."""
+    world = 1 if share is None else share.world
+    owners = assign(costs, world)
+    rank = 0 if share is None else share.rank
+    mine_k = [k for k, owner in enumerate(owners) if owner == rank]
+    if bar is not None and images is not None:
+        bar.reset(total=sum(images[k] for k in mine_k))
+    mine: dict[int, R] = {}
+    for k in mine_k:
+        mine[k] = run(tasks[k])
+        if bar is not None and images is not None:
+            bar.update(images[k])
+    if share is None or world == 1:
+        return [mine[k] for k in range(len(tasks))]
+    merged: dict[int, R] = {}
+    for part in share.gather(mine):
+        merged.update(part)  # type: ignore[arg-type]
+    return [merged[k] for k in range(len(tasks))]
+
+
+def is_main(share: Share | None) -> bool:
+    """Whether this process writes results (rank 0, or the only process)."""
+    return share is None or share.rank == 0
