@@ -51,7 +51,8 @@ from dvtrain.data import load_dataset
 from dvtrain.distributed.runtime import init_runtime, launched_world_size, resolve_device, shutdown
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.load import finished_stages, load_stage
-from dvtrain.eval.whitebox import ProcessGroupShare, chunk_count, evaluate_stage, too_many_processes
+from dvtrain.eval.share import ProcessGroupShare
+from dvtrain.eval.whitebox import chunk_count, evaluate_stage, too_many_processes
 from dvtrain.submodels import build_submodel
 
 PROG = "python -m dvtrain.bench --eval"
