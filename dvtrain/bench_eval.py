@@ -178,6 +178,8 @@ def check_args(args: argparse.Namespace) -> tuple[Config, Path, list[str], torch
     n_images = n_test if cfg.eval.num_examples == 0 else min(n_test, cfg.eval.num_examples)
     if max(args.procs) > chunk_count(n_images, cfg.eval):
         raise DvtrainError(too_many_processes(max(args.procs), n_images, cfg.eval))
+    if args.run is not None:  # the stage to time: finished, or refused here with one line
+        args.stage = finished_stages(args.run, cfg, None if args.stage is None else [args.stage])[-1]
     return cfg, config, overrides, device, n_images
 
 
@@ -264,21 +266,25 @@ def main(argv: list[str] | None = None) -> dict | None:
     torch.set_num_threads(args.threads)  # as in each launched process, so that `describe` says their count
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="dvtrain-bench-eval-") as tmp:
-        folder = Path(tmp)
-        if args.run is None and args.train_epochs == 0:
-            run_dir, stage, weights = None, TRAINED_STAGE, "freshly initialised"
-        elif args.run is None:
-            run_dir, stage = folder / "run", TRAINED_STAGE
-            train_ensemble(config, run_dir, args.train_epochs, device, env)
-            weights = f"{TRAINED_STAGE} stage, {args.train_epochs} epoch(s)"
-        else:
-            run_dir = args.run
-            stage = args.stage or finished_stages(run_dir, cfg, None)[-1]
-            weights = f"{run_dir}, stage {stage}"
-        spec = {"config": str(config), "overrides": overrides, "run_dir": run_dir and str(run_dir), "stage": stage,
-                "attacks": list(cfg.eval.full_attacks)}
-        per_procs = {p: launch(p, spec, folder, env) for p in counts}
+    try:
+        with tempfile.TemporaryDirectory(prefix="dvtrain-bench-eval-") as tmp:
+            folder = Path(tmp)
+            if args.run is None and args.train_epochs == 0:
+                run_dir, stage, weights = None, TRAINED_STAGE, "freshly initialised"
+            elif args.run is None:
+                run_dir, stage = folder / "run", TRAINED_STAGE
+                train_ensemble(config, run_dir, args.train_epochs, device, env)
+                weights = f"{TRAINED_STAGE} stage, {args.train_epochs} epoch(s)"
+            else:
+                run_dir = args.run
+                stage = args.stage
+                weights = f"{run_dir}, stage {stage}"
+            spec = {"config": str(config), "overrides": overrides, "run_dir": run_dir and str(run_dir), "stage": stage,
+                    "attacks": list(cfg.eval.full_attacks)}
+            per_procs = {p: launch(p, spec, folder, env) for p in counts}
+    except RuntimeError as exc:  # training or a launch failed: its output's tail, not this driver's traceback
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     summary = summarise(per_procs)
     print(f"evaluation throughput, {cfg.model.arch}×{cfg.ensemble.size} ({weights}), {n_images} images in "
           f"{chunk_count(n_images, cfg.eval)} chunks of at most {cfg.eval.chunk_size}, {args.threads} thread(s) per process, {describe(device)}")
