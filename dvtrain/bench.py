@@ -2,6 +2,7 @@
 
     python -m dvtrain.bench [--device cpu|cuda|auto] [--steps N] [--quick] [--settings NAME ...]
                             [--precision fp32|bf16] [--channels-last] [--compile] [--cuda-graphs]
+    python -m dvtrain.bench --eval ...   (evaluation throughput at 1 and 2 processes: dvtrain.bench_eval)
 
 Columns: "reference" is written the way the authors' code works (one submodel at a time; every
 distillation iteration recomputes the target features and runs a full `backward` that also fills
@@ -79,6 +80,7 @@ MIB = 2**20
 SECONDS_PER_HOUR = 3600
 COLUMNS = ("reference", *ENGINES)
 CAPTURED = "captured"  # the grouped engine's step replayed from CUDA graphs (--cuda-graphs, GPUs only)
+EVAL_FLAG = "--eval"  # hands the command line to dvtrain.bench_eval (evaluation throughput)
 
 
 @dataclass(frozen=True)
@@ -540,6 +542,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also search the best CPU configuration of the first setting (engine × precision × threads)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help=f"add a '{CAPTURED}' column: the grouped step replayed from CUDA graphs (GPUs only)")
+    p.add_argument(EVAL_FLAG, action="store_true",
+                   help="evaluation throughput per attack at 1 and 2 processes instead (`--eval --help` lists its options)")
     return p.parse_args(argv)
 
 
@@ -548,7 +552,12 @@ def compute_options(args: argparse.Namespace) -> ComputeConfig:
                          cuda_graphs=args.cuda_graphs)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if EVAL_FLAG in argv:
+        from dvtrain.bench_eval import main as eval_main
+
+        return eval_main([a for a in argv if a != EVAL_FLAG])
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)

@@ -418,8 +418,9 @@ class EvalConfig:
     # 0 evaluates the whole test set; N uses its first N images.
     num_examples: int = ranged(0, ge=0, note="0: the whole test set")
     batch_size: int = ranged(500, ge=1)
-    # The table's images are attacked in fixed chunks of this many, each with its own random streams, so
-    # no number depends on how many processes shared the chunks out (`dvtrain eval` under a launcher).
+    # The table's images are attacked in fixed chunks of at most this many (sizes within one of each other,
+    # so that processes get even shares), each with its own random streams, so no number depends on
+    # how many processes shared the chunks out (`dvtrain eval` under a launcher).
     chunk_size: int = ranged(100, ge=1, note="images per chunk; at least as many chunks as processes")
     # The training run's table after each stage (keep it fast) and `dvtrain eval`'s table. Each table
     # adds the worst case per image of what it ran.

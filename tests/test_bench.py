@@ -94,3 +94,37 @@ def test_cuda_graphs_are_refused_on_the_cpu_with_one_line(tmp_path):
         assert done.returncode == 2
         assert done.stderr.count("\n") == 1 and "compute.cuda_graphs=true needs a CUDA device" in done.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_eval_bench_times_every_attack_at_one_and_two_launched_processes():
+    """`python -m dvtrain.bench --eval` (issue 22 item 5): two real launches (torchrun, gloo) of
+    `evaluate_stage` shared over the processes; a figure per attack and process count, and the JSON last."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    attacks = ["clean", "pgd_linf", "adaptive"]
+    done = subprocess.run(
+        [sys.executable, "-m", "dvtrain.bench", "--eval", "--procs", "1", "2", "--device", "cpu", "--images", "8",
+         "--train-epochs", "0", "--attacks", ",".join(attacks), "eval.chunk_size=4", "eval.steps=1", "eval.adaptive.steps=1",
+         "eval.adaptive.blend_scales=[0.5]", "eval.adaptive.target_classes=1"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report["procs"] == [1, 2] and report["chunks"] == 2 and report["images"] == 8
+    assert list(report["attacks"]) == attacks
+    for name, figures in report["attacks"].items():
+        # clean and PGD on the 3 submodels and the mixture, the adaptive attack on the mixture only
+        assert figures["models"] == (1 if name == "adaptive" else 4)
+        assert figures["images"] == 8 * figures["models"]
+        assert all(figures["images_per_s"][p] > 0 and figures["seconds"][p] > 0 for p in ("1", "2"))
+        assert figures["speedup"]["2"] > 0 and 1 <= figures["split_bound_speedup"]["2"] <= 2
+        assert len(figures["cpu_s"]["1"]) == 1 and len(figures["cpu_s"]["2"]) == 2  # one per process
+        assert any(line.split()[:1] == [name] for line in lines[:-1])  # a row of the printed table
+    assert report["overall"]["images"] == sum(f["images"] for f in report["attacks"].values())
+    assert report["overall"]["speedup"]["2"] > 0 and any(line.startswith("overall") for line in lines[:-1])

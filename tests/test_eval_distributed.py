@@ -50,7 +50,21 @@ def test_a_chunks_random_starts_do_not_depend_on_the_world_size_or_the_rank():
     assert not torch.equal(draws[0], torch.rand(5, generator=chunk_generator(0, "sub0", cell, 0, 0)))
     other_eps = torch.rand(5, generator=chunk_generator(0, "mixture", Cell("pgd_linf", "Linf", 0.05), 0, 0))
     assert not torch.equal(draws[0], other_eps)
-    assert chunk_bounds(40, 16) == [(0, 16), (16, 32), (32, 40)]
+    assert chunk_bounds(40, 16) == [(0, 14), (14, 27), (27, 40)]  # at most 16, sizes within one of each other
+
+
+def test_chunks_cover_the_images_once_in_order_with_sizes_within_one():
+    """Any (images, chunk_size): ceil(images / chunk_size) chunks of at most chunk_size images, in order,
+    sizes differing by at most one, so that round-robin ranks get even shares (issue 22 item 5)."""
+    for size in (0, 1, 7, 40, 100, 359, 1000):
+        for chunk_size in (1, 3, 16, 100, 500):
+            bounds = chunk_bounds(size, chunk_size)
+            assert len(bounds) == -(-size // chunk_size)
+            assert [i for start, end in bounds for i in range(start, end)] == list(range(size))
+            sizes = [end - start for start, end in bounds]
+            assert all(0 < s <= chunk_size for s in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+    halves = [sum(end - start for start, end in chunk_bounds(359, 100)[rank::2]) for rank in (0, 1)]
+    assert halves == [180, 179]  # the quickstart's test set over 2 processes; blocks of 100 gave 200/159
     assert EvalConfig().chunk_size >= 1
 
 
