@@ -261,6 +261,7 @@ def test_full_evaluation_writes_results_plots_and_caches_surrogates(tmp_path, mo
     for section in ("### dverge", "AutoAttack L∞", "Adaptive L∞", "**Worst case** L∞", "- pass: ",
                     "## Transferability: dverge", "## Black-box transfer", "### Black-box transfer at ε=0.1",
                     "ens2 momentum PGD CW", "SGM does not apply to conv", "## Accuracy vs ε: vanilla",
+                    "The mixture per surrogate ensemble", "| dverge | ens2 | ",
                     "## Vulnerability diversity: dverge"):
         assert section in md
     links = [line[line.index("(") + 1 : -1] for line in md.splitlines() if line.startswith("![")]

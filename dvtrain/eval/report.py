@@ -302,6 +302,16 @@ def _blackbox_markdown(tables: dict[str, dict], protocol: dict) -> list[str]:
         t = tables[stage]
         lines += [f"| {stage} | {model_label(stage, m)} | " + " | ".join(cell(v) for v in row) + " |"
                   for m, row in zip(t["models"], t["all"])]
+    by_surrogate = [s for s in stages if tables[s].get("all_by_surrogate")]
+    if by_surrogate:
+        lines += ["", "The mixture per surrogate ensemble (correct under every set crafted on it at that ε):", "",
+                  "| Stage | Surrogate | " + " | ".join(f"ε={format_eps(e)}" for e in eps_grid) + " |",
+                  "|---|---" + "|---:" * len(eps_grid) + "|"]
+        for stage in by_surrogate:
+            t = tables[stage]
+            m = t["models"].index("mixture")
+            lines += [f"| {stage} | {name} | " + " | ".join(cell(v) for v in rows[m]) + " |"
+                      for name, rows in t["all_by_surrogate"].items()]
     for k, eps in enumerate(eps_grid):
         columns = [j for j, s in enumerate(tables[stages[0]]["sets"]) if s["eps"] == eps]
         labels = [set_label(tables[stages[0]]["sets"][j]) for j in columns]
