@@ -9,7 +9,7 @@ What runs is dvtrain's own evaluation path: every count P > 1 is a real launch, 
 torch.distributed.run --standalone --nproc_per_node P` (gloo on the CPU, NCCL on GPUs, through
 `init_runtime` as `dvtrain eval` joins a launch), each process with `--threads` torch threads
 (OMP_NUM_THREADS too), holding every submodel and calling `dvtrain.eval.whitebox.evaluate_stage` with
-`share=ProcessGroupShare()`, one attack at a time; one process runs without a launcher and with
+`share=ProcessGroupShare(...)`, one attack at a time; one process runs without a launcher and with
 `share=None`, as plain `dvtrain eval` does.
 The attacks and their budgets are the config's `eval.full_attacks` (default: the quickstart's
 `dvtrain eval` table, configs/digits_quickstart.yaml, with its reduced budget: AutoAttack on the
@@ -115,7 +115,7 @@ def worker(spec_file: Path) -> None:
     set_threads(cfg.compute)
     _, device = init_runtime(cfg, whole_ensemble=True)  # as `dvtrain eval`: every rank holds every submodel
     try:
-        share = ProcessGroupShare() if launched_world_size() > 1 else None
+        share = ProcessGroupShare(cfg.eval.task_timeout_s) if launched_world_size() > 1 else None
         data = load_dataset(cfg.data).to(device)
         if spec["run_dir"] is None:  # freshly initialised: each submodel from its own seed, as training starts
             submodels = [build_submodel(cfg, data, i).to(device) for i in range(cfg.ensemble.size)]

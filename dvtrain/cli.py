@@ -9,9 +9,11 @@ needs (config, run directory, finished stages, readable results) before it spend
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import errno
+import io
 import os
 import re
 import sys
@@ -324,6 +326,12 @@ def interruptible(command: Callable[[], int], interrupted: str) -> int:
         if is_main_rank():  # a launcher SIGTERMs the other ranks when one fails: that one's line is the news
             print(f"dvtrain: {stop}; {interrupted}", file=sys.stderr)
         return stop.code
+    except RuntimeError as exc:  # a collective broken by another rank's failure: that rank printed the news
+        if not peer_failure(exc):
+            raise
+        print(f"dvtrain: error: rank {os.environ.get('RANK', '?')} lost a peer process ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0]}); the rank that failed printed its own error; {interrupted}", file=sys.stderr)
+        return EXIT_PEER_FAILED
 
 
 def _context(cfg: Config, run_dir: Path, data, placement, device):
@@ -470,13 +478,25 @@ def eval_main(argv: list[str] | None = None) -> int:
         # Under a launcher every rank loads every submodel and takes its share of the test images.
         _, device = init_runtime(cfg, whole_ensemble=True)
         try:
-            share = ProcessGroupShare() if launched_world_size() > 1 else None
-            full_evaluation(run_dir, cfg, stages, device, cfg.eval.transfer, train_in_process, command, share)
+            share = ProcessGroupShare(cfg.eval.task_timeout_s) if launched_world_size() > 1 else None
+            trainer = train_in_process if is_main_rank() else quietly(train_in_process)
+            full_evaluation(run_dir, cfg, stages, device, cfg.eval.transfer, trainer, command, share)
         finally:
             shutdown()
         return 0
 
     return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")
+
+
+def quietly(train: Callable[[Path, Config, object, object], object]) -> Callable[[Path, Config, object, object], object]:
+    """A surrogate trainer for the ranks other than 0: no progress bars and no printed tables (the ensemble
+    each rank trains is announced by one line; rank 0's terminal would otherwise interleave them all)."""
+    def run(run_dir: Path, cfg: Config, data, device) -> object:
+        quiet = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, progress=False))
+        with contextlib.redirect_stdout(io.StringIO()):
+            return train(run_dir, quiet, data, device)
+
+    return run
 
 
 def check_compare_outputs(argv: list[str]) -> None:

@@ -422,6 +422,9 @@ class EvalConfig:
     # so that processes get even shares), each with its own random streams, so no number depends on
     # how many processes shared the chunks out (`dvtrain eval` under a launcher).
     chunk_size: int = ranged(100, ge=1, note="images per chunk; at least as many chunks as processes")
+    # How long a process of a launched `dvtrain eval` waits for the others' tasks (a surrogate ensemble
+    # may train for hours while a rank with less work waits; dist.timeout_s bounds training's collectives).
+    task_timeout_s: float = ranged(7 * 24 * 3600.0, gt=0, note="seconds")
     # The training run's table after each stage (keep it fast) and `dvtrain eval`'s table. Each table
     # adds the worst case per image of what it ran.
     attacks: list[WhiteboxAttack] = ranged(

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from dvtrain.config import Config, TransferConfig
 from dvtrain.data import Dataset
 from dvtrain.eval.progress import Phases
-from dvtrain.eval.share import Share, is_main, shared_map
+from dvtrain.eval.share import Share, from_main, is_main, run_for_effect, shared_map
 from dvtrain.eval import example_sets, surrogates
 from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.transfer import ensemble_predictions, percent
@@ -34,6 +34,8 @@ from dvtrain.rng import stream
 
 MI_PGD, M_DI2_FGSM, SGM = "mi_pgd", "m_di2_fgsm", "sgm"
 ALL_SETS = "all"  # correct under every example set at that ε: the reference's "all" column
+ALL_BY_SURROGATE = "all_by_surrogate"  # the same per surrogate ensemble
+LOAD_COST = 0.01  # an ensemble or set already in the cache only loads: next to nothing against crafting one
 MIXTURE = "mixture"
 ATTACK_NAMES = {MI_PGD: "momentum PGD", M_DI2_FGSM: "M-DI²-FGSM", SGM: "SGM"}
 LOSS_NAMES = {"ce": "CE", "cw": "CW"}
@@ -137,7 +139,10 @@ def prepare_blackbox(
             return surrogates.load_or_train(root, configs[size], data, device, train)
 
     if share is not None and share.world > 1:  # each trained on one rank; then every rank reads every one
-        shared_map(share, sizes, sizes, lambda size: ensemble(size) and None)
+        # A cached ensemble only loads: rank 0 says which are, so that every rank assigns alike.
+        cached = from_main(share, [surrogates.is_trained(root, configs[size]) for size in sizes])
+        costs = [LOAD_COST if done else size for size, done in zip(sizes, cached)]
+        shared_map(share, sizes, costs, run_for_effect(ensemble))
     models = {size: ensemble(size) for size in sizes}
     applicable = {size: applicable_attacks(tcfg, models[size], cfg.model.arch) for size in sizes}
     tasks = [(size, float(eps), attack, loss) for size in sizes for eps in tcfg.sweep_eps for attack in applicable[size][0]
@@ -147,9 +152,16 @@ def prepare_blackbox(
         size, eps, attack, loss = task
         return surrogate_set(root, cfg, tcfg, configs[size], models[size], attack, loss, eps, x, y, index, phases)
 
+    def is_stored(task: tuple[int, float, str, str]) -> bool:
+        size, eps, attack, loss = task
+        folder, manifest = set_location(root, cfg, tcfg, configs[size], attack, loss, eps, index)
+        return example_sets.is_stored(folder, manifest)
+
     if share is not None and share.world > 1:
-        costs = [size * attack_budget(attack, tcfg)["runs"] * tcfg.blackbox_steps for size, _, attack, _ in tasks]
-        shared_map(share, tasks, costs, lambda task: example_set(task) and None)
+        cached = from_main(share, [is_stored(task) for task in tasks])
+        costs = [LOAD_COST if done else size * attack_budget(attack, tcfg)["runs"] * tcfg.blackbox_steps
+                 for (size, _, attack, _), done in zip(tasks, cached)]
+        shared_map(share, tasks, costs, run_for_effect(example_set))
     if not is_main(share):
         return None
     sets = [example_set(task) for task in tasks]
@@ -174,10 +186,8 @@ def surrogate_set(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, m
     protocol's images x [N, C, H, W] (test-set indices `index`), from the cache under `root` when its
     manifest matches, else crafted on the ensemble's mixture from the set's own stream and stored."""
     name = f"ens{scfg.ensemble.size}"
-    folder = Path(root) / example_sets.EXAMPLES / surrogates.data_folder(cfg) / surrogates.surrogate_dir(root, scfg).name
-    budget = attack_budget(attack, tcfg)
-    manifest = {"data": surrogates.data_identity(cfg), "images": index.tolist(), "surrogate": surrogates.surrogate_identity(scfg),
-                "attack": attack, "loss": loss, "eps": eps, "seed": tcfg.seed, "budget": budget}
+    folder, manifest = set_location(root, cfg, tcfg, scfg, attack, loss, eps, index)
+    budget = manifest["budget"]
 
     def generate() -> Tensor:
         mixture = Mixture(models).eval()
@@ -191,6 +201,16 @@ def surrogate_set(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, m
             return torch.stack(runs)
 
     return ExampleSet(name, attack, loss, eps, example_sets.load_or_generate(folder, manifest, generate))
+
+
+def set_location(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, attack: str, loss: str, eps: float,
+                 index: Tensor) -> tuple[Path, dict]:
+    """Where an example set lives in the cache under `root`, and the manifest that identifies it: the
+    data, the test images (`index`), the surrogate ensemble, attack, loss, ε, seed and budget."""
+    folder = Path(root) / example_sets.EXAMPLES / surrogates.data_folder(cfg) / surrogates.surrogate_dir(root, scfg).name
+    manifest = {"data": surrogates.data_identity(cfg), "images": index.tolist(), "surrogate": surrogates.surrogate_identity(scfg),
+                "attack": attack, "loss": loss, "eps": eps, "seed": tcfg.seed, "budget": attack_budget(attack, tcfg)}
+    return folder, manifest
 
 
 def correct_under(models: list[nn.Module], examples: Tensor, y: Tensor, batch_size: int) -> Tensor:
@@ -225,7 +245,7 @@ def blackbox_table(submodels: list[nn.Module], sets: list[ExampleSet], y: Tensor
     return {"models": models, "n_images": len(y), "sets": [s.key() for s in sets],
             "accuracy": [[percent(c[m]) for c in correct] for m in range(len(models))],
             "eps": eps_grid, ALL_SETS: every(lambda s: True), "images": images,
-            "all_by_surrogate": {name: every(lambda s, name=name: s.surrogate == name) for name in surrogates}}
+            ALL_BY_SURROGATE: {name: every(lambda s, name=name: s.surrogate == name) for name in surrogates}}
 
 
 def all_accuracy(table: dict, model: str, eps: float) -> float | None:

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dvtrain.eval.blackbox import ALL_SETS, MIXTURE
+from dvtrain.eval.blackbox import ALL_BY_SURROGATE, ALL_SETS, MIXTURE
 from dvtrain.eval.report import stage_order
 from dvtrain.eval.stats import PERCENT, wilson_interval
 
@@ -69,18 +69,19 @@ def blackbox_plot(tables: dict[str, dict], order: list[str], path: Path) -> Path
     tables = {stage: tables[stage] for stage in order if stage in tables and ALL_SETS in tables[stage]}
     if not tables:
         return None
-    surrogates = list(dict.fromkeys(name for t in tables.values() for name in t.get("all_by_surrogate", {})))
+    surrogates = list(dict.fromkeys(name for t in tables.values() for name in t.get(ALL_BY_SURROGATE, {})))
     titles = [f"transfer from {name}" for name in surrogates] + ["all transfer attacks"]
     fig, axes = _panels(titles)
     for stage, table in tables.items():
         m = table["models"].index(MIXTURE)
         for ax, name in zip(axes, surrogates):
-            if name in table.get("all_by_surrogate", {}):
-                _curve(ax, table["eps"], table["all_by_surrogate"][name][m], table["n_images"], stage)
+            if name in table.get(ALL_BY_SURROGATE, {}):
+                _curve(ax, table["eps"], table[ALL_BY_SURROGATE][name][m], table["n_images"], stage)
         _curve(axes[-1], table["eps"], table[ALL_SETS][m], table["n_images"], stage)
     axes[0].set_ylabel("mixture accuracy (%)", fontsize=FONT_SIZE)
     axes[-1].legend(fontsize=FONT_SIZE - 1)
-    n = next(iter(tables.values()))["n_images"]
+    sizes = sorted({t["n_images"] for t in tables.values()})  # stages evaluated apart may differ
+    n = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]} (per stage)"
     fig.suptitle(f"Black-box transfer (correct under every example set at ε), n = {n}", fontsize=FONT_SIZE + 1)
     return _save(fig, path)
 
@@ -103,9 +104,10 @@ def add_blackbox_plot(run_dir: Path, results: dict, trained: list[str] | tuple[s
     stage, in training order `trained`) and record them in results["plots"][stage] for each stage drawn."""
     order = stage_order(set(results.get("blackbox", {})) | set(results.get("eps_sweep", {})), trained)
     plots = results.setdefault("plots", {})
-    drawn = blackbox_plot(results.get("blackbox", {}), order, Path(run_dir) / PLOTS_DIR / FILE)
+    tables = results.get("blackbox", {})
+    drawn = blackbox_plot(tables, order, Path(run_dir) / PLOTS_DIR / FILE)
     if drawn is not None:
-        for stage in results.get("blackbox", {}):
+        for stage in (s for s in tables if ALL_SETS in tables[s]):  # older tables without the ε sweep are not drawn
             plots.setdefault(stage, {})[KIND] = drawn.relative_to(run_dir).as_posix()
     drawn = whitebox_plot(results.get("eps_sweep", {}), order, Path(run_dir) / PLOTS_DIR / WHITEBOX_FILE)
     if drawn is not None:

@@ -57,6 +57,8 @@ def diversity_matrix(
     """
     if len(y) == 0:
         raise ValueError("the diversity matrix needs at least one image pair")
+    if distillation.random_start:  # the rows are computed apart, each without the shared generator
+        raise ValueError("the diversity matrix distills without a random start; pass distillation_settings(...)")
     layers = batch_layers(submodels[0].num_layers, len(y), cfg, generator)
     return [diversity_row(submodels, i, x, y, x_s, distillation, cfg, layers) for i in range(len(submodels))]
 
@@ -128,15 +130,19 @@ def diversities(stages: dict[str, list[nn.Module]], data: Dataset, cfg: Config, 
     """Every stage's `stage_entry`; each row (stage, source submodel i) of each matrix is one task of
     `share` (None: all here), computed alike on any rank; `bar` counts this rank's rows' image pairs."""
     pairs = {stage: stage_pairs(stage, subs, data, cfg) for stage, subs in stages.items()}
-    tasks = [(stage, i) for stage, subs in stages.items() if len(pairs[stage]["y"]) for i in range(len(subs))]
+    # Every (stage, row) is a task of equal cost, from the config alone: the number of pairs comes from
+    # each rank's own forward passes, which must not decide who does what.
+    tasks = [(stage, i) for stage, subs in stages.items() for i in range(len(subs))]
 
-    def row(task: tuple[str, int]) -> list[float]:
+    def row(task: tuple[str, int]) -> list[float] | None:
         stage, i = task
         p = pairs[stage]
+        if len(p["y"]) == 0:  # no pair that every submodel classifies correctly: nothing to measure
+            return None
         return diversity_row(stages[stage], i, p["x"], p["y"], p["x_s"], p["distillation"], cfg.eval.diversity, p["layers"])
 
-    sizes = [len(pairs[stage]["y"]) for stage, _ in tasks]
-    rows = dict(zip(tasks, shared_map(share, tasks, sizes, row, bar, sizes)))
+    n_pairs = [len(pairs[stage]["y"]) for stage, _ in tasks]
+    rows = dict(zip(tasks, shared_map(share, tasks, [1.0] * len(tasks), row, bar, n_pairs)))
     return {stage: stage_entry(subs, pairs[stage], [rows[(stage, i)] for i in range(len(subs))] if len(pairs[stage]["y"]) else None,
                                cfg.eval.diversity)
             for stage, subs in stages.items()}

@@ -28,7 +28,7 @@ from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.report import (
     EVAL_TABLE, FULL_EVALUATION_KEYS, evaluation_markdown, merge_rows, metric_key, result_metrics, results_markdown, update_results,
 )
-from dvtrain.eval.share import Share
+from dvtrain.eval.share import Share, is_main
 from dvtrain.eval.sweep import epsilon_sweeps
 from dvtrain.eval.transfer import shuffled_test_set, transfer_matrices
 from dvtrain.errors import DvtrainError
@@ -54,14 +54,13 @@ def shared_evaluation(loaded: dict[str, list[nn.Module]], data: Dataset, cfg: Co
     return {"transfer": transfer, "eps_sweep": {stage: sweep | {"images": image_digest(index)} for stage, sweep in sweeps.items()}}
 
 
-def stage_checks(stage: str, submodels: list[nn.Module], rows: list[dict], data: Dataset, cfg: Config,
+def stage_checks(stage: str, submodels: list[nn.Module], rows: list[dict], data: Dataset, cfg: Config, tcfg: TransferConfig,
                  blackbox: tuple[list[ExampleSet], Tensor, str], results: dict, phases: Phases) -> None:
     """Rank 0, given the stage's white-box `rows` and its ε sweep in `results`: its black-box table
     (`blackbox` is (example sets, their labels, their images' digest)) and gradient-masking checks."""
     sets, y_blackbox, images = blackbox
     with phases.phase(f"{stage} black-box transfer", len(y_blackbox) * len(sets)) as bar:
-        results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, sets, y_blackbox, cfg.eval.transfer.batch_size,
-                                                                   images)
+        results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, sets, y_blackbox, tcfg.batch_size, images)
         bar.update(len(y_blackbox) * len(sets))
     probe = None
     if cfg.eval.checks.enabled:
@@ -104,7 +103,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     for stage, submodels in loaded.items():  # refuse a broken checkpoint before any long computation
         for i, model in enumerate(submodels):
             check_finite(model, data.x_test[: cfg.eval.batch_size], f"submodel {i + 1} of stage {stage}")
-    main = share is None or share.rank == 0
+    main = is_main(share)
     note = reduced_budget_note(cfg.eval)
     if main and note:
         print(note, flush=True)
@@ -124,7 +123,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
         return None
     sets, y_blackbox, new["blackbox_surrogate"] = blackbox
     for stage, submodels in loaded.items():
-        stage_checks(stage, submodels, rows[stage], data, cfg, (sets, y_blackbox, new["blackbox_surrogate"]["images"]),
+        stage_checks(stage, submodels, rows[stage], data, cfg, tcfg, (sets, y_blackbox, new["blackbox_surrogate"]["images"]),
                      new, phases)
     new["plots"] = evaluation_plots(run.path, new)
     new["eval_provenance"] = {"command": command, "world_size": 1 if share is None else share.world,

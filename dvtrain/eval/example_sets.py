@@ -49,18 +49,27 @@ def set_path(folder: Path, manifest: dict) -> Path:
     return Path(folder) / f"{stem}.safetensors"
 
 
+def is_stored(folder: Path, manifest: dict) -> bool:
+    """Whether the set `manifest` describes is in `folder` (so `load_or_generate` would only read it)."""
+    manifest = {"format": FORMAT, **manifest}
+    path = set_path(folder, manifest)
+    manifest_path = path.with_suffix(".json")
+    return manifest_path.is_file() and path.is_file() and json.loads(manifest_path.read_text()) == manifest
+
+
 def load_or_generate(folder: Path, manifest: dict, generate: Callable[[], Tensor]) -> Tensor:
     """The example set `manifest` describes: read from `folder` when a file with that exact manifest is
     there, else `generate()` ([R, N, C, H, W] float32) is called once, stored and returned (on the CPU).
 
     `manifest` must be JSON-able and hold at least "attack", "loss" and "eps"; FORMAT is added to it.
     Raises OSError when the folder cannot be written."""
+    raw = manifest
     manifest = {"format": FORMAT, **manifest}
     path = set_path(folder, manifest)
     manifest_path = path.with_suffix(".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):
-        if manifest_path.is_file() and path.is_file() and json.loads(manifest_path.read_text()) == manifest:
+        if is_stored(folder, raw):
             return load_file(str(path))[EXAMPLES]
         examples = generate().detach().to("cpu", torch.float32).contiguous()
         _write_atomic(path, lambda tmp: save_file({EXAMPLES: examples}, str(tmp), metadata={"manifest": json.dumps(manifest)}))

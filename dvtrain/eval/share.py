@@ -14,6 +14,7 @@ thread counts the results are bit-identical to one process's.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Protocol, TypeVar
 
 import torch
@@ -34,21 +35,27 @@ class Share(Protocol):
 
 
 class ProcessGroupShare:
-    """The processes of the default torch.distributed process group (all_gather_object)."""
+    """The processes of the default torch.distributed process group, gathering over a gloo group of their
+    own whose timeout is `timeout_s` (eval.task_timeout_s): a rank that finished its tasks waits in the
+    gather for the slowest one, which may be training a surrogate ensemble for hours, far beyond the
+    default group's dist.timeout_s. Every rank must construct it (new_group is collective)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float) -> None:
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     def gather(self, obj: object) -> list[object]:
         out: list[object] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
+        torch.distributed.all_gather_object(out, obj, group=self.group)
         return out
 
 
 def assign(costs: Sequence[float], world: int) -> list[int]:
     """The rank of each task: longest processing time first, each to the rank with the least work so far
-    (ties: the lower rank, then the earlier task), so the assignment is a function of `costs` and `world`.
-    Costs are any consistent unit (e.g. forward-backward passes)."""
+    (ties: the lower rank, then the earlier task), so the assignment is a function of `costs` and `world`
+    (Graham, 1969: the largest load is within 4/3 of the best). Costs are any consistent unit (e.g.
+    forward-backward passes); every rank must compute the same ones, so they come from the config or
+    from rank 0 (`from_main`), never from a rank's own forward passes."""
     load = [0.0] * world
     owner = [0] * len(costs)
     for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
@@ -84,6 +91,21 @@ def shared_map(share: Share | None, tasks: Sequence[T], costs: Sequence[float], 
     for part in share.gather(mine):
         merged.update(part)  # type: ignore[arg-type]
     return [merged[k] for k in range(len(tasks))]
+
+
+def from_main(share: Share | None, value: T) -> T:
+    """Rank 0's `value` on every rank (one process: `value`): for decisions that must agree, such as which
+    cached items exist when a concurrent evaluation may be adding them."""
+    return value if share is None or share.world == 1 else share.gather(value)[0]  # type: ignore[return-value]
+
+
+def run_for_effect(run: Callable[[T], object]) -> Callable[[T], None]:
+    """`run` with its result dropped: for tasks whose product goes to the shared cache on disk, so that
+    `shared_map` gathers nothing large."""
+    def wrapped(task: T) -> None:
+        run(task)
+
+    return wrapped
 
 
 def is_main(share: Share | None) -> bool:

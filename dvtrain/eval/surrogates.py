@@ -79,6 +79,11 @@ def surrogate_dir(root: Path, scfg: Config) -> Path:
     return Path(root) / SURROGATES / data_folder(scfg) / name
 
 
+def is_trained(root: Path, scfg: Config) -> bool:
+    """Whether the surrogate ensemble of `scfg` is finished in the cache under `root` (it would only load)."""
+    return stage_finished(surrogate_dir(root, scfg), STAGE)
+
+
 def load_or_train(root: Path, scfg: Config, data: Dataset, device: torch.device, train: SurrogateTrainer) -> list[nn.Module]:
     """The surrogate ensemble of `scfg` in eval mode: trained (or resumed) by `train` in its folder under
     `root` unless finished there already. A file lock keeps two evaluations from training it at once."""

@@ -113,7 +113,7 @@ def transfer_matrices(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, 
         return fooled_by(_random_start_pgd(submodels[i], cfg.eps, cfg), lambda a: ensemble_predictions(submodels, a),
                          len(submodels) + 1, xs, ys, cfg.batch_size, [stream(seed, "transfer", f"sub{i}", r)]).cpu()
 
-    costs = [len(picked[stage][1]) * cfg.steps for stage, _, _ in tasks]
+    costs = [float(cfg.steps)] * len(tasks)  # alike for every run, from the config: every rank assigns alike
     images = [len(picked[stage][1]) for stage, _, _ in tasks]
     fooled = dict(zip(tasks, shared_map(share, tasks, costs, run, bar, images)))
     out = {}
