@@ -38,13 +38,17 @@ class ProcessGroupShare:
     """The processes of the default torch.distributed process group, gathering over a gloo group of their
     own whose timeout is `timeout_s` (eval.task_timeout_s): a rank that finished its tasks waits in the
     gather for the slowest one, which may be training a surrogate ensemble for hours, far beyond the
-    default group's dist.timeout_s. Every rank must construct it (new_group is collective)."""
+    default group's dist.timeout_s. The group is made at the first gather (new_group is collective, and
+    every rank gathers alike), so a refusal before any work involves no collective."""
 
     def __init__(self, timeout_s: float) -> None:
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self.timeout_s = timeout_s
+        self.group = None
 
     def gather(self, obj: object) -> list[object]:
+        if self.group is None:
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
         out: list[object] = [None] * self.world
         torch.distributed.all_gather_object(out, obj, group=self.group)
         return out
