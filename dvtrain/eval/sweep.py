@@ -25,9 +25,8 @@ from tqdm import tqdm
 from dvtrain.config import EvalConfig
 from dvtrain.eval import attack_registry as registry
 from dvtrain.eval.share import Share, shared_map
-from dvtrain.eval.transfer import percent
+from dvtrain.eval.transfer import percent, table_models
 from dvtrain.eval.whitebox import LINF, MIXTURE, Cell, robust_mask
-from dvtrain.mixture import Mixture
 from dvtrain.rng import derive_seed, stream
 
 CLEAN = "clean"
@@ -59,7 +58,7 @@ def epsilon_sweeps(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, cfg
     "models": [name], "n_images": N, "attacks": {attack: [model][ε] (None where it did not run on that
     model)}, "of": {model: [attacks]}, "worst_case": [model][ε], "steps", "step_fraction", "restarts"}."""
     t = cfg.transfer
-    named = {stage: {f"sub{i}": m for i, m in enumerate(subs)} | {MIXTURE: Mixture(subs)} for stage, subs in stages.items()}
+    named = {stage: table_models(subs) for stage, subs in stages.items()}
     # Clean first (the worst case needs it), then every attack at every ε > 0 (at ε = 0 an attack is the identity).
     tasks = [(stage, name, CLEAN, 0.0) for stage, models in named.items() for name in models]
     tasks += [(stage, name, a, float(eps)) for stage, models in named.items() for name in models
