@@ -57,6 +57,20 @@ def device_name(device: torch.device) -> str:
     return f"{device} ({platform.processor() or platform.machine()})"
 
 
+def cpu_name() -> str:
+    """The CPU model and the widest vector unit torch's kernels use on it, e.g. "AMD EPYC (family 25 model 17),
+    AVX512": trained weights depend on both (reductions round differently), so a figure compared with a run on
+    another machine names them."""
+    model = platform.processor() or platform.machine()
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        model = f"{fields['model name']} (family {fields['cpu family']} model {fields['model']})"
+    except (OSError, KeyError, ValueError):
+        pass  # not Linux, or a /proc/cpuinfo without these fields: the platform's own name
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def session(cfg: Config, device: torch.device, world_size: int) -> dict:
     """What this training session runs with, fixed when it starts (`ended` and the stages' wall times
     are added by `record_stage`)."""
@@ -66,6 +80,7 @@ def session(cfg: Config, device: torch.device, world_size: int) -> dict:
         "torch": torch.__version__,
         **{name: _package_version(name) for name in PACKAGES},
         "python": platform.python_version(),
+        "cpu": cpu_name(),
         "device": device_name(device),
         "world_size": world_size,
         "threads_per_process": torch.get_num_threads(),

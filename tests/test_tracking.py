@@ -50,6 +50,8 @@ def test_keys_epoch_axis_final_table_and_provenance(seed_runs):
     assert prov["world_size"] == 1 and prov["threads_per_process"] >= 1 and prov["precision"] == "fp32"
     assert prov["engine"]["dverge"] in ("loop", "grouped") and prov["stage_wall_s"]["vanilla"] > 0
     assert prov["started"] <= prov["ended"]
+    # the CPU model and torch's vector unit: weights differ between CPUs, so a figure names its CPU
+    assert prov["cpu"].endswith(str(torch.backends.cpu.get_cpu_capability())) and len(prov["cpu"]) > len("AVX2, ")
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:
         assert prov["git_commit"].startswith(head.stdout.strip())
