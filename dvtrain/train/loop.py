@@ -1,10 +1,10 @@
 """The stage loop: composes data, submodels, the stages, checkpoints, tracking and evaluation.
 
-For each configured stage (`dvtrain.train.registry`): restore its checkpoint or start it from the
+For each configured stage (`dvtrain.stages`): restore its checkpoint or start it from the
 weights of the stage it builds on (or from fresh weights), train the remaining epochs (checkpointing at
 epoch ends and every `checkpoint.every_steps` steps; Ctrl-C checkpoints where it stops), then evaluate
 the submodels and their mixture and record the table in `results.json`/`results.md`. The loop knows no
-stage by name: a stage is its class in the registry.
+stage by name: a stage is its class in the registry, and the loop owns the frame around its steps.
 """
 
 from __future__ import annotations
