@@ -27,6 +27,7 @@ from dvtrain import rundir, storage
 from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs, dump_yaml, load_config,
                             parse_override, read_yaml)
 from dvtrain.errors import DvtrainError, WriteFailed
+from dvtrain.exits import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_TERMINATED, EXIT_USER_ERROR
 from dvtrain.distributed.runtime import (
     init_runtime, is_main_rank, launched_world_size, report_to_launcher, shutdown,
 )
@@ -46,10 +47,6 @@ CONFIG_FILE = rundir.CONFIG
 # (stages: a run may be extended by later stages).
 # (compute.threads changes rounding only, as the number of processes does.)
 RESUMABLE_CHANGES = ("logging.", "device", "dist.", "eval.batch_size", "stages", "compute.threads")
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143  # 128 + SIGTERM
-EXIT_PEER_FAILED = 1
 RESULTS_JSON = rundir.RESULTS_JSON
 PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out")
 
@@ -157,7 +154,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
     data = load_data(cfg)
     check_layers(cfg, data)
     for stage in cfg.stages:  # data-parallel replicas each need rows of every batch
-        placement.replicas.check_batches(len(data.y_train), getattr(cfg, stage).batch_size, f"{stage}.batch_size",
+        placement.replicas.check_batches(len(data.y_train), cfg.section(stage).batch_size, f"{stage}.batch_size",
                                          cfg.data.drop_last)
     placement.barrier()
     if placement.is_main:
@@ -215,34 +212,14 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
     so that rank 0 alone prints it): each stage's starting weights come from a stage trained earlier in
     `stages` or already finished in the run; the run's checkpoints are of this architecture and ensemble
     size; W&B can log in the mode asked for. `run_dir` None: a new run, with no checkpoints yet."""
-    from dvtrain import checkpoint
+    from dvtrain import prechecks
     from dvtrain.tracking import resolve_mode
 
     resolve_mode(cfg.logging)
-
-    def finished(stage: str) -> bool:
-        path = None if run_dir is None else checkpoint.latest(RunDir(run_dir).checkpoints(stage))
-        return path is not None and bool(checkpoint.read_state(path).get("complete"))
-
-    expected = {"arch": cfg.model.arch, "ensemble_size": cfg.ensemble.size}
     for k, stage in enumerate(cfg.stages):
         if run_dir is not None:
             check_folder(RunDir(run_dir).checkpoints(stage), "checkpoint folder", "move that file away")
-        path = None if run_dir is None else checkpoint.latest(RunDir(run_dir).checkpoints(stage))
-        if path is not None:
-            found = {key: checkpoint.read_state(path).get(key) for key in expected}
-            if found != expected:
-                raise checkpoint.CheckpointError(
-                    f"checkpoint {path} holds {found}, but the config asks for {expected}; use another run directory"
-                )
-            if checkpoint.read_state(path).get("complete"):
-                continue
-        source = getattr(cfg, stage).init_from
-        if source is not None and source not in cfg.stages[:k] and not finished(source):
-            raise DvtrainError(
-                f"stage {stage} starts from the final weights of stage {source}, which this run has not finished; "
-                f"add {source} to stages before {stage} or resume a run directory that has it"
-            )
+        prechecks.check_start(cfg, run_dir, stage, trained_before=cfg.stages[:k])
 
 
 def check_layers(cfg: Config, data) -> None:
@@ -251,7 +228,7 @@ def check_layers(cfg: Config, data) -> None:
 
     from dvtrain.models import build_model
 
-    fixed = {stage: getattr(getattr(cfg, stage), "layer", None) for stage in cfg.stages}
+    fixed = {stage: getattr(cfg.section(stage), "layer", None) for stage in cfg.stages}
     if not any(layer is not None for layer in fixed.values()):
         return
     with torch.random.fork_rng(devices=[]):  # the submodels' own initialisation draws stay untouched

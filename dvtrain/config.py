@@ -7,6 +7,7 @@ annotations, so a typo in a key or a value stops the run before any work is done
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -19,12 +20,13 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from dvtrain import stages as stage_registry
 from dvtrain.errors import DvtrainError
 from dvtrain.paths import read_text
+from dvtrain.stages import StageSpec, register_built_in
 
 # Choices are Literal types: the validator checks a value against them and lists them in its message.
-# In training order; `dvtrain compare` orders its columns the same way.
-StageName = Literal["vanilla", "adp", "gal", "trs", "dverge", "dverge_advt"]
+# (The stages are not a Literal: they come from the registry, `dvtrain.stages`, plug-ins included.)
 DatasetName = Literal["digits", "fashion_mnist", "cifar10"]
 Arch = Literal["conv", "resnet20"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
@@ -32,10 +34,8 @@ BnMode = Literal["train", "eval"]
 Engine = Literal["loop", "grouped"]
 Precision = Literal["fp32", "bf16"]
 Optimizer = Literal["sgd", "adam"]
-STAGES = typing.get_args(StageName)
 # The ensemble-diversity baselines the DVERGE paper compares against (dvtrain.train.baselines).
 BASELINES = ("adp", "gal", "trs")
-DEFAULT_STAGES = ("vanilla", "dverge", "dverge_advt")
 DATASETS = typing.get_args(DatasetName)
 ARCHS = typing.get_args(Arch)
 WANDB_MODES = typing.get_args(WandbMode)
@@ -149,7 +149,19 @@ class OptimConfig:
 
 
 @dataclass
-class VanillaConfig:
+class StageConfig:
+    """What the stage loop reads of every stage's section; each stage's section extends it (and may
+    redeclare a field with its own default or range). Its fields come first in the section's YAML."""
+
+    epochs: int = ranged(1, ge=0)
+    batch_size: int = ranged(32, ge=1)
+    # None: fresh weights; a stage name: start from that stage's final weights.
+    init_from: Optional[str] = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class VanillaConfig(StageConfig):
     """The `vanilla` stage: each submodel trained alone on clean data with its own data order."""
 
     epochs: int = ranged(30, ge=0)
@@ -160,7 +172,7 @@ class VanillaConfig:
 
 
 @dataclass
-class DvergeConfig:
+class DvergeConfig(StageConfig):
     """A DVERGE stage. Defaults follow the reference code (github zjysteven/DVERGE)."""
 
     epochs: int = ranged(200, ge=0)
@@ -203,7 +215,7 @@ def _baseline_adam(milestones: list[int]) -> OptimConfig:
 
 
 @dataclass
-class AdpConfig:
+class AdpConfig(StageConfig):
     """ADP (Pang et al., ICML 2019): Σ_i CE_i − α·H(mean prediction) − β·log det(Gram of the normalised
     non-true-class predictions + jitter·I). Defaults: the DVERGE authors' ADP trainer (zjysteven/DVERGE,
     train/train_adp.py and arguments.py), which trains from scratch for 200 epochs at batch 128."""
@@ -220,7 +232,7 @@ class AdpConfig:
 
 
 @dataclass
-class GalConfig:
+class GalConfig(StageConfig):
     """GAL (Kariyappa & Qureshi, 2019): mean_i CE_i + λ·log Σ_{i<j} exp(cos(∇_x L_i, ∇_x L_j)). Defaults: the
     DVERGE authors' GAL trainer (zjysteven/DVERGE, train/train_gal.py and arguments.py), from scratch."""
 
@@ -235,7 +247,7 @@ class GalConfig:
 
 
 @dataclass
-class TrsConfig:
+class TrsConfig(StageConfig):
     """TRS (Yang et al., NeurIPS 2021): Σ_i CE_i + scale·(λ_a·mean_{i<j} |cos(∇_x L_i, ∇_x L_j)| + λ_b·smoothness).
     Defaults: AI-secure/Transferability-Reduced-Smooth-Ensemble (1d246dd) train/Empirical/train_trs.py,
     trainer.py and utils/Empirical/script_train.py (the run script: from scratch, --plus-adv)."""
@@ -493,28 +505,88 @@ class DistConfig:
     timeout_s: int = ranged(600, ge=1, note="seconds")
 
 
-@dataclass
+# The built-in stages, in training order (`dvtrain compare` orders its columns the same way); plug-ins
+# follow them (`dvtrain.stages`). Trainers are named by module so that this registry imports no training code.
+for _spec in (
+    StageSpec("vanilla", VanillaConfig, "dvtrain.train.vanilla:Vanilla"),
+    StageSpec("adp", AdpConfig, "dvtrain.train.baselines:Adp"),
+    StageSpec("gal", GalConfig, "dvtrain.train.baselines:Gal"),
+    StageSpec("trs", TrsConfig, "dvtrain.train.baselines:Trs"),
+    StageSpec("dverge", DvergeConfig, "dvtrain.train.dverge:Dverge", distils=True),
+    StageSpec("dverge_advt", DvergeConfig, "dvtrain.train.dverge:DvergeAdvt", distils=True,
+              section=lambda: DvergeConfig(epochs=50, plus_adv=True)),
+):
+    register_built_in(_spec)
+# The built-in stages' names (every registered stage, plug-ins included: `dvtrain.stages.names()`).
+STAGES = stage_registry.built_in_names()
+DEFAULT_STAGES = ("vanilla", "dverge", "dverge_advt")
+
+
+def default_sections() -> dict[str, StageConfig]:
+    """Every registered stage's section at its defaults, by stage name."""
+    return {name: spec.default_section() for name, spec in stage_registry.specs().items()}
+
+
+@dataclass(init=False)
 class Config:
+    """The whole configuration. Each registered stage has a section named after it, kept in `sections`
+    and read as `cfg.section(name)` (or `cfg.<name>` where the stage is known by name, e.g. `cfg.dverge`);
+    in YAML, in `to_dict` and on the command line a stage's section is a top-level key like the others.
+    `Config(dverge=DvergeConfig(...))` and `dataclasses.replace(cfg, vanilla=...)` set sections too."""
+
     name: str = "quickstart"
     seed: int = ranged(0, ge=0)
     runs_dir: str = "runs"
     # "auto" picks CUDA when available, else the CPU.
     device: str = "auto"
-    stages: list[StageName] = field(default_factory=lambda: list(DEFAULT_STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    vanilla: VanillaConfig = field(default_factory=VanillaConfig)
-    dverge: DvergeConfig = field(default_factory=DvergeConfig)
-    dverge_advt: DvergeConfig = field(default_factory=lambda: DvergeConfig(epochs=50, plus_adv=True))
-    adp: AdpConfig = field(default_factory=AdpConfig)
-    gal: GalConfig = field(default_factory=GalConfig)
-    trs: TrsConfig = field(default_factory=TrsConfig)
+    sections: dict[str, StageConfig] = field(default_factory=default_sections)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def __init__(self, sections: dict[str, StageConfig] | None = None, **values: Any) -> None:
+        registered = stage_registry.specs()
+        sections = default_sections() if sections is None else dict(sections)
+        sections.update({name: values.pop(name) for name in list(values) if name in registered})
+        for f in dataclasses.fields(self):
+            if f.name == "sections":
+                value = sections
+            elif f.name in values:
+                value = values.pop(f.name)
+            else:
+                value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            object.__setattr__(self, f.name, value)
+        if values:
+            raise TypeError(f"Config() got unknown keys {', '.join(values)} (no field or registered stage has those names)")
+
+    def section(self, stage: str) -> StageConfig:
+        """The section of stage `stage`.
+
+        Raises:
+            ConfigError: no registered stage has that name.
+        """
+        found = self.sections.get(stage)
+        if found is None:
+            raise ConfigError(f"no config section for stage {stage!r}; the stages are {', '.join(self.sections)}")
+        return found
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not attributes: the stage sections
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"'Config' object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "sections" and name in self.__dict__.get("sections", {}):
+            self.sections[name] = value
+        else:
+            object.__setattr__(self, name, value)
 
 
 # ----------------------------------------------------------------------------- building
@@ -571,9 +643,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def _keys(cls: type) -> set[str]:
+    """The keys a section takes: its fields; at the top level the stage sections stand for `sections`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return known - {"sections"} | set(stage_registry.names()) if cls is Config else known
+
+
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = _keys(cls)
     for key in values:
         if cls is Config and key in RENAMED_SECTIONS:
             raise ConfigError(
@@ -586,21 +664,24 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = (f"did you mean '{prefix}{close[0]}'?" if close else
-                    f"the keys under '{prefix or '<top>'}' are {', '.join(sorted(known))}")
+                    f"the keys under '{prefix or '<top>'}' are {', '.join(sorted(known))}"
+                    + ("; a plug-in stage's section needs the package that registers it (entry point group "
+                       f"{stage_registry.ENTRY_POINT_GROUP})" if cls is Config else ""))
             raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}")
     default = cls()
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in values:
-            sub_default = getattr(default, f.name)
-            raw = values[f.name]
+    for name in known:
+        if name in values:
+            sub_default = getattr(default, name)
+            hint = hints[name] if name in hints else stage_registry.spec(name).config
+            raw = values[name]
             if dataclasses.is_dataclass(sub_default) and isinstance(raw, dict):
                 merged = _merge(dataclasses.asdict(sub_default), raw)
-                kwargs[f.name] = _coerce(merged, hints[f.name], prefix + f.name)
+                kwargs[name] = _coerce(merged, hint, prefix + name)
             else:
-                kwargs[f.name] = _coerce(raw, hints[f.name], prefix + f.name)
+                kwargs[name] = _coerce(raw, hint, prefix + name)
         else:
-            kwargs[f.name] = getattr(default, f.name)
+            kwargs[name] = getattr(default, name)
     return cls(**kwargs)
 
 
@@ -709,7 +790,15 @@ def config_from_dict(tree: dict) -> Config:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The configuration as nested dicts, each stage's section at the top level (as in YAML)."""
+    tree = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "sections":
+            tree.update({name: dataclasses.asdict(section) for name, section in value.items()})
+        else:
+            tree[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return tree
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -767,6 +856,10 @@ def check_section(section: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_section(value, key + ".")
             continue
+        if f.name == "sections":  # the stage sections, each under its stage's name
+            for name, stage_section in value.items():
+                check_section(stage_section, prefix + name + ".")
+            continue
         valid: Range | None = f.metadata.get("range")
         if typing.get_origin(hint) is list:
             (item_hint,) = typing.get_args(hint)
@@ -784,14 +877,18 @@ def validate(cfg: Config) -> None:
            f"name={cfg.name!r} must be a plain directory name (no '/', not '.' or '..')")
     _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
            f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
-    _check(len(cfg.stages) > 0, "stages is empty; list at least one of " + ", ".join(STAGES))
+    registered = stage_registry.names()
+    _check(len(cfg.stages) > 0, "stages is empty; list at least one of " + ", ".join(registered))
+    for i, stage in enumerate(cfg.stages):
+        _check(stage in registered, f"stages[{i}]={stage!r} must be one of {', '.join(registered)} (a plug-in stage "
+               f"is registered by its package's entry point, group {stage_registry.ENTRY_POINT_GROUP})")
     _check(len(set(cfg.stages)) == len(cfg.stages), f"stages={cfg.stages} lists a stage twice")
-    for stage in STAGES:  # the stage whose final weights a stage starts from (None: fresh weights)
-        source = getattr(cfg, stage).init_from
-        may_be_null = typing.get_type_hints(type(getattr(cfg, stage)))["init_from"] != str
-        _check(source is None or (source in STAGES and source != stage),
+    for stage, section in cfg.sections.items():  # the stage whose final weights a stage starts from (None: fresh)
+        source = section.init_from
+        may_be_null = typing.get_type_hints(type(section))["init_from"] != str
+        _check(source is None or (source in cfg.sections and source != stage),
                f"{stage}.init_from={source!r} must " + ("be null (fresh weights) or name" if may_be_null else "name")
-               + f" another stage ({', '.join(STAGES)})")
+               + f" another stage ({', '.join(cfg.sections)})")
     _check(cfg.eval.restarts == 1 or cfg.eval.random_start,
            f"eval.restarts={cfg.eval.restarts} needs eval.random_start=true: restarts from one start repeat one attack")
     a = cfg.eval.autoattack

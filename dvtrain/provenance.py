@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import dvtrain
-from dvtrain.config import STAGES, Config
+from dvtrain.config import Config
 
 PACKAGES = ("accelerate", "wandb")  # torch: its own __version__, which names the build (+cpu, +cu130)
 GIT_TIMEOUT_S = 10
@@ -85,7 +85,7 @@ def session(cfg: Config, device: torch.device, world_size: int) -> dict:
         "world_size": world_size,
         "threads_per_process": torch.get_num_threads(),
         "precision": cfg.compute.precision,
-        "engine": {stage: getattr(cfg, stage).engine for stage in STAGES if hasattr(getattr(cfg, stage), "engine")},
+        "engine": {stage: section.engine for stage, section in cfg.sections.items() if hasattr(section, "engine")},
         "started": now(),
     }
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from dvtrain import rundir
-from dvtrain.config import RENAMED_SECTIONS, STAGES, Config, read_yaml
+from dvtrain import stages as stage_registry
+from dvtrain.config import RENAMED_SECTIONS, Config, read_yaml
 from dvtrain.errors import DvtrainError
 
 CONFIG_FILE = rundir.CONFIG
@@ -65,7 +66,7 @@ def _dvtrain_config(path: Path) -> bool:
         tree = read_yaml(path)
     except (DvtrainError, yaml.YAMLError):
         return False
-    known = set(Config.__dataclass_fields__) | set(RENAMED_SECTIONS)
+    known = set(Config.__dataclass_fields__) - {"sections"} | set(stage_registry.names()) | set(RENAMED_SECTIONS)
     return bool(tree) and "stages" in tree and set(tree) <= known
 
 
@@ -86,7 +87,7 @@ def check_own_run(run_dir: Path) -> list[str]:
         if checkpoints.is_symlink() or not checkpoints.is_dir():
             raise StorageError(f"--overwrite refuses {run_dir}: its checkpoints is not a folder dvtrain wrote; {fix}")
         foreign = [p.name for p in checkpoints.iterdir()
-                   if p.name.split(".")[0] not in STAGES + ("surrogates",)]
+                   if p.name.split(".")[0] not in stage_registry.names() + ("surrogates",)]
         if foreign:
             raise StorageError(f"--overwrite refuses {run_dir}: checkpoints/ holds {foreign[0]}, which is not a "
                                f"stage's checkpoint; {fix}")

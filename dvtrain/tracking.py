@@ -89,8 +89,19 @@ def new_run_id() -> str:
 class Tracker:
     """A W&B run for one stage, or nothing (disabled, or not the main process).
 
+    A stage's run id is the tracker's: `stage_run_id` gives the one its checkpoint holds or mints a new
+    one, which the stage loop checkpoints before the run exists, so that a kill at any later moment
+    resumes this run rather than opening a second one.
+
     `run_id`: the stage's run id (kept in its checkpoint); a run with this id that already exists is
     continued (`resume="allow"`), and steps W&B already holds (online) are not logged twice."""
+
+    @staticmethod
+    def stage_run_id(cfg: LoggingConfig, kept: str | None) -> str | None:
+        """The stage's W&B run id: `kept` (from its checkpoint), else a new one; None with W&B disabled."""
+        if kept is not None or resolve_mode(cfg) == "disabled":
+            return kept
+        return new_run_id()
 
     def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, stage: str, config: dict, active: bool,
                  run_id: str | None = None):

@@ -12,7 +12,8 @@ from dvtrain.data import load_dataset
 from dvtrain.train.optim import build_owned
 from dvtrain.distributed.placement import LocalPlacement
 from dvtrain.timing import DISABLED
-from dvtrain.train.registry import REGISTRY
+from dvtrain.stages import spec
+from dvtrain.train.frame import update
 from dvtrain.train.stage import StageRun
 
 
@@ -138,7 +139,7 @@ def test_rank_local_loss_gives_each_owned_submodel_the_full_loss_gradient(stage)
     def gradients(placement, owned):
         for m in models:
             m.zero_grad()
-        loss = LOSSES[stage]([models[i] for i in owned], placement, x, y, len(y), cfg, **extra)[0]
+        loss = LOSSES[stage]([models[i] for i in owned], placement, x, y, len(y), cfg, **extra).loss
         loss.backward()
         return [p.grad.clone() for i in owned for p in models[i].parameters()]
 
@@ -186,7 +187,10 @@ def test_step_updates_every_submodel_and_reports_its_terms(stage, ensemble_terms
     x, y = data.x_train[:16], data.y_train[:16]
     placement = LocalPlacement(3)
     run = StageRun(stage, cfg, owned, placement, placement.replicas, data, torch.Generator(), DISABLED)
-    figures = REGISTRY[stage](run).step(x, y, torch.Generator().manual_seed(0), 0)
+    trainer = spec(stage).trainer_class()(run)
+    batch = trainer.batch(x, y, torch.Generator().manual_seed(0), 0)
+    batch.full_rows = len(y)
+    figures = update(owned, placement, trainer.step(batch))
     assert set(figures.per_submodel) == {"loss/clean"} | per_submodel and set(figures.ensemble) == ensemble_terms
     assert figures.per_submodel["loss/clean"].shape == (3,) and all(figures.ensemble[k].ndim == 0 for k in ensemble_terms)
     assert figures.clean_logits.shape == (3, 16, 10) and torch.equal(figures.y, y)

@@ -1,4 +1,4 @@
-"""The machine-independent step figures of `python -m dvtrain.bench`: operators dispatched per DVERGE
+"""The machine-independent step figures of `python -m dvtrain.tools.bench`: operators dispatched per DVERGE
 step and host synchronisations, in the step and in the stage loop around it."""
 
 from __future__ import annotations
@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dvtrain import bench
+from dvtrain.tools import bench
 from dvtrain.cli import train_main
 from dvtrain.distributed.placement import LocalPlacement
-from dvtrain.train import dverge, loop
+from dvtrain.train import dverge, frame, loop
 
 CPU = torch.device("cpu")
-EPOCH, FLUSH, VOTE = dverge.Dverge.epoch, loop.StepLog.flush, LocalPlacement.any
+BATCHES, STEP = dverge.Dverge.batches, frame.StepRunner.__call__
+FLUSH, VOTE = loop.StepLog.flush, LocalPlacement.any
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,9 +47,19 @@ def _epoch_syncs(monkeypatch, tmp_path, train_images: int) -> dict[str, int]:
     steps; the reduction itself (`StepLog.flush`, the stop vote) is where waiting is allowed."""
     counter = bench.StepCounter(CPU)
 
-    def counted_epoch(self, *args):
+    def counted_batches(self, *args):  # drawing the epoch's layer and batches
         with counter:
-            return EPOCH(self, *args)
+            drawn = BATCHES(self, *args)
+        while True:
+            with counter:
+                batch = next(drawn, None)
+            if batch is None:
+                return
+            yield batch
+
+    def counted_step(self, *args):  # a step: sharding, the stage's loss, the update
+        with counter:
+            return STEP(self, *args)
 
     def allowed(method):
         def call(*args, **kwargs):
@@ -59,7 +70,8 @@ def _epoch_syncs(monkeypatch, tmp_path, train_images: int) -> dict[str, int]:
                 counter.inside_read -= 1
         return call
 
-    monkeypatch.setattr(dverge.Dverge, "epoch", counted_epoch)
+    monkeypatch.setattr(dverge.Dverge, "batches", counted_batches)
+    monkeypatch.setattr(frame.StepRunner, "__call__", counted_step)
     monkeypatch.setattr(loop.StepLog, "flush", allowed(FLUSH))
     monkeypatch.setattr(LocalPlacement, "any", allowed(VOTE))
     code = train_main([
@@ -86,7 +98,7 @@ def test_cuda_graphs_are_refused_on_the_cpu_with_one_line(tmp_path):
 
     from conftest import REPO, run_cli
 
-    bench_run = subprocess.run([sys.executable, "-m", "dvtrain.bench", "--quick", "--device", "cpu", "--cuda-graphs"],
+    bench_run = subprocess.run([sys.executable, "-m", "dvtrain.tools.bench", "--quick", "--device", "cpu", "--cuda-graphs"],
                                cwd=REPO, capture_output=True, text=True, timeout=120)
     train_run = run_cli("--run-dir", str(tmp_path / "run"), "device=cpu", "compute.cuda_graphs=true",
                         "logging.wandb=disabled")
@@ -97,7 +109,7 @@ def test_cuda_graphs_are_refused_on_the_cpu_with_one_line(tmp_path):
 
 
 def test_eval_bench_times_every_attack_at_one_and_two_launched_processes():
-    """`python -m dvtrain.bench --eval` (issue 22 item 5): two real launches (torchrun, gloo) of
+    """`python -m dvtrain.tools.bench --eval` (issue 22 item 5): two real launches (torchrun, gloo) of
     `evaluate_stage` shared over the processes; a figure per attack and process count, and the JSON last."""
     import json
     import os
@@ -108,7 +120,7 @@ def test_eval_bench_times_every_attack_at_one_and_two_launched_processes():
 
     attacks = ["clean", "pgd_linf", "adaptive"]
     done = subprocess.run(
-        [sys.executable, "-m", "dvtrain.bench", "--eval", "--procs", "1", "2", "--device", "cpu", "--images", "8",
+        [sys.executable, "-m", "dvtrain.tools.bench", "--eval", "--procs", "1", "2", "--device", "cpu", "--images", "8",
          "--train-epochs", "0", "--attacks", ",".join(attacks), "eval.chunk_size=4", "eval.steps=1", "eval.adaptive.steps=1",
          "eval.adaptive.blend_scales=[0.5]", "eval.adaptive.target_classes=1"],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,

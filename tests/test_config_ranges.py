@@ -22,6 +22,10 @@ def numeric_fields(section, prefix=""):
         if dataclasses.is_dataclass(value):
             yield from numeric_fields(value, f"{prefix}{f.name}.")
             continue
+        if f.name == "sections":  # each stage's section, under the stage's name
+            for name, stage_section in value.items():
+                yield from numeric_fields(stage_section, f"{prefix}{name}.")
+            continue
         base = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
         if base and base[0] in (int, float) or (typing.get_origin(hint) is list and typing.get_args(hint)[0] in (int, float)):
             yield prefix + f.name, f, hint

@@ -96,11 +96,12 @@ def test_multi_process_matches_single_process(single, tmp_path, world):
     assert done.stdout.count("### dverge_advt") == 1 and done.stdout.count("### trs") == 1
 
 
-# On this session's machine (AMD EPYC, torch 2.14.1, accelerate 1.15 and 1.16) the vanilla weights of 6 ranks
-# differ from one process by 0.043 after 5 epochs, already at the commit this work started from (77bc82b: main as landed, attacks.py moved):
-# an open finding, not yet explained (split-batch rounding alone is ~4e-7 per step). Kept visible, not hidden.
-@pytest.mark.xfail(reason="replicas vs one process: 0.043 apart in vanilla on this machine since before issue 19-22 "
-                          "(see the note on stop 18); under investigation", strict=False)
+# Reported on another session's machine (AMD EPYC, torch 2.14.1): the vanilla weights of 6 ranks 0.043 from one
+# process after 5 epochs. Not reproduced on the issue-27 machine: this test passed there (every stage within 1e-5),
+# as did 6 ranks vs 1 on vanilla alone with main's code (1.4e-6), and test_replicas.py pins that a replica split
+# differs by rounding only (float64: 1e-16). Kept non-strict until it is rerun where it failed (docs/distributed.md).
+@pytest.mark.xfail(reason="replicas vs one process: 0.043 apart in vanilla on one machine (AMD EPYC), within 1e-5 on "
+                          "another; see docs/distributed.md, 'Replicas and one process'", strict=False)
 @pytest.mark.slow
 def test_replicas_split_batches_and_match_single_process(single, tmp_path):
     """6 ranks for 3 submodels: two data-parallel replicas each. Part-batch gradients summed in the

@@ -9,8 +9,12 @@ parsed, and a training command's config file and key=value overrides are then bu
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,10 @@ from conftest import REPO
 from dvtrain import cli
 from dvtrain.config import load_config
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# docs/write_a_stage.md trains a plug-in stage, which this process has not registered: its commands are run,
+# in a process that sees the plug-in, by test_the_write_a_stage_page_runs_as_written.
+WRITE_A_STAGE = REPO / "docs" / "write_a_stage.md"
+DOCS = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p != WRITE_A_STAGE)]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"`([^`]+)`")
 MENTION = re.compile(r"(?:^|[\s;&|(])(?:dvtrain(?:\s+(?:train|eval|compare|--help|--version)\b)|\S*launch/train\.py\b)")
@@ -119,3 +126,24 @@ def test_documented_command_parses(where, args, monkeypatch, capsys):
     elif prog == "dvtrain eval":
         assert all(o.startswith(("eval.", "device=")) for o in ns.overrides), ns.overrides
         load_config(None, ns.overrides)
+
+
+@pytest.mark.slow
+def test_the_write_a_stage_page_runs_as_written(tmp_path):
+    """The page's shell block, run as a user would from a checkout (here: a folder whose tests/ and launch/
+    are the repository's), trains its plug-in stage with 1 and 3 processes to the same weights and compares them."""
+    (block,) = [b for b in FENCE.findall(WRITE_A_STAGE.read_text(encoding="utf-8")) if "dvtrain train" in b]
+    for name in ("tests", "launch"):
+        (tmp_path / name).symlink_to(REPO / name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                                                          os.environ.get("PATH", "")]),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(["bash", "-euc", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    for i in range(3):
+        a, b = (load_file(tmp_path / "runs" / run / "checkpoints" / "ncl" / f"sub{i}.safetensors") for run in ("ncl", "ncl-3"))
+        assert all(a[k].equal(b[k]) for k in a)
+    assert json.loads((tmp_path / "runs" / "ncl" / "results.json").read_text())["stages"]["ncl"]["epochs"] == 4
+    assert "ncl" in done.stdout

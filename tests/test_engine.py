@@ -212,7 +212,7 @@ def test_layers_the_grouped_engine_would_compute_wrongly_are_refused(layer, mess
 def test_quick_bench_prints_its_figures_as_json_last():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # correctness here, not speed: stay off busy cores
     out = subprocess.run(
-        [sys.executable, "-m", "dvtrain.bench", "--quick", "--device", "cpu"],
+        [sys.executable, "-m", "dvtrain.tools.bench", "--quick", "--device", "cpu"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True,
     )
     report = json.loads(out.stdout.strip().splitlines()[-1])

@@ -25,7 +25,8 @@ from dvtrain.distill import distill
 from dvtrain.train.dverge import dverge_step
 from dvtrain.train.engines import GroupedEngine, LoopEngine
 from dvtrain.train.optim import build_owned
-from dvtrain.train.registry import REGISTRY
+from dvtrain.stages import spec
+from dvtrain.train.frame import update
 from dvtrain.train.stage import StageRun
 
 LR = 0.05
@@ -158,7 +159,10 @@ def test_dverge_generators_feed_the_adversarial_random_start():
 def _baseline_step(stage: str, cfg, data, owned, x, y, seed: int, epoch: int = 0):
     placement = LocalPlacement(3)
     run = StageRun(stage, cfg, owned, placement, placement.replicas, data, torch.Generator(), DISABLED)
-    return REGISTRY[stage](run).step(x, y, torch.Generator().manual_seed(seed), epoch)
+    trainer = spec(stage).trainer_class()(run)
+    batch = trainer.batch(x, y, torch.Generator().manual_seed(seed), epoch)
+    batch.full_rows = len(y)
+    return update(owned, placement, trainer.step(batch))
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

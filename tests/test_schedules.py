@@ -20,10 +20,12 @@ from dvtrain.rng import stream
 from dvtrain.timing import DISABLED, PhaseTimer
 from dvtrain.tracking import Tracker
 from dvtrain.distill import distill
+from dvtrain.train.baselines import NoisyBatch
 from dvtrain.train.dverge import Dverge, draw_layer
 from dvtrain.train.engines import GroupedEngine, LoopEngine
 from dvtrain.train.optim import build_optimizer, build_owned, set_epoch_lr
-from dvtrain.train.registry import REGISTRY
+from dvtrain.stages import spec
+from dvtrain.train.frame import StepRunner, resumed
 from dvtrain.train.stage import StageRun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,9 +184,9 @@ def test_the_stage_distils_every_step_of_an_epoch_at_its_layer(layer, augment, o
     replay = torch.Generator().set_state(start)
     expected_layer = draw_layer(stage.run.section, 5, replay)
     pairs = list(paired_batches(data.x_train, data.y_train, 32, replay, 2 if augment else None))
-    steps = []
-    figures = stage.epoch(0, 0, lambda f, n: steps.append((f, n)))
-    assert figures == {"layer": expected_layer}
+    runner = StepRunner(stage, stage.run.owned, stage.run.placement, False, timer)
+    steps = [runner(batch) for _, batch in resumed(stage.batches(0), 0)]
+    assert stage.epoch_figures() == {"layer": expected_layer}
     if layer is not None:
         assert expected_layer == layer
     assert [call[0] for call in stage.engine.calls] == [expected_layer] * len(pairs) and len(pairs) == 2
@@ -213,7 +215,9 @@ def test_resuming_inside_an_epoch_draws_the_skipped_steps_but_trains_only_the_re
     stage, data, shared = _dverge_stage("dverge.layer=3")
     replay = torch.Generator().set_state(shared.get_state())
     pairs = list(paired_batches(data.x_train, data.y_train, 32, replay, None))
-    stage.epoch(0, 1, lambda f, n: None)
+    runner = StepRunner(stage, stage.run.owned, stage.run.placement, False, DISABLED)
+    for _, batch in resumed(stage.batches(0), 1):
+        runner(batch)
     assert len(stage.engine.calls) == 1 and torch.equal(stage.engine.calls[0][1], pairs[1][0][0])
     assert torch.equal(shared.get_state(), replay.get_state())
 
@@ -303,15 +307,18 @@ def test_a_baseline_epoch_trains_the_shared_batches_with_one_noise_stream_per_st
     placement = LocalPlacement(3)
     shared = torch.Generator().manual_seed(5)
     replay = torch.Generator().set_state(shared.get_state())
-    stage = REGISTRY["gal"](StageRun("gal", cfg, owned, placement, placement.replicas, data, shared, DISABLED))
+    stage = spec("gal").trainer_class()(StageRun("gal", cfg, owned, placement, placement.replicas, data, shared, DISABLED))
     calls, images = [], []
 
-    def step(x, y, noise, epoch):
+    def batch(x, y, noise, epoch):
         calls.append((x, y, noise.get_state(), epoch))
-        return "figures"
+        return NoisyBatch(x, y)
 
-    stage.step = step
-    assert stage.epoch(2, skip, lambda figures, n: images.append((figures, n))) == {}
+    stage.batch = batch
+    for _, drawn in resumed(stage.batches(2), skip):
+        images.append(("figures", len(drawn.y)))
+    assert stage.epoch_figures() == {}
+    calls = calls[skip:]  # the passed-over steps are drawn too (their noise streams are their own)
     noise_seed = int(torch.randint(2**62, (1,), generator=replay))
     expected = list(batches(data.x_train, data.y_train, 24, replay, 2 if augment else None))[skip:]
     assert images == [("figures", len(y)) for _, y in expected] and [n for _, n in images] == [24, 24, 16][skip:]

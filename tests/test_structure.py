@@ -1,18 +1,19 @@
-"""The architecture the code promises: stages as plug-ins named after their config sections, and
-imports that point one way."""
+"""The architecture the code promises: stages as plug-ins whose config sections come from the registry,
+a stage loop that owns the frame around a stage's step, and imports that point one way (no circle)."""
 
 import ast
-import dataclasses
+import re
 from pathlib import Path
 
-from dvtrain.config import STAGES, Config
-from dvtrain.train.registry import REGISTRY
+from dvtrain import stages
+from dvtrain.config import STAGES, Config, StageConfig
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dvtrain"
+STAGE_MODULES = ("vanilla.py", "dverge.py", "baselines.py")
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
-    """(module, names) of every `from X import names` / `import X` in a file."""
+    """(module, names) of every `from X import names` / `import X` in a file, at any depth."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
@@ -22,13 +23,40 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """dvtrain module → the dvtrain modules it imports (a `from package import name` naming a submodule
+    counts as importing that submodule)."""
+    modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for module, names in _imports(path):
+            submodules = {f"{module}.{n}" for n in names if f"{module}.{n}" in modules}
+            edges.update(submodules)
+            if module in modules and (not names or len(submodules) < len(names)):
+                edges.add(module)  # (`from package import submodule` imports the submodule)
+        graph[name] = edges - {name}
+    return graph
+
+
 def test_every_stage_is_registered_in_training_order_with_its_config_section():
-    assert tuple(REGISTRY) == STAGES
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    for name, stage in REGISTRY.items():
-        assert stage.name == name
-        assert isinstance(getattr(Config(), name), stage.config), name  # the section is named after the stage
-        assert name in sections and stage.main_loss.startswith("loss/")
+    assert stages.built_in_names() == STAGES == ("vanilla", "adp", "gal", "trs", "dverge", "dverge_advt")
+    cfg = Config()
+    for name, spec in stages.specs().items():
+        assert issubclass(spec.config, StageConfig), name
+        assert isinstance(cfg.section(name), spec.config), name  # the section is named after the stage
+        trainer = spec.trainer_class()
+        assert trainer.name == name and trainer.main_loss.startswith("loss/")
+    assert [n for n, s in stages.specs().items() if s.distils] == ["dverge", "dverge_advt"]
+
+
+def test_config_has_no_field_per_stage():
+    assert not set(STAGES) & set(Config.__dataclass_fields__)
 
 
 def test_models_know_nothing_of_dverge_ranks_or_training():
@@ -37,8 +65,48 @@ def test_models_know_nothing_of_dverge_ranks_or_training():
             assert not module.startswith(("dvtrain.train", "dvtrain.distributed", "dvtrain.eval")), (path, module)
 
 
-def test_the_core_does_not_import_training_code():
-    core = [p for p in PACKAGE.glob("*.py") if p.name not in ("cli.py", "bench.py")]
-    for path in core + list((PACKAGE / "distributed").glob("*.py")):
+def test_the_core_and_evaluation_do_not_import_training_code():
+    core = [p for p in PACKAGE.glob("*.py") if p.name != "cli.py"]
+    for path in core + list((PACKAGE / "distributed").glob("*.py")) + list((PACKAGE / "eval").rglob("*.py")):
         for module, _ in _imports(path):
             assert not module.startswith("dvtrain.train"), (path.name, module)
+
+
+def test_no_import_circle_in_the_package():
+    graph = _import_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != 1, " -> ".join(trail[trail.index(nxt):] + [nxt] if nxt in trail else trail + [nxt])
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_no_module_below_the_package_imports_the_package_itself():
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent != PACKAGE:
+            assert ("dvtrain", []) not in _imports(path), path
+
+
+def test_stage_modules_hold_their_method_and_nothing_of_the_frame():
+    """Skipping on resume, replica sharding and the optimizers' zero/backward/step are the loop's
+    (dvtrain.train.frame); a stage module computes its batches and its loss."""
+    frame = re.compile(r"zero_grad|\.backward\(|optimizers\[[^]]*\]\.step\(|\.shard\(|\bskip\b|step < ")
+    for name in STAGE_MODULES:
+        for number, line in enumerate((PACKAGE / "train" / name).read_text().splitlines(), start=1):
+            assert not frame.search(line.split("#")[0]), f"{name}:{number}: {line.strip()}"
+
+
+def test_stage_sections_are_read_through_the_config_not_getattr():
+    pattern = re.compile(r"getattr\(\s*(self\.|ctx\.|run\.)*cfg\s*,")
+    for path in PACKAGE.rglob("*.py"):
+        if path.name in ("config.py", "stages.py"):
+            continue
+        assert not pattern.search(path.read_text()), path

@@ -90,20 +90,20 @@ def test_interrupted_stage_resumes_bit_identically(tmp_path, monkeypatch):
     args = [*TINY, "stages=[vanilla, dverge]", "dverge.epochs=3"]
     assert cli.train_main(["--run-dir", str(tmp_path / "straight"), *args]) == 0
 
-    real_epoch = Dverge.epoch
+    real_batches = Dverge.batches
     calls = {"n": 0}
 
     def interrupted(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real_epoch(*a, **k)
+        return real_batches(*a, **k)
 
-    monkeypatch.setattr(Dverge, "epoch", interrupted)
+    monkeypatch.setattr(Dverge, "batches", interrupted)
     assert cli.train_main(["--run-dir", str(tmp_path / "cut"), *args]) == cli.EXIT_INTERRUPTED
     state = json.loads((tmp_path / "cut" / "checkpoints" / "dverge" / "state.json").read_text())
     assert state["epoch"] == 1 and not state["complete"]
-    monkeypatch.setattr(Dverge, "epoch", real_epoch)
+    monkeypatch.setattr(Dverge, "batches", real_batches)
     assert cli.train_main(["--run-dir", str(tmp_path / "cut"), "--resume"]) == 0
 
     a, b = _weights(tmp_path / "straight", "dverge"), _weights(tmp_path / "cut", "dverge")

@@ -42,7 +42,7 @@ from dvtrain.paths import read_json_object
 from dvtrain.tracking import OFFLINE_RUN_GLOB, offline_run_info, read_offline_run
 
 CONFIG_YAML = rundir.CONFIG
-EXIT_USER_ERROR = 2  # as dvtrain.cli
+from dvtrain.exits import EXIT_USER_ERROR
 ONLINE_PATH = re.compile(r"^[^/\s]+/[^/\s]+/[^/\s]+$")
 MIXTURE = "mixture"
 EPS = "eps"  # summary key eval/<attack>/eps: the attack's ε

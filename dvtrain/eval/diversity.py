@@ -28,6 +28,7 @@ from dvtrain.data import Dataset
 from dvtrain.distill import distill
 from dvtrain.eval.share import Share, is_main, shared_map
 from dvtrain.rng import stream
+from dvtrain.stages import distils
 
 PLOTS_DIR = "plots"
 DPI = 120
@@ -39,7 +40,7 @@ HEATMAP_COLORS = "Blues"
 def distillation_settings(cfg: Config, stage: str) -> DvergeConfig:
     """The stage's own distillation settings (its dverge / dverge_advt section; the dverge section for
     the other stages), with eval.diversity's overrides, no random start and BatchNorm in eval mode."""
-    section: DvergeConfig = getattr(cfg, stage) if stage in ("dverge", "dverge_advt") else cfg.dverge
+    section: DvergeConfig = cfg.section(stage) if distils(stage) else cfg.dverge
     div = cfg.eval.diversity
     overrides = {k: getattr(div, k) for k in ("eps", "step_size", "steps") if getattr(div, k) is not None}
     return dataclasses.replace(section, bn_mode="eval", random_start=False, **overrides)

@@ -22,13 +22,13 @@ import time
 import torch
 import yaml
 
-import dvtrain
 from dvtrain.attacks import pgd_linf
 from dvtrain.config import AutoAttackConfig, load_config
 from dvtrain.data import load_dataset
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.adaptive import adaptive_linf
 from dvtrain.eval.autoattack import autoattack_robust
+from dvtrain.eval.load import load_submodels
 from dvtrain.mixture import Mixture
 from dvtrain.rng import stream
 from dvtrain.rundir import RunDir
@@ -37,7 +37,7 @@ from dvtrain.rundir import RunDir
 MARGIN_PGD_STEPS, MARGIN_PGD_STEP_FRACTION, MARGIN_PGD_RESTARTS = 100, 0.25, 5
 APGD_BATCH_SIZE = 500  # images per pyautoattack batch (memory only); docs/evaluation.md's counts used it
 DEFAULT_IMAGES = 359  # the digits test split's size: the docs' counts are over all of it
-EXIT_USER_ERROR = 2  # as dvtrain.cli
+from dvtrain.exits import EXIT_USER_ERROR
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def check(args: argparse.Namespace) -> None:
     data = load_dataset(cfg.data)
     x, y = (data.x_train, data.y_train) if args.split == "train" else (data.x_test, data.y_test)
     x, y = x[: args.n], y[: args.n]
-    submodels = dvtrain.load_submodels(args.run_dir, args.stage)
+    submodels = load_submodels(args.run_dir, args.stage)
     mixture = Mixture(submodels).eval()
     eps = cfg.eval.eps
     skip = set(args.skip.split(","))

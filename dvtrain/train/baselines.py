@@ -15,6 +15,8 @@ is that of the full loss. Input gradients keep their graph (double backpropagati
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from itertools import combinations
 
 import torch
@@ -26,7 +28,7 @@ from dvtrain.config import AdpConfig, GalConfig, TrsConfig
 from dvtrain.data import batches
 from dvtrain.distributed.placement import Placement
 from dvtrain.rng import stream
-from dvtrain.train.stage import OnStep, StageRun, StepFigures
+from dvtrain.train.stage import Batch, Stage, StepFigures, StepResult
 
 # ----------------------------------------------------------------------------- the regularisers
 
@@ -84,26 +86,50 @@ def with_owned(placement: Placement, owned_values: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- the losses
-# Each returns (loss of the owned submodels, their logits, their CE, per-submodel terms, ensemble terms).
 
 
-def adp_loss(models: list[nn.Module], placement: Placement, x: Tensor, y: Tensor, full_batch: int, cfg: AdpConfig):
+@dataclass
+class BaselineTerms:
+    """What a baseline's loss computes for the owned submodels (in submodel order).
+
+    `loss`: the scalar to minimise; `logits`: [n_own] tensors [B, K] on the step's (clean) batch; `ce`:
+    [n_own] their cross-entropies; `per_submodel`: name → [n_own] tensor (e.g. TRS's smoothness);
+    `ensemble`: name → scalar computed from every submodel alike (e.g. ADP's entropy).
+    """
+
+    loss: Tensor
+    logits: list[Tensor]
+    ce: list[Tensor]
+    per_submodel: dict[str, Tensor] = field(default_factory=dict)
+    ensemble: dict[str, Tensor] = field(default_factory=dict)
+
+    def result(self, y: Tensor) -> StepResult:
+        """The step's result, its figures named `loss/<term>` (y: the batch's labels [B])."""
+        figures = {"loss/clean": torch.stack(self.ce).detach()}
+        figures.update({f"loss/{name}": values.detach() for name, values in self.per_submodel.items()})
+        return StepResult(self.loss, StepFigures(figures, torch.stack(self.logits).detach(), y,
+                                                 ensemble={f"loss/{k}": v.detach() for k, v in self.ensemble.items()}))
+
+
+def adp_loss(models: list[nn.Module], placement: Placement, x: Tensor, y: Tensor, full_batch: int,
+             cfg: AdpConfig) -> BaselineTerms:
     logits = [model(x) for model in models]
     ce = [F.cross_entropy(out, y) for out in logits]
     probs = with_owned(placement, torch.stack([F.softmax(out, dim=-1) for out in logits]))
     entropy = ensemble_entropy(probs, cfg.log_offset)
     log_det = non_true_log_det(probs, y, cfg.log_det_jitter)
     loss = sum(ce) - cfg.alpha * entropy - cfg.beta * log_det
-    return loss, logits, ce, {}, {"entropy": entropy, "log_det": log_det}
+    return BaselineTerms(loss, logits, ce, ensemble={"entropy": entropy, "log_det": log_det})
 
 
-def gal_loss(models: list[nn.Module], placement: Placement, x: Tensor, y: Tensor, full_batch: int, cfg: GalConfig):
+def gal_loss(models: list[nn.Module], placement: Placement, x: Tensor, y: Tensor, full_batch: int,
+             cfg: GalConfig) -> BaselineTerms:
     x = x.detach().requires_grad_(True)
     logits, grads = zip(*(input_gradient(model, x, y, full_batch) for model in models))
     ce = [F.cross_entropy(out, y) for out in logits]
     coherence = gal_coherence(with_owned(placement, torch.stack(grads)), cfg.log_offset)
     loss = sum(ce) / placement.size + cfg.coherence_weight * coherence
-    return loss, logits, ce, {}, {"coherence": coherence}
+    return BaselineTerms(loss, list(logits), ce, ensemble={"coherence": coherence})
 
 
 def smoothness_pgd(
@@ -127,7 +153,7 @@ def smoothness_pgd(
 def trs_loss(
     models: list[nn.Module], placement: Placement, x: Tensor, y: Tensor, full_batch: int, cfg: TrsConfig,
     start: Tensor, split: int, eps: float,
-):
+) -> BaselineTerms:
     """`split`: the rows from which the batch's second half begins (moved by `smoothness_pgd` with +adv)."""
     x = x.detach().requires_grad_(True)
     logits, grads = zip(*(input_gradient(model, x, y, full_batch) for model in models))
@@ -142,7 +168,7 @@ def trs_loss(
     cosine = trs_cosine(with_owned(placement, torch.stack(grads)))
     smoothness = trs_smoothness(torch.stack(smooth_grads))
     loss = sum(ce) + cfg.scale * (cfg.lambda_a * cosine + cfg.lambda_b * with_owned(placement, smoothness).mean())
-    return loss, logits, ce, {"smoothness": list(smoothness.detach())}, {"cosine": cosine}
+    return BaselineTerms(loss, list(logits), ce, per_submodel={"smoothness": smoothness}, ensemble={"cosine": cosine})
 
 
 def trs_eps(cfg: TrsConfig, epoch: int) -> float:
@@ -153,72 +179,68 @@ def trs_eps(cfg: TrsConfig, epoch: int) -> float:
 # ----------------------------------------------------------------------------- the stages
 
 
-class _Baseline:
+@dataclass
+class NoisyBatch(Batch):
+    """A baseline's batch: images x [B, C, H, W] (GAL's with its noise added), labels y [B], and for TRS the
+    smoothness PGD's uniform start [B, C, H, W] and which rows it moves (the second half, [B] bool)."""
+
+    x: Tensor
+    y: Tensor
+    start: Tensor | None = None
+    moved: Tensor | None = None
+    eps: float = 0.0  # TRS: the smoothness PGD's ε this epoch
+
+
+class _Baseline(Stage):
     """A baseline stage: every process draws the same batches from `run.shared` (the regularisers couple
-    the submodels on one batch) and one noise stream per step, so resuming can pass over steps."""
+    the submodels on one batch) and one noise stream per step, drawn for the whole batch, so a resumed
+    epoch can pass over steps and a replica's rows get what one process gives them."""
 
     main_loss = "loss/clean"
 
-    def __init__(self, run: StageRun) -> None:
-        self.run = run
-
-    def epoch(self, epoch: int, skip: int, on_step: OnStep) -> dict[str, int | float]:
+    def batches(self, epoch: int) -> Iterator[NoisyBatch]:
         run, cfg = self.run, self.run.section
         noise_seed = int(torch.randint(2**62, (1,), generator=run.shared))
-        for step, (x, y) in enumerate(batches(run.data.x_train, run.data.y_train, cfg.batch_size, run.shared,
-                                              run.augment_padding, run.cfg.data.drop_last)):
-            if step < skip:
-                continue
-            on_step(self.step(x, y, stream(noise_seed, step), epoch), len(y))
-        return {}
+        drawn = batches(run.data.x_train, run.data.y_train, cfg.batch_size, run.shared, run.augment_padding,
+                        run.cfg.data.drop_last)
+        return (self.batch(x, y, stream(noise_seed, step), epoch) for step, (x, y) in enumerate(drawn))
 
-    def step(self, x: Tensor, y: Tensor, noise: torch.Generator, epoch: int) -> StepFigures:
-        """One update of the owned submodels on the batch (x, y) ([B, C, H, W], [B]). Random inputs are
-        drawn from `noise` for the whole batch, so a replica's rows get what one process gives them."""
-        run = self.run
-        models = run.models
-        for model in models:
+    def batch(self, x: Tensor, y: Tensor, noise: torch.Generator, epoch: int) -> NoisyBatch:
+        return NoisyBatch(x, y)
+
+    def step(self, batch: NoisyBatch) -> StepResult:
+        for model in self.run.models:
             model.train()
-        loss, logits, ce, per_submodel, ensemble, y = self.loss(models, x, y, noise, epoch)
-        run.zero_grad()
-        loss.backward()
-        run.step_optimizers()
-        figures = {"loss/clean": torch.stack(ce).detach()}
-        figures.update({f"loss/{name}": torch.stack(values).detach() for name, values in per_submodel.items()})
-        return StepFigures(figures, torch.stack(logits).detach(), y,
-                           ensemble={f"loss/{name}": value.detach() for name, value in ensemble.items()})
+        return self.loss(batch).result(batch.y)
 
 
 class Adp(_Baseline):
     name = "adp"
-    config = AdpConfig
 
-    def loss(self, models, x, y, noise, epoch):
-        full_batch = len(y)
-        x, y = self.run.replicas.shard(x, y)
-        return (*adp_loss(models, self.run.placement, x, y, full_batch, self.run.section), y)
+    def loss(self, batch: NoisyBatch) -> BaselineTerms:
+        return adp_loss(self.run.models, self.run.placement, batch.x, batch.y, batch.full_rows, self.run.section)
 
 
 class Gal(_Baseline):
     name = "gal"
-    config = GalConfig
 
-    def loss(self, models, x, y, noise, epoch):
-        cfg, full_batch = self.run.section, len(y)
-        x = x + cfg.input_noise_std * torch.randn(x.shape, generator=noise).to(x.device)  # the reference trains on noisy images
-        x, y = self.run.replicas.shard(x, y)
-        return (*gal_loss(models, self.run.placement, x, y, full_batch, cfg), y)
+    def batch(self, x: Tensor, y: Tensor, noise: torch.Generator, epoch: int) -> NoisyBatch:
+        noisy = x + self.run.section.input_noise_std * torch.randn(x.shape, generator=noise).to(x.device)
+        return NoisyBatch(noisy, y)  # the reference trains on noisy images
+
+    def loss(self, batch: NoisyBatch) -> BaselineTerms:
+        return gal_loss(self.run.models, self.run.placement, batch.x, batch.y, batch.full_rows, self.run.section)
 
 
 class Trs(_Baseline):
     name = "trs"
-    config = TrsConfig
 
-    def loss(self, models, x, y, noise, epoch):
-        cfg, full_batch = self.run.section, len(y)
+    def batch(self, x: Tensor, y: Tensor, noise: torch.Generator, epoch: int) -> NoisyBatch:
         start = torch.rand(x.shape, generator=noise).to(x.device) * 2 - 1
-        second_half = torch.arange(full_batch) >= full_batch // 2  # the rows the smoothness PGD moves
-        x, y, start, second_half = self.run.replicas.shard(x, y, start, second_half)
-        split = int((~second_half).sum())
-        loss = trs_loss(models, self.run.placement, x, y, full_batch, cfg, start, split, trs_eps(cfg, epoch))
-        return (*loss, y)
+        moved = torch.arange(len(y)) >= len(y) // 2  # the rows the smoothness PGD moves
+        return NoisyBatch(x, y, start, moved, trs_eps(self.run.section, epoch))
+
+    def loss(self, batch: NoisyBatch) -> BaselineTerms:
+        split = int((~batch.moved).sum())
+        return trs_loss(self.run.models, self.run.placement, batch.x, batch.y, batch.full_rows, self.run.section,
+                        batch.start, split, batch.eps)

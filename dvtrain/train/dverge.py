@@ -16,11 +16,13 @@ trains `placement.owned` and obtains the others' distilled batches with `placeme
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dvtrain.compute import CapturedStep
 from dvtrain.config import DvergeConfig
 from dvtrain.data import paired_batches
 from dvtrain.distributed.placement import Placement
@@ -28,7 +30,8 @@ from dvtrain.models import training_mode
 from dvtrain.submodels import Owned
 from dvtrain.timing import DISABLED, PhaseTimer
 from dvtrain.train.engines import make_engine
-from dvtrain.train.stage import OnStep, StageRun, StepFigures
+from dvtrain.train.frame import update
+from dvtrain.train.stage import Batch, Stage, StageRun, StepFigures, StepResult
 
 
 def draw_layer(cfg: DvergeConfig, num_layers: int, generator: torch.Generator) -> int:
@@ -46,13 +49,14 @@ def mean_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return per_image.view(logits.shape[:-1]).mean(dim=-1)
 
 
-def dverge_step(
+def dverge_loss(
     owned: Owned, placement: Placement, engine, layer: int,
     x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig, timer: PhaseTimer = DISABLED,
-) -> StepFigures:
-    """One DVERGE update of the owned submodels on the batch pair (x, y), (x_s, y_s).
+) -> StepResult:
+    """The DVERGE loss of the owned submodels on the batch pair (x, y), (x_s, y_s), summed over them
+    (submodel i's weights get exactly the gradient of loss_i), and the step's figures, on the device.
 
-    Shapes: x, x_s [B, C, H, W] pixels in [0, 1]; y, y_s [B]. Returns the step's figures, on the device.
+    Shapes: x, x_s [B, C, H, W] pixels in [0, 1]; y, y_s [B].
     """
     ids = placement.owned
     models = [owned.models[i] for i in ids]
@@ -88,68 +92,78 @@ def dverge_step(
         loss = cfg.diversity_weight * diversity + cfg.clean_weight * clean_loss
         if adv_loss is not None:
             loss = loss + adv_loss
-        for i in ids:
-            owned.optimizers[i].zero_grad(set_to_none=True)
-        loss.sum().backward()  # submodel i's weights receive exactly the gradient of loss_i
-        for i in ids:
-            owned.optimizers[i].step()
 
     per_submodel = {"loss/dverge": diversity.detach(), "loss/clean": clean_loss.detach()}
     if adv_loss is not None:
         per_submodel["loss/adv"] = adv_loss.detach()
-    return StepFigures(per_submodel, clean_logits.detach(), y, ensemble={})
+    return StepResult(loss.sum(), StepFigures(per_submodel, clean_logits.detach(), y, ensemble={}))
 
 
-class Dverge:
+def dverge_step(
+    owned: Owned, placement: Placement, engine, layer: int,
+    x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor, cfg: DvergeConfig, timer: PhaseTimer = DISABLED,
+) -> StepFigures:
+    """One whole DVERGE update outside the stage loop (tests, `dvtrain.tools.bench`): `dverge_loss`, then
+    the loop's own optimizer update (`dvtrain.train.frame.update`). Returns the step's figures."""
+    return update(owned, placement, dverge_loss(owned, placement, engine, layer, x, y, x_s, y_s, cfg, timer), timer)
+
+
+@dataclass
+class PairBatch(Batch):
+    """A DVERGE step's batch pair (x, y), (x_s, y_s) ([B, C, H, W], [B]) and the epoch's layer."""
+
+    x: Tensor
+    y: Tensor
+    x_s: Tensor
+    y_s: Tensor
+    layer: int
+
+
+class Dverge(Stage):
     """The `dverge` stage: DVERGE from the vanilla submodels (`dverge.init_from`)."""
 
     name = "dverge"
-    config = DvergeConfig
     main_loss = "loss/dverge"
 
     def __init__(self, run: StageRun) -> None:
-        self.run = run
+        super().__init__(run)
         # One engine for the whole stage: it keeps its wide network (and compiled graphs) between epochs.
         self.engine = make_engine(run.section.engine, run.cfg.compute)
-        # compute.cuda_graphs: steps replayed from CUDA graphs, unless a step draws random starts on
-        # the host (DVERGE+AdvT's PGD, dverge.random_start), which a graph would replay unchanged.
-        self.captured = None
-        if run.cfg.compute.cuda_graphs:
-            if run.section.random_start or run.section.plus_adv:
-                if run.placement.is_main:
-                    print(f"[{run.name}] compute.cuda_graphs: runs eagerly (its random starts are drawn on the host)")
-            else:
-                self.captured = CapturedStep(getattr(self.engine, "forget", None))
-                for i in run.placement.owned:  # Adam keeps its step count on the GPU to be captured
-                    for group in run.owned.optimizers[i].param_groups:
-                        if "capturable" in group:  # Adam has the option, SGD needs none
-                            group["capturable"] = True
+        self.layer: int | None = None
+        # compute.cuda_graphs replays steps from CUDA graphs, unless a step draws random starts on the host
+        # (DVERGE+AdvT's PGD, dverge.random_start), which a graph would replay unchanged.
+        self.replayable = not (run.section.random_start or run.section.plus_adv)
+        if run.cfg.compute.cuda_graphs and not self.replayable and run.placement.is_main:
+            print(f"[{run.name}] compute.cuda_graphs: runs eagerly (its random starts are drawn on the host)")
 
-    def epoch(self, epoch: int, skip: int, on_step: OnStep) -> dict[str, int | float]:
-        """One epoch of Algorithm 1. `run.shared` draws the layer and the batch pairs identically on
-        every process; a data-parallel replica trains on its rows of each pair."""
+    def batches(self, epoch: int) -> Iterator[PairBatch]:
+        """One epoch of Algorithm 1: the layer l, then the batch pairs, both drawn from `run.shared`
+        (identical on every process)."""
         run, cfg = self.run, self.run.section
-        layer = draw_layer(cfg, run.models[0].num_layers, run.shared)
+        self.layer = layer = draw_layer(cfg, run.models[0].num_layers, run.shared)
         pairs = paired_batches(
             run.data.x_train, run.data.y_train, cfg.batch_size, run.shared, run.augment_padding, run.cfg.data.drop_last
         )
-        for step, ((x, y), (x_s, y_s)) in enumerate(pairs):
-            if step < skip:
-                continue
-            on_step(self.step(layer, *run.replicas.shard(x, y, x_s, y_s)), len(y))
-        return {"layer": layer}
+        return (PairBatch(x, y, x_s, y_s, layer) for (x, y), (x_s, y_s) in pairs)
 
-    def step(self, layer: int, x: Tensor, y: Tensor, x_s: Tensor, y_s: Tensor) -> StepFigures:
-        """`dverge_step` on this stage's submodels, eager or replayed from the CUDA graph of (layer,
-        learning rates), both of which its kernels bake in."""
-        run, cfg = self.run, self.run.section
-        if self.captured is None:
-            return dverge_step(run.owned, run.placement, self.engine, layer, x, y, x_s, y_s, cfg, run.timer)
-        lrs = tuple(run.owned.optimizers[i].param_groups[0]["lr"] for i in run.placement.owned)
-        return self.captured(
-            (layer, lrs), lambda *batch: dverge_step(run.owned, run.placement, self.engine, layer, *batch, cfg),
-            x, y, x_s, y_s,
-        )
+    def epoch_figures(self) -> dict[str, int]:
+        return {"layer": self.layer}
+
+    def step(self, batch: PairBatch) -> StepResult:
+        run = self.run
+        return dverge_loss(run.owned, run.placement, self.engine, batch.layer, batch.x, batch.y, batch.x_s, batch.y_s,
+                           run.section, run.timer)
+
+    def graph_key(self, batch: PairBatch) -> tuple | None:
+        """A graph's kernels bake in the layer and the learning rates."""
+        if not self.replayable:
+            return None
+        return batch.layer, tuple(self.run.owned.optimizers[i].param_groups[0]["lr"] for i in self.run.placement.owned)
+
+    def before_eager(self) -> None:
+        forget = getattr(self.engine, "forget", None)
+        if forget is not None:
+            forget()
 
 
 class DvergeAdvt(Dverge):

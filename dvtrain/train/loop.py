@@ -1,10 +1,10 @@
 """The stage loop: composes data, submodels, the stages, checkpoints, tracking and evaluation.
 
-For each configured stage (`dvtrain.train.registry`): restore its checkpoint or start it from the
+For each configured stage (`dvtrain.stages`): restore its checkpoint or start it from the
 weights of the stage it builds on (or from fresh weights), train the remaining epochs (checkpointing at
 epoch ends and every `checkpoint.every_steps` steps; Ctrl-C checkpoints where it stops), then evaluate
 the submodels and their mixture and record the table in `results.json`/`results.md`. The loop knows no
-stage by name: a stage is its class in the registry.
+stage by name: a stage is its class in the registry, and the loop owns the frame around its steps.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dvtrain import checkpoint, provenance
+from dvtrain import checkpoint, prechecks, provenance
+from dvtrain import stages as stage_registry
 from dvtrain.compute import autocast
 from dvtrain.config import Config, to_dict
 from dvtrain.data import Dataset, num_batches
@@ -35,10 +36,10 @@ from dvtrain.rundir import RunDir
 from dvtrain.signals import SignalGuard, StopRequested
 from dvtrain.submodels import Owned
 from dvtrain.timing import PhaseTimer
-from dvtrain.tracking import Progress, StepHistory, Tracker, new_run_id, resolve_mode, sync_command
+from dvtrain.tracking import Progress, StepHistory, Tracker, resolve_mode, sync_command
 from dvtrain.train.curves import training_curves
 from dvtrain.train.optim import build_owned, set_epoch_lr
-from dvtrain.train.registry import REGISTRY
+from dvtrain.train.frame import StepRunner, resumed
 from dvtrain.train.stage import StageRun, StepFigures
 
 # W&B key prefix of the step figures (`train/<metric>/sub<i>`, `train/<metric>/mixture`).
@@ -141,175 +142,232 @@ class StepLog:
         return rows
 
 
-def _start_state(ctx: Context, stage: str, owned: Owned) -> dict:
+@dataclasses.dataclass
+class TrainState:
+    """A stage's progress: what its checkpoint's state.json holds (torchtitan's `Stateful` idea: the
+    state reads and writes its own JSON). `epoch`/`step`: where training continues (steps done in that
+    epoch); `shared_generator`: the shared stream at the start of that epoch (its batches are replayed);
+    `wandb_run_id`: the stage's W&B run, continued on resume."""
+
+    stage: str
+    arch: str
+    ensemble_size: int
+    epoch: int = 0
+    step: int = 0
+    complete: bool = False
+    epoch_figures: list[dict] = dataclasses.field(default_factory=list)
+    train_s: float = 0.0
+    wandb_run_id: str | None = None
+    shared_generator: str = ""
+    artifact_logged: bool = False
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, values: dict) -> TrainState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def fresh(cls, cfg: Config, stage: str) -> TrainState:
+        shared = checkpoint.generator_to_text(stream(cfg.seed, "shared", stage))
+        return cls(stage, cfg.model.arch, cfg.ensemble.size, shared_generator=shared)
+
+
+@dataclasses.dataclass
+class CheckpointPolicy:
+    """When the stage loop reduces the step figures and checkpoints: figures every `logging.every_steps`
+    steps (Ctrl-C is answered there too), a checkpoint every `checkpoint.every_steps` optimizer steps
+    counted over the whole stage (0: none inside epochs) and at every epoch end."""
+
+    every_steps: int
+    log_every: int
+    steps_per_epoch: int
+
+    def periodic(self, epoch: int, step: int) -> bool:
+        """A checkpoint is due after `step` steps of `epoch` (epoch ends are checkpointed anyway)."""
+        done = epoch * self.steps_per_epoch + step
+        return self.every_steps > 0 and done % self.every_steps == 0 and step < self.steps_per_epoch
+
+    def reduce(self, epoch: int, step: int) -> bool:
+        """The figures are reduced (and checked) after `step` steps of `epoch`: before any checkpoint."""
+        return self.periodic(epoch, step) or step % self.log_every == 0
+
+
+def start_state(ctx: Context, stage: str, owned: Owned) -> TrainState:
     """Restore the stage's own checkpoint, or start it from the weights of the stage it builds on."""
-    cfg = ctx.cfg
-    path = checkpoint.latest(RunDir(ctx.run_dir).checkpoints(stage))
+    path = prechecks.check_start(ctx.cfg, ctx.run_dir, stage)
     if path is not None:
-        state = checkpoint.read_state(path)
-        expected = {"arch": cfg.model.arch, "ensemble_size": cfg.ensemble.size}
-        found = {k: state.get(k) for k in expected}
-        if found != expected:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {path} holds {found}, but the config asks for {expected}; use another run directory"
-            )
         checkpoint.load_weights(path, owned)
         checkpoint.load_resume_state(path, owned)
-        return state
-    source = getattr(cfg, stage).init_from
+        return TrainState.from_state_dict(checkpoint.read_state(path))
+    source = ctx.cfg.section(stage).init_from
     if source is not None:  # None: the fresh initialisation build_owned made
-        src = checkpoint.latest(RunDir(ctx.run_dir).checkpoints(source))
-        if src is None or not checkpoint.read_state(src).get("complete"):
-            raise DvtrainError(
-                f"stage {stage} starts from the final weights of stage {source}, which this run has not finished; "
-                f"add {source} to stages or resume a run directory that has it"
-            )
-        checkpoint.load_weights(src, owned)
-    return {
-        "stage": stage,
-        "arch": cfg.model.arch,
-        "ensemble_size": cfg.ensemble.size,
-        "epoch": 0,
-        "step": 0,
-        "complete": False,
-        "epoch_figures": [],
-        "train_s": 0.0,
-        "wandb_run_id": None,  # the stage's W&B run, continued on resume
-        "shared_generator": checkpoint.generator_to_text(stream(cfg.seed, "shared", stage)),
-    }
+        checkpoint.load_weights(checkpoint.latest(RunDir(ctx.run_dir).checkpoints(source)), owned)
+    return TrainState.fresh(ctx.cfg, stage)
 
 
-def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, session: dict) -> None:
-    started = time.perf_counter()
-    cfg, placement = ctx.cfg, ctx.placement
-    section = getattr(cfg, name)
-    owned = build_owned(cfg, ctx.data, placement.owned, name, ctx.device)
-    for i in owned.ids:
-        placement.replicas.attach(owned.optimizers[i])
-    state = _start_state(ctx, name, owned)
-    if state["complete"] and any(row["stage"] == name for row in results["eval"]):
-        if placement.is_main:
-            print(f"[{name}] complete and evaluated; skipping", flush=True)
-        if cfg.logging.artifacts and not state.get("artifact_logged") and resolve_mode(cfg.logging) != "disabled":
-            tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg) | {"provenance": session},
-                              active=placement.is_main, run_id=state.get("wandb_run_id"))
-            try:
-                upload_artifact(ctx, name, tracker, owned, state, results)
-            finally:
-                tracker.finish(0)
-        return
+class StageTraining:
+    """One stage's training: the frame around its steps (resume, replicas, the optimizer update, figures,
+    checkpoints, the training state), then its evaluation."""
 
-    shared = checkpoint.generator_from_text(state["shared_generator"])
-    timer = PhaseTimer(cfg.logging.step_timing, ctx.device)
-    stage = REGISTRY[name](StageRun(name, cfg, owned, placement, placement.replicas, ctx.data, shared, timer))
-    path = RunDir(ctx.run_dir).checkpoints(name)
-    if state.get("wandb_run_id") is None and resolve_mode(cfg.logging) != "disabled":
-        # The stage's W&B run id, checkpointed with its starting point before the run exists: a kill
-        # at any later moment resumes this run rather than opening a second one.
-        state["wandb_run_id"] = new_run_id()
-        checkpoint.save_checkpoint(path, owned, placement, state)
-    tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg) | {"provenance": session},
-                      active=placement.is_main, run_id=state.get("wandb_run_id"))
-    history = StepHistory(ctx.run_dir, name, active=placement.is_main)  # kept with W&B off too: training_curves draws it
-    exit_code = 1
-    try:
-        steps_per_epoch = num_batches(len(ctx.data.y_train), section.batch_size, cfg.data.drop_last)
-        history.replay(tracker, upto=state["epoch"] * steps_per_epoch + state["step"])
-        for epoch in range(state["epoch"], section.epochs):
-            # Where this epoch's batches come from, so a checkpoint inside it can replay them.
-            epoch_start = checkpoint.generator_to_text(shared)
-            data_states = {i: owned.data_generators[i].get_state() for i in owned.ids}
-            lr = {set_epoch_lr(owned.optimizers[i], section.optim, epoch) for i in owned.ids}.pop()
-            progress = Progress(cfg.logging.progress and placement.is_main, name, epoch, section.epochs, steps_per_epoch)
-            log = StepLog(placement, name, epoch)
-            main_losses: list[float] = []
-            step_in_epoch = state["step"]
+    def __init__(self, ctx: Context, name: str, owned: Owned, state: TrainState, guard: SignalGuard, session: dict):
+        self.ctx, self.name, self.owned, self.state, self.guard = ctx, name, owned, state, guard
+        cfg, placement = ctx.cfg, ctx.placement
+        self.section = cfg.section(name)
+        self.path = RunDir(ctx.run_dir).checkpoints(name)
+        self.shared = checkpoint.generator_from_text(state.shared_generator)
+        self.timer = PhaseTimer(cfg.logging.step_timing, ctx.device)
+        run = StageRun(name, cfg, owned, placement, placement.replicas, ctx.data, self.shared, self.timer)
+        self.stage = stage_registry.spec(name).trainer_class()(run)
+        self.steps = StepRunner(self.stage, owned, placement, cfg.compute.cuda_graphs, self.timer)
+        self.steps_per_epoch = num_batches(len(ctx.data.y_train), self.section.batch_size, cfg.data.drop_last)
+        self.policy = CheckpointPolicy(cfg.checkpoint.every_steps, cfg.logging.every_steps, self.steps_per_epoch)
+        run_id = Tracker.stage_run_id(cfg.logging, state.wandb_run_id)
+        if run_id != state.wandb_run_id:  # checkpointed with its starting point before the W&B run exists
+            state.wandb_run_id = run_id
+            self.save()
+        self.tracker = Tracker(cfg.logging, ctx.run_dir, cfg.name, name, to_dict(cfg) | {"provenance": session},
+                               active=placement.is_main, run_id=state.wandb_run_id)
+        # Kept with W&B off too: training_curves draws it.
+        self.history = StepHistory(ctx.run_dir, name, active=placement.is_main)
 
-            def flush() -> None:
-                for step, row in log.flush():
-                    main = [v for k, v in row.items() if k.startswith(f"{TRAIN}/{stage.main_loss}/sub")]
-                    main_losses.append(sum(main) / len(main))
-                    tracker.log(row, step=epoch * steps_per_epoch + step)
-                    history.append(epoch * steps_per_epoch + step, row)
-                if main_losses:
-                    progress.show_loss(main_losses[-1])
+    def save(self, data_states: dict | None = None) -> None:
+        checkpoint.save_checkpoint(self.path, self.owned, self.ctx.placement, self.state.state_dict(), data_states)
 
-            def on_step(figures: StepFigures, images: int) -> None:
-                nonlocal step_in_epoch
-                step_in_epoch += 1
-                log.add(step_in_epoch, figures)
+    def train(self) -> None:
+        """The remaining epochs; the stage is complete after them (with zero epochs: its starting weights)."""
+        self.history.replay(self.tracker, upto=self.state.epoch * self.steps_per_epoch + self.state.step)
+        for epoch in range(self.state.epoch, self.section.epochs):
+            self.epoch(epoch)
+        if not self.state.complete:
+            self.state.complete = True
+            self.save()
+        if self.ctx.placement.is_main:
+            training_curves(self.ctx.run_dir, self.name, self.history.path, self.stage.main_loss, self.steps_per_epoch)
+
+    def epoch(self, epoch: int) -> None:
+        owned, placement, cfg = self.owned, self.ctx.placement, self.ctx.cfg
+        # Where this epoch's batches come from, so a checkpoint inside it can replay them.
+        epoch_start = checkpoint.generator_to_text(self.shared)
+        data_states = {i: owned.data_generators[i].get_state() for i in owned.ids}
+        lr = {set_epoch_lr(owned.optimizers[i], self.section.optim, epoch) for i in owned.ids}.pop()
+        progress = Progress(cfg.logging.progress and placement.is_main, self.name, epoch, self.section.epochs,
+                            self.steps_per_epoch)
+        log, main_losses = StepLog(placement, self.name, epoch), []
+        with autocast(cfg.compute, self.ctx.device):  # training only: evaluation stays fp32
+            for step, batch in resumed(self.stage.batches(epoch), self.state.step):
+                figures, images = self.steps(batch)
+                log.add(step + 1, figures)
                 progress.update(images)
-                global_step = epoch * steps_per_epoch + step_in_epoch
-                every = cfg.checkpoint.every_steps
-                periodic = every > 0 and global_step % every == 0 and step_in_epoch < steps_per_epoch
-                if not (periodic or step_in_epoch % cfg.logging.every_steps == 0):
-                    return
-                flush()  # figures checked before any checkpoint is written
-                stop = placement.any(guard.stop_requested)
-                if periodic or stop:
-                    state.update(epoch=epoch, step=step_in_epoch, shared_generator=epoch_start)
-                    checkpoint.save_checkpoint(path, owned, placement, state, data_states)
+                if not self.policy.reduce(epoch, step + 1):
+                    continue
+                self.flush(log, epoch, progress, main_losses)  # figures checked before any checkpoint is written
+                stop = placement.any(self.guard.stop_requested)
+                if self.policy.periodic(epoch, step + 1) or stop:
+                    self.state.epoch, self.state.step, self.state.shared_generator = epoch, step + 1, epoch_start
+                    self.save(data_states)
                 if stop:
-                    raise StopRequested(f"stopped at {name} epoch {epoch + 1} step {step_in_epoch}")
+                    raise StopRequested(f"stopped at {self.name} epoch {epoch + 1} step {step + 1}")
+        self.flush(log, epoch, progress, main_losses)
+        self.end_epoch(epoch, lr, progress, main_losses)
 
-            with autocast(cfg.compute, ctx.device):  # training only: evaluation stays fp32
-                epoch_figures = stage.epoch(epoch, state["step"], on_step)
-            flush()
-            metrics = test_metrics(owned, placement, ctx.data, cfg.eval.batch_size)
-            summary = (
-                "".join(f"{k} {v} | " for k, v in epoch_figures.items())
-                + f"loss {sum(main_losses) / max(len(main_losses), 1):.4f} | "
-                + " ".join(f"{k.split('/')[-1]} {v:.2f}%" for k, v in metrics.items() if "/acc/" in k)
-                + (f" | {timer.summary()}" if timer.seconds else "")
-            )
-            state["train_s"] += progress.close(summary)
-            epoch_row = (
-                {**metrics, "epoch": epoch + 1}
-                | {f"{TRAIN}/{key}": value for key, value in
-                   ({"lr": lr, "images_per_s": progress.images_per_s} | epoch_figures).items()}
-                | {f"{TRAIN}/time/{phase}_s": seconds for phase, seconds in timer.seconds.items()}
-            )
-            tracker.log_epoch(epoch_row, step=(epoch + 1) * steps_per_epoch)
-            history.append((epoch + 1) * steps_per_epoch, epoch_row, epoch_level=True)
-            state.setdefault("epoch_figures", []).append(epoch_figures)
-            state.update(
-                epoch=epoch + 1, step=0, complete=epoch + 1 == section.epochs,
-                shared_generator=checkpoint.generator_to_text(shared),
-            )
-            checkpoint.save_checkpoint(path, owned, placement, state)
-        if not state["complete"]:  # zero epochs: the starting weights are this stage's result
-            state["complete"] = True
-            checkpoint.save_checkpoint(path, owned, placement, state)
-        if placement.is_main:
-            training_curves(ctx.run_dir, name, history.path, stage.main_loss, steps_per_epoch)
+    def flush(self, log: StepLog, epoch: int, progress: Progress, main_losses: list[float]) -> None:
+        for step, row in log.flush():
+            main = [v for k, v in row.items() if k.startswith(f"{TRAIN}/{self.stage.main_loss}/sub")]
+            main_losses.append(sum(main) / len(main))
+            self.tracker.log(row, step=epoch * self.steps_per_epoch + step)
+            self.history.append(epoch * self.steps_per_epoch + step, row)
+        if main_losses:
+            progress.show_loss(main_losses[-1])
 
-        results["provenance"] = provenance.record_stage(results.get("provenance"), session, name,
-                                                        time.perf_counter() - started)
-        rows = evaluate_into(ctx, name, owned, state, results)
+    def end_epoch(self, epoch: int, lr: float, progress: Progress, main_losses: list[float]) -> None:
+        """The epoch's test figures and summary line, logged; the state advanced and checkpointed."""
+        epoch_figures, timer = self.stage.epoch_figures(), self.timer
+        metrics = test_metrics(self.owned, self.ctx.placement, self.ctx.data, self.ctx.cfg.eval.batch_size)
+        summary = (
+            "".join(f"{k} {v} | " for k, v in epoch_figures.items())
+            + f"loss {sum(main_losses) / max(len(main_losses), 1):.4f} | "
+            + " ".join(f"{k.split('/')[-1]} {v:.2f}%" for k, v in metrics.items() if "/acc/" in k)
+            + (f" | {timer.summary()}" if timer.seconds else "")
+        )
+        self.state.train_s += progress.close(summary)
+        epoch_row = (
+            {**metrics, "epoch": epoch + 1}
+            | {f"{TRAIN}/{key}": value for key, value in
+               ({"lr": lr, "images_per_s": progress.images_per_s} | epoch_figures).items()}
+            | {f"{TRAIN}/time/{phase}_s": seconds for phase, seconds in timer.seconds.items()}
+        )
+        self.tracker.log_epoch(epoch_row, step=(epoch + 1) * self.steps_per_epoch)
+        self.history.append((epoch + 1) * self.steps_per_epoch, epoch_row, epoch_level=True)
+        self.state.epoch_figures.append(epoch_figures)
+        self.state.epoch, self.state.step = epoch + 1, 0
+        self.state.complete = epoch + 1 == self.section.epochs
+        self.state.shared_generator = checkpoint.generator_to_text(self.shared)
+        self.save()
+
+    def evaluate(self, results: dict, session: dict, seconds: float) -> None:
+        """The stage's quick white-box table into results.json, W&B's table and summary, and its artifact."""
+        ctx, name, tracker = self.ctx, self.name, self.tracker
+        results["provenance"] = provenance.record_stage(results.get("provenance"), session, name, seconds)
+        rows = evaluate_into(ctx, name, self.owned, self.state, results)
         tracker.table("eval/table", rows)
         tracker.summary({f"eval/{metric_name(r['attack'], r['norm'])}/{r['model']}": r["accuracy"] for r in rows}
                         | {f"eval/{metric_name(r['attack'], r['norm'])}/eps": r["eps"] for r in rows})
         tracker.config_update({"provenance": results["provenance"]})
-        if cfg.logging.artifacts:
-            upload_artifact(ctx, name, tracker, owned, state, results)
+        if ctx.cfg.logging.artifacts:
+            upload_artifact(ctx, name, tracker, self.owned, self.state, results)
+
+
+def run_stage(ctx: Context, name: str, results: dict, guard: SignalGuard, session: dict) -> None:
+    """Train (or resume) stage `name`, then evaluate it into `results`; a stage finished and evaluated
+    earlier is passed over (uploading its artifact if W&B has not taken it yet)."""
+    started = time.perf_counter()
+    owned = build_owned(ctx.cfg, ctx.data, ctx.placement.owned, name, ctx.device)
+    for i in owned.ids:
+        ctx.placement.replicas.attach(owned.optimizers[i])
+    state = start_state(ctx, name, owned)
+    if state.complete and any(row["stage"] == name for row in results["eval"]):
+        if ctx.placement.is_main:
+            print(f"[{name}] complete and evaluated; skipping", flush=True)
+        if ctx.cfg.logging.artifacts and not state.artifact_logged and resolve_mode(ctx.cfg.logging) != "disabled":
+            upload_final_artifact(ctx, name, owned, state, results, session)
+        return
+    training = StageTraining(ctx, name, owned, state, guard, session)
+    exit_code = 1
+    try:
+        training.train()
+        training.evaluate(results, session, time.perf_counter() - started)
         exit_code = 0
     finally:
-        tracker.finish(exit_code)
+        training.tracker.finish(exit_code)
 
 
-def upload_artifact(ctx: Context, stage: str, tracker: Tracker, owned: Owned, state: dict, results: dict) -> None:
+def upload_final_artifact(ctx: Context, name: str, owned: Owned, state: TrainState, results: dict,
+                          session: dict) -> None:
+    """A finished stage's artifact that W&B did not take earlier, in the stage's own W&B run."""
+    tracker = Tracker(ctx.cfg.logging, ctx.run_dir, ctx.cfg.name, name, to_dict(ctx.cfg) | {"provenance": session},
+                      active=ctx.placement.is_main, run_id=state.wandb_run_id)
+    try:
+        upload_artifact(ctx, name, tracker, owned, state, results)
+    finally:
+        tracker.finish(0)
+
+
+def upload_artifact(ctx: Context, stage: str, tracker: Tracker, owned: Owned, state: TrainState, results: dict) -> None:
     """The stage's final checkpoint as a W&B model artifact; once W&B took it, the checkpoint's state says
     so (`artifact_logged`), and until then every --resume tries again (a failure is a warning, not an end)."""
     path = RunDir(ctx.run_dir).checkpoints(stage)
     uploaded = tracker.artifact(ctx.cfg.name, "model", checkpoint.latest(path),
-                                {"stage": stage, "epochs": state["epoch"], "provenance": results.get("provenance")},
+                                {"stage": stage, "epochs": state.epoch, "provenance": results.get("provenance")},
                                 suffix=f"-{stage}")
     if ctx.placement.any(uploaded):
-        state["artifact_logged"] = True
-        checkpoint.save_checkpoint(path, owned, ctx.placement, state)
+        state.artifact_logged = True
+        checkpoint.save_checkpoint(path, owned, ctx.placement, state.state_dict())
 
 
-def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: dict) -> list[dict]:
+def evaluate_into(ctx: Context, stage: str, owned: Owned, state: TrainState, results: dict) -> list[dict]:
     """Attack table of the stage's submodels and mixture, recorded in results.json/results.md.
 
     The stage's weights are new, so every earlier figure of the stage (either table, and what
@@ -321,11 +379,11 @@ def evaluate_into(ctx: Context, stage: str, owned: Owned, state: dict, results: 
         ctx.placement,
     )
     rows = [r | {"table": TRAIN_TABLE, "command": "dvtrain train"} for r in rows]
-    images = state["epoch"] * len(ctx.data.y_train)
+    images = state.epoch * len(ctx.data.y_train)
     info = {
-        "epochs": state["epoch"],
-        "train_s": round(state["train_s"], 2),
-        "images_per_s": round(images / state["train_s"], 1) if state["train_s"] > 0 else None,
+        "epochs": state.epoch,
+        "train_s": round(state.train_s, 2),
+        "images_per_s": round(images / state.train_s, 1) if state.train_s > 0 else None,
         "eval_s": round(time.perf_counter() - start, 2),
     }
 

@@ -33,7 +33,7 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epoch: int)
 
 def build_owned(cfg: Config, data: Dataset, ids: list[int], stage: str, device: torch.device) -> Owned:
     """Fresh submodels, optimizers for `stage` and per-submodel streams keyed by (seed, stage, index)."""
-    optim_cfg = getattr(cfg, stage).optim
+    optim_cfg = cfg.section(stage).optim
     models = {i: prepare_model(build_submodel(cfg, data, i).to(device), cfg.compute, len(ids)) for i in ids}
     return Owned(
         models=models,

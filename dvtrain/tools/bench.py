@@ -1,8 +1,8 @@
 """Throughput of a DVERGE step: a reference-style baseline against dvtrain's engines, in one process.
 
-    python -m dvtrain.bench [--device cpu|cuda|auto] [--steps N] [--quick] [--settings NAME ...]
+    python -m dvtrain.tools.bench [--device cpu|cuda|auto] [--steps N] [--quick] [--settings NAME ...]
                             [--precision fp32|bf16] [--channels-last] [--compile] [--cuda-graphs]
-    python -m dvtrain.bench --eval ...   (evaluation throughput at 1 and 2 processes: dvtrain.bench_eval)
+    python -m dvtrain.tools.bench --eval ...   (evaluation throughput at 1 and 2 processes: dvtrain.tools.bench_eval)
 
 Columns: "reference" is written the way the authors' code works (one submodel at a time; every
 distillation iteration recomputes the target features and runs a full `backward` that also fills
@@ -29,7 +29,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -45,9 +44,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dvtrain.attacks import project_linf
-from dvtrain.cli import EXIT_USER_ERROR
 from dvtrain.compute import CapturedStep, autocast, check_compute
 from dvtrain.errors import DvtrainError
+from dvtrain.exits import EXIT_USER_ERROR
 from dvtrain.config import ENGINES, PRECISIONS, ComputeConfig, Config, DvergeConfig, load_config
 from dvtrain.data import Dataset
 from dvtrain.train.dverge import dverge_step
@@ -56,6 +55,7 @@ from dvtrain.submodels import build_submodel
 from dvtrain.train.optim import build_owned
 from dvtrain.distributed.placement import LocalPlacement
 from dvtrain.distributed.runtime import resolve_device
+from dvtrain.tools.bench_eval import describe
 
 ENSEMBLE_SIZE = 3
 DISTILL_STEPS = 10
@@ -80,7 +80,7 @@ MIB = 2**20
 SECONDS_PER_HOUR = 3600
 COLUMNS = ("reference", *ENGINES)
 CAPTURED = "captured"  # the grouped engine's step replayed from CUDA graphs (--cuda-graphs, GPUs only)
-EVAL_FLAG = "--eval"  # hands the command line to dvtrain.bench_eval (evaluation throughput)
+EVAL_FLAG = "--eval"  # hands the command line to dvtrain.tools.bench_eval (evaluation throughput)
 
 
 @dataclass(frozen=True)
@@ -519,18 +519,8 @@ def print_table(settings: dict[str, dict], hours: dict[str, dict[str, float]]) -
         print(f"projected {run}: " + ", ".join(f"{c} {h} h" for c, h in per_column.items()))
 
 
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    name = names[0] if names else platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dvtrain.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dvtrain.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--steps", type=int, default=DEFAULT_TIMED_STEPS, help="timed steps per setting and layer")
     p.add_argument("--quick", action="store_true", help="tiny batches and steps: checks the bench runs, not speed")
@@ -555,7 +545,7 @@ def compute_options(args: argparse.Namespace) -> ComputeConfig:
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     if EVAL_FLAG in argv:
-        from dvtrain.bench_eval import main as eval_main
+        from dvtrain.tools.bench_eval import main as eval_main
 
         return eval_main([a for a in argv if a != EVAL_FLAG])
     args = parse_args(argv)
@@ -563,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         device = resolve_device(args.device)
         check_compute(replace(Config(), compute=compute_options(args)), device, world_size=1)
     except DvtrainError as exc:
-        print(f"python -m dvtrain.bench: error: {exc}", file=sys.stderr)
+        print(f"python -m dvtrain.tools.bench: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     load_before = os.getloadavg()
     counted: dict = {}

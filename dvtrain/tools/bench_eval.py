@@ -1,7 +1,7 @@
 """Evaluation throughput: images/s per white-box attack of `dvtrain eval`'s table, at 1 and 2 processes
 (or the counts given) in one run, and the speed-up of each count over the smallest (issue 22 item 5).
 
-    python -m dvtrain.bench --eval [--procs 1 2] [--device cpu|cuda|auto] [--threads N] [--images N]
+    python -m dvtrain.tools.bench --eval [--procs 1 2] [--device cpu|cuda|auto] [--threads N] [--images N]
                                    [--train-epochs N | --run RUN_DIR --stage STAGE] [--config YAML]
                                    [--attacks NAME,NAME,...] [eval.key=value ...]
 
@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -45,18 +46,18 @@ from pathlib import Path
 
 import torch
 
-from dvtrain.cli import EXIT_USER_ERROR
 from dvtrain.config import Config, load_config
 from dvtrain.data import load_dataset
 from dvtrain.distributed.runtime import init_runtime, launched_world_size, resolve_device, shutdown
 from dvtrain.errors import DvtrainError
+from dvtrain.exits import EXIT_USER_ERROR
 from dvtrain.eval.load import finished_stages, load_stage
 from dvtrain.eval.share import ProcessGroupShare
 from dvtrain.eval.whitebox import chunk_count, evaluate_stage, too_many_processes
 from dvtrain.submodels import build_submodel
 
-PROG = "python -m dvtrain.bench --eval"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_quickstart.yaml"
+PROG = "python -m dvtrain.tools.bench --eval"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits_quickstart.yaml"
 DEFAULT_PROCS = (1, 2)
 DEFAULT_TRAIN_EPOCHS = 2  # a few vanilla epochs: most clean images right, so the attacks have work to do
 TRAINED_STAGE = "vanilla"
@@ -66,6 +67,17 @@ OUTPUT_TAIL_LINES = 20  # of a failed launch's output, shown with the error
 
 
 # ----------------------------------------------------------------------------- one launched process
+
+
+def describe(device: torch.device) -> str:
+    """The device a benchmark ran on, as its report names it (CPU model, cores, torch threads; or the GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    name = names[0] if names else platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def _wait_for_all(device: torch.device) -> None:
@@ -204,7 +216,7 @@ def launch(procs: int, spec: dict, folder: Path, env: dict) -> dict[str, dict]:
     spec_file.write_text(json.dumps(spec))
     # One process runs as plain `dvtrain eval` does (no launcher, no process group); more under torchrun.
     launcher = [] if procs == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
-    _run([sys.executable, *launcher, "-m", "dvtrain.bench_eval", "--worker", str(spec_file)], env,
+    _run([sys.executable, *launcher, "-m", "dvtrain.tools.bench_eval", "--worker", str(spec_file)], env,
          f"the launch of {procs} process(es)")
     return json.loads(Path(spec["out"]).read_text())
 
@@ -260,8 +272,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     except DvtrainError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
-    from dvtrain.bench import describe  # the driver's only: a launched process need not import the training engines
-
     counts = sorted(set(args.procs))
     torch.set_num_threads(args.threads)  # as in each launched process, so that `describe` says their count
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
