@@ -120,7 +120,7 @@ def prepare_blackbox(
     phases: Phases | None = None, share: Share | None = None,
 ) -> tuple[list[ExampleSet], Tensor, dict] | None:
     """Every example set of the protocol (read from the shared cache, or crafted and stored there once),
-    the labels y [N] of its images, and a description for results.json ("blackbox_surrogate"): the
+    the labels y [N] of its images, and a description for results.json (each stage's table's "protocol"): the
     protocol, each surrogate ensemble's folder, clean accuracy and own (white-box) accuracy per set.
 
     Under `share` (several processes) each surrogate ensemble is trained, and each example set crafted,

@@ -35,8 +35,8 @@ from dvtrain import rundir
 from dvtrain.config import STAGES, WANDB_MODES, LoggingConfig, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import (
-    BLACKBOX_PREFIX, METRIC_ORDER, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, format_eps, mean_off_diagonal,
-    metric_name, model_label,
+    BLACKBOX_PREFIX, METRIC_ORDER, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, blackbox_protocol, format_eps,
+    mean_off_diagonal, metric_name, model_label,
 )
 from dvtrain.paths import read_json_object
 from dvtrain.tracking import OFFLINE_RUN_GLOB, offline_run_info, read_offline_run
@@ -158,7 +158,7 @@ def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str
         if covered >= attacks.get(column, 0):
             values[column], basis[column], attacks[column] = row["accuracy"], _budget_text(row), covered
     for stage, table in results.get("blackbox", {}).items():
-        for column, (value, text) in blackbox_values(stage, table, results.get("blackbox_surrogate", {})).items():
+        for column, (value, text) in blackbox_values(stage, table, blackbox_protocol(results, stage)).items():
             if value is not None:
                 values[column], basis[column] = value, text
     for stage, matrix in results.get("transfer", {}).items():

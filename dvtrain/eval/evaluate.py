@@ -26,7 +26,8 @@ from dvtrain.eval.progress import Phases
 from dvtrain.eval.load import finished_stages, load_stage
 from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.report import (
-    EVAL_TABLE, FULL_EVALUATION_KEYS, evaluation_markdown, merge_rows, metric_key, result_metrics, results_markdown, update_results,
+    EVAL_TABLE, FULL_EVALUATION_KEYS, evaluation_markdown, merge_rows, metric_key,
+    result_metrics, results_markdown, update_results,
 )
 from dvtrain.eval.share import Share, is_main
 from dvtrain.eval.sweep import epsilon_sweeps
@@ -57,10 +58,13 @@ def shared_evaluation(loaded: dict[str, list[nn.Module]], data: Dataset, cfg: Co
 def stage_checks(stage: str, submodels: list[nn.Module], rows: list[dict], data: Dataset, cfg: Config, tcfg: TransferConfig,
                  blackbox: tuple[list[ExampleSet], Tensor, str], results: dict, phases: Phases) -> None:
     """Rank 0, given the stage's white-box `rows` and its ε sweep in `results`: its black-box table
-    (`blackbox` is (example sets, their labels, their images' digest)) and gradient-masking checks."""
-    sets, y_blackbox, images = blackbox
+    (`blackbox` is (example sets, their labels, the protocol's description), stored with the table) and
+    gradient-masking checks."""
+    sets, y_blackbox, protocol = blackbox
     with phases.phase(f"{stage} black-box transfer", len(y_blackbox) * len(sets)) as bar:
-        results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, sets, y_blackbox, tcfg.batch_size, images)
+        # The protocol goes with the stage's table: stages evaluated apart may use other surrogates or budgets.
+        results.setdefault("blackbox", {})[stage] = blackbox_table(submodels, sets, y_blackbox, tcfg.batch_size,
+                                                                   protocol["images"]) | {"protocol": protocol}
         bar.update(len(y_blackbox) * len(sets))
     probe = None
     if cfg.eval.checks.enabled:
@@ -121,10 +125,8 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
         diversity_evaluation(run.path, loaded, data, cfg, new, share, bar)
     if not main:
         return None
-    sets, y_blackbox, new["blackbox_surrogate"] = blackbox
     for stage, submodels in loaded.items():
-        stage_checks(stage, submodels, rows[stage], data, cfg, tcfg, (sets, y_blackbox, new["blackbox_surrogate"]["images"]),
-                     new, phases)
+        stage_checks(stage, submodels, rows[stage], data, cfg, tcfg, blackbox, new, phases)
     new["plots"] = evaluation_plots(run.path, new)
     new["eval_provenance"] = {"command": command, "world_size": 1 if share is None else share.world,
                               "threads_per_process": torch.get_num_threads(), "phase_s": dict(phases.seconds)}
@@ -133,7 +135,6 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
         stored["eval"] = merge_rows(stored["eval"], new["eval"])
         for key in (*FULL_EVALUATION_KEYS, "plots"):
             stored.setdefault(key, {}).update(new.get(key, {}))
-        stored["blackbox_surrogate"] = new["blackbox_surrogate"]
         stored["eval_provenance"] = new["eval_provenance"]
         add_blackbox_plot(run.path, stored, cfg.stages)  # every evaluated stage's curves, this run's and earlier ones
 

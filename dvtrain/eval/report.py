@@ -2,7 +2,8 @@
 
 results.json holds "eval" (white-box rows, see `dvtrain.eval.whitebox`), "stages" (training time per
 stage, written by the training loop), and what `dvtrain eval` adds: "checks" (gradient-masking
-verdicts per stage), "transfer", "blackbox", "blackbox_surrogate", "eps_sweep", "plots". Both files
+verdicts per stage), "transfer", "blackbox" (each stage's table with the protocol it was measured with;
+files before issue 26 hold one global "blackbox_surrogate" instead), "eps_sweep", "plots". Both files
 are written atomically (a temporary file renamed over the old one), so a crash never leaves half a file.
 
 The white-box rows accumulate: a row is keyed by (table, stage, model, attack, norm, ε, budget), where
@@ -278,23 +279,55 @@ def _matrix_markdown(stage: str, rows: list[str], columns: list[str], values: li
     return lines
 
 
-def _blackbox_markdown(tables: dict[str, dict], protocol: dict) -> list[str]:
-    """The black-box section (`dvtrain.eval.blackbox`): "all" per ε for every stage and model, then one
-    detailed table per ε (a column per surrogate ensemble × attack × loss), the surrogates' own rows first."""
+def blackbox_protocol(results: dict, stage: str) -> dict:
+    """The black-box protocol a stage's table was measured with: its own ("protocol" in the table, since
+    issue 26), else the one global "blackbox_surrogate" entry of results.json files written before (which
+    described the last evaluation only); {} when neither is there."""
+    table = results.get("blackbox", {}).get(stage, {})
+    return table.get("protocol") or results.get("blackbox_surrogate") or {}
+
+
+def _protocol_identity(protocol: dict, table: dict) -> str:
+    """What must agree for stages to share one black-box section: the protocol and the sets at each ε."""
+    return json.dumps([protocol, table.get("eps"), table.get("sets")], sort_keys=True)
+
+
+def _blackbox_markdown(results: dict) -> list[str]:
+    """The black-box section(s) (`dvtrain.eval.blackbox`): one per protocol, the stages measured with it
+    together, each drawn with its own ε grid and example sets (never under another stage's headers)."""
+    tables = results.get("blackbox", {})
+    stages = [s for s in stage_order(tables) if "all" in tables[s]]
+    groups: dict[str, list[str]] = {}
+    for stage in stages:
+        groups.setdefault(_protocol_identity(blackbox_protocol(results, stage), tables[stage]), []).append(stage)
+    out = []
+    for k, members in enumerate(groups.values()):
+        title = "## Black-box transfer" + (f" (protocol {k + 1} of {len(groups)}: {', '.join(members)})"
+                                           if len(groups) > 1 else "")
+        out += _blackbox_group_markdown(title, {s: tables[s] for s in members}, blackbox_protocol(results, members[0]))
+    return out
+
+
+def _blackbox_group_markdown(title: str, tables: dict[str, dict], protocol: dict) -> list[str]:
+    """"all" per ε for every stage and model of one protocol, then one detailed table per ε (a column per
+    surrogate ensemble × attack × loss), the surrogates' own rows first."""
     from dvtrain.eval.blackbox import set_label
 
-    stages = [s for s in stage_order(tables) if "all" in tables[s]]
-    if not stages:
-        return []
-    eps_grid = tables[stages[0]]["eps"]
-    sizes = ", ".join(str(s["size"]) for s in protocol["surrogates"])
-    lines = ["## Black-box transfer", "",
-             f"Accuracy (%) on {protocol['n_images']} test images (seed {protocol['seed']}) under transfer examples "
-             f"crafted on hold-out plain ensembles of {sizes} models of this architecture with momentum PGD "
-             f"({protocol['restarts']} random starts), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ {protocol['sgm_gamma']:g}), "
-             f"{protocol['steps']} steps each, losses {', '.join(l.upper() for l in protocol['losses'])}. A set counts an image correct "
-             "only under all its runs; \"all\": correct under every set at that ε. Example sets and surrogates are "
-             f"shared by every run on the same data ({protocol['cache']}).", "",
+    stages = list(tables)
+    first = tables[stages[0]]
+    eps_grid = first["eps"]
+    sizes = ", ".join(str(s["size"]) for s in protocol.get("surrogates", []))
+    described = ([f"Accuracy (%) on {protocol['n_images']} test images (seed {protocol['seed']}) under transfer examples "
+                  f"crafted on hold-out plain ensembles of {sizes} models of this architecture with momentum PGD "
+                  f"({protocol['restarts']} random starts), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ "
+                  f"{protocol['sgm_gamma']:g}), {protocol['steps']} steps each, losses "
+                  f"{', '.join(l.upper() for l in protocol['losses'])}"
+                  + (f", surrogates trained {', '.join(str(s['epochs']) for s in protocol['surrogates'])} epochs"
+                     if all("epochs" in s for s in protocol.get("surrogates", [])) else "")
+                  + ". A set counts an image correct only under all its runs; \"all\": correct under every set at "
+                  f"that ε. Example sets and surrogates are shared by every run on the same data ({protocol['cache']})."]
+                 if protocol else ["Protocol not recorded (results.json of an earlier dvtrain)."])
+    lines = [title, "", *described, "",
              *(f"- {note}" for note in protocol.get("notes", [])), *([""] if protocol.get("notes") else []),
              "| Stage | Model | " + " | ".join(f"all ε={format_eps(e)}" for e in eps_grid) + " |",
              "|---|---" + "|---:" * len(eps_grid) + "|"]
@@ -313,13 +346,13 @@ def _blackbox_markdown(tables: dict[str, dict], protocol: dict) -> list[str]:
             lines += [f"| {stage} | {name} | " + " | ".join(cell(v) for v in rows[m]) + " |"
                       for name, rows in t["all_by_surrogate"].items()]
     for k, eps in enumerate(eps_grid):
-        columns = [j for j, s in enumerate(tables[stages[0]]["sets"]) if s["eps"] == eps]
-        labels = [set_label(tables[stages[0]]["sets"][j]) for j in columns]
+        columns = [j for j, s in enumerate(first["sets"]) if s["eps"] == eps]
+        labels = [set_label(first["sets"][j]) for j in columns]
         lines += ["", f"### Black-box transfer at ε={format_eps(eps)}", "",
                   "| Stage | Model | " + " | ".join(labels) + " | all |", "|---|---" + "|---:" * (len(columns) + 1) + "|"]
-        for sur in protocol["surrogates"]:
+        for sur in protocol.get("surrogates", []):
             own = {(s["surrogate"], s["attack"], s["loss"], s["eps"]): v for s, v in zip(sur["sets"], sur["own_accuracy"])}
-            keys = [tuple(tables[stages[0]]["sets"][j].values()) for j in columns]
+            keys = [tuple(first["sets"][j].values()) for j in columns]
             lines.append(f"| surrogate {sur['name']} | Mixture (white-box) | " + " | ".join(
                 cell(own[key]) if key in own else "" for key in keys) + " | |")
         for stage in stages:
@@ -347,7 +380,7 @@ def evaluation_markdown(results: dict) -> str:
         if "transfer" in plots.get(stage, {}):
             out += [f"![transferability {stage}]({plots[stage]['transfer']})", ""]
     if results.get("blackbox"):
-        out += _blackbox_markdown(results["blackbox"], results["blackbox_surrogate"])
+        out += _blackbox_markdown(results)
         if "blackbox" in plots.get(stage_order(results["blackbox"])[0], {}):
             out += [f"![black-box transfer, all]({plots[stage_order(results['blackbox'])[0]]['blackbox']})", ""]
     for stage in stage_order(results.get("eps_sweep", {})):
