@@ -466,6 +466,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
         stages = evaluable_stages(run_dir, cfg, args.stage)
         check_results(run_dir)
+        from dvtrain.results import load_results
+
+        load_results(run_dir)  # the whole store validated against its schema before any work
         check_eval_writable(cfg, run_dir)
         from dvtrain.compute import set_threads
 

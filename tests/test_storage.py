@@ -19,8 +19,9 @@ from safetensors import SafetensorError
 
 from conftest import TINY
 from dvtrain import checkpoint, cli
+from dvtrain import results as results_store
 from dvtrain.rundir import RunDir
-from dvtrain.eval import evaluate, report
+from dvtrain.eval import evaluate
 
 QUICK = [*TINY, "stages=[vanilla, dverge]", "vanilla.epochs=2", "data.train_limit=128", "eval.num_examples=16",
          "checkpoint.every_steps=2"]
@@ -91,7 +92,7 @@ MIDWAY = {
                                              SafetensorError("Error while serializing: IoError(StorageFull)"),
                                              "could not write checkpoint"),
     "ENOSPC from safetensors' file": (checkpoint, "save_file", 13, OSError(errno.ENOSPC, FULL), "could not write checkpoint"),
-    "ENOSPC writing results.json": (report, "write_atomic", 0, OSError(errno.ENOSPC, FULL, "results.json"),
+    "ENOSPC writing results.json": (results_store, "write_together", 0, OSError(errno.ENOSPC, FULL, "results.json"),
                                     "could not write results.json"),
 }
 

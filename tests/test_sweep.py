@@ -159,11 +159,15 @@ def test_autoattack_check_ignores_rows_at_another_eps():
 
 def test_sweep_and_blackbox_use_the_same_images():
     from dvtrain.data import load_dataset
-    from dvtrain.eval.blackbox import blackbox_images, image_digest
+    from dvtrain.digest import images_digest
+    from dvtrain.eval.blackbox import blackbox_images
 
     data = load_dataset(DataConfig(name="digits"))
     tcfg = TransferConfig(num_images=50, seed=3)
     x, y, index = blackbox_images(data, tcfg)
     assert torch.equal(x, data.x_test[index]) and torch.equal(y, data.y_test[index])
-    assert image_digest(index) == image_digest(blackbox_images(data, dataclasses.replace(tcfg))[2])
-    assert image_digest(index) != image_digest(blackbox_images(data, dataclasses.replace(tcfg, seed=4))[2])
+    assert images_digest(x, y) == images_digest(*blackbox_images(data, dataclasses.replace(tcfg))[:2])
+    assert images_digest(x, y) != images_digest(*blackbox_images(data, dataclasses.replace(tcfg, seed=4))[:2])
+    y_other = y.clone()
+    y_other[0] = (y_other[0] + 1) % 10
+    assert images_digest(x, y) != images_digest(x, y_other)  # the labels are part of what a table counts

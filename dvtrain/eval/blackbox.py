@@ -14,7 +14,6 @@ log-probabilities is max_{j≠y} log p̄_j − log p̄_y, which keeps pushing un
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from dvtrain.config import Config, TransferConfig
 from dvtrain.data import Dataset
+from dvtrain.digest import images_digest
 from dvtrain.eval.progress import Phases
 from dvtrain.eval.share import Share, from_main, is_main, run_for_effect, shared_map
 from dvtrain.eval import example_sets, surrogates
@@ -67,14 +67,13 @@ def blackbox_images(data: Dataset, tcfg: TransferConfig) -> tuple[Tensor, Tensor
     return data.x_test[device_index], data.y_test[device_index], index
 
 
-def image_digest(index: Tensor) -> str:
-    """A short fingerprint of which test images (their indices [N]) a table counts: two tables with equal
-    digests count the same images in the same order."""
-    return hashlib.sha256(index.to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
-
-
 def attack_budget(attack: str, tcfg: TransferConfig) -> dict:
-    """Everything besides the surrogate, loss, ε and seed that an attack's examples depend on."""
+    """Everything besides the surrogate, loss, ε, seed and images that an attack's examples depend on
+    (batch_size too: the random starts and M-DI²-FGSM's transforms are drawn batch by batch)."""
+    return {**_attack_budget(attack, tcfg), "batch_size": tcfg.batch_size}
+
+
+def _attack_budget(attack: str, tcfg: TransferConfig) -> dict:
     if attack == MI_PGD:  # random start, steps of step_fraction·ε, restarts
         return {"steps": tcfg.blackbox_steps, "runs": tcfg.blackbox_restarts, "step_fraction": tcfg.step_fraction,
                 "momentum": tcfg.momentum, "random_start": True}
@@ -131,16 +130,17 @@ def prepare_blackbox(
     phases = phases if phases is not None else Phases(False)
     root = surrogates.cache_root(run_dir, tcfg)
     x, y, index = blackbox_images(data, tcfg)
+    digest = surrogates.data_digest(data)
     sizes = list(dict.fromkeys(tcfg.surrogate_sizes))
     configs = {size: surrogates.surrogate_config(cfg, tcfg, size) for size in sizes}
 
     def ensemble(size: int) -> list[nn.Module]:
         with phases.phase(f"surrogate ensemble of {size}"):
-            return surrogates.load_or_train(root, configs[size], data, device, train)
+            return surrogates.load_or_train(root, configs[size], data, device, train, digest)
 
     if share is not None and share.world > 1:  # each trained on one rank; then every rank reads every one
         # A cached ensemble only loads: rank 0 says which are, so that every rank assigns alike.
-        cached = from_main(share, [surrogates.is_trained(root, configs[size]) for size in sizes])
+        cached = from_main(share, [surrogates.is_trained(root, configs[size], digest) for size in sizes])
         costs = [LOAD_COST if done else size for size, done in zip(sizes, cached)]
         shared_map(share, sizes, costs, run_for_effect(ensemble))
     models = {size: ensemble(size) for size in sizes}
@@ -150,11 +150,11 @@ def prepare_blackbox(
 
     def example_set(task: tuple[int, float, str, str]) -> ExampleSet:
         size, eps, attack, loss = task
-        return surrogate_set(root, cfg, tcfg, configs[size], models[size], attack, loss, eps, x, y, index, phases)
+        return surrogate_set(root, cfg, tcfg, configs[size], models[size], attack, loss, eps, x, y, index, phases, digest)
 
     def is_stored(task: tuple[int, float, str, str]) -> bool:
         size, eps, attack, loss = task
-        folder, manifest = set_location(root, cfg, tcfg, configs[size], attack, loss, eps, index)
+        folder, manifest = set_location(root, cfg, tcfg, configs[size], attack, loss, eps, x, y, index, digest)
         return example_sets.is_stored(folder, manifest)
 
     if share is not None and share.world > 1:
@@ -165,7 +165,7 @@ def prepare_blackbox(
     if not is_main(share):
         return None
     sets = [example_set(task) for task in tasks]
-    info: dict = {"n_images": len(y), "images": image_digest(index), "eps": list(tcfg.sweep_eps), "seed": tcfg.seed, "cache": str(root),
+    info: dict = {"n_images": len(y), "images": images_digest(x, y), "data": digest, "code": example_sets.FORMAT, "eps": list(tcfg.sweep_eps), "seed": tcfg.seed, "cache": str(root),
                   "steps": tcfg.blackbox_steps, "restarts": tcfg.blackbox_restarts, "sgm_gamma": tcfg.sgm_gamma,
                   "di_prob": tcfg.di_prob, "losses": list(tcfg.blackbox_losses), "surrogates": [],
                   "notes": list(dict.fromkeys(note for size in sizes for note in applicable[size][1]))}
@@ -173,7 +173,7 @@ def prepare_blackbox(
         own_sets = [s for s, task in zip(sets, tasks) if task[0] == size]
         info["surrogates"].append({
             "name": f"ens{size}", "size": size, "seed": configs[size].seed, "epochs": configs[size].vanilla.epochs,
-            "dir": str(surrogates.surrogate_dir(root, configs[size])),
+            "dir": str(surrogates.surrogate_dir(root, configs[size], digest)),
             "clean_accuracy": percent(correct_under(models[size], x[None], y, tcfg.batch_size)[-1]),
             "sets": [s.key() for s in own_sets],
             "own_accuracy": [percent(correct_under(models[size], s.examples, y, tcfg.batch_size)[-1]) for s in own_sets]})
@@ -181,12 +181,13 @@ def prepare_blackbox(
 
 
 def surrogate_set(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, models: list[nn.Module], attack: str,
-                  loss: str, eps: float, x: Tensor, y: Tensor, index: Tensor, phases: Phases | None = None) -> ExampleSet:
+                  loss: str, eps: float, x: Tensor, y: Tensor, index: Tensor, phases: Phases | None = None,
+                  digest: dict[str, str] | None = None) -> ExampleSet:
     """One example set of one surrogate ensemble (`scfg`, `models`): `attack` with `loss` at `eps` on the
     protocol's images x [N, C, H, W] (test-set indices `index`), from the cache under `root` when its
     manifest matches, else crafted on the ensemble's mixture from the set's own stream and stored."""
     name = f"ens{scfg.ensemble.size}"
-    folder, manifest = set_location(root, cfg, tcfg, scfg, attack, loss, eps, index)
+    folder, manifest = set_location(root, cfg, tcfg, scfg, attack, loss, eps, x, y, index, digest)
     budget = manifest["budget"]
 
     def generate() -> Tensor:
@@ -204,12 +205,18 @@ def surrogate_set(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, m
 
 
 def set_location(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, attack: str, loss: str, eps: float,
-                 index: Tensor) -> tuple[Path, dict]:
-    """Where an example set lives in the cache under `root`, and the manifest that identifies it: the
-    data, the test images (`index`), the surrogate ensemble, attack, loss, ε, seed and budget."""
-    folder = Path(root) / example_sets.EXAMPLES / surrogates.data_folder(cfg) / surrogates.surrogate_dir(root, scfg).name
-    manifest = {"data": surrogates.data_identity(cfg), "images": index.tolist(), "surrogate": surrogates.surrogate_identity(scfg),
-                "attack": attack, "loss": loss, "eps": eps, "seed": tcfg.seed, "budget": attack_budget(attack, tcfg)}
+                 x: Tensor, y: Tensor, index: Tensor, digest: dict[str, str] | None) -> tuple[Path, dict]:
+    """Where an example set lives in the cache under `root`, and the manifest that identifies it by content:
+    the data's digest (`surrogates.data_digest`; computed from nothing here, so pass it), the digest of the
+    attacked images x [N, C, H, W] and labels y [N] with their test-set indices, the surrogate ensemble,
+    attack, loss, ε, seed and budget (batch size included); example_sets.FORMAT adds the code version."""
+    if digest is None:
+        raise ValueError("set_location needs the data digest (surrogates.data_digest(data))")
+    folder = (Path(root) / example_sets.EXAMPLES / surrogates.data_folder(cfg, digest)
+              / surrogates.surrogate_dir(root, scfg, digest).name)
+    manifest = {"data": surrogates.data_identity(cfg, digest), "images": index.tolist(), "images_digest": images_digest(x, y),
+                "surrogate": surrogates.surrogate_identity(scfg, digest), "attack": attack, "loss": loss, "eps": eps,
+                "seed": tcfg.seed, "budget": attack_budget(attack, tcfg)}
     return folder, manifest
 
 
@@ -230,7 +237,7 @@ def blackbox_table(submodels: list[nn.Module], sets: list[ExampleSet], y: Tensor
     and "all" per ε (correct under every set at that ε), as results.json's "blackbox"[stage]:
     {"models", "n_images", "sets": [{surrogate, attack, loss, eps}], "accuracy": [model][set],
      "eps": [ε], "all": [model][ε], "all_by_surrogate": {surrogate: [model][ε]} (every set of that
-     surrogate ensemble at ε), "images": `images` (the `image_digest` of y's test images)}."""
+     surrogate ensemble at ε), "images": `images` (`dvtrain.digest.images_digest` of the test images and y)}."""
     correct = [correct_under(submodels, s.examples, y, batch_size) for s in sets]
     eps_grid = list(dict.fromkeys(s.eps for s in sets))
     models = [*(f"sub{i}" for i in range(len(submodels))), MIXTURE]

@@ -54,7 +54,7 @@ def _versus(eps: float, white: float, black: float) -> str:
 def whitebox_vs_blackbox(blackbox: dict, sweep: dict | None) -> str:
     """Check 3's line: at every ε of both, the mixture's worst case over the sweep's white-box attacks vs its
     black-box "all" accuracy, compared only where both count the same test images (equal image digests,
-    `dvtrain.eval.blackbox.image_digest`), since a few images of difference can flip the verdict.
+    `dvtrain.digest.images_digest`), since a few images of difference can flip the verdict.
     Transfer examples beating every white-box attack on the same images is the classic sign of
     gradient masking (Athalye et al., ICML 2018, §3)."""
     if sweep is None or "worst_case" not in sweep or "all" not in blackbox:

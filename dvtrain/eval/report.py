@@ -19,80 +19,70 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dvtrain import rundir
 from collections.abc import Callable
 
+from dvtrain import results as results_store
+from dvtrain import rundir
 from dvtrain.config import STAGES, Config
 from dvtrain.eval.attack_registry import ATTACKS, EACH_AUTOATTACK_NORM
-from dvtrain.rundir import RunDir
+from dvtrain.results import ROW_KEY, merge_rows, row_key, write_atomic  # noqa: F401  (the store's, re-exported for training)
 
 RESULTS_JSON = rundir.RESULTS_JSON
 RESULTS_MD = rundir.RESULTS_MD
 TRAIN_TABLE, EVAL_TABLE = "train", "eval"  # the row field "table": which command produced the row
-ROW_KEY = ("table", "stage", "model", "attack", "norm", "eps", "budget")  # one row per key in results.json
-FULL_EVALUATION_KEYS = ("transfer", "blackbox", "eps_sweep", "checks", "diversity")  # per-stage keys only `dvtrain eval` writes
+FULL_EVALUATION_KEYS = tuple(k for k in results_store.STAGE_SECTIONS if k != "plots")  # per-stage keys only `dvtrain eval` writes
 WORST_CASE = "worst_case"
 # Attacks whose name does not say the norm (they run at several): metric names add it.
 NORM_SUFFIXED = (*(name for name, a in ATTACKS.items() if a.norm == EACH_AUTOATTACK_NORM), WORST_CASE)
 BLACKBOX_PREFIX = "bb_"
 BLACKBOX_ATTACKS = ("mi_pgd", "m_di2_fgsm", "all")
 TRANSFER_OFFDIAG = "transfer_offdiag"
+NOT_COMPARABLE = "†"  # a number on another basis than the rest of its column (tables and figures alike)
 _HEADERS = {name: a.header for name, a in ATTACKS.items()} | {WORST_CASE: "**Worst case**"}
 _NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def load_results(run_dir: Path) -> dict:
-    """results.json of a run, or an empty one ({"eval": [], "stages": {}}) if there is none yet."""
-    path = RunDir(run_dir).results_json
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results.setdefault("eval", [])
-    results.setdefault("stages", {})
-    return results
+    """results.json of a run, validated (`dvtrain.results.load_results`), or an empty store if there is none yet."""
+    return results_store.load_results(run_dir)
+
+
+def render_results(cfg: Config) -> Callable[[dict], str]:
+    """results.md of a run as a function of its results (what `dvtrain.results` writes beside results.json)."""
+    def render(results: dict) -> str:
+        results["run"] = cfg.name
+        header = f"# dvtrain results: {cfg.name}\n\ndata: {cfg.data.name}, model: {cfg.model.arch} ×{cfg.ensemble.size}\n\n"
+        order = stage_order(results["stages"], cfg.stages)
+        epochs = "".join(
+            f"- {stage}: {results['stages'][stage]['epochs']} epochs, {results['stages'][stage]['train_s']:.0f} s training\n"
+            for stage in order
+        )
+        tables = results_markdown(results["eval"], results.get("checks", {}), cfg.stages) + evaluation_markdown(results)
+        return header + epochs + "\n" + tables
+
+    return render
 
 
 def save_results(run_dir: Path, cfg: Config, results: dict) -> None:
-    """Write results.json and results.md as `results` holds them (call it on the main process only,
-    holding `RunDir.lock()`; `update_results` does both)."""
-    run = RunDir(run_dir)
-    results["run"] = cfg.name
-    write_atomic(run.results_json, json.dumps(results, indent=1))
-    header = f"# dvtrain results: {cfg.name}\n\ndata: {cfg.data.name}, model: {cfg.model.arch} ×{cfg.ensemble.size}\n\n"
-    order = stage_order(results["stages"], cfg.stages)
-    epochs = "".join(
-        f"- {stage}: {results['stages'][stage]['epochs']} epochs, {results['stages'][stage]['train_s']:.0f} s training\n"
-        for stage in order
-    )
-    tables = results_markdown(results["eval"], results.get("checks", {}), cfg.stages) + evaluation_markdown(results)
-    write_atomic(run.results_md, header + epochs + "\n" + tables)
-
-
-def row_key(row: dict) -> tuple:
-    """A white-box row's identity in the store (`ROW_KEY`); rows of older dvtrain releases have no table
-    or budget (None)."""
-    return tuple(row.get(field) for field in ROW_KEY)
-
-
-def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
-    """`existing` with every row whose key a `new` row has replaced by it, the new rows last (newest)."""
-    replaced = {row_key(r) for r in new}
-    return [r for r in existing if row_key(r) not in replaced] + list(new)
+    """Write results.json and results.md as one step (call it on the main process only, holding
+    `RunDir.lock()`; `update_results` does both)."""
+    results_store.write_results(run_dir, results, render_results(cfg)(results))
 
 
 def update_results(run_dir: Path, cfg: Config, change: Callable[[dict], None]) -> dict:
     """Read results.json, apply `change(results)` to it in place, write results.json and results.md;
     all under the run directory's inter-process lock, so concurrent writers never lose each other's
     rows. Returns the results as written (main process only)."""
-    with RunDir(run_dir).lock():
-        results = load_results(run_dir)
-        change(results)
-        save_results(run_dir, cfg, results)
-    return results
+    return results_store.update_results(run_dir, change, render_results(cfg))
+
+
+def record_training_table(run_dir: Path, cfg: Config, stage: str, rows: list[dict], stage_info: dict,
+                          provenance: dict | None) -> dict:
+    """The training loop's one call after a stage: its white-box table (rows of
+    `dvtrain.eval.whitebox.evaluate_stage`) as the "train" table of `stage`, every earlier number of the
+    stage dropped (its weights are new), `stage_info` under "stages", `provenance`. Returns the store."""
+    return results_store.record_table(run_dir, stage, rows, TRAIN_TABLE, "dvtrain train", stage_info, provenance,
+                                      render_results(cfg))
 
 
 # ----------------------------------------------------------------------------- names and numbers
@@ -159,6 +149,36 @@ def blackbox_metrics(table: dict) -> dict[tuple[str, str], float | None]:
 def metric_key(stage: str, model: str, metric: str) -> str:
     """The W&B summary key of a number: eval/<stage>/<model>/<metric>."""
     return f"eval/{stage}/{model}/{metric}"
+
+
+EPS_INFIX = "_eps"  # <metric>_eps<ε>: a number named with the ε it was computed at
+
+
+def metric_at(metric: str, eps: float | None) -> str:
+    """A metric named with its ε (worst_case_l2_eps0.5; clean and numbers without an ε as they are), so a
+    reader never takes the ε from a config that may name another one (issue 26, finding 3)."""
+    if not eps or metric.startswith(BLACKBOX_PREFIX + "all" + EPS_INFIX):
+        return metric
+    return f"{metric}{EPS_INFIX}{eps:g}"
+
+
+def eval_summary(results: dict) -> dict[str, float]:
+    """`dvtrain eval`'s W&B summary: every number under eval/<stage>/<model>/<metric>_eps<ε>, each at the ε
+    it was computed at: white-box rows (of either table, `dvtrain eval`'s winning at one key), black-box
+    "all" per ε (bb_all_eps<ε>), the transfer matrix's mean off-diagonal success at its ε."""
+    out: dict[str, float] = {}
+    rows = sorted(results.get("eval", []), key=lambda r: r.get("table") == EVAL_TABLE)  # eval's rows last: they win
+    for r in rows:
+        if r.get("accuracy") is not None:
+            out[metric_key(r["stage"], r["model"], metric_at(metric_name(r["attack"], r.get("norm")), r.get("eps")))] = r["accuracy"]
+    for stage, table in results.get("blackbox", {}).items():
+        out.update({metric_key(stage, model, metric): value for (model, metric), value in blackbox_metrics(table).items()
+                    if value is not None})
+    for stage, matrix in results.get("transfer", {}).items():
+        off = mean_off_diagonal(matrix)
+        if off is not None:
+            out[metric_key(stage, "mixture", metric_at(TRANSFER_OFFDIAG, matrix.get("eps")))] = off
+    return out
 
 
 # ----------------------------------------------------------------------------- markdown
