@@ -42,3 +42,17 @@ def test_the_core_does_not_import_training_code():
     for path in core + list((PACKAGE / "distributed").glob("*.py")):
         for module, _ in _imports(path):
             assert not module.startswith("dvtrain.train"), (path.name, module)
+
+
+def test_evaluation_imports_no_training_code():
+    """Issue 26: `dvtrain eval` is handed its surrogate trainer by the CLI; no module of dvtrain/eval/
+    imports dvtrain.train (directly; nor does the results store or the digest it uses)."""
+    for path in [*(PACKAGE / "eval").rglob("*.py"), PACKAGE / "results.py", PACKAGE / "digest.py"]:
+        for module, _ in _imports(path):
+            assert not module.startswith("dvtrain.train"), (path.relative_to(PACKAGE), module)
+
+
+def test_the_results_store_imports_no_torch_and_nothing_of_evaluation():
+    """dvtrain.results is core: `dvtrain compare` reads through it without loading torch."""
+    for module, _ in _imports(PACKAGE / "results.py"):
+        assert not module.startswith(("torch", "dvtrain.eval", "dvtrain.train")), module
