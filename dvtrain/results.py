@@ -221,9 +221,18 @@ def row_key(row: dict) -> tuple:
 
 
 def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
-    """`existing` with every row whose key a `new` row has replaced by it, the new rows last (newest)."""
+    """`existing` with every row whose key a `new` row has replaced by it, the new rows last (newest).
+    A row of a release before code versions (no "code") is replaced by a new row equal in every other key
+    field: version 1 of every attack is the code those releases ran; a row of another recorded version
+    is kept beside the new one."""
     replaced = {row_key(r) for r in new}
-    return [r for r in existing if row_key(r) not in replaced] + list(new)
+    legacy = {_key_without_code(r) for r in new}
+    return [r for r in existing
+            if row_key(r) not in replaced and not (r.get("code") is None and _key_without_code(r) in legacy)] + list(new)
+
+
+def _key_without_code(row: dict) -> tuple:
+    return tuple(row.get(field) for field in ROW_KEY if field != "code")
 
 
 def record_table(run_dir: Path, stage: str, rows: list[dict], table: str, command: str, stage_info: dict | None,

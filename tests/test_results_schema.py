@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dvtrain import results as store
-from dvtrain.eval.compare import compare_main
+from dvtrain.report.compare import compare_main
 
 ROW = {"stage": "dverge", "model": "mixture", "attack": "pgd_linf", "norm": "Linf", "eps": 0.1, "budget": "n=100",
        "accuracy": 57.1, "n": 100, "ci_low": 47.0, "ci_high": 66.0, "table": "eval"}
@@ -119,3 +119,7 @@ def test_a_row_of_another_attack_code_version_is_never_merged_with_the_old_one()
     new = ROW | {"code": "pgd_linf@2", "accuracy": 50.0}
     assert store.merge_rows([old], [new]) == [old, new]
     assert store.merge_rows([old], [old | {"accuracy": 1.0}]) == [old | {"accuracy": 1.0}]
+    # A row of a release before code versions is the same code as version 1: replaced, not kept beside it.
+    legacy = {k: v for k, v in ROW.items() if k != "code"}
+    assert store.merge_rows([legacy], [old]) == [old]
+    assert store.merge_rows([legacy], [old | {"budget": "n=50"}]) == [legacy, old | {"budget": "n=50"}]
