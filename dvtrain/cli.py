@@ -516,7 +516,7 @@ def check_compare_outputs(argv: list[str]) -> None:
 def compare_main(argv: list[str]) -> int:
     def command() -> int:
         check_compare_outputs(argv)
-        from dvtrain.eval.compare import compare_main as compare
+        from dvtrain.report.compare import compare_main as compare
 
         return compare(argv)
 

@@ -16,9 +16,9 @@ import pytest
 
 from conftest import REPO, TINY
 from dvtrain import cli
-from dvtrain.eval import compare
-from dvtrain.eval.compare import compare_main, shown_label
-from dvtrain.tracking import read_offline_run
+from dvtrain.report import compare
+from dvtrain.report.compare import compare_main, shown_label
+from dvtrain.report.wandb_reader import read_offline_run
 from dvtrain.eval.report import metric_name, result_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -18,7 +18,8 @@ import yaml
 
 from conftest import REPO, TINY
 from dvtrain import cli
-from dvtrain.eval import compare, evaluate, surrogates
+from dvtrain.eval import evaluate, surrogates
+from dvtrain.report import compare
 from dvtrain.train import loop
 
 WEIGHTS = Path("checkpoints") / "vanilla"

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TINY
 from dvtrain import cli
-from dvtrain.eval.compare import read_run_dir
+from dvtrain.report.compare import read_run_dir
 from dvtrain.eval.report import (
     load_results, merge_rows, result_metrics, result_rows, results_markdown, row_key,
 )

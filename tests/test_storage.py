@@ -217,7 +217,7 @@ def test_eval_whose_results_write_fails_midway_says_run_it_again(trained, tmp_pa
 
 @pytest.mark.parametrize("option", ["--csv", "--plot"])
 def test_compare_refuses_an_output_it_cannot_write_before_reading_runs(option, trained, tmp_path, monkeypatch, capsys):
-    from dvtrain.eval import compare
+    from dvtrain.report import compare
 
     def read(*args, **kwargs):
         raise AssertionError("runs were read")

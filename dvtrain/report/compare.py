@@ -40,7 +40,8 @@ from dvtrain.eval.report import (
 )
 from dvtrain.paths import read_json_object
 from dvtrain.results import read_results
-from dvtrain.tracking import OFFLINE_RUN_GLOB, offline_run_info, read_offline_run
+from dvtrain.report.wandb_reader import offline_run_info, read_offline_run
+from dvtrain.tracking import OFFLINE_RUN_GLOB
 
 CONFIG_YAML = rundir.CONFIG
 EXIT_USER_ERROR = 2  # as dvtrain.cli
