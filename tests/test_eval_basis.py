@@ -82,3 +82,20 @@ def test_an_old_run_without_a_digest_is_said_once_and_evaluated(tmp_path, capsys
     verify_run_data(tmp_path, data)
     out = capsys.readouterr().out
     assert out.count("records no digest of its data") == 1
+
+
+@pytest.mark.parametrize("layer", ["99", "0"])
+def test_a_diversity_layer_the_model_lacks_is_refused_before_any_work(trained, tmp_path, capsys, layer):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    before = (run_dir / "results.json").read_bytes()
+    capsys.readouterr()
+    code = cli.main(["eval", str(run_dir), f"eval.diversity.layer={layer}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dvtrain: ")]
+    if layer == "0":  # outside the field's own range: the config says so
+        assert code == 2 and len(err) == 1 and "eval.diversity.layer" in err[0]
+        return
+    assert code == 2 and len(err) == 1 and "eval.diversity.layer=99 is out of range: conv has layers 1.." in err[0], err
+    assert (run_dir / "results.json").read_bytes() == before and not (tmp_path / "transfer_cache").exists()

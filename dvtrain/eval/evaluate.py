@@ -109,6 +109,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     for stage, submodels in loaded.items():  # refuse a broken checkpoint before any long computation
         for i, model in enumerate(submodels):
             check_finite(model, data.x_test[: cfg.eval.batch_size], f"submodel {i + 1} of stage {stage}")
+    check_model_settings(cfg, next(iter(loaded.values())))
     main = is_main(share)
     note = reduced_budget_note(cfg.eval)
     if main and note:
@@ -146,6 +147,16 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     print(results_markdown(new["eval"], new.get("checks", {}), cfg.stages) + "\n" + evaluation_markdown(results),
           flush=True)
     return results
+
+
+def check_model_settings(cfg: Config, submodels: list[nn.Module]) -> None:
+    """Settings whose valid range depends on the model, checked before any work (every rank alike):
+    eval.diversity.layer must be one of the architecture's layers. Raises DvtrainError."""
+    div = cfg.eval.diversity
+    layers = submodels[0].num_layers
+    if div.enabled and div.layer is not None and not 1 <= div.layer <= layers:
+        raise DvtrainError(f"eval.diversity.layer={div.layer} is out of range: {cfg.model.arch} has layers 1..{layers}; "
+                           f"pass one of them, or null for a random layer per batch")
 
 
 DATA_KEY = "data"  # results.json: {"train": digest, "test": digest} of the split the run is evaluated on
