@@ -28,19 +28,15 @@ from dvtrain.eval.share import Share, from_main, is_main, run_for_effect, shared
 from dvtrain.eval import example_sets, surrogates
 from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.transfer import ensemble_predictions, percent
-from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd, residual_branch_ends, skip_gradient
+from dvtrain.eval.attacks.transfer import TRANSFER_ATTACKS, transfer_attack
 from dvtrain.mixture import Mixture
 from dvtrain.rng import stream
 
-MI_PGD, M_DI2_FGSM, SGM = "mi_pgd", "m_di2_fgsm", "sgm"
 ALL_SETS = "all"  # correct under every example set at that ε: the reference's "all" column
 ALL_BY_SURROGATE = "all_by_surrogate"  # the same per surrogate ensemble
 LOAD_COST = 0.01  # an ensemble or set already in the cache only loads: next to nothing against crafting one
 MIXTURE = "mixture"
-ATTACK_NAMES = {MI_PGD: "momentum PGD", M_DI2_FGSM: "M-DI²-FGSM", SGM: "SGM"}
 LOSS_NAMES = {"ce": "CE", "cw": "CW"}
-SGM_NOT_APPLICABLE = ("SGM does not apply to {arch}: it has no skip connections, so there is no residual "
-                      "gradient to decay; its rows are left out (not run)")
 
 
 @dataclasses.dataclass
@@ -68,50 +64,33 @@ def blackbox_images(data: Dataset, tcfg: TransferConfig) -> tuple[Tensor, Tensor
 
 
 def attack_budget(attack: str, tcfg: TransferConfig) -> dict:
-    """Everything besides the surrogate, loss, ε, seed and images that an attack's examples depend on
-    (batch_size too: the random starts and M-DI²-FGSM's transforms are drawn batch by batch)."""
-    return {**_attack_budget(attack, tcfg), "batch_size": tcfg.batch_size}
-
-
-def _attack_budget(attack: str, tcfg: TransferConfig) -> dict:
-    if attack == MI_PGD:  # random start, steps of step_fraction·ε, restarts
-        return {"steps": tcfg.blackbox_steps, "runs": tcfg.blackbox_restarts, "step_fraction": tcfg.step_fraction,
-                "momentum": tcfg.momentum, "random_start": True}
-    if attack == M_DI2_FGSM:  # MI-FGSM on diverse inputs, steps of ε/T
-        return {"steps": tcfg.blackbox_steps, "runs": 1, "step_fraction": 1 / tcfg.blackbox_steps,
-                "momentum": tcfg.momentum, "random_start": False, "di_prob": tcfg.di_prob, "di_resize": tcfg.di_resize}
-    if attack == SGM:  # MI-FGSM with the residual gradients decayed by γ, steps of ε/T (torchattack's SGM)
-        return {"steps": tcfg.blackbox_steps, "runs": 1, "step_fraction": 1 / tcfg.blackbox_steps, "momentum": tcfg.momentum,
-                "random_start": False, "gamma": tcfg.sgm_gamma}
-    raise ValueError(f"unknown transfer attack {attack!r}; choose from {', '.join(ATTACK_NAMES)}")
+    """Everything besides the surrogate, loss, ε, seed and images that an attack's examples depend on: its
+    record's budget (`dvtrain.eval.attacks.transfer`), the batch size (the random starts and M-DI²-FGSM's
+    transforms are drawn batch by batch) and the record's code version. Raises DvtrainError for an
+    unknown attack."""
+    record = transfer_attack(attack)
+    return {**record.budget(tcfg), "batch_size": tcfg.batch_size, "code": record.version}
 
 
 def craft(surrogate: nn.Module, x: Tensor, y: Tensor, attack: str, loss: str, eps: float, budget: dict,
           generator: torch.Generator, batch_size: int) -> Tensor:
-    """One run of `attack` with `loss` at `eps` on `surrogate` (a model of images in [0, 1]): [N, C, H, W].
-    Batches draw from `generator` in order."""
-    model = DiverseInputs(surrogate, budget["di_prob"], budget["di_resize"], generator) if attack == M_DI2_FGSM else surrogate
-    step = budget["step_fraction"] * eps
-
-    def run(xb: Tensor, yb: Tensor) -> Tensor:
-        return momentum_pgd(model, xb, yb, eps, step, budget["steps"], budget["momentum"], budget["random_start"],
-                            generator, loss)
-
-    if attack == SGM:
-        with skip_gradient(surrogate, budget["gamma"]):
-            return _batched(run, x, y, batch_size)
-    return _batched(run, x, y, batch_size)
+    """One run of `attack` (its record's `craft`) with `loss` at `eps` on `surrogate` (a model of images in
+    [0, 1]): [N, C, H, W]. Batches draw from `generator` in order."""
+    return transfer_attack(attack).craft(surrogate, x, y, loss, eps, budget, generator, batch_size)
 
 
-def _batched(attack: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([attack(x[s : s + batch_size], y[s : s + batch_size]) for s in range(0, len(y), batch_size)])
+def check_attacks(tcfg: TransferConfig) -> None:
+    """Every name of eval.transfer.blackbox_attacks is a registered transfer attack (DvtrainError with the
+    closest name otherwise): checked before any work."""
+    for name in tcfg.blackbox_attacks:
+        transfer_attack(name)
 
 
 def applicable_attacks(tcfg: TransferConfig, surrogate_models: list[nn.Module], arch: str) -> tuple[list[str], list[str]]:
     """The configured attacks that apply to the surrogates, and a note for each that does not."""
-    if SGM in tcfg.blackbox_attacks and not residual_branch_ends(surrogate_models[0]):
-        return [a for a in tcfg.blackbox_attacks if a != SGM], [SGM_NOT_APPLICABLE.format(arch=arch)]
-    return list(tcfg.blackbox_attacks), []
+    records = [transfer_attack(name) for name in tcfg.blackbox_attacks]
+    return ([r.name for r in records if r.applies(surrogate_models)],
+            [r.not_applicable.format(arch=arch) for r in records if not r.applies(surrogate_models)])
 
 
 def prepare_blackbox(
@@ -159,7 +138,7 @@ def prepare_blackbox(
 
     if share is not None and share.world > 1:
         cached = from_main(share, [is_stored(task) for task in tasks])
-        costs = [LOAD_COST if done else size * attack_budget(attack, tcfg)["runs"] * tcfg.blackbox_steps
+        costs = [LOAD_COST if done else size * transfer_attack(attack).cost(attack_budget(attack, tcfg))
                  for (size, _, attack, _), done in zip(tasks, cached)]
         shared_map(share, tasks, costs, run_for_effect(example_set))
     if not is_main(share):
@@ -192,7 +171,7 @@ def surrogate_set(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, m
 
     def generate() -> Tensor:
         mixture = Mixture(models).eval()
-        label = f"crafting {ATTACK_NAMES[attack]} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}"
+        label = f"crafting {transfer_attack(attack).label} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}"
         with (phases or Phases(False)).phase(label, len(y) * budget["runs"]) as bar:
             runs = []
             for r in range(budget["runs"]):
@@ -268,4 +247,5 @@ def all_accuracy(table: dict, model: str, eps: float) -> float | None:
 
 def set_label(s: dict) -> str:
     """A column header for an example set, e.g. "ens5 SGM CW"."""
-    return f"{s['surrogate']} {ATTACK_NAMES.get(s['attack'], s['attack'])} {LOSS_NAMES.get(s['loss'], s['loss'])}"
+    record = TRANSFER_ATTACKS.get(s["attack"])
+    return f"{s['surrogate']} {record.label if record else s['attack']} {LOSS_NAMES.get(s['loss'], s['loss'])}"

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
 from dvtrain.eval.budget import reduced_budget_note
-from dvtrain.eval.blackbox import ExampleSet, blackbox_images, blackbox_table, prepare_blackbox
+from dvtrain.eval.blackbox import ExampleSet, blackbox_images, blackbox_table, check_attacks, prepare_blackbox
 from dvtrain.eval.checks import masking_checks, masking_probe
 from dvtrain.eval.diversity import diversity_evaluation
 from dvtrain.eval.progress import Phases
@@ -99,6 +99,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
 
     run = RunDir(run_dir)
     check_section(tcfg, "eval.transfer.")
+    check_attacks(tcfg)  # against the transfer-attack registry, with the closest name for a typo
     stages = finished_stages(run.path, cfg, stages)
     data = load_dataset(cfg.data).to(device)
     n_table = len(data.y_test) if cfg.eval.num_examples == 0 else min(len(data.y_test), cfg.eval.num_examples)
