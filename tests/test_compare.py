@@ -532,6 +532,23 @@ def test_plots_mark_other_bases_and_write_one_file_per_transfer_eps(tmp_path, ca
     assert all(label.endswith(")") for label, *_ in drawn["marked"] if label.startswith("a, b, c"))
 
 
+def test_wandb_logs_each_figure_under_its_own_key(tmp_path, capsys):
+    """Transfer at ε 0.05 and 0.1 are two figures and two W&B keys, whatever the --plot file's stem holds."""
+    runs = [write_run(tmp_path, "a", 0, 0.07), write_run(tmp_path, "c", 2, 0.07)]
+    results = json.loads((runs[1] / "results.json").read_text())
+    for matrix in results["transfer"].values():
+        matrix["eps"] = 0.05
+    (runs[1] / "results.json").write_text(json.dumps(results))
+    plot = tmp_path / "my_cmp.png"
+    args = [*(str(r) for r in runs), "--all", "--wandb", "offline", "--wandb-dir", str(tmp_path), "--plot", str(plot)]
+    assert compare_main(args) == 0
+    capsys.readouterr()
+    (offline,) = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    history = [r["history"]["item"] for r in read_offline_run(offline) if r["type"] == "history"]
+    images = {k.removesuffix("._type") for item in history for k, v in item.items() if v == "image-file"}
+    assert images == {"compare/accuracy", "compare/transfer_eps0.05", "compare/transfer_eps0.1"}
+
+
 @pytest.mark.parametrize("case", ["missing", "not a run", "corrupt results", "stage absent", "group-by unknown key",
                                   "same name twice"])
 def test_errors_are_one_line_and_name_the_fix(runs, tmp_path, capsys, case):

@@ -604,7 +604,7 @@ def write_csv(path: Path, rows: list[Row], keys: list[str], columns: list[Shown]
 
 
 def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path, rows: list[Row], keys: list[str],
-                   columns: list[Shown], sources: list[str], plots: list[Path]) -> None:
+                   columns: list[Shown], sources: list[str], plots: dict[str, Path]) -> None:
     """A new W&B run (job type compare) holding the table (means) as a wandb.Table and the charts as wandb.Images."""
     from dvtrain.tracking import Tracker
 
@@ -622,7 +622,7 @@ def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path,
                                      for k, v in enumerate(row.cells))] for row in rows])
         # One key per figure (compare/accuracy, compare/transfer or compare/transfer_eps0.1, ...): never two under one.
         tracker.run.log({"compare/table": table}
-                        | {f"compare/{plot.stem.partition(PLOT_KIND_SEPARATOR)[2]}": wandb.Image(str(plot)) for plot in plots})
+                        | {f"compare/{kind}": wandb.Image(str(plot)) for kind, plot in plots.items()})
         exit_code = 0
     finally:
         tracker.finish(exit_code)
@@ -701,12 +701,14 @@ def compare_main(argv: list[str] | None = None) -> int:
             write_csv(args.csv, rows, keys, columns, grouped)
         if args.plot or args.wandb:
             with tempfile.TemporaryDirectory() as tmp:
-                plots = draw(rows, columns, args.plot or Path(tmp) / "compare.png")
+                base = args.plot or Path(tmp) / "compare.png"
+                plots = draw(rows, columns, base)
                 if args.plot:
                     print("plots: " + ", ".join(str(p) for p in plots), flush=True)
                 if args.wandb:
+                    kinds = {p.stem.removeprefix(base.stem + PLOT_KIND_SEPARATOR): p for p in plots}
                     log_comparison(args.wandb, args.project, args.entity, args.wandb_dir, rows, keys, columns,
-                                   args.runs, plots)
+                                   args.runs, kinds)
         return 0
     except DvtrainError as exc:
         print(f"dvtrain: error: {exc}", file=sys.stderr)
