@@ -443,6 +443,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
         stages = evaluable_stages(run_dir, cfg, args.stage)
         check_results(run_dir)
+        from dvtrain.results import load_results
+
+        load_results(run_dir)  # the whole store validated against its schema before any work
         check_eval_writable(cfg, run_dir)
         from dvtrain.compute import set_threads
 
@@ -490,7 +493,7 @@ def check_compare_outputs(argv: list[str]) -> None:
 def compare_main(argv: list[str]) -> int:
     def command() -> int:
         check_compare_outputs(argv)
-        from dvtrain.eval.compare import compare_main as compare
+        from dvtrain.report.compare import compare_main as compare
 
         return compare(argv)
 

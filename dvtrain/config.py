@@ -273,9 +273,11 @@ class TrsConfig(StageConfig):
 SweepAttack = Literal["fgsm", "pgd_linf", "pgd_linf_margin", "pgd_linf_dlr", "autoattack", "adaptive"]
 SWEEP_ATTACKS = typing.get_args(SweepAttack)
 # Black-box transfer attacks (dvtrain.eval.blackbox) and their losses (dvtrain.attacks.attack_loss).
-BlackboxAttack = Literal["mi_pgd", "m_di2_fgsm", "sgm"]
 BlackboxLoss = Literal["ce", "cw"]
-BLACKBOX_ATTACKS = typing.get_args(BlackboxAttack)
+# The paper's transfer attacks (the default of eval.transfer.blackbox_attacks). The names are records of
+# dvtrain.eval.attacks.transfer, checked against that registry by `dvtrain eval` before any work, so an
+# attack registered from outside the package can be named here.
+PAPER_BLACKBOX_ATTACKS = ("mi_pgd", "m_di2_fgsm", "sgm")
 BLACKBOX_LOSSES = typing.get_args(BlackboxLoss)
 
 
@@ -312,7 +314,7 @@ class TransferConfig:
     # directory (in the folder that holds the runs).
     cache_dir: Optional[str] = None
     # Transfer attacks, each with each loss at every ε of `sweep_eps` (reference: all three, CE and CW).
-    blackbox_attacks: list[BlackboxAttack] = ranged(factory=lambda: list(BLACKBOX_ATTACKS), nonempty=True)
+    blackbox_attacks: list[str] = ranged(factory=lambda: list(PAPER_BLACKBOX_ATTACKS), nonempty=True)
     blackbox_losses: list[BlackboxLoss] = ranged(factory=lambda: list(BLACKBOX_LOSSES), nonempty=True)
     # Momentum PGD (reference: 100 steps, 3 restarts, steps of step_fraction·ε), M-DI²-FGSM and SGM
     # (reference: 100 steps, one run, steps of ε/steps).

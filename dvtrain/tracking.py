@@ -19,10 +19,8 @@ import re
 import secrets
 import shlex
 import string
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -34,7 +32,6 @@ from dvtrain.rundir import RunDir
 PROGRESS_ENV = "DVTRAIN_PROGRESS"  # 1: progress bars off a terminal too (logs, captured output)
 
 WANDB_HOST = "api.wandb.ai"
-WANDB_READ_TIMEOUT_S = 120
 OFFLINE_RUN_GLOB = "offline-run-*"
 RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
 RUN_ID_LENGTH = 8
@@ -252,51 +249,6 @@ def sync_command(run_dir: Path) -> str | None:
     if not any(wandb_dir.glob(OFFLINE_RUN_GLOB)):
         return None
     return f"wandb sync {shlex.quote(str(wandb_dir))}/{OFFLINE_RUN_GLOB}"
-
-
-def read_offline_run(path: Path) -> list[dict]:
-    """The records of an offline W&B run (its offline-run-* directory or its .wandb file), oldest first.
-
-    wandb ships no Python reader for its transaction log; its own `wandb leet inspect --json`
-    prints one JSON record per line.
-
-    Raises:
-        DvtrainError: wandb cannot read it (not a run, or one still being written)."""
-    wandb_cli = Path(sys.executable).with_name("wandb")
-    try:
-        done = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(path)],
-                              capture_output=True, text=True, timeout=WANDB_READ_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DvtrainError(f"cannot read the W&B run at {path} ({type(exc).__name__}); pass an offline-run-* directory") from None
-    if done.returncode != 0:
-        raise DvtrainError(f"cannot read the W&B run at {path} ({done.stderr.strip()[:200]}); pass an offline-run-* directory")
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-@dataclass
-class OfflineRun:
-    """What an offline run's records say about it: identity, config and final summary."""
-
-    run_id: str
-    name: str
-    group: str
-    job_type: str
-    config: dict
-    summary: dict
-
-
-def offline_run_info(records: list[dict]) -> OfflineRun:
-    """Fold the records of `read_offline_run` into the run's identity, config and summary."""
-    run = next((r["run"] for r in records if r["type"] == "run"), {})
-    config = {k: v for k, v in (run.get("config") or {}).get("update", {}).items() if k != "_wandb"}
-    summary: dict = {}
-    for record in records:
-        if record["type"] == "config":
-            config.update({k: v for k, v in record["config"].get("update", {}).items() if k != "_wandb"})
-        elif record["type"] == "summary":
-            summary.update(record["summary"].get("update", {}))
-    return OfflineRun(run.get("run_id", ""), run.get("display_name", ""), run.get("run_group", ""),
-                      run.get("job_type", ""), config, summary)
 
 
 class Progress:

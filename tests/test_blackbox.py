@@ -184,6 +184,99 @@ def test_example_sets_are_stored_exactly_reused_and_regenerated_on_a_protocol_ch
     assert len(calls) == 3
 
 
+def _stored_set(tmp_path):
+    manifest = {"attack": "mi_pgd", "loss": "ce", "eps": 0.1, "seed": 0, "budget": {"steps": 1}}
+    calls = []
+
+    def generate():
+        calls.append(1)
+        return torch.rand(1, 4, 1, 2, 2, generator=stream(7, "damaged"))
+
+    first = example_sets.load_or_generate(tmp_path, manifest, generate)
+    return manifest, generate, calls, first, example_sets.set_path(tmp_path, {"format": example_sets.FORMAT, **manifest})
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "wrong shape in the manifest", "no checksum"])
+def test_a_damaged_example_set_is_said_and_crafted_again(tmp_path, capsys, damage):
+    manifest, generate, calls, first, path = _stored_set(tmp_path)
+    stored = json.loads(path.with_suffix(".json").read_text())
+    assert stored["shape"] == [1, 4, 1, 2, 2] and stored["dtype"] == "torch.float32" and len(stored["sha256"]) == 64
+    if damage == "flip a byte":
+        raw = bytearray(path.read_bytes())
+        raw[-3] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:40])
+    else:
+        stored = {k: v for k, v in stored.items() if k != "sha256"} if damage == "no checksum" else stored | {"shape": [2]}
+        path.with_suffix(".json").write_text(json.dumps(stored))
+    again = example_sets.load_or_generate(tmp_path, manifest, generate)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
+    assert len(calls) == 2 and torch.equal(again, first) and len(lines) == 1 and str(path) in lines[0]
+    example_sets.load_or_generate(tmp_path, manifest, generate)  # repaired: read, not crafted
+    assert len(calls) == 2
+
+
+def test_a_wait_on_another_evaluations_lock_says_what_it_waits_for(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(example_sets, "LOCK_NOTICE_S", 0.2)
+    manifest = {"attack": "mi_pgd", "loss": "ce", "eps": 0.1, "seed": 0, "budget": {"steps": 1}}
+    path = example_sets.set_path(tmp_path, {"format": example_sets.FORMAT, **manifest})
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(1.5)",
+                               str(path.with_suffix(".lock"))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        example_sets.load_or_generate(tmp_path, manifest, lambda: torch.zeros(1, 1, 1, 1, 1))
+    finally:
+        holder.wait(timeout=30)
+    out = capsys.readouterr().out
+    assert out.count("waiting for") == 1 and "held by another evaluation (crafting " + path.name in out
+
+
+def _digits_variant(data, change: str):
+    """The same Dataset with one test pixel changed, or one test label, or the same content copied."""
+    x_test, y_test = data.x_test.clone(), data.y_test.clone()
+    if change == "pixel":
+        x_test[0, 0, 0, 0] = 1.0 - x_test[0, 0, 0, 0]
+    elif change == "label":
+        y_test[0] = (y_test[0] + 1) % 10
+    return dataclasses.replace(data, x_test=x_test, y_test=y_test)
+
+
+@pytest.mark.parametrize("change, same", [("pixel", False), ("label", False), ("copy", True)])
+def test_cache_keys_follow_the_data_content_not_the_config(tmp_path, change, same):
+    """Issue 26, finding 2: two data.root folders with other images (same config fields) must not share
+    surrogates or example sets; the same images read from elsewhere do."""
+    cfg = load_config("configs/digits_quickstart.yaml", TINY)
+    data = load_dataset(cfg.data)
+    other = _digits_variant(data, change)
+    tcfg = TransferConfig(num_images=20)
+    scfg = surrogates.surrogate_config(cfg, tcfg, 2)
+    digests = [surrogates.data_digest(d) for d in (data, other)]
+    dirs = [surrogates.surrogate_dir(tmp_path, scfg, d) for d in digests]
+    locations = []
+    for d, digest in zip((data, other), digests):
+        x, y, index = blackbox.blackbox_images(d, tcfg)
+        locations.append(blackbox.set_location(tmp_path, cfg, tcfg, scfg, "mi_pgd", "ce", 0.1, x, y, index, digest))
+    paths = [example_sets.set_path(folder, {"format": example_sets.FORMAT, **m}) for folder, m in locations]
+    assert (dirs[0] == dirs[1]) is same and (paths[0] == paths[1]) is same
+    # Moving the same data elsewhere (data.root) changes nothing.
+    moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(tmp_path / "elsewhere")))
+    assert surrogates.surrogate_dir(tmp_path, surrogates.surrogate_config(moved, tcfg, 2), digests[0]) == dirs[0]
+
+
+@pytest.mark.parametrize("setting", ["batch_size", "blackbox_steps", "di_prob", "momentum"])
+def test_every_setting_that_feeds_an_attack_is_in_its_key(setting):
+    tcfg = TransferConfig()
+    value = getattr(tcfg, setting)
+    other = dataclasses.replace(tcfg, **{setting: value / 2 if isinstance(value, float) else value + 7})
+    assert blackbox.attack_budget("m_di2_fgsm", tcfg) != blackbox.attack_budget("m_di2_fgsm", other)
+    assert blackbox.attack_budget("mi_pgd", tcfg)["batch_size"] == tcfg.batch_size
+
+
 # ----------------------------------------------------------------------------- surrogates as run directories
 
 
@@ -194,7 +287,7 @@ def test_surrogate_ensembles_are_distinct_resumable_vanilla_runs(tmp_path, monke
     configs = [surrogates.surrogate_config(cfg, tcfg, k) for k in tcfg.surrogate_sizes]
     assert configs[0].seed != configs[1].seed != cfg.seed and configs[0].stages == ["vanilla"]
     straight = [surrogates.load_or_train(tmp_path / "a", s, data, torch.device("cpu"), loop.train_in_process) for s in configs]
-    folder = surrogates.surrogate_dir(tmp_path / "a", configs[0])
+    folder = surrogates.surrogate_dir(tmp_path / "a", configs[0], surrogates.data_digest(data))
     assert (folder / CONFIG_FILE).is_file() and checkpoint.latest(RunDir(folder).checkpoints("vanilla")) is not None
     firsts = [m.conv1.weight for m in straight[0]] + [m.conv1.weight for m in straight[1]]
     assert all(not torch.equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1 :])  # no member shared

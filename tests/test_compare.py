@@ -16,9 +16,9 @@ import pytest
 
 from conftest import REPO, TINY
 from dvtrain import cli
-from dvtrain.eval import compare
-from dvtrain.eval.compare import compare_main, shown_label
-from dvtrain.tracking import read_offline_run
+from dvtrain.report import compare
+from dvtrain.report.compare import compare_main, shown_label
+from dvtrain.report.wandb_reader import read_offline_run
 from dvtrain.eval.report import metric_name, result_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -376,7 +376,7 @@ def test_wandb_training_and_evaluation_numbers_are_one_column(monkeypatch, capsy
                  "eval/clean/eps": 0.0})
 
     evaluation = ("x-eval", "eval", {"seed": 0, "eval": {"eps": 0.1, "l2_eps": 0.5, "transfer": {"eps": 0.1}}},
-                  {"eval/dverge/mixture/worst_case_linf": 62.12, "eval/dverge/mixture/transfer_offdiag": 20.0})
+                  {"eval/dverge/mixture/worst_case_linf_eps0.1": 62.12, "eval/dverge/mixture/transfer_offdiag_eps0.1": 20.0})
 
     class FakeRun:
         def __init__(self, name, job_type, config, summary):
@@ -415,6 +415,138 @@ def test_wandb_logs_the_table_and_the_chart(runs, tmp_path, capsys):
     for row in table["data"]:
         for column, value in zip(table["columns"][4:], row[4:]):
             assert printed[(row[0], row[3])][column] == ("—" if value is None else f"{value:.2f}")
+
+
+def _fake_wandb(monkeypatch, groups: dict[str, list[tuple]]) -> None:
+    class FakeRun:
+        def __init__(self, name, job_type, config, summary):
+            self.name, self.job_type, self.config, self.summary_metrics = name, job_type, config, summary
+
+    class FakeApi:
+        def runs(self, path: str, filters: dict) -> list:
+            return [FakeRun(*r) for r in groups[filters["group"]]]
+
+    monkeypatch.setattr(compare, "_wandb_api", FakeApi)
+
+
+def test_no_wandb_number_is_labelled_with_an_eps_it_was_not_computed_at(monkeypatch, capsys):
+    """Issue 26, finding 3: `dvtrain eval RUN --stage dverge eval.l2_eps=0.3` ran no L2 attack; the eval run's
+    summary holds the training table's L2 worst case at ε 0.5. It is shown at 0.5, never as "ε=0.3"."""
+    from dvtrain.eval.report import eval_summary
+
+    results = {"eval": [
+        {"stage": "dverge", "model": "mixture", "attack": "worst_case", "norm": "L2", "eps": 0.5, "accuracy": 41.0, "table": "train"},
+        {"stage": "dverge", "model": "mixture", "attack": "worst_case", "norm": "Linf", "eps": 0.1, "accuracy": 30.0, "table": "train"},
+        {"stage": "dverge", "model": "mixture", "attack": "worst_case", "norm": "Linf", "eps": 0.1, "accuracy": 25.0, "table": "eval"},
+        {"stage": "dverge", "model": "mixture", "attack": "clean", "norm": None, "eps": 0.0, "accuracy": 97.0, "table": "eval"}]}
+    summary = eval_summary(results)
+    assert summary == {"eval/dverge/mixture/worst_case_l2_eps0.5": 41.0, "eval/dverge/mixture/worst_case_linf_eps0.1": 25.0,
+                       "eval/dverge/mixture/clean": 97.0}
+    config = {"seed": 0, "eval": {"eps": 0.1, "l2_eps": 0.3}}
+    _fake_wandb(monkeypatch, {"new": [("x-eval", "eval", config, summary)],
+                              "old": [("y-eval", "eval", config, {"eval/dverge/mixture/worst_case_l2": 41.0})],
+                              "plain": [("z-eval", "eval", config, {"eval/dverge/mixture/worst_case_l2_eps0.5": 40.0})]})
+    assert compare_main(["team/dvtrain/new", "--all"]) == 0
+    row = markdown_rows(capsys.readouterr().out)[("new", "dverge")]
+    assert row["Worst L2 ε=0.5"] == "41.00" and not any("0.3" in c for c in row)
+    assert row["Worst L∞ ε=0.1"] == "25.00"
+    # An eval run of an earlier dvtrain did not record the ε: the config's is shown, and the legend says so.
+    assert compare_main(["team/dvtrain/old", "team/dvtrain/plain", "--all"]) == 0
+    out = capsys.readouterr().out
+    table = markdown_rows(out)
+    assert table[("old", "dverge")]["Worst L2 ε=0.3"] == "41.00†" and "ε not recorded with the number" in out.replace("\n  ", " ")
+
+
+def test_a_group_never_averages_numbers_on_different_bases(tmp_path, capsys):
+    """Issue 26, finding 4: two seeds evaluated with surrogates of other epochs give BB all 66.67 and 73.33: a
+    group shows both apart with †, never 70.00 ± 4.71; the legend says which rests on what."""
+    runs = [write_run(tmp_path, "s0", 0, 0.07), write_run(tmp_path, "s1", 1, 0.07)]
+    for run, epochs, value in zip(runs, (3, 5), (66.67, 73.33)):
+        results = json.loads((run / "results.json").read_text())
+        for table in results["blackbox"].values():
+            table["all"] = [[value]]
+            table["protocol"] = {"surrogates": [{"size": 3, "epochs": epochs}], "steps": 10, "restarts": 1}
+        (run / "results.json").write_text(json.dumps(results))
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed"]) == 0
+    out = capsys.readouterr().out
+    row = markdown_rows(out)[("s0, s1", "dverge")]
+    assert row["BB all ε=0.1"] == "66.67 / 73.33†" and "70.00" not in out
+    assert "of 3 epochs" in out and "of 5 epochs" in out
+    # The same basis: averaged as before.
+    results = json.loads((runs[1] / "results.json").read_text())
+    for table in results["blackbox"].values():
+        table["protocol"]["surrogates"][0]["epochs"] = 3
+    (runs[1] / "results.json").write_text(json.dumps(results))
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed"]) == 0
+    assert markdown_rows(capsys.readouterr().out)[("s0, s1", "dverge")]["BB all ε=0.1"] == "70.00 ± 4.71"
+
+
+def test_a_group_of_a_full_evaluation_and_training_only_runs_is_never_one_mean(tmp_path, capsys):
+    """Issue 26, finding 4: one run's worst case covers AutoAttack, two runs' do not: no "59.89 ± 7.37†"."""
+    runs = [write_run(tmp_path, "a", 0, 0.07), write_run(tmp_path, "b", 1, 0.07),
+            write_run(tmp_path, "c", 2, 0.07, of=("clean", "fgsm", "pgd_linf", "autoattack"), base=40.0)]
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed", "--csv", str(tmp_path / "g.csv")]) == 0
+    row = markdown_rows(capsys.readouterr().out)[("a, b, c", "dverge")]
+    assert row["Worst L∞ ε=0.1"] == f"60.50 ± {statistics.stdev([60.0, 61.0]):.2f} / 52.00†"
+    with open(tmp_path / "g.csv", newline="") as f:
+        dverge = [r for r in csv.DictReader(f) if r["stage"] == "dverge"][0]
+    assert dverge["Worst L∞ ε=0.1"] == "60.5 / 52.0" and dverge["Worst L∞ ε=0.1 n"] == "2 / 1"
+
+
+def test_the_default_blackbox_column_is_at_the_headline_eps(tmp_path, capsys):
+    """Issue 26, finding 4: BB all at ε 0.05, 0.1 and 0.15 with the worst case at 0.1: the default column is 0.1."""
+    runs = [write_run(tmp_path, "p", 0, 0.07, bb_eps=(0.05, 0.1, 0.15)), write_run(tmp_path, "q", 1, 0.07, bb_eps=(0.1, 0.15))]
+    assert compare_main([str(r) for r in runs]) == 0
+    row = markdown_rows(capsys.readouterr().out)[("p", "dverge")]
+    assert "BB all ε=0.1" in row and "BB all ε=0.15" not in row and "Worst L∞ ε=0.1" in row
+
+
+def test_plots_mark_other_bases_and_write_one_file_per_transfer_eps(tmp_path, capsys, monkeypatch):
+    """Each transfer ε its own file (0.05 and 0.1 overwrote one cmp_transfer.png); bars of a † cell carry †;
+    a cell on two bases is two bars."""
+    from dvtrain.eval import plots
+
+    runs = [write_run(tmp_path, "a", 0, 0.07), write_run(tmp_path, "b", 1, 0.07),
+            write_run(tmp_path, "c", 2, 0.07, of=("clean", "fgsm", "pgd_linf", "autoattack"))]
+    results = json.loads((runs[2] / "results.json").read_text())
+    for matrix in results["transfer"].values():
+        matrix["eps"] = 0.05
+    (runs[2] / "results.json").write_text(json.dumps(results))
+    drawn = {}
+    original = plots.comparison_plots
+
+    def spy(series, kinds, stages, path, marked=frozenset(), separator="_"):
+        drawn.update(series=series, marked=set(marked))
+        return original(series, kinds, stages, path, marked, separator)
+
+    monkeypatch.setattr(plots, "comparison_plots", spy)
+    plot = tmp_path / "cmp.png"
+    assert compare_main([*(str(r) for r in runs), "--all", "--plot", str(plot)]) == 0
+    capsys.readouterr()
+    assert {p.name for p in tmp_path.glob("cmp_*.png")} == {"cmp_accuracy.png", "cmp_transfer_eps0.05.png",
+                                                            "cmp_transfer_eps0.1.png"}
+    assert ("c", "dverge", "Worst L∞ ε=0.1") in drawn["marked"] and ("a", "dverge", "Worst L∞ ε=0.1") not in drawn["marked"]
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed", "--plot", str(plot)]) == 0
+    capsys.readouterr()
+    assert {"a, b, c (basis 1)", "a, b, c (basis 2)"} <= set(drawn["series"])
+    assert all(label.endswith(")") for label, *_ in drawn["marked"] if label.startswith("a, b, c"))
+
+
+def test_wandb_logs_each_figure_under_its_own_key(tmp_path, capsys):
+    """Transfer at ε 0.05 and 0.1 are two figures and two W&B keys, whatever the --plot file's stem holds."""
+    runs = [write_run(tmp_path, "a", 0, 0.07), write_run(tmp_path, "c", 2, 0.07)]
+    results = json.loads((runs[1] / "results.json").read_text())
+    for matrix in results["transfer"].values():
+        matrix["eps"] = 0.05
+    (runs[1] / "results.json").write_text(json.dumps(results))
+    plot = tmp_path / "my_cmp.png"
+    args = [*(str(r) for r in runs), "--all", "--wandb", "offline", "--wandb-dir", str(tmp_path), "--plot", str(plot)]
+    assert compare_main(args) == 0
+    capsys.readouterr()
+    (offline,) = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    history = [r["history"]["item"] for r in read_offline_run(offline) if r["type"] == "history"]
+    images = {k.removesuffix("._type") for item in history for k, v in item.items() if v == "image-file"}
+    assert images == {"compare/accuracy", "compare/transfer_eps0.05", "compare/transfer_eps0.1"}
 
 
 @pytest.mark.parametrize("case", ["missing", "not a run", "corrupt results", "stage absent", "group-by unknown key",

@@ -92,7 +92,14 @@ def test_same_seed_same_matrix_and_settings_come_from_the_stage(ensemble):
     assert first == stage_diversity("dverge_advt", models, digits, cfg)
     assert first["protocol"]["eps"] == 0.05 and first["protocol"]["bn_mode"] == "eval"
     assert len(first["matrix"]) == 3 and all(len(row) == 3 for row in first["matrix"])
-    assert first["metric"][0][1] == pytest.approx((first["matrix"][0][0] + first["matrix"][0][1]) / 2)
+    d, metric = first["matrix"], first["metric"]
+    # The DVERGE paper's eq. 2: symmetric, each off-diagonal entry the mean of the two directions.
+    for i in range(3):
+        for j in range(3):
+            assert metric[i][j] == pytest.approx((d[i][j] + d[j][i]) / 2)
+            assert metric[i][j] == metric[j][i]
+        assert metric[i][i] == d[i][i]
+    assert first["metric_form"] == "eq2_symmetric"
     cfg.seed = 1
     assert stage_diversity("dverge_advt", models, digits, cfg)["matrix"] != first["matrix"]
     assert distillation_settings(cfg, "vanilla").eps == cfg.dverge.eps  # stages without distillation: dverge's

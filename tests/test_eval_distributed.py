@@ -102,10 +102,13 @@ def comparable(results: dict) -> dict:
     """What must not depend on the number of processes: the rows, every evaluation section, and the
     surrogates' description without its paths (each world size writes its own cache)."""
     out = {"rows": [{k: v for k, v in r.items() if k != "command"} for r in results["eval"] if r["table"] == "eval"]}
-    out |= {key: results[key] for key in SECTIONS}
-    surrogate = {k: v for k, v in results["blackbox_surrogate"].items() if k != "cache"}
-    surrogate["surrogates"] = [{k: v for k, v in s.items() if k != "dir"} for s in surrogate["surrogates"]]
-    return out | {"blackbox_surrogate": surrogate}
+    out |= {key: results[key] for key in SECTIONS if key != "blackbox"}
+    out["blackbox"] = {}
+    for stage, table in results["blackbox"].items():
+        protocol = {k: v for k, v in table["protocol"].items() if k != "cache"}
+        protocol["surrogates"] = [{k: v for k, v in s.items() if k != "dir"} for s in protocol["surrogates"]]
+        out["blackbox"][stage] = table | {"protocol": protocol}
+    return out
 
 
 def cache_files(cache: Path) -> dict[str, bytes]:

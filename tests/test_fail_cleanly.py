@@ -18,7 +18,8 @@ import yaml
 
 from conftest import REPO, TINY
 from dvtrain import cli
-from dvtrain.eval import compare, evaluate, surrogates
+from dvtrain.eval import evaluate, surrogates
+from dvtrain.report import compare
 from dvtrain.train import loop
 
 WEIGHTS = Path("checkpoints") / "vanilla"
@@ -135,7 +136,7 @@ COMPARE_CASES = {
     "results.json not UTF-8": (lambda t, r: [str(_results(t, b"\xff\x00"))], "results.json is not UTF-8 text"),
     "results.json a list": (lambda t, r: [str(_results(t, b"[]"))], "holds a JSON list, not the object dvtrain writes"),
     "results.json rows without keys": (lambda t, r: [str(_results(t, b'{"eval": [{"stage": "vanilla"}]}'))],
-                                       "does not hold dvtrain's results; evaluate the run again"),
+                                       "eval[0] (vanilla) has no model name"),  # the store names the entry
     "results.json a folder": (lambda t, r: [str(_folder(t / "other" / "results.json").parent)], "neither a dvtrain run directory"),
     "damaged offline W&B run": (lambda t, r: [str(_wandb_file(t))], "cannot read the W&B run at"),
     "W&B path with a space": (lambda t, r: ["team/my project/abc"], "does not exist; pass a run directory"),

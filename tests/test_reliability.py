@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from dvtrain import checkpoint, cli
-from dvtrain.tracking import offline_run_info, read_offline_run
+from dvtrain.report.wandb_reader import offline_run_info, read_offline_run
 
 # Several epochs of a few steps each, a checkpoint every 2 steps: kills land inside epochs.
 LONG = [

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TINY
 from dvtrain import cli
-from dvtrain.eval.compare import read_run_dir
+from dvtrain.report.compare import read_run_dir
 from dvtrain.eval.report import (
     load_results, merge_rows, result_metrics, result_rows, results_markdown, row_key,
 )
@@ -124,7 +124,10 @@ def test_two_concurrent_evaluations_of_different_stages_both_land(tmp_path):
     assert cli.train_main(["--run-dir", str(run_dir), *TINY, "stages=[vanilla,dverge]"]) == 0
     before = load_results(run_dir)["eval"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    evals = [subprocess.Popen([sys.executable, "-m", "dvtrain.cli", "eval", str(run_dir), *SMALL, "--stage", stage],
+    # dverge at another ε grid than vanilla (issue 26, finding 1: it was drawn under vanilla's headers).
+    other = {"vanilla": [], "dverge": ["eval.transfer.sweep_eps=[0.03,0.05]"]}
+    evals = [subprocess.Popen([sys.executable, "-m", "dvtrain.cli", "eval", str(run_dir), *SMALL, *other[stage],
+                               "--stage", stage],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for stage in ("vanilla", "dverge")]
     outputs = [e.communicate(timeout=600) for e in evals]
@@ -138,3 +141,74 @@ def test_two_concurrent_evaluations_of_different_stages_both_land(tmp_path):
     md = (run_dir / "results.md").read_text()
     stage_tables = [line for line in md.splitlines() if line in ("### vanilla", "### dverge")]
     assert stage_tables == ["### vanilla"] * 2 + ["### dverge"] * 2  # training order; both evaluations landed
+    bb = results["blackbox"]
+    assert bb["vanilla"]["eps"] == [0.05] and bb["dverge"]["eps"] == [0.03, 0.05]
+    assert bb["vanilla"]["protocol"]["eps"] == [0.05] and bb["dverge"]["protocol"]["eps"] == [0.03, 0.05]
+    shown = _all_rows(md)
+    mixture = [bb[s]["models"].index("mixture") for s in ("vanilla", "dverge")]
+    assert shown["vanilla"] == {"all ε=0.05": f"{bb['vanilla']['all'][mixture[0]][0]:.2f}"}
+    assert shown["dverge"] == {f"all ε={e:g}": f"{v:.2f}" for e, v in zip([0.03, 0.05], bb["dverge"]["all"][mixture[1]])}
+
+
+def _bb_table(eps: list[float], mixture_all: list[float], protocol: dict | None) -> dict:
+    sets = [{"surrogate": "ens2", "attack": "mi_pgd", "loss": "ce", "eps": e} for e in eps]
+    table = {"models": ["sub0", "mixture"], "n_images": 30, "sets": sets, "eps": eps,
+             "accuracy": [[50.0] * len(eps), mixture_all], "all": [[50.0] * len(eps), mixture_all],
+             "all_by_surrogate": {"ens2": [[50.0] * len(eps), mixture_all]}, "images": "abc"}
+    return table | ({"protocol": protocol} if protocol else {})
+
+
+def _protocol(steps: int, epochs: int, eps: list[float]) -> dict:
+    return {"n_images": 30, "images": "abc", "eps": eps, "seed": 0, "cache": "/c", "steps": steps, "restarts": 1,
+            "sgm_gamma": 0.2, "di_prob": 0.5, "losses": ["ce"], "notes": [],
+            "surrogates": [{"name": "ens2", "size": 2, "seed": 1, "epochs": epochs, "dir": "/c/s", "clean_accuracy": 90.0,
+                            "sets": [{"surrogate": "ens2", "attack": "mi_pgd", "loss": "ce", "eps": e} for e in eps],
+                            "own_accuracy": [1.0] * len(eps)}]}
+
+
+def _all_rows(md: str) -> dict[str, list[str]]:
+    """Per black-box section: the header cells of its "all" table and the mixture rows under it."""
+    out, header = {}, None
+    for line in md.splitlines():
+        if line.startswith("| Stage | Model | all"):
+            header = [c.strip() for c in line.strip("|").split("|")][2:]
+        elif header and line.startswith("| ") and "Mixture" in line and "surrogate" not in line:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            out.setdefault(cells[0], dict(zip(header, cells[2:])))
+        elif not line.startswith("|"):
+            header = None if line.startswith("##") else header
+    return out
+
+
+def test_each_stage_is_drawn_under_its_own_eps_and_protocol():
+    """Issue 26, finding 1: `dvtrain eval --stage vanilla`, then `--stage dverge` at other ε: dverge's ε=0.05
+    value sits under "all ε=0.05", never under vanilla's first header; each stage keeps its own protocol."""
+    from dvtrain.eval.report import blackbox_protocol, evaluation_markdown
+
+    results = {"blackbox": {"vanilla": _bb_table([0.1, 0.15], [40.0, 20.0], _protocol(20, 3, [0.1, 0.15])),
+                            "dverge": _bb_table([0.05, 0.1], [66.67, 55.0], _protocol(20, 3, [0.05, 0.1]))}}
+    md = evaluation_markdown(results)
+    rows = _all_rows(md)
+    assert rows["vanilla"] == {"all ε=0.1": "40.00", "all ε=0.15": "20.00"}
+    assert rows["dverge"] == {"all ε=0.05": "66.67", "all ε=0.1": "55.00"}
+    assert md.count("## Black-box transfer (protocol") == 2
+    # Same ε, other surrogate epochs: still two sections, each saying its own epochs.
+    results["blackbox"]["dverge"] = _bb_table([0.1, 0.15], [60.0, 30.0], _protocol(20, 5, [0.1, 0.15]))
+    md = evaluation_markdown(results)
+    assert md.count("## Black-box transfer (protocol") == 2 and "trained 5 epochs" in md and "trained 3 epochs" in md
+    assert blackbox_protocol(results, "dverge")["surrogates"][0]["epochs"] == 5
+    # One protocol: one section, as before.
+    results["blackbox"]["dverge"] = _bb_table([0.1, 0.15], [60.0, 30.0], _protocol(20, 3, [0.1, 0.15]))
+    md = evaluation_markdown(results)
+    assert md.count("## Black-box transfer") - md.count("### Black-box transfer") == 1
+    assert _all_rows(md) == {"vanilla": {"all ε=0.1": "40.00", "all ε=0.15": "20.00"},
+                             "dverge": {"all ε=0.1": "60.00", "all ε=0.15": "30.00"}}
+
+
+def test_results_of_an_earlier_dvtrain_keep_their_one_global_protocol():
+    from dvtrain.eval.report import blackbox_protocol, evaluation_markdown
+
+    old = _protocol(20, 3, [0.1])
+    results = {"blackbox": {"vanilla": _bb_table([0.1], [40.0], None)}, "blackbox_surrogate": old}
+    assert blackbox_protocol(results, "vanilla") == old
+    assert "## Black-box transfer" in evaluation_markdown(results)

@@ -19,8 +19,9 @@ from safetensors import SafetensorError
 
 from conftest import TINY
 from dvtrain import checkpoint, cli
+from dvtrain import results as results_store
 from dvtrain.rundir import RunDir
-from dvtrain.eval import evaluate, report
+from dvtrain.eval import evaluate
 
 QUICK = [*TINY, "stages=[vanilla, dverge]", "vanilla.epochs=2", "data.train_limit=128", "eval.num_examples=16",
          "checkpoint.every_steps=2"]
@@ -91,7 +92,7 @@ MIDWAY = {
                                              SafetensorError("Error while serializing: IoError(StorageFull)"),
                                              "could not write checkpoint"),
     "ENOSPC from safetensors' file": (checkpoint, "save_file", 13, OSError(errno.ENOSPC, FULL), "could not write checkpoint"),
-    "ENOSPC writing results.json": (report, "write_atomic", 0, OSError(errno.ENOSPC, FULL, "results.json"),
+    "ENOSPC writing results.json": (results_store, "write_together", 0, OSError(errno.ENOSPC, FULL, "results.json"),
                                     "could not write results.json"),
 }
 
@@ -216,7 +217,7 @@ def test_eval_whose_results_write_fails_midway_says_run_it_again(trained, tmp_pa
 
 @pytest.mark.parametrize("option", ["--csv", "--plot"])
 def test_compare_refuses_an_output_it_cannot_write_before_reading_runs(option, trained, tmp_path, monkeypatch, capsys):
-    from dvtrain.eval import compare
+    from dvtrain.report import compare
 
     def read(*args, **kwargs):
         raise AssertionError("runs were read")

@@ -110,3 +110,37 @@ def test_stage_sections_are_read_through_the_config_not_getattr():
         if path.name in ("config.py", "stages.py"):
             continue
         assert not pattern.search(path.read_text()), path
+
+
+def test_evaluation_imports_no_training_code():
+    """Issue 26: `dvtrain eval` is handed its surrogate trainer by the CLI; no module of dvtrain/eval/
+    imports dvtrain.train (directly; nor does the results store or the digest it uses)."""
+    for path in [*(PACKAGE / "eval").rglob("*.py"), PACKAGE / "results.py", PACKAGE / "digest.py"]:
+        for module, _ in _imports(path):
+            assert not module.startswith("dvtrain.train"), (path.relative_to(PACKAGE), module)
+
+
+def test_the_results_store_imports_no_torch_and_nothing_of_evaluation():
+    """dvtrain.results is core: `dvtrain compare` reads through it without loading torch."""
+    for module, _ in _imports(PACKAGE / "results.py"):
+        assert not module.startswith(("torch", "dvtrain.eval", "dvtrain.train")), module
+
+
+def test_reporting_imports_no_torch_and_no_training():
+    """dvtrain/report/ (compare, the offline W&B reader) computes nothing: no torch, no training code, and
+    nothing of evaluation but its renderers and figure style (dvtrain.eval.report, dvtrain.eval.plots)."""
+    for path in (PACKAGE / "report").glob("*.py"):
+        for module, _ in _imports(path):
+            assert not module.startswith(("torch", "dvtrain.train")), (path.name, module)
+            assert not module.startswith("dvtrain.eval") or module in ("dvtrain.eval.report", "dvtrain.eval.plots"), (
+                path.name, module)
+
+
+def test_a_gather_appears_only_in_eval_share():
+    """Evaluation shares work one way: collectives live in dvtrain/eval/share.py alone."""
+    for path in (PACKAGE / "eval").rglob("*.py"):
+        if path.name == "share.py":
+            continue
+        text = path.read_text()
+        for collective in ("torch.distributed", "all_gather_object", "dist.all_gather", "broadcast_object_list"):
+            assert collective not in text, (path.name, collective)

@@ -10,7 +10,7 @@ import torch
 
 import dvtrain
 from conftest import REPO
-from dvtrain.tracking import offline_run_info, read_offline_run
+from dvtrain.report.wandb_reader import offline_run_info, read_offline_run
 from dvtrain.eval.report import metric_name
 
 

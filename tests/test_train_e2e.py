@@ -39,8 +39,8 @@ def test_cli_writes_a_valid_run_and_protects_it(tmp_path):
     rows = results["eval"]
     assert len(rows) == 3 * 4 * (5 + 2)  # stages × models × (attacks + worst case L∞ and L2)
     for row in rows:
-        assert set(row) == {"stage", "model", "attack", "norm", "eps", "budget", "accuracy", "n", "ci_low", "ci_high",
-                            "table", "command"} | (
+        assert set(row) == {"stage", "model", "attack", "code", "norm", "eps", "budget", "accuracy", "n", "ci_low",
+                            "ci_high", "images", "test_split", "table", "command"} | (
             {"of"} if row["attack"] == "worst_case" else set())
         assert row["stage"] in {"vanilla", "dverge", "dverge_advt"} and row["n"] == 64
         assert row["model"] in {"sub0", "sub1", "sub2", "mixture"} and row["attack"] in ATTACKS | {"worst_case"}

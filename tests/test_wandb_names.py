@@ -10,7 +10,8 @@ import pytest
 from conftest import TINY
 from dvtrain import cli, checkpoint
 from dvtrain.rundir import RunDir
-from dvtrain.tracking import ARTIFACT_NAME_MAX, fit_name, offline_run_info, read_offline_run
+from dvtrain.report.wandb_reader import offline_run_info, read_offline_run
+from dvtrain.tracking import ARTIFACT_NAME_MAX, fit_name
 
 VALID_ARTIFACT = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 LONG = "x" * 125

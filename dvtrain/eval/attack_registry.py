@@ -64,6 +64,13 @@ class WhiteboxAttack:
     # Roughly how many forward-backward passes it makes per image and model under a config: the cost
     # `dvtrain.eval.share` balances processes by (an estimate; no number depends on it).
     passes: Callable[[EvalConfig], float] = lambda cfg: 1.0
+    # The code format version: bump it when a change to the attack's code changes what its number means, so
+    # results.json keeps rows of the old and new code apart (the row's "code", part of its key).
+    version: int = 1
+
+    def code(self) -> str:
+        """The row field "code": name@version."""
+        return f"{self.name}@{self.version}"
 
     def is_randomised(self, cfg: EvalConfig) -> bool:
         """Whether a run draws random numbers under `cfg` (PGD only from a random start)."""

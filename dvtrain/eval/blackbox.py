@@ -14,7 +14,6 @@ log-probabilities is max_{j≠y} log p̄_j − log p̄_y, which keeps pushing un
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,24 +22,21 @@ from torch import Tensor, nn
 
 from dvtrain.config import Config, TransferConfig
 from dvtrain.data import Dataset
+from dvtrain.digest import images_digest
 from dvtrain.eval.progress import Phases
 from dvtrain.eval.share import Share, from_main, is_main, run_for_effect, shared_map
 from dvtrain.eval import example_sets, surrogates
 from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.transfer import ensemble_predictions, percent
-from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd, residual_branch_ends, skip_gradient
+from dvtrain.eval.attacks.transfer import TRANSFER_ATTACKS, transfer_attack
 from dvtrain.mixture import Mixture
 from dvtrain.rng import stream
 
-MI_PGD, M_DI2_FGSM, SGM = "mi_pgd", "m_di2_fgsm", "sgm"
 ALL_SETS = "all"  # correct under every example set at that ε: the reference's "all" column
 ALL_BY_SURROGATE = "all_by_surrogate"  # the same per surrogate ensemble
 LOAD_COST = 0.01  # an ensemble or set already in the cache only loads: next to nothing against crafting one
 MIXTURE = "mixture"
-ATTACK_NAMES = {MI_PGD: "momentum PGD", M_DI2_FGSM: "M-DI²-FGSM", SGM: "SGM"}
 LOSS_NAMES = {"ce": "CE", "cw": "CW"}
-SGM_NOT_APPLICABLE = ("SGM does not apply to {arch}: it has no skip connections, so there is no residual "
-                      "gradient to decay; its rows are left out (not run)")
 
 
 @dataclasses.dataclass
@@ -67,52 +63,34 @@ def blackbox_images(data: Dataset, tcfg: TransferConfig) -> tuple[Tensor, Tensor
     return data.x_test[device_index], data.y_test[device_index], index
 
 
-def image_digest(index: Tensor) -> str:
-    """A short fingerprint of which test images (their indices [N]) a table counts: two tables with equal
-    digests count the same images in the same order."""
-    return hashlib.sha256(index.to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
-
-
 def attack_budget(attack: str, tcfg: TransferConfig) -> dict:
-    """Everything besides the surrogate, loss, ε and seed that an attack's examples depend on."""
-    if attack == MI_PGD:  # random start, steps of step_fraction·ε, restarts
-        return {"steps": tcfg.blackbox_steps, "runs": tcfg.blackbox_restarts, "step_fraction": tcfg.step_fraction,
-                "momentum": tcfg.momentum, "random_start": True}
-    if attack == M_DI2_FGSM:  # MI-FGSM on diverse inputs, steps of ε/T
-        return {"steps": tcfg.blackbox_steps, "runs": 1, "step_fraction": 1 / tcfg.blackbox_steps,
-                "momentum": tcfg.momentum, "random_start": False, "di_prob": tcfg.di_prob, "di_resize": tcfg.di_resize}
-    if attack == SGM:  # MI-FGSM with the residual gradients decayed by γ, steps of ε/T (torchattack's SGM)
-        return {"steps": tcfg.blackbox_steps, "runs": 1, "step_fraction": 1 / tcfg.blackbox_steps, "momentum": tcfg.momentum,
-                "random_start": False, "gamma": tcfg.sgm_gamma}
-    raise ValueError(f"unknown transfer attack {attack!r}; choose from {', '.join(ATTACK_NAMES)}")
+    """Everything besides the surrogate, loss, ε, seed and images that an attack's examples depend on: its
+    record's budget (`dvtrain.eval.attacks.transfer`), the batch size (the random starts and M-DI²-FGSM's
+    transforms are drawn batch by batch) and the record's code version. Raises DvtrainError for an
+    unknown attack."""
+    record = transfer_attack(attack)
+    return {**record.budget(tcfg), "batch_size": tcfg.batch_size, "code": record.version}
 
 
 def craft(surrogate: nn.Module, x: Tensor, y: Tensor, attack: str, loss: str, eps: float, budget: dict,
           generator: torch.Generator, batch_size: int) -> Tensor:
-    """One run of `attack` with `loss` at `eps` on `surrogate` (a model of images in [0, 1]): [N, C, H, W].
-    Batches draw from `generator` in order."""
-    model = DiverseInputs(surrogate, budget["di_prob"], budget["di_resize"], generator) if attack == M_DI2_FGSM else surrogate
-    step = budget["step_fraction"] * eps
-
-    def run(xb: Tensor, yb: Tensor) -> Tensor:
-        return momentum_pgd(model, xb, yb, eps, step, budget["steps"], budget["momentum"], budget["random_start"],
-                            generator, loss)
-
-    if attack == SGM:
-        with skip_gradient(surrogate, budget["gamma"]):
-            return _batched(run, x, y, batch_size)
-    return _batched(run, x, y, batch_size)
+    """One run of `attack` (its record's `craft`) with `loss` at `eps` on `surrogate` (a model of images in
+    [0, 1]): [N, C, H, W]. Batches draw from `generator` in order."""
+    return transfer_attack(attack).craft(surrogate, x, y, loss, eps, budget, generator, batch_size)
 
 
-def _batched(attack: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([attack(x[s : s + batch_size], y[s : s + batch_size]) for s in range(0, len(y), batch_size)])
+def check_attacks(tcfg: TransferConfig) -> None:
+    """Every name of eval.transfer.blackbox_attacks is a registered transfer attack (DvtrainError with the
+    closest name otherwise): checked before any work."""
+    for name in tcfg.blackbox_attacks:
+        transfer_attack(name)
 
 
 def applicable_attacks(tcfg: TransferConfig, surrogate_models: list[nn.Module], arch: str) -> tuple[list[str], list[str]]:
     """The configured attacks that apply to the surrogates, and a note for each that does not."""
-    if SGM in tcfg.blackbox_attacks and not residual_branch_ends(surrogate_models[0]):
-        return [a for a in tcfg.blackbox_attacks if a != SGM], [SGM_NOT_APPLICABLE.format(arch=arch)]
-    return list(tcfg.blackbox_attacks), []
+    records = [transfer_attack(name) for name in tcfg.blackbox_attacks]
+    return ([r.name for r in records if r.applies(surrogate_models)],
+            [r.not_applicable.format(arch=arch) for r in records if not r.applies(surrogate_models)])
 
 
 def prepare_blackbox(
@@ -120,7 +98,7 @@ def prepare_blackbox(
     phases: Phases | None = None, share: Share | None = None,
 ) -> tuple[list[ExampleSet], Tensor, dict] | None:
     """Every example set of the protocol (read from the shared cache, or crafted and stored there once),
-    the labels y [N] of its images, and a description for results.json ("blackbox_surrogate"): the
+    the labels y [N] of its images, and a description for results.json (each stage's table's "protocol"): the
     protocol, each surrogate ensemble's folder, clean accuracy and own (white-box) accuracy per set.
 
     Under `share` (several processes) each surrogate ensemble is trained, and each example set crafted,
@@ -131,16 +109,17 @@ def prepare_blackbox(
     phases = phases if phases is not None else Phases(False)
     root = surrogates.cache_root(run_dir, tcfg)
     x, y, index = blackbox_images(data, tcfg)
+    digest = surrogates.data_digest(data)
     sizes = list(dict.fromkeys(tcfg.surrogate_sizes))
     configs = {size: surrogates.surrogate_config(cfg, tcfg, size) for size in sizes}
 
     def ensemble(size: int) -> list[nn.Module]:
         with phases.phase(f"surrogate ensemble of {size}"):
-            return surrogates.load_or_train(root, configs[size], data, device, train)
+            return surrogates.load_or_train(root, configs[size], data, device, train, digest)
 
     if share is not None and share.world > 1:  # each trained on one rank; then every rank reads every one
         # A cached ensemble only loads: rank 0 says which are, so that every rank assigns alike.
-        cached = from_main(share, [surrogates.is_trained(root, configs[size]) for size in sizes])
+        cached = from_main(share, [surrogates.is_trained(root, configs[size], digest) for size in sizes])
         costs = [LOAD_COST if done else size for size, done in zip(sizes, cached)]
         shared_map(share, sizes, costs, run_for_effect(ensemble))
     models = {size: ensemble(size) for size in sizes}
@@ -150,22 +129,22 @@ def prepare_blackbox(
 
     def example_set(task: tuple[int, float, str, str]) -> ExampleSet:
         size, eps, attack, loss = task
-        return surrogate_set(root, cfg, tcfg, configs[size], models[size], attack, loss, eps, x, y, index, phases)
+        return surrogate_set(root, cfg, tcfg, configs[size], models[size], attack, loss, eps, x, y, index, phases, digest)
 
     def is_stored(task: tuple[int, float, str, str]) -> bool:
         size, eps, attack, loss = task
-        folder, manifest = set_location(root, cfg, tcfg, configs[size], attack, loss, eps, index)
+        folder, manifest = set_location(root, cfg, tcfg, configs[size], attack, loss, eps, x, y, index, digest)
         return example_sets.is_stored(folder, manifest)
 
     if share is not None and share.world > 1:
         cached = from_main(share, [is_stored(task) for task in tasks])
-        costs = [LOAD_COST if done else size * attack_budget(attack, tcfg)["runs"] * tcfg.blackbox_steps
+        costs = [LOAD_COST if done else size * transfer_attack(attack).cost(attack_budget(attack, tcfg))
                  for (size, _, attack, _), done in zip(tasks, cached)]
         shared_map(share, tasks, costs, run_for_effect(example_set))
     if not is_main(share):
         return None
     sets = [example_set(task) for task in tasks]
-    info: dict = {"n_images": len(y), "images": image_digest(index), "eps": list(tcfg.sweep_eps), "seed": tcfg.seed, "cache": str(root),
+    info: dict = {"n_images": len(y), "images": images_digest(x, y), "data": digest, "code": example_sets.FORMAT, "eps": list(tcfg.sweep_eps), "seed": tcfg.seed, "cache": str(root),
                   "steps": tcfg.blackbox_steps, "restarts": tcfg.blackbox_restarts, "sgm_gamma": tcfg.sgm_gamma,
                   "di_prob": tcfg.di_prob, "losses": list(tcfg.blackbox_losses), "surrogates": [],
                   "notes": list(dict.fromkeys(note for size in sizes for note in applicable[size][1]))}
@@ -173,7 +152,7 @@ def prepare_blackbox(
         own_sets = [s for s, task in zip(sets, tasks) if task[0] == size]
         info["surrogates"].append({
             "name": f"ens{size}", "size": size, "seed": configs[size].seed, "epochs": configs[size].vanilla.epochs,
-            "dir": str(surrogates.surrogate_dir(root, configs[size])),
+            "dir": str(surrogates.surrogate_dir(root, configs[size], digest)),
             "clean_accuracy": percent(correct_under(models[size], x[None], y, tcfg.batch_size)[-1]),
             "sets": [s.key() for s in own_sets],
             "own_accuracy": [percent(correct_under(models[size], s.examples, y, tcfg.batch_size)[-1]) for s in own_sets]})
@@ -181,17 +160,18 @@ def prepare_blackbox(
 
 
 def surrogate_set(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, models: list[nn.Module], attack: str,
-                  loss: str, eps: float, x: Tensor, y: Tensor, index: Tensor, phases: Phases | None = None) -> ExampleSet:
+                  loss: str, eps: float, x: Tensor, y: Tensor, index: Tensor, phases: Phases | None = None,
+                  digest: dict[str, str] | None = None) -> ExampleSet:
     """One example set of one surrogate ensemble (`scfg`, `models`): `attack` with `loss` at `eps` on the
     protocol's images x [N, C, H, W] (test-set indices `index`), from the cache under `root` when its
     manifest matches, else crafted on the ensemble's mixture from the set's own stream and stored."""
     name = f"ens{scfg.ensemble.size}"
-    folder, manifest = set_location(root, cfg, tcfg, scfg, attack, loss, eps, index)
+    folder, manifest = set_location(root, cfg, tcfg, scfg, attack, loss, eps, x, y, index, digest)
     budget = manifest["budget"]
 
     def generate() -> Tensor:
         mixture = Mixture(models).eval()
-        label = f"crafting {ATTACK_NAMES[attack]} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}"
+        label = f"crafting {transfer_attack(attack).label} ({LOSS_NAMES[loss]}) at ε={eps:g} on {name}"
         with (phases or Phases(False)).phase(label, len(y) * budget["runs"]) as bar:
             runs = []
             for r in range(budget["runs"]):
@@ -204,12 +184,18 @@ def surrogate_set(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, m
 
 
 def set_location(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, attack: str, loss: str, eps: float,
-                 index: Tensor) -> tuple[Path, dict]:
-    """Where an example set lives in the cache under `root`, and the manifest that identifies it: the
-    data, the test images (`index`), the surrogate ensemble, attack, loss, ε, seed and budget."""
-    folder = Path(root) / example_sets.EXAMPLES / surrogates.data_folder(cfg) / surrogates.surrogate_dir(root, scfg).name
-    manifest = {"data": surrogates.data_identity(cfg), "images": index.tolist(), "surrogate": surrogates.surrogate_identity(scfg),
-                "attack": attack, "loss": loss, "eps": eps, "seed": tcfg.seed, "budget": attack_budget(attack, tcfg)}
+                 x: Tensor, y: Tensor, index: Tensor, digest: dict[str, str] | None) -> tuple[Path, dict]:
+    """Where an example set lives in the cache under `root`, and the manifest that identifies it by content:
+    the data's digest (`surrogates.data_digest`; computed from nothing here, so pass it), the digest of the
+    attacked images x [N, C, H, W] and labels y [N] with their test-set indices, the surrogate ensemble,
+    attack, loss, ε, seed and budget (batch size included); example_sets.FORMAT adds the code version."""
+    if digest is None:
+        raise ValueError("set_location needs the data digest (surrogates.data_digest(data))")
+    folder = (Path(root) / example_sets.EXAMPLES / surrogates.data_folder(cfg, digest)
+              / surrogates.surrogate_dir(root, scfg, digest).name)
+    manifest = {"data": surrogates.data_identity(cfg, digest), "images": index.tolist(), "images_digest": images_digest(x, y),
+                "surrogate": surrogates.surrogate_identity(scfg, digest), "attack": attack, "loss": loss, "eps": eps,
+                "seed": tcfg.seed, "budget": attack_budget(attack, tcfg)}
     return folder, manifest
 
 
@@ -230,7 +216,7 @@ def blackbox_table(submodels: list[nn.Module], sets: list[ExampleSet], y: Tensor
     and "all" per ε (correct under every set at that ε), as results.json's "blackbox"[stage]:
     {"models", "n_images", "sets": [{surrogate, attack, loss, eps}], "accuracy": [model][set],
      "eps": [ε], "all": [model][ε], "all_by_surrogate": {surrogate: [model][ε]} (every set of that
-     surrogate ensemble at ε), "images": `images` (the `image_digest` of y's test images)}."""
+     surrogate ensemble at ε), "images": `images` (`dvtrain.digest.images_digest` of the test images and y)}."""
     correct = [correct_under(submodels, s.examples, y, batch_size) for s in sets]
     eps_grid = list(dict.fromkeys(s.eps for s in sets))
     models = [*(f"sub{i}" for i in range(len(submodels))), MIXTURE]
@@ -261,4 +247,5 @@ def all_accuracy(table: dict, model: str, eps: float) -> float | None:
 
 def set_label(s: dict) -> str:
     """A column header for an example set, e.g. "ens5 SGM CW"."""
-    return f"{s['surrogate']} {ATTACK_NAMES.get(s['attack'], s['attack'])} {LOSS_NAMES.get(s['loss'], s['loss'])}"
+    record = TRANSFER_ATTACKS.get(s["attack"])
+    return f"{s['surrogate']} {record.label if record else s['attack']} {LOSS_NAMES.get(s['loss'], s['loss'])}"

@@ -7,7 +7,9 @@ report's eq. 1). Entry (i, j) of the matrix is
     D[i, j] = mean over pairs of CE(f_j(x'_{f_i^l}(x, x_s)), y)      (y: the label of x, the *target*)
 
 so a small D[i, j] means f_j, too, reads x's features in f_i's distilled image: their vulnerabilities
-overlap. The seed report's eq. 2 is d(f_i, f_j) = (D[i, i] + D[i, j]) / 2. Protocol of the DVERGE
+overlap. The DVERGE paper's eq. 2 is symmetric, d(f_i, f_j) = ½ (L_{f_i}(x'_{f_j}) + L_{f_j}(x'_{f_i})) =
+(D[j, i] + D[i, j]) / 2 (stored as "metric"; the seed report prints D[i, i] in its first term, a slip that
+its next sentence contradicts: see docs/evaluation.md). Protocol of the DVERGE
 paper's diversity matrix (Yang et al., NeurIPS 2020, Fig. 3; the authors' eval/eval_diversity.py):
 pairs drawn from test images that every submodel classifies correctly, batches of 10, a random layer
 per batch, distillation as in training (ε, steps, step size, momentum) with the models in eval mode.
@@ -35,6 +37,9 @@ DPI = 120
 CELL_INCHES = 0.9  # heat-map cell size, so the numbers written in the cells stay legible
 MIN_SIDE_INCHES = 3.5
 HEATMAP_COLORS = "Blues"
+# How "metric" was formed, so a reader can tell it from results of dvtrain before issue 26, which stored the
+# seed report's printed (D[i][i] + D[i][j]) / 2 under the same key.
+METRIC_FORM = "eq2_symmetric"
 
 
 def distillation_settings(cfg: Config, stage: str) -> DvergeConfig:
@@ -111,14 +116,22 @@ def stage_pairs(stage: str, submodels: list[nn.Module], data: Dataset, cfg: Conf
 
 
 def stage_entry(submodels: list[nn.Module], pairs: dict, matrix: list[list[float]] | None, cfg: DiversityConfig) -> dict:
-    """results["diversity"][stage]: {"models", "matrix" (D, nats), "metric" (eq. 2's d), "n_images",
-    "protocol"} (matrix and metric None when no test image is classified correctly by every submodel)."""
+    """results["diversity"][stage]: {"models", "matrix" (D, nats), "metric" (eq. 2's symmetric d, nats:
+    metric[i][j] = (D[i][j] + D[j][i]) / 2), "metric_form", "n_images", "protocol"} (matrix and metric None
+    when no test image is classified correctly by every submodel)."""
     d = pairs["distillation"]
     protocol = {"eps": d.eps, "step_size": d.step_size, "steps": d.steps, "momentum": d.momentum,
                 "batch_size": cfg.batch_size, "layer": cfg.layer, "bn_mode": "eval"}
-    metric = None if matrix is None else [[(row[i] + row[j]) / 2 for j in range(len(row))] for i, row in enumerate(matrix)]
+    metric = None if matrix is None else symmetric_diversity(matrix)
     return {"models": [f"sub{i}" for i in range(len(submodels))], "matrix": matrix, "metric": metric,
+            "metric_form": METRIC_FORM,
             "n_images": len(pairs["y"]), "protocol": protocol}
+
+
+def symmetric_diversity(matrix: list[list[float]]) -> list[list[float]]:
+    """d [M][M] (nats) of the DVERGE paper's eq. 2 (Yang et al., NeurIPS 2020):
+    d(f_i, f_j) = ½ (CE(f_i(x'_{f_j}), y) + CE(f_j(x'_{f_i}), y)) = (D[j][i] + D[i][j]) / 2, symmetric in i, j."""
+    return [[(matrix[i][j] + matrix[j][i]) / 2 for j in range(len(matrix))] for i in range(len(matrix))]
 
 
 def stage_diversity(stage: str, submodels: list[nn.Module], data: Dataset, cfg: Config) -> dict:

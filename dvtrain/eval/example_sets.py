@@ -1,6 +1,13 @@
 """Transfer example sets as an artifact shared between runs: one safetensors file per (data, surrogate
 ensemble, attack, loss, ε, seed, budget), beside a JSON manifest that records that protocol.
 
+Content-addressed (issue 26, finding 2): the manifest holds everything that determines the bytes: the
+digest of the images and labels actually attacked (not a config field naming where they were read from),
+the surrogate ensemble's identity (itself keyed by the digest of the data it was trained on), the attack
+and every setting that feeds it (batch size included: M-DI²-FGSM's and the random starts' draws follow the
+batches) and FORMAT, the code version. Every read is verified (shape, dtype and the SHA-256 of the bytes,
+recorded in the manifest): a damaged file is said in one line and crafted again.
+
 Why: every stage and every run on the same data (vanilla, DVERGE, +AdvT, the baselines) must be scored
 on identical adversarial examples, as the DVERGE authors did by publishing theirs. The file name ends in
 a hash of the manifest, so a changed protocol is a new file (generated), and a matching one is read back
@@ -16,15 +23,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-FORMAT = 1  # bump when the stored layout or the attacks' code changes what a manifest promises
+FORMAT = 2  # the code version: bump when the stored layout or the attacks' code changes what a manifest promises
+CHECKSUM = "sha256"  # manifest fields written with the file, not part of its identity
+SHAPE, DTYPE = "shape", "dtype"
+STORED_FIELDS = (CHECKSUM, SHAPE, DTYPE)
+LOCK_NOTICE_S = 5.0  # a wait on another evaluation's lock longer than this says what it waits for
 EXAMPLES = "examples"  # [R, N, C, H, W] float32: R runs (restarts) of N images
 HASH_CHARS = 12
 
@@ -49,17 +61,70 @@ def set_path(folder: Path, manifest: dict) -> Path:
     return Path(folder) / f"{stem}.safetensors"
 
 
-def is_stored(folder: Path, manifest: dict) -> bool:
-    """Whether the set `manifest` describes is in `folder` (so `load_or_generate` would only read it)."""
+def bytes_checksum(examples: Tensor) -> str:
+    return hashlib.sha256(examples.contiguous().numpy().tobytes()).hexdigest()
+
+
+@contextmanager
+def holding(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold the file lock `lock_path`; after LOCK_NOTICE_S seconds of waiting, one line says what for."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=LOCK_NOTICE_S)
+    except Timeout:
+        print(f"[eval] waiting for {lock_path}: held by another evaluation ({what})", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _stored_manifest(folder: Path, manifest: dict) -> dict | None:
+    """The manifest on disk for `manifest` (FORMAT added), if its identity matches."""
     manifest = {"format": FORMAT, **manifest}
     path = set_path(folder, manifest)
     manifest_path = path.with_suffix(".json")
-    return manifest_path.is_file() and path.is_file() and json.loads(manifest_path.read_text()) == manifest
+    if not (manifest_path.is_file() and path.is_file()):
+        return None
+    try:
+        stored = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    identity = {k: v for k, v in stored.items() if k not in STORED_FIELDS} if isinstance(stored, dict) else None
+    return stored if identity == manifest else None
+
+
+def is_stored(folder: Path, manifest: dict) -> bool:
+    """Whether the set `manifest` describes is in `folder` (so `load_or_generate` would only read it, unless
+    its bytes turn out damaged)."""
+    return _stored_manifest(folder, manifest) is not None
+
+
+def verified(path: Path, stored: dict) -> Tensor | None:
+    """The examples in `path` if they are what `stored` (the manifest on disk) records: shape, dtype and
+    checksum; None (and one line naming the file) when damaged or unreadable."""
+    try:
+        examples = load_file(str(path))[EXAMPLES]
+    except Exception as exc:  # safetensors raises its own errors for truncated or foreign files
+        problem = f"unreadable ({type(exc).__name__})"
+    else:
+        if CHECKSUM not in stored:
+            problem = "written without a checksum"
+        elif list(examples.shape) != stored.get(SHAPE) or str(examples.dtype) != stored.get(DTYPE):
+            problem = f"shape {list(examples.shape)} {examples.dtype}, manifest {stored.get(SHAPE)} {stored.get(DTYPE)}"
+        elif bytes_checksum(examples) != stored[CHECKSUM]:
+            problem = "checksum does not match its manifest"
+        else:
+            return examples
+    print(f"[eval] example set {path} is damaged ({problem}): crafting it again", flush=True)
+    return None
 
 
 def load_or_generate(folder: Path, manifest: dict, generate: Callable[[], Tensor]) -> Tensor:
     """The example set `manifest` describes: read from `folder` when a file with that exact manifest is
-    there, else `generate()` ([R, N, C, H, W] float32) is called once, stored and returned (on the CPU).
+    there and its bytes are verified, else `generate()` ([R, N, C, H, W] float32) is called once, stored
+    (with its shape, dtype and checksum in the manifest) and returned (on the CPU).
 
     `manifest` must be JSON-able and hold at least "attack", "loss" and "eps"; FORMAT is added to it.
     Raises OSError when the folder cannot be written."""
@@ -68,10 +133,15 @@ def load_or_generate(folder: Path, manifest: dict, generate: Callable[[], Tensor
     path = set_path(folder, manifest)
     manifest_path = path.with_suffix(".json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.with_suffix(".lock"))):
-        if is_stored(folder, raw):
-            return load_file(str(path))[EXAMPLES]
+    with holding(path.with_suffix(".lock"), f"crafting {path.name}"):
+        stored = _stored_manifest(folder, raw)
+        if stored is not None:
+            examples = verified(path, stored)
+            if examples is not None:
+                return examples
         examples = generate().detach().to("cpu", torch.float32).contiguous()
+        record = manifest | {CHECKSUM: bytes_checksum(examples), SHAPE: list(examples.shape), DTYPE: str(examples.dtype)}
+        manifest_path.unlink(missing_ok=True)  # the manifest last: a crash between the two leaves no stale pair
         _write_atomic(path, lambda tmp: save_file({EXAMPLES: examples}, str(tmp), metadata={"manifest": json.dumps(manifest)}))
-        _write_atomic(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+        _write_atomic(manifest_path, lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
         return examples

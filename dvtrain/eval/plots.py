@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dvtrain import rundir
-from dvtrain.eval.report import attack_header, model_label
+from dvtrain.eval.report import NOT_COMPARABLE, attack_header, model_label
 
 PLOTS_DIR = rundir.PLOTS
 DPI = 120
@@ -102,29 +102,36 @@ def eps_sweep_plot(sweep: dict, title: str, path: Path) -> Path:
 
 
 def _bars(ax, series: dict[str, dict[tuple[str, str], list[float]]], groups: list[tuple[str, str]],
-          tick: list[str]) -> None:
+          tick: list[str], marked: set[tuple[str, str, str]] = frozenset()) -> None:
     """One bar per run in each group: the mean, with the sample s.d. as an error bar where a run has
-    several values (seeds); a run without a group's number leaves a gap."""
+    several values (seeds); a run without a group's number leaves a gap; a (run, stage, column) in
+    `marked` gets a † above its bar (another basis than its column's, as in the table)."""
     width = BAR_SPAN / max(len(series), 1)
     for r, (run, values) in enumerate(series.items()):
         at = [(g, values[key]) for g, key in enumerate(groups) if key in values]
         if not at:  # nothing of this run here: no legend entry (its colour stays its own in every figure)
             continue
         spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in at]
-        ax.bar([g + (r - (len(series) - 1) / 2) * width for g, _ in at], [statistics.mean(v) for _, v in at],
-               width=width, label=run, color=COLORS[r % len(COLORS)],
+        xs = [g + (r - (len(series) - 1) / 2) * width for g, _ in at]
+        heights = [statistics.mean(v) for _, v in at]
+        ax.bar(xs, heights, width=width, label=run, color=COLORS[r % len(COLORS)],
                yerr=spread if any(spread) else None, capsize=ERROR_CAP, error_kw={"elinewidth": LINE_WIDTH})
+        for x, h, sd, (g, _) in zip(xs, heights, spread, at):
+            if (run, *groups[g]) in marked:
+                ax.annotate(NOT_COMPARABLE, (x, min(h + sd, PERCENT_RANGE[1])), ha="center", va="bottom")
     ax.set_xticks(range(len(groups)), tick)
     ax.set_ylim(*PERCENT_RANGE)
     ax.grid(axis="y", alpha=0.3)
 
 
 def comparison_plots(series: dict[str, dict[tuple[str, str], list[float]]], kinds: dict[str, str], stages: list[str],
-                     path: Path) -> list[Path]:
+                     path: Path, marked: set[tuple[str, str, str]] = frozenset(), separator: str = "_") -> list[Path]:
     """`dvtrain compare --plot FILE`: one PNG per kind of number, FILE's stem + _accuracy.png (one panel
     per stage, a bar group per accuracy column) and, where there are transfer numbers, + _transfer.png
-    (transfer success, lower is better: a bar group per stage). `series`: run → (stage, column) → the
-    values of the run's seeds (mean drawn, s.d. as error bar); `kinds`: column → "accuracy" | "transfer".
+    (transfer success, lower is better: a bar group per stage; one file per transfer column, + _transfer_eps<ε>.png
+    where there are several, so none overwrites another). `series`: run → (stage, column) → the values of the
+    run's seeds (mean drawn, s.d. as error bar); `kinds`: column → "accuracy" | "transfer"; `marked`: the
+    (run, stage, column) bars that get a †.
     """
     path = Path(path)
     written = []
@@ -137,11 +144,11 @@ def comparison_plots(series: dict[str, dict[tuple[str, str], list[float]]], kind
         axes = fig.subplots(1, len(panels), sharey=True, squeeze=False, gridspec_kw={"width_ratios": widths})[0]
         for ax, stage in zip(axes, panels):
             columns = [c for c in accuracy if any((stage, c) in v for v in series.values())]
-            _bars(ax, series, [(stage, c) for c in columns], [c.replace(" ε=", "\nε=") for c in columns])
+            _bars(ax, series, [(stage, c) for c in columns], [c.replace(" ε=", "\nε=") for c in columns], marked)
             ax.set_title(stage)
         axes[0].set_ylabel("accuracy (%), higher is better")
         axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="run")
-        written.append(save_figure(fig, path.with_name(f"{path.stem}_accuracy.png")))
+        written.append(save_figure(fig, path.with_name(f"{path.stem}{separator}accuracy.png")))
     transfer = [c for c, k in kinds.items() if k == "transfer"]
     for column in transfer:  # in practice one: the mean off-diagonal success at one ε
         own = [s for s in stages if any((s, column) in v for v in series.values())]
@@ -149,11 +156,13 @@ def comparison_plots(series: dict[str, dict[tuple[str, str], list[float]]], kind
             continue
         fig = Figure(figsize=(max(LINE_FIGSIZE[0], BAR_GROUP_INCHES * len(own) + LEGEND_INCHES), BAR_HEIGHT_INCHES))
         ax = fig.add_subplot()
-        _bars(ax, series, [(s, column) for s in own], own)
+        _bars(ax, series, [(s, column) for s in own], own, marked)
         ax.set_ylabel("transfer success (%), lower is better")
         ax.set_title(column.replace("↓", "") + ": submodel → other submodels")
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="run")
-        written.append(save_figure(fig, path.with_name(f"{path.stem}_transfer.png")))
+        eps = column.partition(" ε=")[2]
+        kind = "transfer" if len(transfer) == 1 or not eps else f"transfer_eps{eps.replace('/', 'over')}"
+        written.append(save_figure(fig, path.with_name(f"{path.stem}{separator}{kind}.png")))
     return written
 
 

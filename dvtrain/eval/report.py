@@ -2,7 +2,8 @@
 
 results.json holds "eval" (white-box rows, see `dvtrain.eval.whitebox`), "stages" (training time per
 stage, written by the training loop), and what `dvtrain eval` adds: "checks" (gradient-masking
-verdicts per stage), "transfer", "blackbox", "blackbox_surrogate", "eps_sweep", "plots". Both files
+verdicts per stage), "transfer", "blackbox" (each stage's table with the protocol it was measured with;
+files before issue 26 hold one global "blackbox_surrogate" instead), "eps_sweep", "plots". Both files
 are written atomically (a temporary file renamed over the old one), so a crash never leaves half a file.
 
 The white-box rows accumulate: a row is keyed by (table, stage, model, attack, norm, ε, budget), where
@@ -18,80 +19,70 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dvtrain import rundir
 from collections.abc import Callable
 
+from dvtrain import results as results_store
+from dvtrain import rundir
 from dvtrain.config import STAGES, Config
 from dvtrain.eval.attack_registry import ATTACKS, EACH_AUTOATTACK_NORM
-from dvtrain.rundir import RunDir
+from dvtrain.results import ROW_KEY, merge_rows, row_key, write_atomic  # noqa: F401  (the store's, re-exported for training)
 
 RESULTS_JSON = rundir.RESULTS_JSON
 RESULTS_MD = rundir.RESULTS_MD
 TRAIN_TABLE, EVAL_TABLE = "train", "eval"  # the row field "table": which command produced the row
-ROW_KEY = ("table", "stage", "model", "attack", "norm", "eps", "budget")  # one row per key in results.json
-FULL_EVALUATION_KEYS = ("transfer", "blackbox", "eps_sweep", "checks", "diversity")  # per-stage keys only `dvtrain eval` writes
+FULL_EVALUATION_KEYS = tuple(k for k in results_store.STAGE_SECTIONS if k != "plots")  # per-stage keys only `dvtrain eval` writes
 WORST_CASE = "worst_case"
 # Attacks whose name does not say the norm (they run at several): metric names add it.
 NORM_SUFFIXED = (*(name for name, a in ATTACKS.items() if a.norm == EACH_AUTOATTACK_NORM), WORST_CASE)
 BLACKBOX_PREFIX = "bb_"
 BLACKBOX_ATTACKS = ("mi_pgd", "m_di2_fgsm", "all")
 TRANSFER_OFFDIAG = "transfer_offdiag"
+NOT_COMPARABLE = "†"  # a number on another basis than the rest of its column (tables and figures alike)
 _HEADERS = {name: a.header for name, a in ATTACKS.items()} | {WORST_CASE: "**Worst case**"}
 _NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def load_results(run_dir: Path) -> dict:
-    """results.json of a run, or an empty one ({"eval": [], "stages": {}}) if there is none yet."""
-    path = RunDir(run_dir).results_json
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results.setdefault("eval", [])
-    results.setdefault("stages", {})
-    return results
+    """results.json of a run, validated (`dvtrain.results.load_results`), or an empty store if there is none yet."""
+    return results_store.load_results(run_dir)
+
+
+def render_results(cfg: Config) -> Callable[[dict], str]:
+    """results.md of a run as a function of its results (what `dvtrain.results` writes beside results.json)."""
+    def render(results: dict) -> str:
+        results["run"] = cfg.name
+        header = f"# dvtrain results: {cfg.name}\n\ndata: {cfg.data.name}, model: {cfg.model.arch} ×{cfg.ensemble.size}\n\n"
+        order = stage_order(results["stages"], cfg.stages)
+        epochs = "".join(
+            f"- {stage}: {results['stages'][stage]['epochs']} epochs, {results['stages'][stage]['train_s']:.0f} s training\n"
+            for stage in order
+        )
+        tables = results_markdown(results["eval"], results.get("checks", {}), cfg.stages) + evaluation_markdown(results)
+        return header + epochs + "\n" + tables
+
+    return render
 
 
 def save_results(run_dir: Path, cfg: Config, results: dict) -> None:
-    """Write results.json and results.md as `results` holds them (call it on the main process only,
-    holding `RunDir.lock()`; `update_results` does both)."""
-    run = RunDir(run_dir)
-    results["run"] = cfg.name
-    write_atomic(run.results_json, json.dumps(results, indent=1))
-    header = f"# dvtrain results: {cfg.name}\n\ndata: {cfg.data.name}, model: {cfg.model.arch} ×{cfg.ensemble.size}\n\n"
-    order = stage_order(results["stages"], cfg.stages)
-    epochs = "".join(
-        f"- {stage}: {results['stages'][stage]['epochs']} epochs, {results['stages'][stage]['train_s']:.0f} s training\n"
-        for stage in order
-    )
-    tables = results_markdown(results["eval"], results.get("checks", {}), cfg.stages) + evaluation_markdown(results)
-    write_atomic(run.results_md, header + epochs + "\n" + tables)
-
-
-def row_key(row: dict) -> tuple:
-    """A white-box row's identity in the store (`ROW_KEY`); rows of older dvtrain releases have no table
-    or budget (None)."""
-    return tuple(row.get(field) for field in ROW_KEY)
-
-
-def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
-    """`existing` with every row whose key a `new` row has replaced by it, the new rows last (newest)."""
-    replaced = {row_key(r) for r in new}
-    return [r for r in existing if row_key(r) not in replaced] + list(new)
+    """Write results.json and results.md as one step (call it on the main process only, holding
+    `RunDir.lock()`; `update_results` does both)."""
+    results_store.write_results(run_dir, results, render_results(cfg)(results))
 
 
 def update_results(run_dir: Path, cfg: Config, change: Callable[[dict], None]) -> dict:
     """Read results.json, apply `change(results)` to it in place, write results.json and results.md;
     all under the run directory's inter-process lock, so concurrent writers never lose each other's
     rows. Returns the results as written (main process only)."""
-    with RunDir(run_dir).lock():
-        results = load_results(run_dir)
-        change(results)
-        save_results(run_dir, cfg, results)
-    return results
+    return results_store.update_results(run_dir, change, render_results(cfg))
+
+
+def record_training_table(run_dir: Path, cfg: Config, stage: str, rows: list[dict], stage_info: dict,
+                          provenance: dict | None) -> dict:
+    """The training loop's one call after a stage: its white-box table (rows of
+    `dvtrain.eval.whitebox.evaluate_stage`) as the "train" table of `stage`, every earlier number of the
+    stage dropped (its weights are new), `stage_info` under "stages", `provenance`. Returns the store."""
+    return results_store.record_table(run_dir, stage, rows, TRAIN_TABLE, "dvtrain train", stage_info, provenance,
+                                      render_results(cfg))
 
 
 # ----------------------------------------------------------------------------- names and numbers
@@ -158,6 +149,36 @@ def blackbox_metrics(table: dict) -> dict[tuple[str, str], float | None]:
 def metric_key(stage: str, model: str, metric: str) -> str:
     """The W&B summary key of a number: eval/<stage>/<model>/<metric>."""
     return f"eval/{stage}/{model}/{metric}"
+
+
+EPS_INFIX = "_eps"  # <metric>_eps<ε>: a number named with the ε it was computed at
+
+
+def metric_at(metric: str, eps: float | None) -> str:
+    """A metric named with its ε (worst_case_l2_eps0.5; clean and numbers without an ε as they are), so a
+    reader never takes the ε from a config that may name another one (issue 26, finding 3)."""
+    if not eps or metric.startswith(BLACKBOX_PREFIX + "all" + EPS_INFIX):
+        return metric
+    return f"{metric}{EPS_INFIX}{eps:g}"
+
+
+def eval_summary(results: dict) -> dict[str, float]:
+    """`dvtrain eval`'s W&B summary: every number under eval/<stage>/<model>/<metric>_eps<ε>, each at the ε
+    it was computed at: white-box rows (of either table, `dvtrain eval`'s winning at one key), black-box
+    "all" per ε (bb_all_eps<ε>), the transfer matrix's mean off-diagonal success at its ε."""
+    out: dict[str, float] = {}
+    rows = sorted(results.get("eval", []), key=lambda r: r.get("table") == EVAL_TABLE)  # eval's rows last: they win
+    for r in rows:
+        if r.get("accuracy") is not None:
+            out[metric_key(r["stage"], r["model"], metric_at(metric_name(r["attack"], r.get("norm")), r.get("eps")))] = r["accuracy"]
+    for stage, table in results.get("blackbox", {}).items():
+        out.update({metric_key(stage, model, metric): value for (model, metric), value in blackbox_metrics(table).items()
+                    if value is not None})
+    for stage, matrix in results.get("transfer", {}).items():
+        off = mean_off_diagonal(matrix)
+        if off is not None:
+            out[metric_key(stage, "mixture", metric_at(TRANSFER_OFFDIAG, matrix.get("eps")))] = off
+    return out
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -278,23 +299,55 @@ def _matrix_markdown(stage: str, rows: list[str], columns: list[str], values: li
     return lines
 
 
-def _blackbox_markdown(tables: dict[str, dict], protocol: dict) -> list[str]:
-    """The black-box section (`dvtrain.eval.blackbox`): "all" per ε for every stage and model, then one
-    detailed table per ε (a column per surrogate ensemble × attack × loss), the surrogates' own rows first."""
+def blackbox_protocol(results: dict, stage: str) -> dict:
+    """The black-box protocol a stage's table was measured with: its own ("protocol" in the table, since
+    issue 26), else the one global "blackbox_surrogate" entry of results.json files written before (which
+    described the last evaluation only); {} when neither is there."""
+    table = results.get("blackbox", {}).get(stage, {})
+    return table.get("protocol") or results.get("blackbox_surrogate") or {}
+
+
+def _protocol_identity(protocol: dict, table: dict) -> str:
+    """What must agree for stages to share one black-box section: the protocol and the sets at each ε."""
+    return json.dumps([protocol, table.get("eps"), table.get("sets")], sort_keys=True)
+
+
+def _blackbox_markdown(results: dict) -> list[str]:
+    """The black-box section(s) (`dvtrain.eval.blackbox`): one per protocol, the stages measured with it
+    together, each drawn with its own ε grid and example sets (never under another stage's headers)."""
+    tables = results.get("blackbox", {})
+    stages = [s for s in stage_order(tables) if "all" in tables[s]]
+    groups: dict[str, list[str]] = {}
+    for stage in stages:
+        groups.setdefault(_protocol_identity(blackbox_protocol(results, stage), tables[stage]), []).append(stage)
+    out = []
+    for k, members in enumerate(groups.values()):
+        title = "## Black-box transfer" + (f" (protocol {k + 1} of {len(groups)}: {', '.join(members)})"
+                                           if len(groups) > 1 else "")
+        out += _blackbox_group_markdown(title, {s: tables[s] for s in members}, blackbox_protocol(results, members[0]))
+    return out
+
+
+def _blackbox_group_markdown(title: str, tables: dict[str, dict], protocol: dict) -> list[str]:
+    """"all" per ε for every stage and model of one protocol, then one detailed table per ε (a column per
+    surrogate ensemble × attack × loss), the surrogates' own rows first."""
     from dvtrain.eval.blackbox import set_label
 
-    stages = [s for s in stage_order(tables) if "all" in tables[s]]
-    if not stages:
-        return []
-    eps_grid = tables[stages[0]]["eps"]
-    sizes = ", ".join(str(s["size"]) for s in protocol["surrogates"])
-    lines = ["## Black-box transfer", "",
-             f"Accuracy (%) on {protocol['n_images']} test images (seed {protocol['seed']}) under transfer examples "
-             f"crafted on hold-out plain ensembles of {sizes} models of this architecture with momentum PGD "
-             f"({protocol['restarts']} random starts), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ {protocol['sgm_gamma']:g}), "
-             f"{protocol['steps']} steps each, losses {', '.join(l.upper() for l in protocol['losses'])}. A set counts an image correct "
-             "only under all its runs; \"all\": correct under every set at that ε. Example sets and surrogates are "
-             f"shared by every run on the same data ({protocol['cache']}).", "",
+    stages = list(tables)
+    first = tables[stages[0]]
+    eps_grid = first["eps"]
+    sizes = ", ".join(str(s["size"]) for s in protocol.get("surrogates", []))
+    described = ([f"Accuracy (%) on {protocol['n_images']} test images (seed {protocol['seed']}) under transfer examples "
+                  f"crafted on hold-out plain ensembles of {sizes} models of this architecture with momentum PGD "
+                  f"({protocol['restarts']} random starts), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ "
+                  f"{protocol['sgm_gamma']:g}), {protocol['steps']} steps each, losses "
+                  f"{', '.join(l.upper() for l in protocol['losses'])}"
+                  + (f", surrogates trained {', '.join(str(s['epochs']) for s in protocol['surrogates'])} epochs"
+                     if all("epochs" in s for s in protocol.get("surrogates", [])) else "")
+                  + ". A set counts an image correct only under all its runs; \"all\": correct under every set at "
+                  f"that ε. Example sets and surrogates are shared by every run on the same data ({protocol['cache']})."]
+                 if protocol else ["Protocol not recorded (results.json of an earlier dvtrain)."])
+    lines = [title, "", *described, "",
              *(f"- {note}" for note in protocol.get("notes", [])), *([""] if protocol.get("notes") else []),
              "| Stage | Model | " + " | ".join(f"all ε={format_eps(e)}" for e in eps_grid) + " |",
              "|---|---" + "|---:" * len(eps_grid) + "|"]
@@ -313,13 +366,13 @@ def _blackbox_markdown(tables: dict[str, dict], protocol: dict) -> list[str]:
             lines += [f"| {stage} | {name} | " + " | ".join(cell(v) for v in rows[m]) + " |"
                       for name, rows in t["all_by_surrogate"].items()]
     for k, eps in enumerate(eps_grid):
-        columns = [j for j, s in enumerate(tables[stages[0]]["sets"]) if s["eps"] == eps]
-        labels = [set_label(tables[stages[0]]["sets"][j]) for j in columns]
+        columns = [j for j, s in enumerate(first["sets"]) if s["eps"] == eps]
+        labels = [set_label(first["sets"][j]) for j in columns]
         lines += ["", f"### Black-box transfer at ε={format_eps(eps)}", "",
                   "| Stage | Model | " + " | ".join(labels) + " | all |", "|---|---" + "|---:" * (len(columns) + 1) + "|"]
-        for sur in protocol["surrogates"]:
+        for sur in protocol.get("surrogates", []):
             own = {(s["surrogate"], s["attack"], s["loss"], s["eps"]): v for s, v in zip(sur["sets"], sur["own_accuracy"])}
-            keys = [tuple(tables[stages[0]]["sets"][j].values()) for j in columns]
+            keys = [tuple(first["sets"][j].values()) for j in columns]
             lines.append(f"| surrogate {sur['name']} | Mixture (white-box) | " + " | ".join(
                 cell(own[key]) if key in own else "" for key in keys) + " | |")
         for stage in stages:
@@ -347,7 +400,7 @@ def evaluation_markdown(results: dict) -> str:
         if "transfer" in plots.get(stage, {}):
             out += [f"![transferability {stage}]({plots[stage]['transfer']})", ""]
     if results.get("blackbox"):
-        out += _blackbox_markdown(results["blackbox"], results["blackbox_surrogate"])
+        out += _blackbox_markdown(results)
         if "blackbox" in plots.get(stage_order(results["blackbox"])[0], {}):
             out += [f"![black-box transfer, all]({plots[stage_order(results['blackbox'])[0]]['blackbox']})", ""]
     for stage in stage_order(results.get("eps_sweep", {})):

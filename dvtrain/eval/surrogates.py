@@ -18,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from torch import nn
 
 from dvtrain.config import Config, TransferConfig, dump_yaml, to_dict
 from dvtrain.data import Dataset
-from dvtrain.eval.example_sets import identity_hash
+from dvtrain.digest import split_digest
+from dvtrain.eval.example_sets import holding, identity_hash
 from dvtrain.eval.load import CONFIG_FILE, load_stage, stage_finished
 from dvtrain.rng import derive_seed
 
@@ -42,13 +42,20 @@ def cache_root(run_dir: Path, tcfg: TransferConfig) -> Path:
     return Path(tcfg.cache_dir) if tcfg.cache_dir else Path(run_dir).resolve().parent / CACHE_DIR
 
 
-def data_identity(cfg: Config) -> dict:
-    """What the images depend on: the data section without where it is read from."""
-    return {k: v for k, v in to_dict(cfg)["data"].items() if k not in NOT_DATA_IDENTITY}
+def data_digest(data: Dataset) -> dict[str, str]:
+    """What the surrogates' weights and the example sets rest on: the digest of the train and test images
+    and labels themselves (`dvtrain.digest.split_digest`), so two data.root folders holding other images
+    never share a cache entry (issue 26, finding 2), and one holding the same images does."""
+    return split_digest(data.x_train, data.y_train, data.x_test, data.y_test)
 
 
-def data_folder(cfg: Config) -> str:
-    return f"{cfg.data.name}-{identity_hash(data_identity(cfg))}"
+def data_identity(cfg: Config, digest: dict[str, str]) -> dict:
+    """The data section without where it is read from, and the content `digest` (`data_digest`)."""
+    return {k: v for k, v in to_dict(cfg)["data"].items() if k not in NOT_DATA_IDENTITY} | {"content": digest}
+
+
+def data_folder(cfg: Config, digest: dict[str, str]) -> str:
+    return f"{cfg.data.name}-{identity_hash(data_identity(cfg, digest))}"
 
 
 def surrogate_config(cfg: Config, tcfg: TransferConfig, size: int) -> Config:
@@ -67,29 +74,32 @@ def surrogate_config(cfg: Config, tcfg: TransferConfig, size: int) -> Config:
     )
 
 
-def surrogate_identity(scfg: Config) -> dict:
-    """What a surrogate ensemble's weights depend on; a different identity is a different folder."""
+def surrogate_identity(scfg: Config, digest: dict[str, str]) -> dict:
+    """What a surrogate ensemble's weights depend on (the data by content, `data_digest`); a different
+    identity is a different folder."""
     tree = to_dict(scfg)
-    return {"seed": scfg.seed, "data": data_identity(scfg), "precision": scfg.compute.precision,
+    return {"seed": scfg.seed, "data": data_identity(scfg, digest), "precision": scfg.compute.precision,
             **{k: tree[k] for k in ("model", "ensemble", "vanilla")}}
 
 
-def surrogate_dir(root: Path, scfg: Config) -> Path:
-    name = f"ens{scfg.ensemble.size}-{scfg.model.arch}-{identity_hash(surrogate_identity(scfg))}"
-    return Path(root) / SURROGATES / data_folder(scfg) / name
+def surrogate_dir(root: Path, scfg: Config, digest: dict[str, str]) -> Path:
+    name = f"ens{scfg.ensemble.size}-{scfg.model.arch}-{identity_hash(surrogate_identity(scfg, digest))}"
+    return Path(root) / SURROGATES / data_folder(scfg, digest) / name
 
 
-def is_trained(root: Path, scfg: Config) -> bool:
+def is_trained(root: Path, scfg: Config, digest: dict[str, str]) -> bool:
     """Whether the surrogate ensemble of `scfg` is finished in the cache under `root` (it would only load)."""
-    return stage_finished(surrogate_dir(root, scfg), STAGE)
+    return stage_finished(surrogate_dir(root, scfg, digest), STAGE)
 
 
-def load_or_train(root: Path, scfg: Config, data: Dataset, device: torch.device, train: SurrogateTrainer) -> list[nn.Module]:
+def load_or_train(root: Path, scfg: Config, data: Dataset, device: torch.device, train: SurrogateTrainer,
+                  digest: dict[str, str] | None = None) -> list[nn.Module]:
     """The surrogate ensemble of `scfg` in eval mode: trained (or resumed) by `train` in its folder under
-    `root` unless finished there already. A file lock keeps two evaluations from training it at once."""
-    folder = surrogate_dir(root, scfg)
+    `root` unless finished there already. `digest`: `data_digest(data)` (computed when None). A file lock
+    keeps two evaluations from training it at once; a wait longer than a few seconds says so."""
+    folder = surrogate_dir(root, scfg, data_digest(data) if digest is None else digest)
     folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder.with_name(folder.name + ".lock"))):
+    with holding(folder.with_name(folder.name + ".lock"), f"surrogate ensemble {folder.name} being trained"):
         if not stage_finished(folder, STAGE):
             if not (folder / CONFIG_FILE).is_file():
                 tmp = folder / (CONFIG_FILE + ".tmp")

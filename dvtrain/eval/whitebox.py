@@ -7,8 +7,10 @@ attacks the mixture through its submodels. Each (model, attack, seed) cell draws
 from its own generator derived from the run seed, so a cell does not depend on which other cells
 were computed, and re-running an evaluation reproduces it exactly.
 
-Rows (what results.json stores): {stage, model, attack, norm, eps, budget, accuracy (%), n, ci_low, ci_high}
-(+ sd and seed_accuracies when eval.seeds > 1). `attack: "worst_case"` rows give, per model and
+Rows (what results.json stores): {stage, model, attack, code (the attack's code version, name@version; a worst
+case: those of its attacks), norm, eps, budget, accuracy (%), n, ci_low, ci_high,
+images (`dvtrain.digest.images_digest` of the row's n images and labels), test_split (that of the whole
+test set x, y they were taken from)} (+ sd and seed_accuracies when eval.seeds > 1). `attack: "worst_case"` rows give, per model and
 threat model (norm, ε), the share of images that survive every attack of that norm that was run,
 under every seed, and are classified correctly when clean.
 
@@ -29,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from dvtrain.config import EvalConfig
+from dvtrain.digest import images_digest
 from dvtrain.distributed.placement import LocalPlacement, Placement
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.attack_registry import ATTACKS, L2, LINF, attack
@@ -255,15 +258,18 @@ def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: 
             per_seed = per_seed[:1]
         n = cell_size(cell, cfg, n_images)
         accs = [PERCENT * v / n for v in per_seed]
-        rows.append({"stage": stage, "model": name, "attack": cell.attack, "norm": cell.norm, "eps": float(cell.eps),
-                     "budget": cell_budget(cell, cfg, n_images)} | accuracy_fields(accs, n))
+        rows.append({"stage": stage, "model": name, "attack": cell.attack, "code": ATTACKS[cell.attack].code(),
+                     "norm": cell.norm, "eps": float(cell.eps), "budget": cell_budget(cell, cfg, n_images)}
+                    | accuracy_fields(accs, n))
     eps = {c.norm: c.eps for c in columns}
     sizes = worst_case_sizes(columns, cfg, n_images)
     for (norm, n), count in zip(sizes.items(), values[len(columns) * cfg.seeds :]):
         low, high = wilson_interval(count, n)
-        rows.append({"stage": stage, "model": name, "attack": WORST_CASE, "norm": norm, "eps": float(eps[norm]),
+        of = [c.attack for c in columns if c.norm == norm]
+        rows.append({"stage": stage, "model": name, "attack": WORST_CASE, "code": ",".join(ATTACKS[a].code() for a in of),
+                     "norm": norm, "eps": float(eps[norm]),
                      "budget": worst_case_budget(norm, columns, cfg, n_images), "accuracy": PERCENT * count / n, "n": n, "ci_low": low, "ci_high": high,
-                     "of": [c.attack for c in columns if c.norm == norm]})
+                     "of": of})
     return rows
 
 
@@ -291,6 +297,7 @@ def evaluate_stage(
     if "autoattack" in attacks and len(placement.owned) != placement.size:
         raise DvtrainError("AutoAttack runs in one process holding every submodel; drop autoattack from eval.attacks "
                            "for a multi-process training run and use `dvtrain eval RUN_DIR` afterwards")
+    test_split = images_digest(x, y)  # the split the table's images are drawn from, as a whole
     if eval_cfg.num_examples > 0:
         x, y = x[: eval_cfg.num_examples], y[: eval_cfg.num_examples]
     if share is not None and share.world > chunk_count(len(y), eval_cfg):
@@ -319,7 +326,10 @@ def evaluate_stage(
         for model, mode in zip(submodels, was_training):
             model.train(mode)
     rows = [r for name, values in table.items() for r in _rows(stage, name, values, columns, eval_cfg, len(y))]
-    return rows + _rows(stage, MIXTURE, mixture_values, mixture_columns, eval_cfg, len(y))
+    rows += _rows(stage, MIXTURE, mixture_values, mixture_columns, eval_cfg, len(y))
+    # Each row's images as part of its basis: also what `dvtrain eval` checks the run's data against later.
+    digests = {n: images_digest(x[:n], y[:n]) for n in {r["n"] for r in rows}}
+    return [r | {"images": digests[r["n"]], "test_split": test_split} for r in rows]
 
 
 def too_many_processes(world: int, n_images: int, cfg: EvalConfig) -> str:

@@ -35,18 +35,22 @@ from dvtrain import rundir
 from dvtrain.config import STAGES, WANDB_MODES, LoggingConfig, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import (
-    BLACKBOX_PREFIX, METRIC_ORDER, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, format_eps, mean_off_diagonal,
-    metric_name, model_label,
+    BLACKBOX_PREFIX, METRIC_ORDER, NOT_COMPARABLE, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, blackbox_protocol, format_eps,
+    mean_off_diagonal, metric_name, model_label,
 )
 from dvtrain.paths import read_json_object
-from dvtrain.tracking import OFFLINE_RUN_GLOB, offline_run_info, read_offline_run
+from dvtrain.results import read_results
+from dvtrain.report.wandb_reader import offline_run_info, read_offline_run
+from dvtrain.tracking import OFFLINE_RUN_GLOB
 
 CONFIG_YAML = rundir.CONFIG
 from dvtrain.exits import EXIT_USER_ERROR
 ONLINE_PATH = re.compile(r"^[^/\s]+/[^/\s]+/[^/\s]+$")
 MIXTURE = "mixture"
 EPS = "eps"  # summary key eval/<attack>/eps: the attack's ε
-BLACKBOX_EPS_INFIX = "_eps"  # bb_all_eps<ε>: black-box "all" at ε (dvtrain.eval.report.blackbox_metrics)
+EPS_INFIX = "_eps"  # <metric>_eps<ε>: a `dvtrain eval` W&B number at the ε it was computed at (report.eval_summary)
+# What a W&B number of an earlier dvtrain rests on when its ε was not recorded with it.
+EPS_FROM_CONFIG = "ε not recorded with the number (the eval run's config: it may not be the ε computed)"
 # Config keys that do not change what a run computes, or name it: never columns, never split a group.
 NOT_COMPARED = ("name", "runs_dir", "logging.", "provenance.", "_wandb.")
 # The default table's figures, in this order; the worst cases are the report's headline numbers.
@@ -55,9 +59,11 @@ HEADLINE = ("clean", metric_name(WORST_CASE, "Linf"), metric_name(WORST_CASE, "L
 SHORT_NAMES = {"clean": "Clean", metric_name(WORST_CASE, "Linf"): "Worst L∞", metric_name(WORST_CASE, "L2"): "Worst L2",
                BLACKBOX_PREFIX + "all": "BB all", TRANSFER_OFFDIAG: "Transfer↓"}
 LOWER_IS_BETTER = (TRANSFER_OFFDIAG,)
+# L∞ headline figures shown at the worst case's ε where a run has them there (else at their own most common ε).
+AT_HEADLINE_EPS = (BLACKBOX_PREFIX + "all", TRANSFER_OFFDIAG)
 TERMINAL_WIDTH = 160  # the legend is wrapped to this; the default table of a few runs fits in it
 KEY_WIDTH = 16  # dotted config keys longer than this are shown as first.….last where that is unambiguous
-NOT_COMPARABLE = "†"
+PLOT_KIND_SEPARATOR = "_"  # FILE-stem + _ + kind: cmp_accuracy.png, cmp_transfer.png (the W&B key is the kind)
 # What a W&B number rests on, where W&B does not say which attacks or images: where it was computed.
 TRAINING_TIME, FULL_EVALUATION = "the training-time evaluation", "`dvtrain eval`"
 LEGEND = (
@@ -135,7 +141,7 @@ def _budget_text(row: dict) -> str:
         budget = row["budget"]
         parts.append(", ".join(f"{k}={v}" for k, v in budget.items()) if isinstance(budget, dict) else str(budget))
     if row.get("n") is not None:
-        parts.append(f"n={row['n']}")
+        parts.append(f"n={row['n']}" + (f", images {row['images']}" if row.get("images") else ""))
     return "; ".join(parts)
 
 
@@ -158,7 +164,7 @@ def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str
         if covered >= attacks.get(column, 0):
             values[column], basis[column], attacks[column] = row["accuracy"], _budget_text(row), covered
     for stage, table in results.get("blackbox", {}).items():
-        for column, (value, text) in blackbox_values(stage, table, results.get("blackbox_surrogate", {})).items():
+        for column, (value, text) in blackbox_values(stage, table, blackbox_protocol(results, stage)).items():
             if value is not None:
                 values[column], basis[column] = value, text
     for stage, matrix in results.get("transfer", {}).items():
@@ -174,11 +180,18 @@ def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str
 def blackbox_values(stage: str, table: dict, surrogate: dict) -> dict[Column, tuple[float | None, str]]:
     """One stage's black-box numbers as columns → (accuracy %, what it rests on): "all" (correct under every
     example set) at each ε of the protocol's sweep; a results.json written before the sweep (one ε, a column
-    per attack) gives bb_<attack> at the surrogate's ε."""
+    per attack) gives bb_<attack> at the surrogate's ε. What it rests on names every protocol setting that
+    changes the number (surrogate sizes and epochs, steps, restarts, losses, sets, images), so runs
+    evaluated with other protocols are never averaged or shown as one (issue 26, finding 4)."""
     if "all" in table:
-        sizes = "/".join(str(e.get("size")) for e in surrogate.get("surrogates", []))
-        text = (f"surrogates ×{sizes}, {len(table['sets'])} sets, {surrogate.get('steps')} steps; "
-                f"n={table.get('n_images')}")
+        members = surrogate.get("surrogates", [])
+        sizes = "/".join(str(e.get("size")) for e in members)
+        epochs = "/".join(str(e.get("epochs")) for e in members if e.get("epochs") is not None)
+        images = table.get("images") or surrogate.get("images")
+        text = (f"surrogates ×{sizes}" + (f" of {epochs} epochs" if epochs else "")
+                + f", {len(table['sets'])} sets, {surrogate.get('steps')} steps, {surrogate.get('restarts')} restarts"
+                + (f", losses {'/'.join(surrogate['losses'])}" if surrogate.get("losses") else "")
+                + f"; n={table.get('n_images')}" + (f", images {images}" if images else ""))
         return {(stage, model, BLACKBOX_PREFIX + "all", eps): (table["all"][m][k], text)
                 for m, model in enumerate(table["models"]) for k, eps in enumerate(table["eps"])}
     text = (f"surrogate ×{surrogate.get('size')}, {surrogate.get('steps')} steps, {surrogate.get('restarts')} "
@@ -189,7 +202,8 @@ def blackbox_values(stage: str, table: dict, surrogate: dict) -> dict[Column, tu
 
 def read_run_dir(path: Path) -> Experiment:
     fix = f"evaluate the run again with `dvtrain eval {path}`"
-    results = read_json_object(path / RESULTS_JSON, "results file", fix)
+    read_json_object(path / RESULTS_JSON, "results file", fix)  # unreadable or not JSON: said as for every file
+    results = read_results(path / RESULTS_JSON)  # the store's one reader: refuses a damaged entry, naming it
     try:
         values, basis = results_values(results)
     except (KeyError, TypeError, AttributeError, IndexError):
@@ -268,16 +282,20 @@ def metric_eps(metric: str, config: dict[str, object]) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) and eps else None
 
 
-def metric_at_eps(metric: str, config: dict[str, object]) -> tuple[str, float | None]:
-    """A `dvtrain eval` summary metric as (metric, ε): black-box "all" names its ε (bb_all_eps0.1 → bb_all at
-    0.1, as `dvtrain.eval.report.blackbox_metrics` writes it); the others take it from the config."""
-    name, found, eps = metric.partition(BLACKBOX_EPS_INFIX)
-    if found and metric.startswith(BLACKBOX_PREFIX):
+def metric_at_eps(metric: str, config: dict[str, object]) -> tuple[str, float | None, bool]:
+    """A `dvtrain eval` summary metric as (metric, ε, recorded): the ε recorded in its name (worst_case_l2_eps0.5,
+    bb_all_eps0.1: `dvtrain.eval.report.eval_summary`, since issue 26), else, for runs of an earlier dvtrain,
+    the ε of the eval run's config (`metric_eps`; recorded False: that config may name an ε the number was not
+    computed at, e.g. eval.l2_eps=0.3 with no L2 attack run, so the basis says so)."""
+    name, found, eps = metric.rpartition(EPS_INFIX)[0], EPS_INFIX in metric, metric.rpartition(EPS_INFIX)[2]
+    if found and name:
         try:
-            return name, float(eps)
+            return name, float(eps), True
         except ValueError:
             pass
-    return metric, metric_eps(metric, config)
+    if metric == "clean":
+        return metric, None, True
+    return metric, metric_eps(metric, config), False
 
 
 def experiment_from_wandb(label: str, runs: list[tuple[str, str | None, dict, dict]], source: str) -> Experiment:
@@ -289,6 +307,7 @@ def experiment_from_wandb(label: str, runs: list[tuple[str, str | None, dict, di
     evaluated: dict[Column, float] = {}
     config: dict[str, object] = {}
     evaluation_config: dict[str, object] = {}
+    unrecorded: set[Column] = set()
     for name, job_type, run_config, summary in runs:
         own_config = flatten(run_config)
         stage = _stage_of(name, job_type)
@@ -299,7 +318,10 @@ def experiment_from_wandb(label: str, runs: list[tuple[str, str | None, dict, di
                    if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for key, value in numbers.items():
             if len(key) == 3:
-                evaluated[(key[0], key[1], *metric_at_eps(key[2], own_config))] = float(value)
+                metric, eps, recorded = metric_at_eps(key[2], own_config)
+                evaluated[(key[0], key[1], metric, eps)] = float(value)
+                if not recorded:
+                    unrecorded.add((key[0], key[1], metric, eps))
             elif len(key) == 2 and stage is not None and key[1] != EPS:
                 training[(stage, key[1], key[0], numbers.get((key[0], EPS)) or None)] = float(value)
     if not training and not evaluated:
@@ -308,6 +330,7 @@ def experiment_from_wandb(label: str, runs: list[tuple[str, str | None, dict, di
     # Only a worst case changes meaning with the attacks that ran; W&B does not record which did.
     basis = {c: TRAINING_TIME for c in training if c[2].startswith(WORST_CASE)}
     basis |= {c: FULL_EVALUATION for c in evaluated if c[2].startswith(WORST_CASE)}
+    basis |= {c: f"{basis[c]}; {EPS_FROM_CONFIG}" if c in basis else EPS_FROM_CONFIG for c in unrecorded}
     return Experiment(label, source, training | evaluated, evaluation_config | config, from_wandb=True, basis=basis,
                       trained=bool(training))
 
@@ -395,10 +418,16 @@ def select_columns(experiments: list[Experiment], stage: str | None, submodels: 
     if everything:
         return sorted(present, key=_shown_order)
     chosen = []
+    headline_eps = None  # the L∞ worst case's ε: the other L∞ headline columns are shown at it where they have it
     for model, metric in dict.fromkeys((m, k) for m, k, _ in sorted(present, key=_shown_order) if k in HEADLINE):
         votes = Counter(eps for e in experiments
                         for eps in {c[3] for c in e.values if wanted(c) and (c[1], c[2]) == (model, metric)})
-        chosen.append((model, metric, max(votes, key=lambda eps: (votes[eps], eps or 0.0))))
+        eps = max(votes, key=lambda eps: (votes[eps], eps or 0.0))
+        if metric == HEADLINE[1] and headline_eps is None:
+            headline_eps = eps
+        elif metric in AT_HEADLINE_EPS and headline_eps in votes:
+            eps = headline_eps
+        chosen.append((model, metric, eps))
     return chosen
 
 
@@ -419,6 +448,14 @@ class Row:
     members: list[list[str]]  # per column: the experiments those values come from
     runs: int = 1  # experiments in the row's group
     marks: list[bool] = field(default_factory=list)  # per column: not comparable with the rest of the column
+
+    def parts(self, k: int) -> list[list[float]]:
+        """Column k's values split by what they rest on (one part where every run shares a basis, or none is
+        known): only values of one basis are ever averaged into one number (issue 26, finding 4)."""
+        groups: dict[str | None, list[float]] = {}
+        for value, basis in zip(self.cells[k], self.bases[k]):
+            groups.setdefault(basis, []).append(value)
+        return list(groups.values())
 
 
 def table_rows(experiments: list[Experiment], columns: list[Shown], keys: list[str], group_by: list[str],
@@ -448,10 +485,12 @@ def table_rows(experiments: list[Experiment], columns: list[Shown], keys: list[s
 def mark_incomparable(rows: list[Row]) -> None:
     """Mark, per stage and column, the cells whose numbers rest on another basis than most of the column's
     (other attacks in a worst case, another budget, other images; all of them where no basis is the
-    majority), and the cells of a group whose runs disagree among themselves. Numbers whose basis is
-    not known are never marked."""
+    majority), the cells of a group whose runs disagree among themselves, and W&B numbers of an earlier
+    dvtrain whose ε was not recorded. Numbers whose basis is not known are never marked."""
     for row in rows:
-        row.marks = [len(set(b for b in bases if b is not None)) > 1 for bases in row.bases]
+        # A number whose ε was not recorded with it is always marked: its header's ε may not be its own.
+        row.marks = [len(set(b for b in bases if b is not None)) > 1 or any(b and EPS_FROM_CONFIG in b for b in bases)
+                     for bases in row.bases]
     for stage in dict.fromkeys(r.stage for r in rows):
         own = [r for r in rows if r.stage == stage]
         for k in range(len(own[0].cells)):
@@ -489,11 +528,15 @@ def _show(value: object) -> str:
     return "—" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def cell_text(values: list[float], marked: bool = False, runs: int = 1) -> str:
+def cell_text(values: list[float], marked: bool = False, runs: int = 1, parts: list[list[float]] | None = None) -> str:
     """Two decimals; mean ± sample s.d. for several runs, "(n=k)" where only k of the row's `runs` have
-    the number; † where not comparable with its column."""
+    the number; † where not comparable with its column. Values on several bases (`parts`, as
+    `Row.parts`) are never averaged: each basis's number, "/" between them, marked † (the legend says
+    which run rests on what)."""
     if not values:
         return "—"
+    if parts is not None and len(parts) > 1:
+        return " / ".join(cell_text(part, False, len(part)) for part in parts) + NOT_COMPARABLE
     text = f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
     text += f" (n={len(values)})" if len(values) < runs else ""
     return text + NOT_COMPARABLE if marked else text
@@ -519,7 +562,8 @@ def markdown_table(rows: list[Row], keys: list[str], columns: list[Shown], group
         first = (row.label, row.config) != previous
         previous = (row.label, row.config)
         lead = [row.label, *row.config, *([str(row.runs)] if grouped else [])] if first else [""] * (1 + len(keys) + grouped)
-        lines.append("| " + " | ".join([*lead, row.stage, *(cell_text(v, m, row.runs) for v, m in zip(row.cells, row.marks))]) + " |")
+        lines.append("| " + " | ".join([*lead, row.stage, *(cell_text(v, m, row.runs, row.parts(k))
+                                                              for k, (v, m) in enumerate(zip(row.cells, row.marks)))]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -540,11 +584,12 @@ def write_csv(path: Path, rows: list[Row], keys: list[str], columns: list[Shown]
     """The same numbers at full precision, one row per (experiment, stage); with --group-by the row's
     number of runs n, and per number its s.d. (empty where one run has it) and how many runs have it;
     empty cells where a row lacks a number."""
-    def mean(values: list[float]) -> str:
-        return repr(statistics.mean(values)) if values else ""
+    def mean(parts: list[list[float]]) -> str:  # several bases: each basis's mean, never one over them
+        return " / ".join(repr(statistics.mean(p)) for p in parts if p)
 
-    def spread(values: list[float]) -> list[object]:
-        return [repr(statistics.stdev(values)) if len(values) > 1 else "", len(values)] if grouped else []
+    def spread(parts: list[list[float]]) -> list[object]:
+        sd = " / ".join(repr(statistics.stdev(p)) if len(p) > 1 else "" for p in parts if p)
+        return [sd.strip(" /") and sd, " / ".join(str(len(p)) for p in parts if p) or 0] if grouped else []
 
     tmp = path.with_name(path.name + ".tmp")  # renamed into place once whole: never a half-written table
     with open(tmp, "w", newline="") as f:
@@ -554,12 +599,12 @@ def write_csv(path: Path, rows: list[Row], keys: list[str], columns: list[Shown]
                            for part in [shown_label(c), *([shown_label(c) + " sd", shown_label(c) + " n"] if grouped else [])])])
         for row in rows:
             writer.writerow([row.label, *row.config, *([row.runs] if grouped else []), row.stage,
-                             *(part for v in row.cells for part in [mean(v), *spread(v)])])
+                             *(part for k in range(len(row.cells)) for part in [mean(row.parts(k)), *spread(row.parts(k))])])
     tmp.replace(path)
 
 
 def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path, rows: list[Row], keys: list[str],
-                   columns: list[Shown], sources: list[str], plots: list[Path]) -> None:
+                   columns: list[Shown], sources: list[str], plots: dict[str, Path]) -> None:
     """A new W&B run (job type compare) holding the table (means) as a wandb.Table and the charts as wandb.Images."""
     from dvtrain.tracking import Tracker
 
@@ -573,9 +618,11 @@ def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path,
     try:
         table = wandb.Table(columns=["run", *keys, "stage", *(shown_label(c) for c in columns)],
                             data=[[row.label, *row.config, row.stage,
-                                   *(statistics.mean(v) if v else None for v in row.cells)] for row in rows])
+                                   *(statistics.mean(v) if v and len(row.parts(k)) == 1 else None
+                                     for k, v in enumerate(row.cells))] for row in rows])
+        # One key per figure (compare/accuracy, compare/transfer or compare/transfer_eps0.1, ...): never two under one.
         tracker.run.log({"compare/table": table}
-                        | {f"compare/{plot.stem.rpartition('_')[2]}": wandb.Image(str(plot)) for plot in plots})
+                        | {f"compare/{kind}": wandb.Image(str(plot)) for kind, plot in plots.items()})
         exit_code = 0
     finally:
         tracker.finish(exit_code)
@@ -612,16 +659,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def draw(rows: list[Row], columns: list[Shown], path: Path) -> list[Path]:
-    """The comparison charts (see `dvtrain.eval.plots.comparison_plots`): accuracies, and transfer success."""
+    """The comparison charts (see `dvtrain.eval.plots.comparison_plots`): accuracies, and transfer success.
+    A cell on several bases is drawn as one bar per basis ("run (basis k)"), never one bar over them; every
+    bar of a cell marked † in the table is marked † in the figure."""
     from dvtrain.eval.plots import comparison_plots
 
-    series = {}
+    series: dict[str, dict] = {}
+    marked: set[tuple[str, str, str]] = set()
     for row in rows:
-        for column, values in zip(columns, row.cells):
-            if values:
-                series.setdefault(row.label, {})[(row.stage, shown_label(column))] = values
+        for k, (column, values) in enumerate(zip(columns, row.cells)):
+            if not values:
+                continue
+            parts = row.parts(k)
+            for j, part in enumerate(parts):
+                label = row.label if len(parts) == 1 else f"{row.label} (basis {j + 1})"
+                series.setdefault(label, {})[(row.stage, shown_label(column))] = part
+                if row.marks[k] or len(parts) > 1:
+                    marked.add((label, row.stage, shown_label(column)))
     kinds = {shown_label(c): ("transfer" if c[1] in LOWER_IS_BETTER else "accuracy") for c in columns}
-    return comparison_plots(series, kinds, [s for s in dict.fromkeys(r.stage for r in rows)], path)
+    return comparison_plots(series, kinds, [s for s in dict.fromkeys(r.stage for r in rows)], path, marked,
+                            PLOT_KIND_SEPARATOR)
 
 
 def compare_main(argv: list[str] | None = None) -> int:
@@ -644,12 +701,14 @@ def compare_main(argv: list[str] | None = None) -> int:
             write_csv(args.csv, rows, keys, columns, grouped)
         if args.plot or args.wandb:
             with tempfile.TemporaryDirectory() as tmp:
-                plots = draw(rows, columns, args.plot or Path(tmp) / "compare.png")
+                base = args.plot or Path(tmp) / "compare.png"
+                plots = draw(rows, columns, base)
                 if args.plot:
                     print("plots: " + ", ".join(str(p) for p in plots), flush=True)
                 if args.wandb:
+                    kinds = {p.stem.removeprefix(base.stem + PLOT_KIND_SEPARATOR): p for p in plots}
                     log_comparison(args.wandb, args.project, args.entity, args.wandb_dir, rows, keys, columns,
-                                   args.runs, plots)
+                                   args.runs, kinds)
         return 0
     except DvtrainError as exc:
         print(f"dvtrain: error: {exc}", file=sys.stderr)
