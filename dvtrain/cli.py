@@ -168,7 +168,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
                     print(f"dvtrain: note: --overwrite kept what dvtrain did not write in {run_dir}: {', '.join(kept)}",
                           file=sys.stderr)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
+            storage.write_atomic(run_dir / CONFIG_FILE, dump_yaml(cfg), "config file")
         except OSError as exc:
             raise DvtrainError(f"cannot write to run directory {run_dir} ({exc.strerror}); choose a writable --run-dir") from None
     placement.barrier()
@@ -235,6 +235,7 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
                 raise checkpoint.CheckpointError(
                     f"checkpoint {path} holds {found}, but the config asks for {expected}; use another run directory"
                 )
+            checkpoint.check_weights(path, cfg.ensemble.size)  # unreadable or damaged: refused before config.yaml changes
             if checkpoint.read_state(path).get("complete"):
                 continue
         source = getattr(cfg, stage).init_from
@@ -506,8 +507,9 @@ def check_compare_outputs(argv: list[str]) -> None:
     outputs.add_argument("--plot", type=Path)
     known, _ = outputs.parse_known_args(argv)
     for option, path in (("--csv", known.csv), ("--plot", known.plot)):
-        if path is not None:  # (a folder in its place: compare itself names that)
-            storage.check_writable(path.parent, f"{option} folder", "pass a path you can write")
+        if path is not None:  # --csv: a link is followed, a folder, FIFO or device refused (--plot's files: when drawn)
+            target = storage.output_target(path, option) if option == "--csv" else path
+            storage.check_writable(target.parent, f"{option} folder", "pass a path you can write")
 
 
 def compare_main(argv: list[str]) -> int:

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from dvtrain import storage
 from dvtrain.config import DataConfig
 from dvtrain.errors import DvtrainError
 from dvtrain.paths import PathError, check_folder
@@ -161,14 +162,12 @@ def _prepare_fashion_mnist_raw(root: Path) -> None:
     except OSError as exc:
         raise DataError(f"cannot create {raw} ({exc.strerror}); point data.root at a writable folder") from None
     for name, source in found.items():
-        tmp = raw / f"{name}.part"
         try:
-            with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
+            with storage.replacing(raw / name, "Fashion-MNIST file") as tmp, gzip.open(source, "rb") as src, \
+                    open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         except (OSError, EOFError) as exc:
-            tmp.unlink(missing_ok=True)
             raise DataError(f"cannot unpack {source} ({exc}); reinstall dataset-fashion-mnist or replace the file") from None
-        tmp.replace(raw / name)
 
 
 # What the python version of CIFAR-10 may contain: dicts, lists, strings and numpy arrays.

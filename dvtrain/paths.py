@@ -1,11 +1,18 @@
 """Reading the files and folders a user names or dvtrain wrote earlier, with a one-line error for each
 way they can be wrong: missing, of the wrong kind (a file where a folder belongs, or the reverse),
 unreadable, not UTF-8 text, not the JSON object dvtrain wrote. `what` names the path for the user
-("config file", "results file"); `fix` says what to do, e.g. "pass an existing file with --config"."""
+("config file", "results file"); `fix` says what to do, e.g. "pass an existing file with --config".
+
+A file this user may not read is named as such (`unreadable`), never as damaged, and the fix offered for a
+damaged file (which may be to remove it) is not offered for it: it may be another user's work (a run
+directory or transfer cache shared by a group)."""
 
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import stat
 from pathlib import Path
 
 from dvtrain.errors import DvtrainError
@@ -13,6 +20,45 @@ from dvtrain.errors import DvtrainError
 
 class PathError(DvtrainError):
     pass
+
+
+def owner(path: Path) -> str | None:
+    """The name of the user owning `path` when that is not this process's user, else None."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return None
+    if uid == os.geteuid():
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def unreadable(path: Path, what: str) -> str:
+    """The one line for a file or folder this user may not read (permission denied): who owns it, its mode,
+    and what to do, which never removes it."""
+    try:
+        st = os.stat(path)
+        who = owner(path) or "you"
+        detail = f" (owner {who}, mode {stat.filemode(st.st_mode)})"
+    except OSError:
+        detail = ""
+    return (f"{what} {path} cannot be read: permission denied{detail}; it is not damaged: ask its owner to make it "
+            "readable (chmod g+r, or o+r), or use a copy of your own; nothing was changed")
+
+
+def check_readable(path: Path, what: str) -> None:
+    """Raise PathError (`unreadable`) when `path` exists but this user may not open it for reading: for
+    readers whose own error hides why (safetensors 0.8 reports a permission-denied file as not found)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise PathError(unreadable(path, what)) from None
+    except OSError:
+        pass  # missing or of the wrong kind: the reader says so
 
 
 def read_text(path: Path, what: str, fix: str) -> str:
@@ -26,6 +72,8 @@ def read_text(path: Path, what: str, fix: str) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise PathError(f"{what} {path} is not UTF-8 text (a binary or damaged file?); {fix}") from None
+    except PermissionError:
+        raise PathError(unreadable(path, what)) from None
     except OSError as exc:
         raise PathError(f"{what} {path} cannot be read ({exc.strerror}); {fix}") from None
 
@@ -54,5 +102,7 @@ def check_folder(path: Path, what: str, fix: str) -> None:
     if path.is_dir():
         try:
             next(path.iterdir(), None)
+        except PermissionError:
+            raise PathError(unreadable(path, what)) from None
         except OSError as exc:
             raise PathError(f"{what} {path} cannot be read ({exc.strerror}); {fix}") from None

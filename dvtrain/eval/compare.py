@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dvtrain import rundir
+from dvtrain import rundir, storage
 from dvtrain.config import STAGES, WANDB_MODES, LoggingConfig, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import (
@@ -546,8 +546,7 @@ def write_csv(path: Path, rows: list[Row], keys: list[str], columns: list[Shown]
     def spread(values: list[float]) -> list[object]:
         return [repr(statistics.stdev(values)) if len(values) > 1 else "", len(values)] if grouped else []
 
-    tmp = path.with_name(path.name + ".tmp")  # renamed into place once whole: never a half-written table
-    with open(tmp, "w", newline="") as f:
+    with storage.replacing(path, "--csv") as tmp, open(tmp, "w", newline="") as f:  # whole, then renamed
         writer = csv.writer(f)
         writer.writerow(["run", *keys, *(["n"] if grouped else []), "stage",
                          *(part for c in columns
@@ -555,7 +554,6 @@ def write_csv(path: Path, rows: list[Row], keys: list[str], columns: list[Shown]
         for row in rows:
             writer.writerow([row.label, *row.config, *([row.runs] if grouped else []), row.stage,
                              *(part for v in row.cells for part in [mean(v), *spread(v)])])
-    tmp.replace(path)
 
 
 def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path, rows: list[Row], keys: list[str],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from dvtrain import storage
+from dvtrain.paths import check_readable
 
 FORMAT = 1  # bump when the stored layout or the attacks' code changes what a manifest promises
 EXAMPLES = "examples"  # [R, N, C, H, W] float32: R runs (restarts) of N images
@@ -35,12 +37,8 @@ def identity_hash(obj: object) -> str:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with storage.replacing(path, "transfer cache file") as tmp:  # (permissions: the umask's, not safetensors' 0600)
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def set_path(folder: Path, manifest: dict) -> Path:
@@ -54,7 +52,10 @@ def is_stored(folder: Path, manifest: dict) -> bool:
     manifest = {"format": FORMAT, **manifest}
     path = set_path(folder, manifest)
     manifest_path = path.with_suffix(".json")
-    return manifest_path.is_file() and path.is_file() and json.loads(manifest_path.read_text()) == manifest
+    if not (manifest_path.is_file() and path.is_file()):
+        return False
+    check_readable(manifest_path, "transfer cache manifest")
+    return json.loads(manifest_path.read_text()) == manifest
 
 
 def load_or_generate(folder: Path, manifest: dict, generate: Callable[[], Tensor]) -> Tensor:
@@ -70,6 +71,7 @@ def load_or_generate(folder: Path, manifest: dict, generate: Callable[[], Tensor
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):
         if is_stored(folder, raw):
+            check_readable(path, "transfer cache file")  # (safetensors reports it as missing)
             return load_file(str(path))[EXAMPLES]
         examples = generate().detach().to("cpu", torch.float32).contiguous()
         _write_atomic(path, lambda tmp: save_file({EXAMPLES: examples}, str(tmp), metadata={"manifest": json.dumps(manifest)}))

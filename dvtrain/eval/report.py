@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dvtrain import rundir
+from dvtrain import rundir, storage
 from collections.abc import Callable
 
 from dvtrain.config import STAGES, Config
@@ -41,9 +41,7 @@ _NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    storage.write_atomic(path, text)
 
 
 def load_results(run_dir: Path) -> dict:

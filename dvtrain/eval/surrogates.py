@@ -21,6 +21,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from dvtrain import storage
 from dvtrain.config import Config, TransferConfig, dump_yaml, to_dict
 from dvtrain.data import Dataset
 from dvtrain.eval.example_sets import identity_hash
@@ -92,9 +93,7 @@ def load_or_train(root: Path, scfg: Config, data: Dataset, device: torch.device,
     with FileLock(str(folder.with_name(folder.name + ".lock"))):
         if not stage_finished(folder, STAGE):
             if not (folder / CONFIG_FILE).is_file():
-                tmp = folder / (CONFIG_FILE + ".tmp")
-                tmp.write_text(dump_yaml(scfg))
-                tmp.replace(folder / CONFIG_FILE)
+                storage.write_atomic(folder / CONFIG_FILE, dump_yaml(scfg))
             print(f"[eval] training the surrogate ensemble ({scfg.ensemble.size} × {scfg.model.arch}, "
                   f"{scfg.vanilla.epochs} epochs) in {folder}", flush=True)
             train(folder, scfg, data, device)
