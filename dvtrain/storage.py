@@ -29,6 +29,7 @@ import yaml
 from dvtrain import rundir
 from dvtrain.config import RENAMED_SECTIONS, STAGES, Config, read_yaml
 from dvtrain.errors import DvtrainError
+from dvtrain.paths import DEEPEST_BELOW, PathError, check_length
 
 CONFIG_FILE = rundir.CONFIG
 # dvtrain before the shared transfer cache (dvtrain.eval.surrogates) kept the surrogates in RUN_DIR/surrogates/.
@@ -53,6 +54,10 @@ def check_writable(folder: Path, what: str, fix: str) -> None:
     """Raise StorageError unless a file can be created in `folder` (or, when it does not exist yet, the folder
     can be created under its nearest existing parent). Leaves nothing behind."""
     folder = Path(folder)
+    try:
+        check_length(folder, what, fix, below=DEEPEST_BELOW)
+    except PathError as exc:
+        raise StorageError(str(exc)) from None
     target = folder
     while not target.exists():
         if target.parent == target:
