@@ -27,9 +27,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from dvtrain import storage
 from dvtrain.submodels import Owned
 from dvtrain.errors import DvtrainError, WriteFailed
-from dvtrain.paths import PathError, read_json_object
+from dvtrain.paths import PathError, check_readable, owner, read_json_object
 from dvtrain.distributed.placement import Placement
 
 STATE_FILE = "state.json"
@@ -191,8 +192,9 @@ def _write_and_swap(
         tensors["generator"] = owned.generators[i].get_state()
         tensors["data_generator"] = data_states[i]
         save_file(tensors, tmp / f"sub{i}.resume.safetensors", metadata={"optimizer": json.dumps(meta)})
-        _fsync(tmp / f"sub{i}.safetensors")
-        _fsync(tmp / f"sub{i}.resume.safetensors")
+        for name in (f"sub{i}.safetensors", f"sub{i}.resume.safetensors"):
+            storage.follow_umask(tmp / name)  # safetensors 0.8 writes 0600 whatever the umask (its issue 782)
+            _fsync(tmp / name)
     placement.barrier()
     if placement.is_main:
         part = tmp / (STATE_FILE + ".part")
@@ -213,18 +215,30 @@ def latest(path: Path) -> Path | None:
     return None
 
 
+def _start_over(folder: Path) -> str:
+    """What to do about a damaged checkpoint: remove it, unless it is another user's (never advise that)."""
+    other = owner(folder)
+    if other is not None:
+        return f"it belongs to {other}: ask them to repair or remove it, or use a run directory of your own"
+    return f"remove {folder} to start that stage over"
+
+
 def read_state(path: Path) -> dict:
     try:
-        return read_json_object(path / STATE_FILE, "checkpoint state", f"remove {path} to start that stage over")
+        return read_json_object(path / STATE_FILE, "checkpoint state", _start_over(path))
     except PathError as exc:
         raise CheckpointError(str(exc)) from None
 
 
 def _load(file: Path) -> dict[str, torch.Tensor]:
     try:
+        check_readable(file, "checkpoint file")
+    except PathError as exc:  # safetensors reports a file it may not open as missing
+        raise CheckpointError(str(exc)) from None
+    try:
         return load_file(file)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint file {file} is corrupt or truncated ({exc}); remove {file.parent} to start that stage over") from None
+        raise CheckpointError(f"checkpoint file {file} is corrupt or truncated ({exc}); {_start_over(file.parent)}") from None
 
 
 def check_weights(path: Path, size: int) -> None:
@@ -264,7 +278,7 @@ def load_resume_state(path: Path, owned: Owned) -> None:
         if missing:
             raise CheckpointError(
                 f"checkpoint file {file} lacks {', '.join(missing)}: an older dvtrain wrote it and it cannot be "
-                f"resumed; remove {path} to train that stage again, or start a new run directory"
+                f"resumed; {_start_over(path)}, or start a new run directory"
             )
         owned.optimizers[i].load_state_dict(_optimizer_state(tensors, meta))
         owned.generators[i].set_state(tensors["generator"])

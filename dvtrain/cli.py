@@ -32,8 +32,9 @@ from dvtrain.distributed.runtime import (
     init_runtime, is_main_rank, launched_world_size, report_to_launcher, shutdown,
 )
 from dvtrain.rundir import RunDir
-from dvtrain.paths import PathError, check_folder, read_json_object
+from dvtrain.paths import PathError, check_folder, check_length, read_json_object
 from dvtrain.signals import StopRequested, TerminateGuard, Terminated
+from dvtrain.splits import check_full_batches
 
 if TYPE_CHECKING:
     from dvtrain.distributed.placement import Placement
@@ -89,6 +90,10 @@ def config_folder() -> Path:
 def check_config_path(given: str) -> Path:
     """A `--config` that does not exist is refused with the configs/ folder's names, the closest one first."""
     path = Path(given)
+    try:
+        check_length(path, "config file", "pass an existing YAML file with --config")
+    except PathError as exc:
+        raise ConfigError(str(exc)) from None
     if path.exists():
         return path
     folder = config_folder()
@@ -156,6 +161,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
     for stage in cfg.stages:  # data-parallel replicas each need rows of every batch
         placement.replicas.check_batches(len(data.y_train), cfg.section(stage).batch_size, f"{stage}.batch_size",
                                          cfg.data.drop_last)
+    check_full_batches(cfg, len(data.y_train), cfg.stages)
     placement.barrier()
     if placement.is_main:
         try:
@@ -165,7 +171,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, c
                     print(f"dvtrain: note: --overwrite kept what dvtrain did not write in {run_dir}: {', '.join(kept)}",
                           file=sys.stderr)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
+            storage.write_atomic(run_dir / CONFIG_FILE, dump_yaml(cfg), "config file")
         except OSError as exc:
             raise DvtrainError(f"cannot write to run directory {run_dir} ({exc.strerror}); choose a writable --run-dir") from None
     placement.barrier()
@@ -479,15 +485,25 @@ def quietly(train: Callable[[Path, Config, object, object], object]) -> Callable
     return run
 
 
+# Bytes `dvtrain compare --plot FILE` may add to FILE's name for the charts it draws (FILE_accuracy.png, ...).
+PLOT_NAME_ROOM = 32
+
+
 def check_compare_outputs(argv: list[str]) -> None:
-    """`--csv FILE` and `--plot FILE` of `dvtrain compare` can be written, checked before any run is read."""
+    """`--csv FILE` and `--plot FILE` of `dvtrain compare` can be written, checked before any run is read;
+    no path given (runs, outputs) is longer than the file system allows."""
+    for arg in argv:  # runs, W&B paths, option values: a name over NAME_MAX could name nothing
+        if not arg.startswith("-"):
+            check_length(arg, "path", "pass an existing run directory or a shorter output path")
     outputs = argparse.ArgumentParser(add_help=False)
     outputs.add_argument("--csv", type=Path)
     outputs.add_argument("--plot", type=Path)
     known, _ = outputs.parse_known_args(argv)
     for option, path in (("--csv", known.csv), ("--plot", known.plot)):
-        if path is not None:  # (a folder in its place: compare itself names that)
-            storage.check_writable(path.parent, f"{option} folder", "pass a path you can write")
+        if path is not None:
+            check_length(path, option, "pass a shorter path", name_room=PLOT_NAME_ROOM if option == "--plot" else 0)  # --csv: a link is followed, a folder, FIFO or device refused (--plot's files: when drawn)
+            target = storage.output_target(path, option) if option == "--csv" else path
+            storage.check_writable(target.parent, f"{option} folder", "pass a path you can write")
 
 
 def compare_main(argv: list[str]) -> int:

@@ -77,12 +77,28 @@ class Range:
                 and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
 
     def __str__(self) -> str:
+        return self.describe()
+
+    def describe(self, value: float | None = None) -> str:
+        """The range as the error message shows it. An upper bound that is only the machinery's limit
+        (`MACHINE_LIMITS`, e.g. torch's int64) is shown only to a `value` above it: "must be >= 1", not
+        "must be in [1, 9223372036854775807]"."""
         low = (self.ge, "[", ">=") if self.ge is not None else (self.gt, "(", ">") if self.gt is not None else None
         high = (self.le, "]", "<=") if self.le is not None else (self.lt, ")", "<") if self.lt is not None else None
+        if high and high[0] in MACHINE_LIMITS and type(high[0]) is int and low:
+            if value is None or not value > high[0]:
+                high = None
+            else:
+                return f"<= {high[0]} ({MACHINE_LIMITS[high[0]]})"
         if low and high:
-            return f"in {low[1]}{low[0]:g}, {high[0]:g}{high[1]}"
+            return f"in {low[1]}{_bound(low[0])}, {_bound(high[0])}{high[1]}"
         bound = low or high
-        return f"{bound[2]} {bound[0]:g}" if bound else "a finite number"
+        return f"{bound[2]} {_bound(bound[0])}" if bound else "a finite number"
+
+
+def _bound(value: float) -> str:
+    """A bound as the user would type it: integers in full (2**63 - 1, not 9.22337e+18), floats short."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def ranged(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
@@ -98,6 +114,16 @@ def ranged(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: f
 
 # Notes shared by several fields' ranges.
 PIXELS = "ε in pixel units of images in [0, 1]"
+# Upper bounds of integers handed to torch, numpy and the random streams (issue 28, kind 10): counts and sizes
+# are int64 in torch; a seed that seeds a torch.Generator directly (data.split_seed) is an unsigned 64-bit
+# integer, and the others are kept to the same range; torch.set_num_threads takes a C int; a timeout
+# becomes a datetime.timedelta and gloo's milliseconds, and one longer than a year would be a hang.
+COUNT_MAX = 2**63 - 1
+SEED_MAX = 2**64 - 1
+THREADS_MAX = 2**31 - 1
+TIMEOUT_MAX_S = 365 * 24 * 3600
+MACHINE_LIMITS = {COUNT_MAX: "the largest integer torch takes", SEED_MAX: "the largest seed torch takes",
+                  THREADS_MAX: "the most threads torch takes"}
 
 
 @dataclass
@@ -110,29 +136,29 @@ class DataConfig:
     verify_checksums: bool = True
     # Random crop (zero padding) + horizontal flip, done on the device each epoch.
     augment: bool = False
-    crop_padding: int = ranged(4, ge=0, note="pixels")
+    crop_padding: int = ranged(4, ge=0, le=COUNT_MAX, note="pixels")
     # Skip each epoch's last partial training batch, so every step has the same shapes (needed for
     # compute.cuda_graphs to capture every step; off: every image is used, as the reference does).
     drop_last: bool = False
     # digits only: share of the 1797 images held out; the split is fixed by `split_seed`, not `seed`,
     # so runs with different seeds are scored on the same test images.
     test_fraction: float = ranged(0.2, gt=0, lt=1)
-    split_seed: int = ranged(0, ge=0)
+    split_seed: int = ranged(0, ge=0, le=SEED_MAX)
     # 0 keeps everything; a positive number keeps the first N images (quick runs, tests).
-    train_limit: int = ranged(0, ge=0, note="0 keeps every image")
-    test_limit: int = ranged(0, ge=0, note="0 keeps every image")
+    train_limit: int = ranged(0, ge=0, le=COUNT_MAX, note="0 keeps every image")
+    test_limit: int = ranged(0, ge=0, le=COUNT_MAX, note="0 keeps every image")
 
 
 @dataclass
 class ModelConfig:
     arch: Arch = "conv"
     # conv only: padding of the two 5x5 convolutions; None picks 2 for inputs below 28 px, else 0.
-    conv_padding: Optional[int] = ranged(None, ge=0, note="pixels, or null to pick by input size")
+    conv_padding: Optional[int] = ranged(None, ge=0, le=COUNT_MAX, note="pixels, or null to pick by input size")
 
 
 @dataclass
 class EnsembleConfig:
-    size: int = ranged(3, ge=2, note="DVERGE needs other submodels")
+    size: int = ranged(3, ge=2, le=COUNT_MAX, note="DVERGE needs other submodels")
 
 
 @dataclass
@@ -143,7 +169,7 @@ class OptimConfig:
     lr: float = ranged(1e-3, gt=0)
     momentum: float = ranged(0.9, ge=0, lt=1)  # SGD only (Adam keeps its default betas)
     weight_decay: float = ranged(0.0, ge=0)
-    milestones: list[int] = ranged(factory=list, ge=1, note="numbers of epochs after which the rate is multiplied by gamma")
+    milestones: list[int] = ranged(factory=list, ge=1, le=COUNT_MAX, note="numbers of epochs after which the rate is multiplied by gamma")
     gamma: float = ranged(0.1, gt=0)
     eps: float = ranged(1e-8, gt=0)  # Adam only: added to the denominator
 
@@ -164,8 +190,8 @@ class StageConfig:
 class VanillaConfig(StageConfig):
     """The `vanilla` stage: each submodel trained alone on clean data with its own data order."""
 
-    epochs: int = ranged(30, ge=0)
-    batch_size: int = ranged(32, ge=1)
+    epochs: int = ranged(30, ge=0, le=COUNT_MAX)
+    batch_size: int = ranged(32, ge=1, le=COUNT_MAX)
     # None: fresh weights (plain pretraining); a stage name: start from that stage's final weights.
     init_from: Optional[str] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -175,18 +201,18 @@ class VanillaConfig(StageConfig):
 class DvergeConfig(StageConfig):
     """A DVERGE stage. Defaults follow the reference code (github zjysteven/DVERGE)."""
 
-    epochs: int = ranged(200, ge=0)
-    batch_size: int = ranged(128, ge=1)
+    epochs: int = ranged(200, ge=0, le=COUNT_MAX)
+    batch_size: int = ranged(128, ge=1, le=COUNT_MAX)
     # Feature distillation: PGD in input space from x_s towards the layer-l features of x.
     eps: float = ranged(0.07, ge=0, le=1, note=PIXELS)
     step_size: float = ranged(0.007, gt=0, note="pixel units")
-    steps: int = ranged(10, ge=1, note="distillation steps")
+    steps: int = ranged(10, ge=1, le=COUNT_MAX, note="distillation steps")
     random_start: bool = False
     # Per-sample L1-normalised gradients accumulated with this momentum (reference: 1.0);
     # 0 gives plain sign-gradient PGD.
     momentum: float = ranged(1.0, ge=0)
     # None draws a layer uniformly at random each epoch; an integer fixes it (1-based).
-    layer: Optional[int] = ranged(None, ge=1, note="layers are 1-based; null draws one each epoch")
+    layer: Optional[int] = ranged(None, ge=1, le=COUNT_MAX, note="layers are 1-based; null draws one each epoch")
     # BatchNorm mode of the distillation forwards: "train" (reference) or "eval".
     bn_mode: BnMode = "train"
     # loss_i = diversity_weight * sum_{j!=i} CE(f_i(x'_j), y_s) + clean_weight * CE(f_i(x), y)
@@ -197,7 +223,7 @@ class DvergeConfig(StageConfig):
     plus_adv: bool = False
     adv_eps: float = ranged(8 / 255, ge=0, le=1, note=PIXELS)
     adv_step_size: float = ranged(2 / 255, gt=0, note="pixel units")
-    adv_steps: int = ranged(10, ge=1)
+    adv_steps: int = ranged(10, ge=1, le=COUNT_MAX)
     # How the owned submodels' distillation and diversity gradients are computed (see dvtrain.train.engines).
     engine: Engine = "loop"
     # Which stage's final weights this stage starts from.
@@ -220,8 +246,8 @@ class AdpConfig(StageConfig):
     non-true-class predictions + jitter·I). Defaults: the DVERGE authors' ADP trainer (zjysteven/DVERGE,
     train/train_adp.py and arguments.py), which trains from scratch for 200 epochs at batch 128."""
 
-    epochs: int = ranged(200, ge=0)
-    batch_size: int = ranged(128, ge=2, note="the regularisers compare predictions within a batch")
+    epochs: int = ranged(200, ge=0, le=COUNT_MAX)
+    batch_size: int = ranged(128, ge=2, le=COUNT_MAX, note="the regularisers compare predictions within a batch")
     alpha: float = ranged(2.0, ge=0)  # ensemble-entropy weight (arguments.py; the paper's ADP_{2,0.5})
     beta: float = ranged(0.5, ge=0)  # log-determinant weight (arguments.py; the paper's ADP_{2,0.5})
     log_det_jitter: float = ranged(1e-6, ge=0)  # added to the Gram matrix's diagonal (train_adp.py det_offset)
@@ -236,8 +262,8 @@ class GalConfig(StageConfig):
     """GAL (Kariyappa & Qureshi, 2019): mean_i CE_i + λ·log Σ_{i<j} exp(cos(∇_x L_i, ∇_x L_j)). Defaults: the
     DVERGE authors' GAL trainer (zjysteven/DVERGE, train/train_gal.py and arguments.py), from scratch."""
 
-    epochs: int = ranged(200, ge=0)
-    batch_size: int = ranged(128, ge=2, note="the regularisers compare predictions within a batch")
+    epochs: int = ranged(200, ge=0, le=COUNT_MAX)
+    batch_size: int = ranged(128, ge=2, le=COUNT_MAX, note="the regularisers compare predictions within a batch")
     coherence_weight: float = ranged(0.5, ge=0)  # λ (arguments.py --lambda)
     log_offset: float = ranged(1e-20, ge=0)  # inside the coherence's log (train_gal.py log_offset)
     # Gaussian noise added to every training image (utils.py get_loaders(add_gaussian=True), after the GAL paper).
@@ -252,8 +278,8 @@ class TrsConfig(StageConfig):
     Defaults: AI-secure/Transferability-Reduced-Smooth-Ensemble (1d246dd) train/Empirical/train_trs.py,
     trainer.py and utils/Empirical/script_train.py (the run script: from scratch, --plus-adv)."""
 
-    epochs: int = ranged(120, ge=0)  # train_trs.py --epochs
-    batch_size: int = ranged(128, ge=2, note="the regularisers compare predictions within a batch")  # --batch
+    epochs: int = ranged(120, ge=0, le=COUNT_MAX)  # train_trs.py --epochs
+    batch_size: int = ranged(128, ge=2, le=COUNT_MAX, note="the regularisers compare predictions within a batch")  # --batch
     lambda_a: float = ranged(2.0, ge=0)  # gradient-cosine weight (--coeff)
     lambda_b: float = ranged(2.0, ge=0)  # smoothness weight (--lamda)
     scale: float = ranged(5.0, ge=0)  # multiplies both regularisers (--scale)
@@ -263,7 +289,7 @@ class TrsConfig(StageConfig):
     init_eps: float = ranged(0.1, ge=0, le=1, note=PIXELS)  # --init-eps
     adv_eps: float = ranged(0.2, ge=0, le=1, note=PIXELS)  # --adv-eps
     # trainer.py PGD: 6 steps of ε/3 from a uniform random start
-    pgd_steps: int = ranged(6, ge=1, note="turn the PGD off with trs.plus_adv=false")
+    pgd_steps: int = ranged(6, ge=1, le=COUNT_MAX, note="turn the PGD off with trs.plus_adv=false")
     pgd_step_fraction: float = ranged(1 / 3, gt=0, note="step size = pgd_step_fraction × ε")
     init_from: Optional[str] = None
     optim: OptimConfig = field(default_factory=lambda: _baseline_adam([40, 80]))  # StepLR every 40 epochs
@@ -287,14 +313,14 @@ class TransferConfig:
     evaluation (zjysteven/DVERGE eval/*.py) unless another source is named."""
 
     # Test images, drawn at random (seeded); reference: 1000. 0 takes the whole test set.
-    num_images: int = ranged(1000, ge=0, note="0: the whole test set")
-    batch_size: int = ranged(500, ge=1)
+    num_images: int = ranged(1000, ge=0, le=COUNT_MAX, note="0: the whole test set")
+    batch_size: int = ranged(500, ge=1, le=COUNT_MAX)
     # PGD-L∞ of the transferability matrix and of the ε sweep (reference: ε 0.03 for the matrix,
     # 50 steps of ε/5 from a random start, 5 restarts; an image counts as fooled if any restart fools it).
     eps: float = ranged(0.03, ge=0, le=1, note=PIXELS)
-    steps: int = ranged(50, ge=1)
+    steps: int = ranged(50, ge=1, le=COUNT_MAX)
     step_fraction: float = ranged(0.2, gt=0, note="step size = step_fraction × ε")
-    restarts: int = ranged(5, ge=1)
+    restarts: int = ranged(5, ge=1, le=COUNT_MAX)
     # Reference white-box budgets.
     sweep_eps: list[float] = ranged(factory=lambda: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07], ge=0, le=1,
                                     nonempty=True, note=PIXELS)
@@ -305,11 +331,11 @@ class TransferConfig:
     # Black-box transfer (dvtrain.eval.blackbox; the paper's §5 protocol): surrogate ensembles of plain
     # classifiers of the run's architecture, one per size (reference: 3, 5 and 8), each a vanilla-stage run
     # with its own seed derived from `seed`; None epochs = vanilla.epochs.
-    surrogate_sizes: list[int] = ranged(factory=lambda: [3, 5, 8], ge=1, nonempty=True)
-    surrogate_epochs: Optional[int] = ranged(None, ge=0, note="null: vanilla.epochs")
+    surrogate_sizes: list[int] = ranged(factory=lambda: [3, 5, 8], ge=1, le=COUNT_MAX, nonempty=True)
+    surrogate_epochs: Optional[int] = ranged(None, ge=0, le=COUNT_MAX, note="null: vanilla.epochs")
     # The protocol's own seed (surrogates, test images, attack draws): not the run's seed, so that every run
     # on the same data is scored on the same transfer examples.
-    seed: int = ranged(0, ge=0)
+    seed: int = ranged(0, ge=0, le=SEED_MAX)
     # Where surrogates and example sets are shared between runs; null: `transfer_cache` beside the run
     # directory (in the folder that holds the runs).
     cache_dir: Optional[str] = None
@@ -318,8 +344,8 @@ class TransferConfig:
     blackbox_losses: list[BlackboxLoss] = ranged(factory=lambda: list(BLACKBOX_LOSSES), nonempty=True)
     # Momentum PGD (reference: 100 steps, 3 restarts, steps of step_fraction·ε), M-DI²-FGSM and SGM
     # (reference: 100 steps, one run, steps of ε/steps).
-    blackbox_steps: int = ranged(100, ge=1)
-    blackbox_restarts: int = ranged(3, ge=1)
+    blackbox_steps: int = ranged(100, ge=1, le=COUNT_MAX)
+    blackbox_restarts: int = ranged(3, ge=1, le=COUNT_MAX)
     momentum: float = ranged(1.0, ge=0)  # MI-FGSM decay µ (Dong et al., CVPR 2018)
     di_prob: float = ranged(0.5, ge=0, le=1, note="a probability")
     # DI²-FGSM: resize-and-pad 299 px up to 330 (Xie et al., CVPR 2019)
@@ -350,10 +376,10 @@ class AutoAttackConfig:
     attacks: list[AutoAttackName] = field(default_factory=list)  # version "custom" only
     norms: list[AutoAttackNorm] = ranged(factory=lambda: ["Linf", "L2"], nonempty=True)
     # None keeps the library's budget (100 iterations, 5000 Square queries); a number caps it (quick runs).
-    iterations: Optional[int] = ranged(None, ge=1, note="null: the library's budget")
-    square_queries: Optional[int] = ranged(None, ge=1, note="null: the library's budget")
+    iterations: Optional[int] = ranged(None, ge=1, le=COUNT_MAX, note="null: the library's budget")
+    square_queries: Optional[int] = ranged(None, ge=1, le=COUNT_MAX, note="null: the library's budget")
     # 0: the table's images (eval.num_examples); N: its first N of them.
-    num_examples: int = ranged(0, ge=0, note="0: the table's images")
+    num_examples: int = ranged(0, ge=0, le=COUNT_MAX, note="0: the table's images")
 
 
 @dataclass
@@ -366,7 +392,7 @@ class AdaptiveConfig:
     from 2ε, inverse temperature 0.2, blends 0.5, 0, 0.25, 0.75, 1, targeted at blend 0.5 over 9 classes);
     checked on training images, never test images (docs/evaluation.md, "The ensemble attack")."""
 
-    steps: int = ranged(100, ge=1, note="steps of each run")
+    steps: int = ranged(100, ge=1, le=COUNT_MAX, note="steps of each run")
     # The step size starts at initial_step·ε and decays to 0 along a half cosine (MORA; the 2ε start is APGD's).
     initial_step: float = ranged(2.0, gt=0, note="step size at the first step, in units of eval.eps")
     # Weight of the new sign step against the previous displacement (APGD's heavy-ball momentum α = 0.75).
@@ -380,9 +406,9 @@ class AdaptiveConfig:
     blend_scales: list[float] = ranged(factory=lambda: [0.5, 0.0, 0.25, 0.75, 1.0], ge=0, le=1, nonempty=True)
     targeted_scale: float = ranged(0.5, ge=0, le=1, note="blend of the targeted runs")
     # Targeted runs at the mixture's 2nd, 3rd, … most likely classes on the clean image (0: none).
-    target_classes: int = ranged(9, ge=0, note="capped at the number of classes - 1")
+    target_classes: int = ranged(9, ge=0, le=COUNT_MAX, note="capped at the number of classes - 1")
     # The whole schedule again from fresh random starts, on the images still robust.
-    restarts: int = ranged(1, ge=1)
+    restarts: int = ranged(1, ge=1, le=COUNT_MAX)
 
 
 @dataclass
@@ -393,15 +419,15 @@ class DiversityConfig:
     a random layer per batch, distillation as in training with the models in eval mode."""
 
     enabled: bool = True
-    num_images: int = ranged(1000, ge=1, note="pairs (x, x_s) of test images; capped at the test set's size")
-    batch_size: int = ranged(10, ge=1, note="one random layer per batch")
+    num_images: int = ranged(1000, ge=1, le=COUNT_MAX, note="pairs (x, x_s) of test images; capped at the test set's size")
+    batch_size: int = ranged(10, ge=1, le=COUNT_MAX, note="one random layer per batch")
     # None draws a layer per batch, uniform over the model's layers; an integer fixes it (1-based).
-    layer: Optional[int] = ranged(None, ge=1, note="layers are 1-based; null draws one per batch")
+    layer: Optional[int] = ranged(None, ge=1, le=COUNT_MAX, note="layers are 1-based; null draws one per batch")
     # Distillation budget: None takes the stage's own (its dverge or dverge_advt section; the dverge
     # section for the other stages), so the matrix measures the vulnerability the stage was trained on.
     eps: Optional[float] = ranged(None, ge=0, le=1, note=PIXELS + "; null: the stage's distillation ε")
     step_size: Optional[float] = ranged(None, gt=0, note="pixel units; null: the stage's")
-    steps: Optional[int] = ranged(None, ge=1, note="null: the stage's distillation steps")
+    steps: Optional[int] = ranged(None, ge=1, le=COUNT_MAX, note="null: the stage's distillation steps")
 
 
 @dataclass
@@ -411,7 +437,7 @@ class MaskingChecksConfig:
 
     enabled: bool = True
     # PGD-L∞ with eval.steps vs this many steps: more steps must not raise accuracy
-    long_steps: int = ranged(100, ge=1)
+    long_steps: int = ranged(100, ge=1, le=COUNT_MAX)
     # L∞ budget that covers the whole pixel range: accuracy must reach 0 %
     unbounded_eps: float = ranged(1.0, ge=0, le=1, note=PIXELS)
     unbounded_step_size: float = ranged(0.1, gt=0, note="pixel units")
@@ -422,23 +448,23 @@ class EvalConfig:
     """White-box evaluation. Defaults follow the report: 10-step PGD, ε 0.03, step 0.007."""
 
     eps: float = ranged(0.03, ge=0, le=1, note=PIXELS)
-    steps: int = ranged(10, ge=1)
+    steps: int = ranged(10, ge=1, le=COUNT_MAX)
     step_size: float = ranged(0.007, gt=0, note="pixel units; a negative step would descend the loss")
     l2_eps: float = ranged(0.03, ge=0, note="L2 norm in pixel units")
     l2_step_size: float = ranged(0.007, gt=0, note="pixel units; a negative step would descend the loss")
     random_start: bool = True
     # PGD runs from this many random starts; an image counts as robust only if it withstands every one.
-    restarts: int = ranged(1, ge=1)
+    restarts: int = ranged(1, ge=1, le=COUNT_MAX)
     # 0 evaluates the whole test set; N uses its first N images.
-    num_examples: int = ranged(0, ge=0, note="0: the whole test set")
-    batch_size: int = ranged(500, ge=1)
+    num_examples: int = ranged(0, ge=0, le=COUNT_MAX, note="0: the whole test set")
+    batch_size: int = ranged(500, ge=1, le=COUNT_MAX)
     # The table's images are attacked in fixed chunks of at most this many (sizes within one of each other,
     # so that processes get even shares), each with its own random streams, so no number depends on
     # how many processes shared the chunks out (`dvtrain eval` under a launcher).
-    chunk_size: int = ranged(100, ge=1, note="images per chunk; at least as many chunks as processes")
+    chunk_size: int = ranged(100, ge=1, le=COUNT_MAX, note="images per chunk; at least as many chunks as processes")
     # How long a process of a launched `dvtrain eval` waits for the others' tasks (a surrogate ensemble
     # may train for hours while a rank with less work waits; dist.timeout_s bounds training's collectives).
-    task_timeout_s: float = ranged(7 * 24 * 3600.0, gt=0, note="seconds")
+    task_timeout_s: float = ranged(7 * 24 * 3600.0, gt=0, le=TIMEOUT_MAX_S, note="seconds")
     # The training run's table after each stage (keep it fast) and `dvtrain eval`'s table. Each table
     # adds the worst case per image of what it ran.
     attacks: list[WhiteboxAttack] = ranged(
@@ -450,7 +476,7 @@ class EvalConfig:
     # quick budget's choice for the costly ones (docs/evaluation.md, "Budgets"). "adaptive" always is.
     mixture_only: list[WhiteboxAttack] = ranged(factory=list, note="empty: every attack on every model")
     # Randomised attacks (random starts) are repeated with this many seeds; rows give mean ± s.d.
-    seeds: int = ranged(1, ge=1)
+    seeds: int = ranged(1, ge=1, le=COUNT_MAX)
     autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     diversity: DiversityConfig = field(default_factory=DiversityConfig)
@@ -472,7 +498,7 @@ class ComputeConfig:
     # at most torch's own default). Default 1: on a busy 2-core machine 2 threads made a DVERGE step of
     # the Conv net 10x slower and of ResNet-20 >6x slower, while on an idle one they gained at most 1.3x
     # (docs/performance.md); and one thread per process gives the same weights whatever the process count.
-    threads: Union[int, str] = ranged(1, ge=1, note="threads per process, or auto")
+    threads: Union[int, str] = ranged(1, ge=1, le=THREADS_MAX, note="threads per process, or auto")
     # GPU only: capture each DVERGE step (distillation PGD, training forwards, backward, optimizer step)
     # as one CUDA graph per layer and batch shape, and replay it (see dvtrain.compute.CapturedStep).
     cuda_graphs: bool = False
@@ -485,13 +511,13 @@ class LoggingConfig:
     project: str = "dvtrain"
     entity: Optional[str] = None
     # Seconds W&B may take to start before dvtrain gives up with an error instead of hanging.
-    init_timeout_s: float = ranged(60.0, gt=0, note="seconds")
+    init_timeout_s: float = ranged(60.0, gt=0, le=TIMEOUT_MAX_S, note="seconds")
     progress: bool = True
     # Time the distill / all-gather / train phases of each DVERGE step (synchronises a GPU: off by default).
     step_timing: bool = False
     # Step figures stay on the device and are reduced, checked and logged every this many steps
     # (and before every checkpoint); Ctrl-C is answered at these points too.
-    every_steps: int = ranged(10, ge=1)
+    every_steps: int = ranged(10, ge=1, le=COUNT_MAX)
     # Also upload each stage's final checkpoint to W&B as a model artifact.
     artifacts: bool = False
 
@@ -499,12 +525,12 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     # Also checkpoint every N optimizer steps (0: only at epoch ends); resuming replays the epoch's batches.
-    every_steps: int = ranged(0, ge=0, note="0: epoch ends only")
+    every_steps: int = ranged(0, ge=0, le=COUNT_MAX, note="0: epoch ends only")
 
 
 @dataclass
 class DistConfig:
-    timeout_s: int = ranged(600, ge=1, note="seconds")
+    timeout_s: int = ranged(600, ge=1, le=TIMEOUT_MAX_S, note="seconds")
 
 
 # The built-in stages, in training order (`dvtrain compare` orders its columns the same way); plug-ins
@@ -537,7 +563,7 @@ class Config:
     `Config(dverge=DvergeConfig(...))` and `dataclasses.replace(cfg, vanilla=...)` set sections too."""
 
     name: str = "quickstart"
-    seed: int = ranged(0, ge=0)
+    seed: int = ranged(0, ge=0, le=SEED_MAX)
     runs_dir: str = "runs"
     # "auto" picks CUDA when available, else the CPU.
     device: str = "auto"
@@ -843,8 +869,8 @@ def _check_value(key: str, value: Any, hint: Any, valid: Range | None) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     note = f" ({valid.note})" if valid is not None and valid.note else ""
-    within = f" {valid}" if valid is not None else ""
-    _check(math.isfinite(value), f"{key}={value!r} must be a finite number{within}{note}")
+    within = f" {valid.describe(value)}" if valid is not None else ""
+    _check(isinstance(value, int) or math.isfinite(value), f"{key}={value!r} must be a finite number{within}{note}")
     _check(valid is None or value in valid, f"{key}={value!r} must be{within}{note}")
 
 

@@ -18,9 +18,11 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from dvtrain import storage
 from dvtrain.config import DataConfig
 from dvtrain.errors import DvtrainError
 from dvtrain.paths import PathError, check_folder
+from dvtrain.splits import check_nonempty
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
@@ -82,6 +84,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         except PathError as exc:
             raise DataError(str(exc)) from None
     ds = loader(cfg)
+    check_nonempty(len(ds.y_train), len(ds.y_test), cfg.name, "" if cfg.name == "digits" else f"under {cfg.root}")
     if cfg.train_limit:
         ds = replace(ds, x_train=ds.x_train[: cfg.train_limit], y_train=ds.y_train[: cfg.train_limit])
     if cfg.test_limit:
@@ -98,6 +101,10 @@ def _digits(cfg: DataConfig) -> Dataset:
     y = torch.tensor(bunch.target, dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.split_seed))
     n_test = round(len(y) * cfg.test_fraction)
+    if n_test in (0, len(y)):  # (a fraction that rounds to no image, or to every image)
+        split, bound = ("test", f"above {0.5 / len(y):.3g}") if n_test == 0 else ("training", f"below {1 - 0.5 / len(y):.5g}")
+        raise DataError(f"data.test_fraction={cfg.test_fraction:g} leaves no digits image for the {split} split ({n_test} "
+                        f"of {len(y)} go to the test split); set data.test_fraction {bound}")
     test, train = order[:n_test], order[n_test:]
     return Dataset("digits", x[train], y[train], x[test], y[test], num_classes=10)
 
@@ -161,14 +168,12 @@ def _prepare_fashion_mnist_raw(root: Path) -> None:
     except OSError as exc:
         raise DataError(f"cannot create {raw} ({exc.strerror}); point data.root at a writable folder") from None
     for name, source in found.items():
-        tmp = raw / f"{name}.part"
         try:
-            with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
+            with storage.replacing(raw / name, "Fashion-MNIST file") as tmp, gzip.open(source, "rb") as src, \
+                    open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         except (OSError, EOFError) as exc:
-            tmp.unlink(missing_ok=True)
             raise DataError(f"cannot unpack {source} ({exc}); reinstall dataset-fashion-mnist or replace the file") from None
-        tmp.replace(raw / name)
 
 
 # What the python version of CIFAR-10 may contain: dicts, lists, strings and numpy arrays.

@@ -18,12 +18,14 @@ DvtrainError: exit 2 in every command). results.json and results.md are written 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+from dvtrain import storage
 from dvtrain.errors import DvtrainError
 from dvtrain.rundir import RunDir
 
@@ -43,28 +45,20 @@ class ResultsError(DvtrainError):
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file renamed over it: never half a file."""
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write `text` as the whole file `path` (`dvtrain.storage.write_atomic`: never half a file, through a
+    symbolic link to the real file, nothing but a regular file replaced)."""
+    storage.write_atomic(path, text)
 
 
 def write_together(files: dict[Path, str]) -> None:
     """Write several files as one step: every one to its temporary file first, then each renamed into
     place in the given order (put the file readers trust last), so a failed write (a full disk) leaves
-    every old file whole."""
-    staged = [(Path(path), Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")) for path in files]
-    try:
-        for (path, tmp), text in zip(staged, files.values()):
-            tmp.write_text(text)
-        for path, tmp in staged:
-            tmp.replace(path)
-    finally:
-        for _, tmp in staged:
-            tmp.unlink(missing_ok=True)
+    every old file whole. Each file is written as `dvtrain.storage.replacing` writes one."""
+    with contextlib.ExitStack() as stack:
+        # ExitStack renames the last-entered file first: enter them in reverse to rename them in order.
+        staged = {path: stack.enter_context(storage.replacing(Path(path))) for path in reversed(list(files))}
+        for path, text in files.items():
+            staged[path].write_text(text, encoding="utf-8")
 
 
 def empty_results() -> dict:

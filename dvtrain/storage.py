@@ -4,13 +4,24 @@
 above it: the only test that also holds for root, read-only mounts and immutable folders, which permission
 bits do not show. `check_own_run` recognises a run directory that `dvtrain train` wrote, and `clear_run`
 (`--overwrite`) removes only the entries dvtrain writes there, never a folder it does not know.
+
+Every whole file dvtrain writes (results, configs, caches, checkpoints' files, tables, plots) goes through
+`replacing` / `write_atomic`: the file is written under a temporary name beside its real target (a symbolic
+link is followed, never replaced), given the permissions the umask asks for (safetensors 0.8 creates every
+file 0600 whatever the umask, its issue 782; a group sharing a run or a cache could not read it), and
+renamed over the target only once whole; anything that is not a regular file or a new path (a folder, a
+FIFO, a device) is refused with one line, and no temporary file is left behind, also when the write fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import stat
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -19,6 +30,7 @@ from dvtrain import rundir
 from dvtrain import stages as stage_registry
 from dvtrain.config import RENAMED_SECTIONS, Config, read_yaml
 from dvtrain.errors import DvtrainError
+from dvtrain.paths import DEEPEST_BELOW, PathError, check_length
 
 CONFIG_FILE = rundir.CONFIG
 # dvtrain before the shared transfer cache (dvtrain.eval.surrogates) kept the surrogates in RUN_DIR/surrogates/.
@@ -30,6 +42,9 @@ RUN_ENTRIES = (rundir.CONFIG, rundir.CHECKPOINTS, rundir.RESULTS_JSON, rundir.RE
                OLD_SURROGATES)
 RUN_ENTRY_SUFFIXES = ("", ".tmp", ".old", ".part")
 TRASH = ".trash-"
+# Temporary files of `replacing`: a short fixed-length name (a target's name near the file system's NAME_MAX
+# must not make its temporary one too long), hidden, unique per writer.
+TEMP_PREFIX, TEMP_SUFFIX = ".dvtrain-", ".tmp"
 
 
 class StorageError(DvtrainError):
@@ -40,6 +55,10 @@ def check_writable(folder: Path, what: str, fix: str) -> None:
     """Raise StorageError unless a file can be created in `folder` (or, when it does not exist yet, the folder
     can be created under its nearest existing parent). Leaves nothing behind."""
     folder = Path(folder)
+    try:
+        check_length(folder, what, fix, below=DEEPEST_BELOW)
+    except PathError as exc:
+        raise StorageError(str(exc)) from None
     target = folder
     while not target.exists():
         if target.parent == target:
@@ -55,9 +74,93 @@ def check_writable(folder: Path, what: str, fix: str) -> None:
 
 
 def owned_entry(name: str) -> bool:
-    """An entry of a run directory that dvtrain writes (see RUN_ENTRIES)."""
+    """An entry of a run directory that dvtrain writes (see RUN_ENTRIES), or a temporary file of `replacing`."""
     return any(name == entry + suffix for entry in RUN_ENTRIES for suffix in RUN_ENTRY_SUFFIXES) or (
-        TRASH in name and name.split(TRASH)[0] in RUN_ENTRIES)
+        TRASH in name and name.split(TRASH)[0] in RUN_ENTRIES) or (
+        name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX))
+
+
+# ----------------------------------------------------------------------------- whole-file writes
+
+
+def current_umask() -> int:
+    """This process's umask (read from /proc where it is shown, else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give a new file the permissions the umask asks for (0666 & ~umask), as `open` would have: for files a
+    library creates with fixed permissions (safetensors 0.8: 0600, its issue 782)."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def output_target(path: Path, what: str = "file") -> Path:
+    """The file a whole-file write of `path` replaces: `path` with every symbolic link followed (the link
+    stays, its target gets the new content). Raises StorageError when that is not a regular file or a new
+    path (a folder, a FIFO, a device, a socket, a link loop), so nothing of the kind is ever replaced."""
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    fix = "pass the path of a regular file (or of a new one)"
+    try:
+        mode = os.stat(real).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # a new path (one below a file: `check_writable` names it)
+        return real
+    except OSError as exc:  # ELOOP: a link loop; ENAMETOOLONG
+        raise StorageError(f"{what} {path} cannot be written ({exc.strerror or exc}); {fix}") from None
+    for test, kind in _KINDS:
+        if test(mode):
+            via = f" (a link to {real})" if real != Path(os.path.abspath(path)) else ""
+            raise StorageError(f"{what} {path}{via} is {kind}, not a regular file: dvtrain cannot write it (it writes "
+                               f"files whole and replaces only regular ones); {fix}")
+    return real
+
+
+@contextlib.contextmanager
+def replacing(path: Path, what: str = "file") -> Iterator[Path]:
+    """`with replacing(path) as tmp:` write the whole new content to the file `tmp`; at the end of the block
+    it gets the permissions of the file it replaces (a new one: 0666 & ~umask), is synced and renamed over
+    `output_target(path)`. If the block raises, the target is untouched and `tmp` removed. The temporary
+    name is short and unique, in the target's folder (a rename never crosses file systems).
+    Raises StorageError (see `output_target`), OSError from the write."""
+    target = output_target(path, what)
+    tmp = target.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    try:
+        yield tmp
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~current_umask()
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_atomic(path: Path, content: str | bytes, what: str = "file") -> None:
+    """Write `content` (text as UTF-8) as the whole file `path`, atomically (see `replacing`)."""
+    with replacing(path, what) as tmp:
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        else:
+            tmp.write_bytes(content)
 
 
 def _dvtrain_config(path: Path) -> bool:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dvtrain import storage
 from dvtrain.config import LoggingConfig
 from dvtrain.errors import DvtrainError
 from dvtrain.rundir import RunDir
@@ -233,9 +234,7 @@ class StepHistory:
                 continue
             if entry["step"] <= upto:
                 kept.append(entry)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
-        tmp.replace(self.path)
+        storage.write_atomic(self.path, "".join(json.dumps(entry) + "\n" for entry in kept))
         if tracker.run is None:  # W&B off: the history is kept for the loss curves, nothing to log again
             return
         for entry in kept:

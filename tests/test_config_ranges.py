@@ -40,6 +40,44 @@ def test_every_numeric_field_declares_its_range():
     assert len(FIELDS) > 100  # every section, nested ones (eval.transfer, each optim) included
 
 
+def test_every_integer_field_is_bounded_by_what_torch_takes():
+    """Issue 28, kind 10: an integer reaches torch, numpy or a random stream; above their limit it ends in an
+    OverflowError traceback, so each integer field declares an upper bound (the generated cases below then
+    try one above it)."""
+    unbounded = [key for key, (f, hint) in FIELDS.items() if is_int(hint)
+                 and f.metadata["range"].le is None and f.metadata["range"].lt is None]
+    assert not unbounded, f"declare le=... (e.g. COUNT_MAX) for {unbounded}"
+    for key in ("data.split_seed", "seed", "eval.transfer.seed"):
+        assert FIELDS[key][0].metadata["range"].le == 2**64 - 1  # torch.Generator.manual_seed's limit
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.split_seed=99999999999999999999999", "data.split_seed=99999999999999999999999 must be <= 18446744073709551615"),
+    ("data.split_seed=1" + "0" * 400, "must be <= 18446744073709551615 (the largest seed torch takes)"),
+    ("seed=18446744073709551616", "seed=18446744073709551616 must be <= 18446744073709551615"),
+    ("vanilla.batch_size=9223372036854775808", "must be <= 9223372036854775807 (the largest integer torch takes)"),
+    ("eval.transfer.surrogate_sizes=[3, 100000000000000000000]", "eval.transfer.surrogate_sizes[1]=100000000000000000000 must be <="),
+    ("compute.threads=4294967296", "compute.threads=4294967296 must be <= 2147483647"),
+    ("dist.timeout_s=100000000000", "dist.timeout_s=100000000000 must be in [1, 31536000] (seconds)"),
+    ("eval.task_timeout_s=1e20", "eval.task_timeout_s=1e+20 must be in (0, 31536000]"),
+    ("dverge.steps=0", "dverge.steps=0 must be >= 1 (distillation steps)"),  # the machinery's bound is not shown below
+])
+def test_numbers_beyond_the_machinery_are_one_line_refusals(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_seed_beyond_torch_is_refused_by_the_command_before_any_work(tmp_path, capsys):
+    """The issue's example, from the command line: exit 2, one line, no run directory."""
+    run_dir = tmp_path / "run"
+    assert cli.train_main(["--run-dir", str(run_dir), "data.split_seed=99999999999999999999999",
+                           "logging.wandb=disabled"]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("dvtrain: error: data.split_seed=99999999999999999999999 must be <=") and err.count("\n") == 1
+    assert not run_dir.exists()
+
+
 def outside(valid: Range, is_int: bool) -> list[float]:
     """Values just outside each bound of a range."""
     step = 1 if is_int else 1e-3
@@ -68,7 +106,7 @@ def test_values_outside_the_declared_range_are_refused(key, value):
     list_field = typing.get_origin(FIELDS[key][1]) is list
     text = f"{key}=[{value}]" if list_field else f"{key}={value}"
     shown = f"{key}[0]={value!r}" if list_field else f"{key}={value!r}"
-    with pytest.raises(ConfigError, match=f"^{re.escape(shown)} must be {re.escape(str(FIELDS[key][0].metadata['range']))}") as info:
+    with pytest.raises(ConfigError, match=f"^{re.escape(shown)} must be {re.escape(FIELDS[key][0].metadata['range'].describe(value))}") as info:
         load_config(None, [text])
     assert "\n" not in str(info.value)
 

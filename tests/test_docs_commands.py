@@ -34,6 +34,7 @@ NAME_ONLY = re.compile(r"dvtrain (?:train|eval|compare)")
 ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 OPERATORS = {"&&", "||", "|", ";", "&", "(", ")"}
 SCRIPT = "launch/train.py"
+LAUNCHED = "dvtrain"  # the package (`-m dvtrain`) or the console script (`--no-python dvtrain`) a launcher starts
 
 
 def snippets(text: str) -> list[str]:
@@ -65,6 +66,8 @@ def commands(snippet: str) -> list[list[str]]:
         args = None
         if segment[:1] == ["dvtrain"]:
             args = segment[1:]
+        elif LAUNCHED in segment and segment.index(LAUNCHED) > 0 and segment[segment.index(LAUNCHED) - 1] in ("-m", "--no-python"):
+            args = segment[segment.index(LAUNCHED) + 1:]  # python -m dvtrain ..., torchrun [-m|--no-python] dvtrain ...
         elif any(t.endswith(SCRIPT) for t in segment):
             at = next(k for k, t in enumerate(segment) if t.endswith(SCRIPT))
             args = ["train", *segment[at + 1:]]
@@ -96,6 +99,10 @@ def test_the_extractor_finds_what_the_issue_names():
     assert commands("python3 -m venv .venv && . .venv/bin/activate && python launch/train.py") == [["train"]]
     assert commands("dvtrain eval RUN_DIR [--stage S] [eval.key=value ...]") == []  # a synopsis
     assert commands("dvtrain --help | --version") == [["--help"]]  # (the second half names no command)
+    assert commands("python -m dvtrain eval RUN_DIR") == [["eval", "RUN_DIR"]]
+    assert commands("torchrun --nproc_per_node 2 -m dvtrain eval R --stage s") == [["eval", "R", "--stage", "s"]]
+    assert commands("torchrun --nproc_per_node 2 --no-python dvtrain eval R") == [["eval", "R"]]
+    assert commands("python -m dvtrain.bench --eval") == []
     assert snippets("`dvtrain eval` adds ... `dvtrain eval R --stage s`") == ["dvtrain eval R --stage s"]
     listed = [args for _, args in documented()]
     assert ["eval", "RUN_DIR", "--stage", "dverge", "eval.transfer.eps=0.05", "eval.transfer.restarts=1"] in listed

@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dvtrain import storage
 from dvtrain.eval.blackbox import ALL_BY_SURROGATE, ALL_SETS, MIXTURE
 from dvtrain.eval.report import stage_order
 from dvtrain.eval.stats import PERCENT, wilson_interval
@@ -59,7 +60,8 @@ def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with storage.replacing(path, "plot") as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     return path
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dvtrain import storage
 from dvtrain.config import Config, DiversityConfig, DvergeConfig
 from dvtrain.data import Dataset
 from dvtrain.distill import distill
@@ -187,7 +188,8 @@ def diversity_heatmap(entry: dict, title: str, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with storage.replacing(path, "plot") as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     return path
 
 

@@ -37,6 +37,7 @@ from dvtrain.errors import DvtrainError
 from dvtrain.eval.whitebox import check_finite, chunk_count, evaluate_stage, too_many_processes
 from dvtrain.mixture import Mixture
 from dvtrain.rundir import RunDir
+from dvtrain.splits import check_evaluation
 
 
 def shared_evaluation(loaded: dict[str, list[nn.Module]], data: Dataset, cfg: Config, tcfg: TransferConfig,
@@ -102,6 +103,8 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     check_attacks(tcfg)  # against the transfer-attack registry, with the closest name for a typo
     stages = finished_stages(run.path, cfg, stages)
     data = load_dataset(cfg.data).to(device)
+    for note in check_evaluation(cfg, tcfg, len(data.y_train), len(data.y_test)) if is_main(share) else []:
+        print(note, flush=True)
     n_table = len(data.y_test) if cfg.eval.num_examples == 0 else min(len(data.y_test), cfg.eval.num_examples)
     if share is not None and share.world > chunk_count(n_table, cfg.eval):
         raise DvtrainError(too_many_processes(share.world, n_table, cfg.eval))

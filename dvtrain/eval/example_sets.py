@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +30,9 @@ import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from dvtrain import storage
+from dvtrain.paths import check_readable
 
 FORMAT = 2  # the code version: bump when the stored layout or the attacks' code changes what a manifest promises
 CHECKSUM = "sha256"  # manifest fields written with the file, not part of its identity
@@ -47,12 +49,8 @@ def identity_hash(obj: object) -> str:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with storage.replacing(path, "transfer cache file") as tmp:  # (permissions: the umask's, not safetensors' 0600)
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def set_path(folder: Path, manifest: dict) -> Path:
@@ -87,6 +85,7 @@ def _stored_manifest(folder: Path, manifest: dict) -> dict | None:
     manifest_path = path.with_suffix(".json")
     if not (manifest_path.is_file() and path.is_file()):
         return None
+    check_readable(manifest_path, "transfer cache manifest")  # another user's file: named, not re-crafted
     try:
         stored = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
@@ -104,6 +103,7 @@ def is_stored(folder: Path, manifest: dict) -> bool:
 def verified(path: Path, stored: dict) -> Tensor | None:
     """The examples in `path` if they are what `stored` (the manifest on disk) records: shape, dtype and
     checksum; None (and one line naming the file) when damaged or unreadable."""
+    check_readable(path, "transfer cache file")  # (safetensors reports an unreadable file as missing)
     try:
         examples = load_file(str(path))[EXAMPLES]
     except Exception as exc:  # safetensors raises its own errors for truncated or foreign files

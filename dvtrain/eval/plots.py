@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dvtrain import rundir
+from dvtrain import rundir, storage
 from dvtrain.eval.report import NOT_COMPARABLE, attack_header, model_label
 
 PLOTS_DIR = rundir.PLOTS
@@ -39,7 +39,8 @@ def save_figure(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with storage.replacing(path, "plot") as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     return path
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dvtrain import storage
 from dvtrain.config import Config, TransferConfig, dump_yaml, to_dict
 from dvtrain.data import Dataset
 from dvtrain.digest import split_digest
@@ -102,9 +103,7 @@ def load_or_train(root: Path, scfg: Config, data: Dataset, device: torch.device,
     with holding(folder.with_name(folder.name + ".lock"), f"surrogate ensemble {folder.name} being trained"):
         if not stage_finished(folder, STAGE):
             if not (folder / CONFIG_FILE).is_file():
-                tmp = folder / (CONFIG_FILE + ".tmp")
-                tmp.write_text(dump_yaml(scfg))
-                tmp.replace(folder / CONFIG_FILE)
+                storage.write_atomic(folder / CONFIG_FILE, dump_yaml(scfg))
             print(f"[eval] training the surrogate ensemble ({scfg.ensemble.size} × {scfg.model.arch}, "
                   f"{scfg.vanilla.epochs} epochs) in {folder}", flush=True)
             train(folder, scfg, data, device)

@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dvtrain import rundir
+from dvtrain import rundir, storage
 from dvtrain.config import STAGES, WANDB_MODES, LoggingConfig, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import (
@@ -591,8 +591,7 @@ def write_csv(path: Path, rows: list[Row], keys: list[str], columns: list[Shown]
         sd = " / ".join(repr(statistics.stdev(p)) if len(p) > 1 else "" for p in parts if p)
         return [sd.strip(" /") and sd, " / ".join(str(len(p)) for p in parts if p) or 0] if grouped else []
 
-    tmp = path.with_name(path.name + ".tmp")  # renamed into place once whole: never a half-written table
-    with open(tmp, "w", newline="") as f:
+    with storage.replacing(path, "--csv") as tmp, open(tmp, "w", newline="") as f:  # whole, then renamed
         writer = csv.writer(f)
         writer.writerow(["run", *keys, *(["n"] if grouped else []), "stage",
                          *(part for c in columns
@@ -600,7 +599,6 @@ def write_csv(path: Path, rows: list[Row], keys: list[str], columns: list[Shown]
         for row in rows:
             writer.writerow([row.label, *row.config, *([row.runs] if grouped else []), row.stage,
                              *(part for k in range(len(row.cells)) for part in [mean(row.parts(k)), *spread(row.parts(k))])])
-    tmp.replace(path)
 
 
 def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path, rows: list[Row], keys: list[str],
