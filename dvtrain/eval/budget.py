@@ -20,6 +20,13 @@ BUDGET_FIELDS = (
 )
 
 
+# What a null full-budget setting means (EvalConfig's null defaults), so the note names the real budget.
+NULL_MEANS = {
+    "autoattack.iterations": "the library's 100", "autoattack.square_queries": "the library's 5000",
+    "transfer.surrogate_epochs": "the run's vanilla.epochs",
+}
+
+
 def _get(cfg: EvalConfig, path: str) -> object:
     value: object = cfg
     for part in path.split("."):
@@ -27,11 +34,16 @@ def _get(cfg: EvalConfig, path: str) -> object:
     return value
 
 
+def _full(full: EvalConfig, path: str) -> object:
+    value = _get(full, path)
+    return NULL_MEANS.get(path, value) if value is None else value
+
+
 def reduced_budget_note(cfg: EvalConfig) -> str | None:
     """One line naming each budget setting of `cfg` that differs from the full protocol's, or None when
     none does (the CIFAR configs)."""
     full = EvalConfig()
-    changed = [f"{label} {_get(cfg, path)} (full: {_get(full, path)})" for label, path in BUDGET_FIELDS
+    changed = [f"{label} {_get(cfg, path)} (full: {_full(full, path)})" for label, path in BUDGET_FIELDS
                if _get(cfg, path) != _get(full, path)]
     if not changed:
         return None

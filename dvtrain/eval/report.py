@@ -42,6 +42,11 @@ _HEADERS = {name: a.header for name, a in ATTACKS.items()} | {WORST_CASE: "**Wor
 _NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 restart", "2 restarts": results.md's counts read as English."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def load_results(run_dir: Path) -> dict:
     """results.json of a run, validated (`dvtrain.results.load_results`), or an empty store if there is none yet."""
     return results_store.load_results(run_dir)
@@ -339,7 +344,7 @@ def _blackbox_group_markdown(title: str, tables: dict[str, dict], protocol: dict
     sizes = ", ".join(str(s["size"]) for s in protocol.get("surrogates", []))
     described = ([f"Accuracy (%) on {protocol['n_images']} test images (seed {protocol['seed']}) under transfer examples "
                   f"crafted on hold-out plain ensembles of {sizes} models of this architecture with momentum PGD "
-                  f"({protocol['restarts']} random starts), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ "
+                  f"({counted(protocol['restarts'], 'random start')}), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ "
                   f"{protocol['sgm_gamma']:g}), {protocol['steps']} steps each, losses "
                   f"{', '.join(l.upper() for l in protocol['losses'])}"
                   + (f", surrogates trained {', '.join(str(s['epochs']) for s in protocol['surrogates'])} epochs"
@@ -393,7 +398,7 @@ def evaluation_markdown(results: dict) -> str:
         m = results["transfer"][stage]
         off = mean_off_diagonal(m)
         out += [f"## Transferability: {stage}", "",
-                f"PGD-L∞ ε={format_eps(m['eps'])}, {m['steps']} steps, {m['restarts']} restarts, crafted on the row's "
+                f"PGD-L∞ ε={format_eps(m['eps'])}, {m['steps']} steps, {counted(m['restarts'], 'restart')}, crafted on the row's "
                 f"submodel; success rate (%) on the column's model, over {m['n_images']} test images every submodel "
                 f"classifies correctly. Mean off-diagonal success: {cell(off)}%.", "",
                 *_matrix_markdown(stage, m["sources"], m["targets"], m["success"]), ""]
@@ -415,7 +420,7 @@ def _sweep_markdown(stage: str, s: dict) -> list[str]:
     """Accuracy against ε (`dvtrain.eval.sweep`): the worst case per model, then each attack per model;
     a results.json of dvtrain before the worst case (PGD only, "accuracy") as it was."""
     columns = [f"ε={format_eps(e)}" for e in s["eps"]]
-    budget = f"{s['steps']} steps of {s['step_fraction']:g}·ε, {s['restarts']} restarts, {s['n_images']} test images"
+    budget = f"{s['steps']} steps of {s['step_fraction']:g}·ε, {counted(s['restarts'], 'restart')}, {s['n_images']} test images"
     if "worst_case" not in s:
         return [f"## Accuracy vs ε: {stage}", "", f"White-box PGD-L∞, {budget}.", "",
                 *_matrix_markdown(stage, s["models"], columns, s["accuracy"]), ""]
