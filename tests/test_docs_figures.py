@@ -57,7 +57,7 @@ def test_the_seed_table_is_the_measurement_it_names():
     assert f"seeds, {seeds[0]}–{seeds[-1]}" in README and seeds == list(range(seeds[0], seeds[-1] + 1))
     assert MEASURED["cpu"].split(",")[0] in README  # the CPU model it was measured on
     assert [row[0] for row in rows] == [
-        f"{label} ({getattr(QUICKSTART, stage).epochs} epochs)" for stage, label in STAGES.items()]
+        f"{label} ({QUICKSTART.section(stage).epochs} epochs)" for stage, label in STAGES.items()]
     for (stage, _), row in zip(STAGES.items(), rows):
         for column, cell in zip(columns(), row[1:], strict=True):
             v = values(stage, column)
@@ -88,3 +88,23 @@ def test_the_two_s_d_range_the_readme_quotes():
     assert f"DVERGE's worst case L∞: {mean - 2 * sd:.1f}–{mean + 2 * sd:.1f}" in README
     words = {5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
     assert f"**{words[len(v)]} seeds" in README and f"({words[len(v)]} of {words[len(v)]})" in README
+
+
+def test_the_quickstart_budget_docs_evaluation_quotes_is_its_config():
+    text = (REPO / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    budgets = text[text.index("## Budgets"):]
+    e, t, full = QUICKSTART.eval, QUICKSTART.eval.transfer, type(QUICKSTART.eval)()
+    grid = ", ".join(f"{eps:g}" for eps in t.sweep_eps)
+    assert f"ε ∈ {{{grid}}}" in budgets and f"(digits quickstart: {grid};" in text
+    assert f"{e.autoattack.iterations} iterations and {e.autoattack.square_queries} Square" in budgets
+    assert f"`eval.mixture_only: [{', '.join(e.mixture_only)}]`" in budgets
+    assert t.surrogate_sizes == [3] and f"one surrogate ensemble of 3 trained for {t.surrogate_epochs} epochs" in budgets
+    assert f"{t.blackbox_steps} steps, one run" in budgets and t.blackbox_restarts == 1
+    assert f"on {t.num_images} images with {t.restarts} restarts" in budgets
+    assert f"matrix on {e.diversity.num_images} pairs" in budgets
+    # the ensemble attack keeps the full schedule, as the docs say
+    a = e.adaptive
+    assert (a.steps, a.blend_scales, a.target_classes) == (full.adaptive.steps, full.adaptive.blend_scales,
+                                                           full.adaptive.target_classes)
+    assert (f"MORA's full schedule** ({a.steps} steps, {len(a.blend_scales)} blends, {a.target_classes} targeted "
+            "classes)") in budgets
