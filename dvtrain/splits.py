@@ -34,7 +34,7 @@ def check_full_batches(cfg: Config, n_train: int, stages: list[str] | tuple[str,
     if not cfg.data.drop_last:
         return
     for stage in stages:
-        section = getattr(cfg, stage)
+        section = cfg.section(stage)
         if section.epochs > 0 and section.batch_size > n_train:
             raise SplitError(
                 f"{stage}.batch_size={section.batch_size} with data.drop_last=true leaves no full batch in the "

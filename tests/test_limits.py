@@ -143,7 +143,7 @@ COMPARE = {
 
 @pytest.mark.parametrize("case", sorted(COMPARE))
 def test_compare_refuses_paths_over_the_limits_before_reading_runs(case, vanilla_run, tmp_path, capsys, monkeypatch):
-    from dvtrain.eval import compare
+    from dvtrain.report import compare
 
     monkeypatch.setattr(compare, "read_source", lambda *a, **k: (_ for _ in ()).throw(AssertionError("runs were read")))
     make, expected = COMPARE[case]

@@ -4,6 +4,7 @@ results.json and results.md written as one step; results.json files of earlier r
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -96,22 +97,22 @@ def test_json_and_markdown_are_written_together_or_not_at_all(tmp_path, monkeypa
     with pytest.raises(store.ResultsError):
         store.write_results(run, results, "new md")
     assert (run / "results.json").read_text() == before and (run / "results.md").read_text() == "old md"
-    original = Path.replace
+    original = os.replace
     calls = []
 
-    def failing_replace(self, target):  # the disk fills between the two renames: the markdown first, never the JSON
-        calls.append(Path(target).name)
+    def failing_replace(src, dst):  # the disk fills between the two renames: the markdown first, never the JSON
+        calls.append(Path(dst).name)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        return original(self, target)
+        return original(src, dst)
 
     results["eval"][0]["accuracy"] = 12.5
-    monkeypatch.setattr(Path, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)  # storage.replacing renames with os.replace
     with pytest.raises(OSError):
         store.write_results(run, results, "new md")
-    monkeypatch.setattr(Path, "replace", original)
+    monkeypatch.setattr(os, "replace", original)
     assert calls == ["results.md", "results.json"] and (run / "results.json").read_text() == before
-    assert not list(run.glob(".*.tmp"))
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
 
 
 def test_a_row_of_another_attack_code_version_is_never_merged_with_the_old_one():

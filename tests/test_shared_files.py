@@ -233,7 +233,7 @@ NOT_A_FILE = {
 @pytest.mark.parametrize("case", sorted(NOT_A_FILE))
 def test_compare_csv_refuses_what_is_not_a_regular_file_before_reading_runs(case, vanilla_run, tmp_path, capsys,
                                                                           monkeypatch):
-    from dvtrain.eval import compare
+    from dvtrain.report import compare
 
     make, expected, kind = NOT_A_FILE[case]
     path = make(tmp_path)
