@@ -179,8 +179,8 @@ class StageConfig:
     """What the stage loop reads of every stage's section; each stage's section extends it (and may
     redeclare a field with its own default or range). Its fields come first in the section's YAML."""
 
-    epochs: int = ranged(1, ge=0)
-    batch_size: int = ranged(32, ge=1)
+    epochs: int = ranged(1, ge=0, le=COUNT_MAX)
+    batch_size: int = ranged(32, ge=1, le=COUNT_MAX)
     # None: fresh weights; a stage name: start from that stage's final weights.
     init_from: Optional[str] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -188,13 +188,10 @@ class StageConfig:
 
 @dataclass
 class VanillaConfig(StageConfig):
-    """The `vanilla` stage: each submodel trained alone on clean data with its own data order."""
+    """The `vanilla` stage: each submodel trained alone on clean data with its own data order; it starts from
+    fresh weights (plain pretraining) unless `init_from` names a stage. The rest is StageConfig's."""
 
     epochs: int = ranged(30, ge=0, le=COUNT_MAX)
-    batch_size: int = ranged(32, ge=1, le=COUNT_MAX)
-    # None: fresh weights (plain pretraining); a stage name: start from that stage's final weights.
-    init_from: Optional[str] = None
-    optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 @dataclass
