@@ -218,14 +218,16 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
     so that rank 0 alone prints it): each stage's starting weights come from a stage trained earlier in
     `stages` or already finished in the run; the run's checkpoints are of this architecture and ensemble
     size; W&B can log in the mode asked for. `run_dir` None: a new run, with no checkpoints yet."""
-    from dvtrain import prechecks
+    from dvtrain import checkpoint, prechecks
     from dvtrain.tracking import resolve_mode
 
     resolve_mode(cfg.logging)
     for k, stage in enumerate(cfg.stages):
         if run_dir is not None:
             check_folder(RunDir(run_dir).checkpoints(stage), "checkpoint folder", "move that file away")
-        prechecks.check_start(cfg, run_dir, stage, trained_before=cfg.stages[:k])
+        path = prechecks.check_start(cfg, run_dir, stage, trained_before=cfg.stages[:k])
+        if path is not None:  # unreadable or damaged weights: refused before config.yaml changes or work starts
+            checkpoint.check_weights(path, cfg.ensemble.size)
 
 
 def check_layers(cfg: Config, data) -> None:

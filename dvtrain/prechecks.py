@@ -48,7 +48,6 @@ def check_start(cfg: Config, run_dir: Path | None, stage: str, trained_before: S
     path = None if run_dir is None else checkpoint.latest(RunDir(run_dir).checkpoints(stage))
     if path is not None:
         checkpoint_state(cfg, path)
-        checkpoint.check_weights(path, cfg.ensemble.size)  # unreadable or damaged: refused before config.yaml changes
         return path
     source = cfg.section(stage).init_from
     if source is not None and source not in trained_before and not finished(run_dir, source):

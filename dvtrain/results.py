@@ -44,12 +44,6 @@ class ResultsError(DvtrainError):
     """A results.json that is not what dvtrain writes (one line: the file, the entry, the fix)."""
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` as the whole file `path` (`dvtrain.storage.write_atomic`: never half a file, through a
-    symbolic link to the real file, nothing but a regular file replaced)."""
-    storage.write_atomic(path, text)
-
-
 def write_together(files: dict[Path, str]) -> None:
     """Write several files as one step: every one to its temporary file first, then each renamed into
     place in the given order (put the file readers trust last), so a failed write (a full disk) leaves

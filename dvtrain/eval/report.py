@@ -25,7 +25,7 @@ from dvtrain import results as results_store
 from dvtrain import rundir
 from dvtrain.config import STAGES, Config
 from dvtrain.eval.attack_registry import ATTACKS, EACH_AUTOATTACK_NORM
-from dvtrain.results import ROW_KEY, merge_rows, row_key, write_atomic  # noqa: F401  (the store's, re-exported for training)
+from dvtrain.results import ROW_KEY, merge_rows, row_key  # noqa: F401  (the store's, re-exported for training)
 
 RESULTS_JSON = rundir.RESULTS_JSON
 RESULTS_MD = rundir.RESULTS_MD
