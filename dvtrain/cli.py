@@ -467,7 +467,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         _, device = init_runtime(cfg, whole_ensemble=True)
         try:
             share = ProcessGroupShare(cfg.eval.task_timeout_s) if launched_world_size() > 1 else None
-            trainer = train_in_process if is_main_rank() else quietly(train_in_process)
+            trainer = quietly(train_in_process, bars=is_main_rank())
             full_evaluation(run_dir, cfg, stages, device, cfg.eval.transfer, trainer, command, share)
         finally:
             shutdown()
@@ -476,11 +476,13 @@ def eval_main(argv: list[str] | None = None) -> int:
     return interruptible(evaluate, "results.json and the surrogate cache are as they were or complete: run it again")
 
 
-def quietly(train: Callable[[Path, Config, object, object], object]) -> Callable[[Path, Config, object, object], object]:
-    """A surrogate trainer for the ranks other than 0: no progress bars and no printed tables (the ensemble
-    each rank trains is announced by one line; rank 0's terminal would otherwise interleave them all)."""
+def quietly(train: Callable[[Path, Config, object, object], object], bars: bool) -> Callable[[Path, Config, object, object], object]:
+    """A surrogate trainer that prints nothing to stdout: a surrogate ensemble's epoch lines and table are
+    not the user's run (issue 29: its "### vanilla" table read as a re-scored vanilla stage); `dvtrain eval`
+    announces each ensemble in one line. `bars`: keep its progress bars (on rank 0 under logging.progress;
+    the other ranks' would interleave with rank 0's)."""
     def run(run_dir: Path, cfg: Config, data, device) -> object:
-        quiet = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, progress=False))
+        quiet = cfg if bars else dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, progress=False))
         with contextlib.redirect_stdout(io.StringIO()):
             return train(run_dir, quiet, data, device)
 

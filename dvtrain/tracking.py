@@ -104,6 +104,7 @@ class Tracker:
     def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, stage: str, config: dict, active: bool,
                  run_id: str | None = None):
         self.run = None
+        self.offline_folder: Path | None = None
         self.resumed_step = 0
         self.epoch_keys: set[str] = set()
         self.mode = resolve_mode(cfg)
@@ -136,6 +137,9 @@ class Tracker:
             ) from None
         # Online, a resumed run knows its last step; offline it starts at 0 and the pieces merge on sync.
         self.resumed_step = self.run.step
+        # An offline run's folder (wandb/offline-run-<time>-<id>; run.dir is its files/ subfolder), kept for
+        # the sync hint after `finish`.
+        self.offline_folder = Path(self.run.dir).parent if self.mode == "offline" else None
         self.run.define_metric("epoch")
 
     def log(self, values: dict, step: int) -> None:
@@ -187,6 +191,14 @@ class Tracker:
                   "the checkpoint is safe on disk; --resume tries again", file=sys.stderr, flush=True)
             return False
         return True
+
+    def sync_hint(self) -> str | None:
+        """'the W&B run is offline in FOLDER; upload it with: wandb sync FOLDER' for an offline run, None
+        otherwise (online, disabled, or not started)."""
+        if self.offline_folder is None:
+            return None
+        folder = shlex.quote(str(self.offline_folder))
+        return f"the W&B run is offline in {folder}; upload it with: wandb sync {folder}"
 
     def finish(self, exit_code: int = 0) -> None:
         """Finish and flush: `finish` alone can return before the run file is written; `teardown` waits."""

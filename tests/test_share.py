@@ -56,3 +56,41 @@ def test_one_process_runs_every_task_in_order_and_counts_its_images():
     out = shared_map(None, ["a", "b", "c"], [1, 9, 5], lambda t: seen.append(t) or t.upper(), bar, [10, 20, 30])
     assert out == ["A", "B", "C"] and seen == ["a", "b", "c"]
     assert bar.total == 60 and bar.n == 60
+
+
+def _gather_late(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 1 reaches the gather 4 s after rank 0, whose share waits 1 s: what rank 0 reports."""
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from dvtrain.errors import DvtrainError
+    from dvtrain.eval.share import ProcessGroupShare
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    share = ProcessGroupShare(timeout_s=1.0)
+    share.gather("ready")  # both ranks present: the group exists and works
+    if rank == 1:
+        time.sleep(4)
+    try:
+        share.gather(rank)
+        outcome = "gathered"
+    except DvtrainError as exc:
+        outcome = f"DvtrainError: {exc}"
+    except RuntimeError as exc:
+        outcome = f"RuntimeError: {exc}"
+    Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+
+
+def test_a_rank_that_waits_past_eval_task_timeout_s_names_that_setting(tmp_path):
+    """Issue 28, kind 7: a too-small eval.task_timeout_s is a timeout that names the setting, not "lost a peer"."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.start_processes(_gather_late, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    except mp.ProcessExitedException:  # gloo aborts a process that exits after a timed-out collective
+        pass
+    waited = (tmp_path / "rank0.txt").read_text()
+    assert waited.startswith("DvtrainError: rank 0 waited eval.task_timeout_s=1 s"), waited
+    assert "pass a larger eval.task_timeout_s" in waited

@@ -99,7 +99,7 @@ def test_whitebox_vs_blackbox_compares_the_same_images():
     # Other images: no verdict either way (a few images can flip it).
     for images in ("other", None):
         line = whitebox_vs_blackbox(BLACKBOX, fake_sweep([60.0, 70.0], images))
-        assert line.startswith("pass: white-box vs black-box skipped") and "different test images" in line
+        assert line.startswith("skipped: white-box vs black-box:") and "different test images" in line
 
 
 MIX = {"model": "mixture", "norm": "Linf", "eps": 0.1}
@@ -133,7 +133,7 @@ def test_more_steps_check_warns_only_beyond_noise(long, short, verdict):
 
 def test_more_steps_check_skips_rows_of_other_images():
     line = masking_checks("dverge", [_row("pgd_linf", 30.0, n=359)], probe(60.0, n=100), None, EvalConfig())[1]
-    assert line.startswith("pass: ") and "skipped" in line and "n=100 vs n=359" in line
+    assert line.startswith("skipped: ") and "n=100 vs n=359" in line
 
 
 @pytest.mark.parametrize("aa, aa_n, pgd, expected", [
@@ -147,7 +147,7 @@ def test_autoattack_check_compares_the_same_images_beyond_noise(aa, aa_n, pgd, e
     lines = masking_checks("dverge", rows, None, None, EvalConfig())
     assert len(lines) == 1
     if expected == "skipped":
-        assert lines[0].startswith("pass: AutoAttack vs PGD skipped") and "n=50" in lines[0]
+        assert lines[0].startswith("skipped: AutoAttack vs PGD") and "n=50" in lines[0]
     else:
         assert lines[0].startswith(expected + ": AutoAttack"), lines[0]
 

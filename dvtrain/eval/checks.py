@@ -1,4 +1,4 @@
-"""Gradient-masking checks, printed as pass/warn lines under each `dvtrain eval` table.
+"""Gradient-masking checks, printed as pass/warn/skipped lines under each `dvtrain eval` table.
 
 A defense that only hides its gradients looks robust to gradient attacks and is not. Carlini et al.
 ("On evaluating adversarial robustness", arXiv 1902.06705, §5) and Athalye et al. (ICML 2018) list
@@ -12,7 +12,7 @@ the signs; dvtrain checks four on the mixture (the model whose robustness is cla
 A warning names the likely cause.
 
 Each check compares two numbers measured on the same images (same n and order; a pair on different images
-is skipped with a line saying so), and warns only where the difference is beyond noise: the number that
+is "skipped" with a line saying why, never a pass), and warns only where the difference is beyond noise: the number that
 should be lower lies above the 95 % Wilson interval of the one it is compared with (`beyond_noise`). On
 359 images a difference of 3 images (0.8 points) is noise; an attack's result must not be read as a sign
 of gradient masking from it (issue 26, finding 7).
@@ -32,7 +32,7 @@ from dvtrain.eval.stats import PERCENT, wilson_interval
 from dvtrain.eval.whitebox import MIXTURE, robust_accuracy
 from dvtrain.rng import stream
 
-PASS, WARN = "pass", "warn"
+PASS, WARN, SKIPPED = "pass", "warn", "skipped"  # skipped: the check could not be made (never a pass)
 EPS_MATCH = 1e-12  # the sweep and the black-box table read the same eval.transfer.sweep_eps values
 
 
@@ -58,15 +58,15 @@ def whitebox_vs_blackbox(blackbox: dict, sweep: dict | None) -> str:
     Transfer examples beating every white-box attack on the same images is the classic sign of
     gradient masking (Athalye et al., ICML 2018, §3)."""
     if sweep is None or "worst_case" not in sweep or "all" not in blackbox:
-        return f"{PASS}: white-box vs black-box skipped: no ε sweep with a worst case or no black-box \"all\" column"
+        return f"{SKIPPED}: white-box vs black-box: no ε sweep with a worst case or no black-box \"all\" column"
     if sweep.get("images") is None or sweep.get("images") != blackbox.get("images"):
-        return (f"{PASS}: white-box vs black-box skipped: the ε sweep and the black-box table counted different test "
+        return (f"{SKIPPED}: white-box vs black-box: the ε sweep and the black-box table counted different test "
                 "images (evaluate both with one eval.transfer)")
     white = sweep["worst_case"][sweep["models"].index(MIXTURE)]
     pairs = [(eps, white[k], all_accuracy(blackbox, MIXTURE, eps)) for k, eps in enumerate(sweep["eps"])]
     pairs = [(eps, w, b) for eps, w, b in pairs if w is not None and b is not None]
     if not pairs:
-        return (f"{PASS}: white-box vs black-box skipped: no ε in both the sweep and the black-box table "
+        return (f"{SKIPPED}: white-box vs black-box: no ε in both the sweep and the black-box table "
                 "(eval.transfer.sweep_eps)")
     n = sweep["n_images"]
     above = [(eps, w, b) for eps, w, b in pairs if beyond_noise(w, b, n)]
@@ -117,7 +117,7 @@ def masking_checks(stage: str, rows: list[dict], probe: dict | None, blackbox: d
                      "non-differentiable outputs) or the evaluation has a bug")
         short = _row(rows, MIXTURE, "pgd_linf", "Linf")
         if short is not None and probe.get("n") is not None and short.get("n") != probe["n"]:
-            lines.append(f"{PASS}: PGD-L∞ with {probe['long_steps']} vs {cfg.steps} steps skipped: the rows counted "
+            lines.append(f"{SKIPPED}: PGD-L∞ with {probe['long_steps']} vs {cfg.steps} steps: the rows counted "
                          f"different images (n={probe['n']} vs n={short.get('n')})")
         elif short is not None:
             n = short["n"]
@@ -151,6 +151,6 @@ def masking_checks(stage: str, rows: list[dict], probe: dict | None, blackbox: d
             lines.append(f"{PASS}: AutoAttack {aa['accuracy']:.2f} % ≤ every PGD row on the same {aa.get('n')} images "
                          f"({who}){noise}")
         elif same:
-            lines.append(f"{PASS}: AutoAttack vs PGD skipped ({who}): AutoAttack counted n={aa.get('n')} images, the PGD "
+            lines.append(f"{SKIPPED}: AutoAttack vs PGD ({who}): AutoAttack counted n={aa.get('n')} images, the PGD "
                          f"rows n={', '.join(str(r.get('n')) for r in same)} (eval.autoattack.num_examples)")
     return lines

@@ -19,16 +19,20 @@ from torch import Tensor, nn
 from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
 from dvtrain.eval.budget import reduced_budget_note
-from dvtrain.eval.blackbox import ExampleSet, blackbox_images, blackbox_table, check_attacks, prepare_blackbox
+from dvtrain.eval.attacks.transfer import TRANSFER_ATTACKS, transfer_attack
+from dvtrain.eval.blackbox import (
+    ExampleSet, applicable_attacks, blackbox_images, blackbox_table, check_attacks, prepare_blackbox,
+)
 from dvtrain.eval.checks import masking_checks, masking_probe
 from dvtrain.eval.diversity import diversity_evaluation
+from dvtrain.eval.headline import Headline, headline_lines
 from dvtrain.eval.progress import Phases
 from dvtrain.eval.load import finished_stages, load_stage
 from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.digest import images_digest, split_digest
 from dvtrain.eval.report import (
-    EVAL_TABLE, FULL_EVALUATION_KEYS, TRAIN_TABLE, eval_summary, evaluation_markdown, load_results, merge_rows,
-    result_metrics, results_markdown, update_results,
+    EVAL_TABLE, FULL_EVALUATION_KEYS, TRAIN_TABLE, eval_summary, load_results, merge_rows, result_metrics,
+    update_results,
 )
 from dvtrain.eval.share import Share, is_main
 from dvtrain.eval.sweep import epsilon_sweeps
@@ -113,7 +117,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     for stage, submodels in loaded.items():  # refuse a broken checkpoint before any long computation
         for i, model in enumerate(submodels):
             check_finite(model, data.x_test[: cfg.eval.batch_size], f"submodel {i + 1} of stage {stage}")
-    check_model_settings(cfg, next(iter(loaded.values())))
+    check_model_settings(cfg, tcfg, next(iter(loaded.values())))
     main = is_main(share)
     note = reduced_budget_note(cfg.eval)
     if main and note:
@@ -121,12 +125,13 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     phases = Phases(cfg.logging.progress and main)
     rows = {}
     for stage, submodels in loaded.items():
-        if main:
-            print(f"[eval {stage}] white-box table: {', '.join(cfg.eval.full_attacks)}", flush=True)
-        rows[stage] = evaluate_stage(stage, submodels, data.x_test, data.y_test, cfg.eval, cfg.seed,
-                                     attacks=cfg.eval.full_attacks, share=share, phases=phases)
+        # One line for the stage's table; the bars of its attacks collapse.
+        with phases.phase(f"{stage} white-box table", detail=", ".join(cfg.eval.full_attacks)):
+            rows[stage] = evaluate_stage(stage, submodels, data.x_test, data.y_test, cfg.eval, cfg.seed,
+                                         attacks=cfg.eval.full_attacks, share=share, phases=phases)
     new: dict = {"eval": [r | {"table": EVAL_TABLE, "command": command} for stage in rows for r in rows[stage]]}
-    blackbox = prepare_blackbox(run.path, cfg, tcfg, data, device, train_surrogates, phases, share)
+    with phases.phase("black-box surrogate ensembles and example sets"):
+        blackbox = prepare_blackbox(run.path, cfg, tcfg, data, device, train_surrogates, phases, share)
     new |= shared_evaluation(loaded, data, cfg, tcfg, phases, share)
     with phases.phase("vulnerability-diversity matrices") as bar:
         diversity_evaluation(run.path, loaded, data, cfg, new, share, bar)
@@ -147,20 +152,38 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
         add_blackbox_plot(run.path, stored, cfg.stages)  # every evaluated stage's curves, this run's and earlier ones
 
     results = update_results(run.path, cfg, change)
-    log_evaluation(cfg, run.path, results)
-    print(results_markdown(new["eval"], new.get("checks", {}), cfg.stages) + "\n" + evaluation_markdown(results),
-          flush=True)
+    synced = log_evaluation(cfg, run.path, results)
+    print("\n".join(closing_block(run, results, list(loaded), cfg, synced)), flush=True)
     return results
 
 
-def check_model_settings(cfg: Config, submodels: list[nn.Module]) -> None:
+def closing_block(run: RunDir, results: dict, stages: list[str], cfg: Config, sync: str | None) -> list[str]:
+    """The lines `dvtrain eval` ends with: the headline figures of the stages it evaluated
+    (`dvtrain.eval.headline`), where the tables and figures are, and how to upload an offline W&B run
+    (`sync`: `Tracker.sync_hint`, None when there is nothing to upload)."""
+    lines = ["", f"[eval] done: {', '.join(stages)}", *headline_lines(results, stages, Headline(cfg.eval.eps, cfg.eval.l2_eps)),
+             f"  every table, its budgets and checks: {run.results_md}",
+             f"  numbers with their basis: {run.results_json}", f"  figures: {run.plots}/"]
+    if sync is not None:
+        lines.append(f"  {sync}")
+    return lines
+
+
+def check_model_settings(cfg: Config, tcfg: TransferConfig, submodels: list[nn.Module]) -> None:
     """Settings whose valid range depends on the model, checked before any work (every rank alike):
-    eval.diversity.layer must be one of the architecture's layers. Raises DvtrainError."""
+    eval.diversity.layer must be one of the architecture's layers, and at least one of
+    eval.transfer.blackbox_attacks must apply to it (the surrogates share its architecture; SGM needs skip
+    connections), so no surrogate ensemble is trained for an empty table. Raises DvtrainError."""
     div = cfg.eval.diversity
     layers = submodels[0].num_layers
     if div.enabled and div.layer is not None and not 1 <= div.layer <= layers:
         raise DvtrainError(f"eval.diversity.layer={div.layer} is out of range: {cfg.model.arch} has layers 1..{layers}; "
                            f"pass one of them, or null for a random layer per batch")
+    usable, notes = applicable_attacks(tcfg, submodels, cfg.model.arch)
+    if not usable:
+        runnable = [name for name in TRANSFER_ATTACKS if transfer_attack(name).applies(submodels)]
+        raise DvtrainError(f"eval.transfer.blackbox_attacks={list(tcfg.blackbox_attacks)}: none applies to "
+                           f"{cfg.model.arch} ({'; '.join(notes)}); list one of {runnable}")
 
 
 DATA_KEY = "data"  # results.json: {"train": digest, "test": digest} of the split the run is evaluated on
@@ -207,13 +230,15 @@ def verify_run_data(run_dir: Path, data: Dataset, main: bool = True) -> dict[str
     return split
 
 
-def log_evaluation(cfg: Config, run_dir: Path, results: dict) -> None:
-    """A W&B run "<name>-eval" (job type eval): tables, plots as images, every number in the summary."""
+def log_evaluation(cfg: Config, run_dir: Path, results: dict) -> str | None:
+    """A W&B run "<name>-eval" (job type eval): tables, plots as images, every number in the summary.
+    Returns how to upload it when it is offline (`Tracker.sync_hint`), else None."""
     from dvtrain.tracking import Tracker
 
     tracker = Tracker(cfg.logging, run_dir, cfg.name, "eval", to_dict(cfg), active=True)
     if tracker.run is None:
-        return
+        return None
+    hint = tracker.sync_hint()
     import wandb
 
     exit_code = 1
@@ -235,3 +260,4 @@ def log_evaluation(cfg: Config, run_dir: Path, results: dict) -> None:
         exit_code = 0
     finally:
         tracker.finish(exit_code)
+    return hint

@@ -23,8 +23,10 @@ from collections.abc import Callable
 
 from dvtrain import results as results_store
 from dvtrain import rundir
+from dvtrain.rundir import PLOTS, RunDir
 from dvtrain.config import STAGES, Config
 from dvtrain.eval.attack_registry import ATTACKS, EACH_AUTOATTACK_NORM
+from dvtrain.eval.headline import Headline, headline_markdown
 from dvtrain.results import ROW_KEY, merge_rows, row_key  # noqa: F401  (the store's, re-exported for training)
 
 RESULTS_JSON = rundir.RESULTS_JSON
@@ -52,8 +54,10 @@ def load_results(run_dir: Path) -> dict:
     return results_store.load_results(run_dir)
 
 
-def render_results(cfg: Config) -> Callable[[dict], str]:
-    """results.md of a run as a function of its results (what `dvtrain.results` writes beside results.json)."""
+def render_results(cfg: Config, run_dir: Path) -> Callable[[dict], str]:
+    """results.md of a run as a function of its results (what `dvtrain.results` writes beside results.json):
+    a summary (the headline figures per stage, `dvtrain.eval.headline`, and a link to every figure in the
+    run's plots folder), then every table."""
     def render(results: dict) -> str:
         results["run"] = cfg.name
         header = f"# dvtrain results: {cfg.name}\n\ndata: {cfg.data.name}, model: {cfg.model.arch} ×{cfg.ensemble.size}\n\n"
@@ -62,23 +66,38 @@ def render_results(cfg: Config) -> Callable[[dict], str]:
             f"- {stage}: {results['stages'][stage]['epochs']} epochs, {results['stages'][stage]['train_s']:.0f} s training\n"
             for stage in order
         )
+        evaluated = stage_order({r["stage"] for r in results["eval"]}, cfg.stages)
+        summary = headline_markdown(results, evaluated, Headline(cfg.eval.eps, cfg.eval.l2_eps))
         tables = results_markdown(results["eval"], results.get("checks", {}), cfg.stages) + evaluation_markdown(results)
-        return header + epochs + "\n" + tables
+        return header + epochs + "\n" + summary + figure_links(run_dir, order) + tables
 
     return render
+
+
+def figure_links(run_dir: Path, stages: list[str]) -> str:
+    """'Figures:' and a Markdown link to every PNG in the run's plots folder (the loss curves training draws,
+    every evaluation figure), each stage's together in `stages` order; '' when there is none."""
+    files = sorted(RunDir(run_dir).plots.glob("*.png"))
+    if not files:
+        return ""
+    def owner(path: Path) -> int:
+        named = [k for k, stage in enumerate(stages) if path.stem.startswith(stage + "_") or path.stem.endswith("_" + stage)]
+        return max(named, default=len(stages))  # "dverge_advt_loss" belongs to dverge_advt, not dverge
+    links = [f"[{path.stem}]({PLOTS}/{path.name})" for path in sorted(files, key=lambda p: (owner(p), p.name))]
+    return "Figures: " + " · ".join(links) + "\n\n"
 
 
 def save_results(run_dir: Path, cfg: Config, results: dict) -> None:
     """Write results.json and results.md as one step (call it on the main process only, holding
     `RunDir.lock()`; `update_results` does both)."""
-    results_store.write_results(run_dir, results, render_results(cfg)(results))
+    results_store.write_results(run_dir, results, render_results(cfg, run_dir)(results))
 
 
 def update_results(run_dir: Path, cfg: Config, change: Callable[[dict], None]) -> dict:
     """Read results.json, apply `change(results)` to it in place, write results.json and results.md;
     all under the run directory's inter-process lock, so concurrent writers never lose each other's
     rows. Returns the results as written (main process only)."""
-    return results_store.update_results(run_dir, change, render_results(cfg))
+    return results_store.update_results(run_dir, change, render_results(cfg, run_dir))
 
 
 def record_training_table(run_dir: Path, cfg: Config, stage: str, rows: list[dict], stage_info: dict,
@@ -87,7 +106,7 @@ def record_training_table(run_dir: Path, cfg: Config, stage: str, rows: list[dic
     `dvtrain.eval.whitebox.evaluate_stage`) as the "train" table of `stage`, every earlier number of the
     stage dropped (its weights are new), `stage_info` under "stages", `provenance`. Returns the store."""
     return results_store.record_table(run_dir, stage, rows, TRAIN_TABLE, "dvtrain train", stage_info, provenance,
-                                      render_results(cfg))
+                                      render_results(cfg, run_dir))
 
 
 # ----------------------------------------------------------------------------- names and numbers

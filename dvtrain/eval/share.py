@@ -20,6 +20,8 @@ from typing import Protocol, TypeVar
 import torch
 from tqdm import tqdm
 
+from dvtrain.errors import DvtrainError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -32,6 +34,9 @@ class Share(Protocol):
 
     def gather(self, obj: object) -> list[object]:
         """Every rank's `obj` (picklable), in rank order, on every rank. Every rank must call it."""
+
+
+TIMEOUT_SIGNS = ("Timed out waiting", "timed out")  # how gloo says a collective's timeout passed
 
 
 class ProcessGroupShare:
@@ -47,10 +52,20 @@ class ProcessGroupShare:
         self.group = None
 
     def gather(self, obj: object) -> list[object]:
+        """Raises DvtrainError naming eval.task_timeout_s when another rank did not reach the gather within
+        it (gloo's "Timed out waiting"): a slow rank, not a lost one, so the fix is the setting."""
         if self.group is None:
             self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
         out: list[object] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj, group=self.group)
+        try:
+            torch.distributed.all_gather_object(out, obj, group=self.group)
+        except RuntimeError as exc:
+            if not any(sign in str(exc) for sign in TIMEOUT_SIGNS):
+                raise
+            raise DvtrainError(
+                f"rank {self.rank} waited eval.task_timeout_s={self.timeout_s:g} s for the other processes' share of "
+                "the evaluation and gave up (a rank training a surrogate ensemble can take hours); pass a larger "
+                "eval.task_timeout_s") from None
         return out
 
 

@@ -623,7 +623,10 @@ def log_comparison(mode: str, project: str, entity: str | None, wandb_dir: Path,
                         | {f"compare/{kind}": wandb.Image(str(plot)) for kind, plot in plots.items()})
         exit_code = 0
     finally:
+        hint = tracker.sync_hint()
         tracker.finish(exit_code)
+    if hint is not None:
+        print(f"[compare] {hint}", file=sys.stderr, flush=True)  # stdout keeps the table alone
 
 
 # ----------------------------------------------------------------------------- command line
