@@ -29,7 +29,7 @@ from dvtrain.config import (Config, ConfigError, config_from_dict, diff_configs,
 from dvtrain.errors import DvtrainError, WriteFailed
 from dvtrain.exits import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_TERMINATED, EXIT_USER_ERROR
 from dvtrain.distributed.runtime import (
-    init_runtime, is_main_rank, launched_world_size, report_to_launcher, shutdown,
+    init_runtime, is_main_rank, launched_world_size, report_to_launcher, shutdown, wait_for_launcher_stop,
 )
 from dvtrain.rundir import RunDir
 from dvtrain.paths import PathError, check_folder, check_length, read_json_object
@@ -283,11 +283,14 @@ def storage_failure(exc: OSError, then: str) -> int:
 
 def refuse(exc: DvtrainError, every_rank_alike: bool = True) -> int:
     """Print a refusal as one line and return exit status 2. A refusal every rank reaches alike (config,
-    launch, run directory) is printed by rank 0 only; every rank also hands the line to the launcher
+    launch, run directory) is printed by rank 0 only, and the other ranks exit after rank 0 (they wait for
+    the launcher's SIGTERM, `wait_for_launcher_stop`); every rank also hands the line to the launcher
     (torchrun's error file), so its failure summary names the problem instead of a bare exit code."""
     line = f"dvtrain: error: {exc}"
     if is_main_rank() or not every_rank_alike:
         print(line, file=sys.stderr, flush=True)
+    else:
+        wait_for_launcher_stop()  # rank 0 exits first: its line is printed whole and is the launcher's root cause
     report_to_launcher(line)
     return EXIT_USER_ERROR
 

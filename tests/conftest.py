@@ -143,3 +143,13 @@ def ensemble():
         return [fit(build_submodel(Config(), data, i), data.x_train, data.y_train, seed=i) for i in range(3)], data
     finally:
         torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most `slow` tests first (stable otherwise): the default run spreads whole files over two
+    xdist workers (pyproject's addopts), and a long file handed out last would leave one worker running it
+    alone for minutes while the other idles."""
+    slow = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])

@@ -157,11 +157,10 @@ def test_a_failing_rank_stops_every_rank_quickly(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("ensemble.size=2", "launched 3 processes for ensemble.size=2; launch at most 2 processes, or a multiple of 2"),
-    # Flaky since this stop's merge (about half the runs on 2026-12-05, AVX-512 EPYC): torchrun's summary then
-    # lacks its "Root Cause" section although rank 0 printed the line once. Cause not found yet; left visible
-    # as a non-strict xfail rather than hidden, with the finding in the stop's note.
-    pytest.param("dverge.eps=2", "dverge.eps=2.0 must be in [0, 1]",
-                 marks=pytest.mark.xfail(strict=False, reason="torchrun's summary sometimes has no Root Cause section")),
+    # Was flaky (about half the runs on 2026-12-05): every rank refused at once and torchrun SIGTERMed the others
+    # when the first exited, so rank 0 was at times stopped before, while or after printing. The other ranks now
+    # wait for that SIGTERM (runtime.wait_for_launcher_stop): rank 0 always exits first.
+    ("dverge.eps=2", "dverge.eps=2.0 must be in [0, 1]"),
 ])
 def test_a_refusal_of_every_rank_is_printed_once_and_ends_the_launchers_summary(override, message, tmp_path):
     """Ranks neither below nor a multiple of the submodels, or a bad value: rank 0 prints the line once (the
@@ -173,6 +172,7 @@ def test_a_refusal_of_every_rank_is_printed_once_and_ends_the_launchers_summary(
     assert printed == [f"dvtrain: error: {message}" + printed[0].split(message, 1)[1]], done.stderr
     root_cause = done.stderr.split("Root Cause")[1]
     assert f"traceback : dvtrain: error: {message}" in root_cause and "exitcode  : 2" in root_cause
+    assert "rank      : 0 " in root_cause  # the rank that printed the line exited first
     assert not (tmp_path / "run").exists()
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dvtrain.config import Config
@@ -45,16 +46,41 @@ def is_main_rank() -> bool:
 def report_to_launcher(line: str) -> None:
     """Hand a one-line error to torchrun (its TORCHELASTIC_ERROR_FILE, in the format torch's elastic
     error handler writes), so the launcher's failure summary shows that line instead of "To enable
-    traceback see ...". Nothing happens outside a torchrun launch."""
+    traceback see ...". The file is written whole or not at all: torchrun reads it once the rank has
+    exited, and a half-written one (a rank stopped by the launcher's SIGTERM mid-write) makes its agent
+    fail on the JSON with no summary at all. Nothing happens outside a torchrun launch."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
+    from dvtrain import storage
+
     record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
     try:
-        with open(path, "w") as f:
-            json.dump(record, f)
-    except OSError:
+        storage.write_atomic(Path(path), json.dumps(record), "torchrun's error file")
+    except (OSError, DvtrainError):
         pass  # the line was printed already; the launcher then shows its generic summary
+
+
+# How long a rank that refused alike waits for the launcher to stop it (see `wait_for_launcher_stop`): as long
+# as torchrun itself gives a SIGTERMed rank before its SIGKILL, so the wait never outlasts the launcher's own.
+LAUNCHER_STOP_WAIT_S = 30.0
+
+
+def wait_for_launcher_stop() -> None:
+    """On a rank other than 0 of a multi-process launch, after a refusal every rank reaches alike: wait
+    until the launcher stops this rank (its SIGTERM, consumed here) or LAUNCHER_STOP_WAIT_S pass.
+
+    Why: rank 0 alone prints such a refusal. Every rank reaches it at about the same moment, and torchrun
+    SIGTERMs the other ranks as soon as the first one exits; if that first one is not rank 0, rank 0 is
+    stopped before, while or after printing — seen as no line at all, "stopped by SIGTERM" instead of the
+    refusal, or a half-written error file. Waiting here makes rank 0 the first to exit, so its line is
+    printed once and is the root cause of torchrun's summary. Returns at once in one process."""
+    import signal
+
+    if launched_world_size() == 1 or is_main_rank():
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # pending, not fatal, until consumed below
+    signal.sigtimedwait({signal.SIGTERM}, LAUNCHER_STOP_WAIT_S)
 
 
 def init_runtime(cfg: Config, whole_ensemble: bool = False) -> tuple[Placement, torch.device]:
