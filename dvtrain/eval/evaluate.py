@@ -10,6 +10,7 @@ trained by a function the caller hands in (`SurrogateTrainer`), so evaluation im
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
+from dvtrain.eval.attack_registry import check_names
 from dvtrain.eval.budget import reduced_budget_note
 from dvtrain.eval.blackbox import check_attacks
 from dvtrain.eval.progress import Phases
@@ -59,6 +61,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     run = RunDir(run_dir)
     check_section(tcfg, "eval.transfer.")
     check_attacks(tcfg)  # against the transfer-attack registry, with the closest name for a typo
+    check_names(dataclasses.replace(cfg.eval, transfer=tcfg))  # the white-box attack lists, against theirs
     stages = finished_stages(run.path, cfg, stages)
     data = load_dataset(cfg.data).to(device)
     main = is_main(share)

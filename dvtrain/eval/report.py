@@ -32,12 +32,11 @@ RESULTS_MD = rundir.RESULTS_MD
 TRAIN_TABLE, EVAL_TABLE = "train", "eval"  # the row field "table": which command produced the row
 WORST_CASE = "worst_case"
 # Attacks whose name does not say the norm (they run at several): metric names add it.
-NORM_SUFFIXED = (*(name for name, a in ATTACKS.items() if a.norm == EACH_AUTOATTACK_NORM), WORST_CASE)
 BLACKBOX_PREFIX = "bb_"
 TRANSFER_OFFDIAG = "transfer_offdiag"
 MIXTURE = "mixture"
 NOT_COMPARABLE = "†"  # a number on another basis than the rest of its column (tables and figures alike)
-_HEADERS = {name: a.header for name, a in ATTACKS.items()} | {WORST_CASE: "**Worst case**"}
+WORST_CASE_HEADER = "**Worst case**"
 _NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
 
 
@@ -95,12 +94,19 @@ def record_training_table(run_dir: Path, cfg: Config, stage: str, rows: list[dic
 def metric_name(attack: str, norm: str | None) -> str:
     """A row's metric name: the attack, with the norm added where the name does not say it
     (autoattack_linf, worst_case_l2); what W&B summaries and `dvtrain compare` use."""
-    return f"{attack}_{norm.lower()}" if attack in NORM_SUFFIXED and norm else attack
+    return f"{attack}_{norm.lower()}" if norm_suffixed(attack) and norm else attack
+
+
+def norm_suffixed(attack: str) -> bool:
+    """Whether an attack's name does not say its norm (it runs at several: AutoAttack; the worst case), so
+    that its metric names add it. Reads the registered records without loading plug-ins (no torch here)."""
+    record = ATTACKS.get(attack)
+    return attack == WORST_CASE or (record is not None and record.norm == EACH_AUTOATTACK_NORM)
 
 
 METRIC_ORDER = (
     *(metric_name(WORST_CASE, n) for n in ("Linf", "L2")),
-    *(m for a in ATTACKS for m in ([metric_name(a, n) for n in ("Linf", "L2")] if a in NORM_SUFFIXED else [a])),
+    *(m for a in ATTACKS for m in ([metric_name(a, n) for n in ("Linf", "L2")] if norm_suffixed(a) else [a])),
     BLACKBOX_PREFIX + "all",
     TRANSFER_OFFDIAG,
 )  # then any other metric (a plug-in table's, an older release's), by name
@@ -205,13 +211,16 @@ def stage_order(stages, trained: list[str] | tuple[str, ...] = ()) -> list[str]:
 
 def attack_header(attack: str) -> str:
     """An attack's name in tables and figures ("PGD margin", "AutoAttack")."""
-    return _HEADERS.get(attack, attack)
+    if attack == WORST_CASE:
+        return WORST_CASE_HEADER
+    record = ATTACKS.get(attack)  # a plug-in's record once its entry point is loaded (dvtrain eval loads them)
+    return attack if record is None else record.header
 
 
 def _column_label(attack: str, norm: str | None, eps: float) -> str:
     if norm is None:
-        return f"{_HEADERS.get(attack, attack)} (%)"
-    return f"{_HEADERS.get(attack, attack)} {_NORM_SYMBOL.get(norm, norm)} ε={format_eps(eps)} (%)"
+        return f"{attack_header(attack)} (%)"
+    return f"{attack_header(attack)} {_NORM_SYMBOL.get(norm, norm)} ε={format_eps(eps)} (%)"
 
 
 def _accuracy_cell(row: dict | None) -> str:

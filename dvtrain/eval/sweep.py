@@ -31,7 +31,6 @@ from dvtrain.eval.whitebox import LINF, MIXTURE, Cell, robust_mask
 from dvtrain.rng import derive_seed, stream
 
 CLEAN = "clean"
-MIXTURE_ONLY = ("autoattack", "adaptive")  # too costly for every submodel at every ε; the mixture is the claim
 
 
 def sweep_config(cfg: EvalConfig, eps: float) -> EvalConfig:
@@ -44,7 +43,8 @@ def sweep_config(cfg: EvalConfig, eps: float) -> EvalConfig:
 
 def sweep_attacks(model: str, cfg: EvalConfig) -> list[str]:
     """The attacks of eval.transfer.sweep_attacks that run on `model` ("sub<i>" or "mixture")."""
-    return [a for a in cfg.transfer.sweep_attacks if model == MIXTURE or a not in MIXTURE_ONLY]
+    return [a for a in cfg.transfer.sweep_attacks
+            if model == MIXTURE or not (registry.attack(a).sweep_mixture_only or registry.attack(a).mixture_only)]
 
 
 def epsilon_sweeps(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, cfg: EvalConfig, seed: int,

@@ -34,7 +34,7 @@ from dvtrain.config import EvalConfig
 from dvtrain.digest import images_digest
 from dvtrain.distributed.placement import LocalPlacement, Placement
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.attack_registry import ATTACKS, L2, LINF, attack
+from dvtrain.eval.attack_registry import L2, LINF, attack
 from dvtrain.eval.progress import Phases
 from dvtrain.eval.share import Share, Tasks
 from dvtrain.eval.stats import PERCENT, accuracy_fields, wilson_interval
@@ -43,7 +43,6 @@ from dvtrain.rng import derive_seed, stream
 
 WORST_CASE = "worst_case"
 MIXTURE = "mixture"
-MIXTURE_ONLY = tuple(name for name, a in ATTACKS.items() if a.mixture_only)  # attacks that exist only for an ensemble
 
 
 class NonFiniteOutput(DvtrainError):
@@ -259,7 +258,7 @@ def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: 
             per_seed = per_seed[:1]
         n = cell_size(cell, cfg, n_images)
         accs = [PERCENT * v / n for v in per_seed]
-        rows.append({"stage": stage, "model": name, "attack": cell.attack, "code": ATTACKS[cell.attack].code(),
+        rows.append({"stage": stage, "model": name, "attack": cell.attack, "code": attack(cell.attack).code(),
                      "norm": cell.norm, "eps": float(cell.eps), "budget": cell_budget(cell, cfg, n_images)}
                     | accuracy_fields(accs, n))
     eps = {c.norm: c.eps for c in columns}
@@ -267,7 +266,7 @@ def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: 
     for (norm, n), count in zip(sizes.items(), values[len(columns) * cfg.seeds :]):
         low, high = wilson_interval(count, n)
         of = [c.attack for c in columns if c.norm == norm]
-        rows.append({"stage": stage, "model": name, "attack": WORST_CASE, "code": ",".join(ATTACKS[a].code() for a in of),
+        rows.append({"stage": stage, "model": name, "attack": WORST_CASE, "code": ",".join(attack(a).code() for a in of),
                      "norm": norm, "eps": float(eps[norm]),
                      "budget": worst_case_budget(norm, columns, cfg, n_images), "accuracy": PERCENT * count / n, "n": n, "ci_low": low, "ci_high": high,
                      "of": of})
@@ -305,7 +304,7 @@ def stage_plan(stage: str, submodels: list[nn.Module], x: Tensor, y: Tensor, eva
     test_split = images_digest(x, y)  # the split the table's images are drawn from, as a whole
     if eval_cfg.num_examples > 0:
         x, y = x[: eval_cfg.num_examples], y[: eval_cfg.num_examples]
-    columns = cells([a for a in attacks if a not in (*MIXTURE_ONLY, *eval_cfg.mixture_only)], eval_cfg)
+    columns = cells([a for a in attacks if not attack(a).mixture_only and a not in eval_cfg.mixture_only], eval_cfg)
     return StagePlan(stage, submodels, x, y, test_split, columns, cells(attacks, eval_cfg), eval_cfg, seed)
 
 
