@@ -26,7 +26,8 @@ from dvtrain.paths import read_text
 from dvtrain.stages import StageSpec, register_built_in
 
 # Choices are Literal types: the validator checks a value against them and lists them in its message.
-# (The stages are not a Literal: they come from the registry, `dvtrain.stages`, plug-ins included.)
+# (The stages and the attacks are not Literals: they come from registries, `dvtrain.stages` and
+# `dvtrain.eval.attack_registry` / `dvtrain.eval.attacks.transfer`, plug-ins included.)
 DatasetName = Literal["digits", "fashion_mnist", "cifar10"]
 Arch = Literal["conv", "resnet20"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]

@@ -174,3 +174,13 @@ def test_a_gather_appears_only_in_eval_share():
         for collective in ("torch.distributed", "all_gather_object", "dist.all_gather", "broadcast_object_list",
                            "share.gather(", ".gather(mine)"):
             assert collective not in text, (path.name, collective)
+
+
+def test_the_store_validates_every_built_in_table_s_section():
+    """dvtrain/results.py (core: it imports no evaluation) validates the per-stage sections by name; they are
+    the built-in tables' (a plug-in table's section is stored and read back, not validated)."""
+    from dvtrain import results
+    from dvtrain.eval.tables import registry
+
+    built_in = [registry.tables()[k].name for k in range(len(registry.BUILT_IN))]
+    assert set(results.STAGE_SECTIONS) == {*built_in, "plots"} - {results.ROWS}
