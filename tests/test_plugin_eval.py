@@ -80,3 +80,11 @@ def test_an_unknown_attack_name_is_refused_before_any_work_with_the_closest_one(
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "eval.full_attacks: unknown attack 'bim_linff'" in done.stderr
     assert "did you mean 'bim_linf'?" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_compare_reads_a_plugin_number_from_w_and_b_without_inventing_an_eps():
+    from dvtrain.report.compare import metric_at_eps
+
+    config = {"eval.eps": 0.1, "eval.l2_eps": 0.5, "eval.transfer.eps": 0.1}
+    assert metric_at_eps("agreement", config) == ("agreement", None, True)  # it has no ε: none is taken from the config
+    assert metric_at_eps("pgd_linf", config) == ("pgd_linf", 0.1, False)  # an earlier release's name: the config's, marked

@@ -266,7 +266,8 @@ def metric_at_eps(metric: str, config: dict[str, object]) -> tuple[str, float | 
             return name, float(eps), True
         except ValueError:
             pass
-    if metric == "clean":
+    if metric == "clean" or not (metric in METRIC_ORDER or metric.startswith(BLACKBOX_PREFIX)):
+        # Clean has no ε; a metric earlier releases never wrote (a plug-in table's) was named with its ε if it had one.
         return metric, None, True
     return metric, metric_eps(metric, config), False
 
