@@ -105,7 +105,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     results = update_results(run.path, cfg, change)
     # Results are written: what follows only reports them.
     log_evaluation(cfg, run.path, results)
-    print(results_markdown(new[ROWS], new.get("checks", {}), cfg.stages) + "\n" + evaluation_markdown(results),
+    print(results_markdown(new.get(ROWS, []), new.get("checks", {}), cfg.stages) + "\n" + evaluation_markdown(results),
           flush=True)
     return results
 
