@@ -343,7 +343,7 @@ def plan_rows(plan: StagePlan, masks: dict[str, dict[tuple[int, int, int], Tenso
     n = len(plan.y)
     rows = []
     for name, (_, columns) in plan.models().items():
-        values = _values(_assemble(masks[name], columns, plan.cfg, n), columns, plan.cfg.seeds).tolist()
+        values = _values(_assemble(masks.get(name, {}), columns, plan.cfg, n), columns, plan.cfg.seeds).tolist()  # none: no columns
         rows += _rows(plan.stage, name, values, columns, plan.cfg, n)
     return _with_images(rows, plan.x, plan.y, plan.test_split)
 
