@@ -21,17 +21,16 @@ class ChecksTable(Table):
         from dvtrain.mixture import Mixture
 
         cfg = suite.cfg
-        probes: dict = {}
         if not cfg.eval.checks.enabled:
-            return probes
-        for stage, submodels in suite.loaded.items():
-            def probe(_: str, submodels=submodels) -> dict:
-                return masking_probe(Mixture(submodels), suite.data.x_test, suite.data.y_test, cfg.eval, cfg.seed)
+            return {}
+        stages = list(suite.loaded)
 
-            # One task per stage: its two PGD runs of checks.long_steps iterations.
-            (probes[stage],) = yield Tasks([stage], [2.0 * cfg.eval.checks.long_steps], probe, None,
-                                           f"{stage} gradient-masking checks")
-        return probes
+        def probe(stage: str) -> dict:
+            return masking_probe(Mixture(suite.loaded[stage]), suite.data.x_test, suite.data.y_test, cfg.eval, cfg.seed)
+
+        # A task per stage (its two PGD runs of checks.long_steps iterations), shared out like any other.
+        done = yield Tasks(stages, [2.0 * cfg.eval.checks.long_steps] * len(stages), probe, None, "gradient-masking checks")
+        return dict(zip(stages, done))
 
     def assemble(self, suite: Suite, done: dict, new: dict) -> dict:
         from dvtrain.eval.checks import masking_checks
