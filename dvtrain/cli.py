@@ -219,9 +219,11 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
     `stages` or already finished in the run; the run's checkpoints are of this architecture and ensemble
     size; W&B can log in the mode asked for. `run_dir` None: a new run, with no checkpoints yet."""
     from dvtrain import checkpoint, prechecks
+    from dvtrain.eval.attack_registry import check_names
     from dvtrain.tracking import resolve_mode
 
     resolve_mode(cfg.logging)
+    check_names(cfg.eval)  # the attack lists name registered attacks (plug-ins' included)
     for k, stage in enumerate(cfg.stages):
         if run_dir is not None:
             check_folder(RunDir(run_dir).checkpoints(stage), "checkpoint folder", "move that file away")

@@ -26,7 +26,8 @@ from dvtrain.paths import read_text
 from dvtrain.stages import StageSpec, register_built_in
 
 # Choices are Literal types: the validator checks a value against them and lists them in its message.
-# (The stages are not a Literal: they come from the registry, `dvtrain.stages`, plug-ins included.)
+# (The stages and the attacks are not Literals: they come from registries, `dvtrain.stages` and
+# `dvtrain.eval.attack_registry` / `dvtrain.eval.attacks.transfer`, plug-ins included.)
 DatasetName = Literal["digits", "fashion_mnist", "cifar10"]
 Arch = Literal["conv", "resnet20"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
@@ -292,9 +293,6 @@ class TrsConfig(StageConfig):
     optim: OptimConfig = field(default_factory=lambda: _baseline_adam([40, 80]))  # StepLR every 40 epochs
 
 
-# White-box attacks the ε sweep can run (all L∞; a subset of WhiteboxAttack, checked in tests/test_attack_registry.py).
-SweepAttack = Literal["fgsm", "pgd_linf", "pgd_linf_margin", "pgd_linf_dlr", "autoattack", "adaptive"]
-SWEEP_ATTACKS = typing.get_args(SweepAttack)
 # Black-box transfer attacks (dvtrain.eval.blackbox) and their losses (dvtrain.attacks.attack_loss).
 BlackboxLoss = Literal["ce", "cw"]
 # The paper's transfer attacks (the default of eval.transfer.blackbox_attacks). The names are records of
@@ -324,7 +322,9 @@ class TransferConfig:
     # White-box attacks of the ε sweep (dvtrain.eval.sweep), L∞ at every ε of `sweep_eps` on the black-box
     # protocol's images; the sweep's worst case per image is over all of them. autoattack and adaptive run
     # on the mixture only (their cost); the CIFAR-10 configs list the strong set, the default is cheap.
-    sweep_attacks: list[SweepAttack] = ranged(factory=lambda: ["pgd_linf", "pgd_linf_margin"], nonempty=True)
+    # Names of white-box attack records (dvtrain.eval.attack_registry, plug-ins included), checked by
+    # `dvtrain eval` before any work, with the closest name for a typo; each must be an L∞ attack.
+    sweep_attacks: list[str] = ranged(factory=lambda: ["pgd_linf", "pgd_linf_margin"], nonempty=True)
     # Black-box transfer (dvtrain.eval.blackbox; the paper's §5 protocol): surrogate ensembles of plain
     # classifiers of the run's architecture, one per size (reference: 3, 5 and 8), each a vanilla-stage run
     # with its own seed derived from `seed`; None epochs = vanilla.epochs.
@@ -351,14 +351,9 @@ class TransferConfig:
     sgm_gamma: float = ranged(0.2, ge=0, le=1, note="1: the plain gradient")
 
 
-# White-box attacks of the tables (dvtrain.eval.whitebox): "_margin" / "_dlr" use the CW margin / DLR loss
-# instead of cross-entropy; "autoattack" runs at each norm of eval.autoattack.norms.
-WhiteboxAttack = Literal["clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin", "pgd_l2_margin", "pgd_linf_dlr",
-                         "pgd_l2_dlr", "autoattack", "adaptive"]
 AutoAttackVersion = Literal["standard", "rand", "custom"]
 AutoAttackName = Literal["apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square"]  # pyautoattack's names
 AutoAttackNorm = Literal["Linf", "L2"]
-WHITEBOX_ATTACKS = typing.get_args(WhiteboxAttack)
 AUTOATTACK_VERSIONS = typing.get_args(AutoAttackVersion)
 AUTOATTACK_ATTACKS = typing.get_args(AutoAttackName)
 AUTOATTACK_NORMS = typing.get_args(AutoAttackNorm)
@@ -463,15 +458,18 @@ class EvalConfig:
     # may train for hours while a rank with less work waits; dist.timeout_s bounds training's collectives).
     task_timeout_s: float = ranged(7 * 24 * 3600.0, gt=0, le=TIMEOUT_MAX_S, note="seconds")
     # The training run's table after each stage (keep it fast) and `dvtrain eval`'s table. Each table
-    # adds the worst case per image of what it ran.
-    attacks: list[WhiteboxAttack] = ranged(
+    # adds the worst case per image of what it ran. The names are white-box attack records
+    # (dvtrain.eval.attack_registry: "_margin" / "_dlr" use the CW margin / DLR loss instead of
+    # cross-entropy, "autoattack" runs at each norm of eval.autoattack.norms; plug-ins' records too),
+    # checked before any work by training and `dvtrain eval`, with the closest name for a typo.
+    attacks: list[str] = ranged(
         factory=lambda: ["clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin"], nonempty=True)
-    full_attacks: list[WhiteboxAttack] = ranged(factory=lambda: [
+    full_attacks: list[str] = ranged(factory=lambda: [
         "clean", "fgsm", "pgd_linf", "pgd_l2", "pgd_linf_margin", "pgd_l2_margin", "autoattack", "adaptive"],
         nonempty=True)
     # Attacks of full_attacks run on the mixture only (the headline model), not on each submodel: a
     # quick budget's choice for the costly ones (docs/evaluation.md, "Budgets"). "adaptive" always is.
-    mixture_only: list[WhiteboxAttack] = ranged(factory=list, note="empty: every attack on every model")
+    mixture_only: list[str] = ranged(factory=list, note="empty: every attack on every model")
     # Randomised attacks (random starts) are repeated with this many seeds; rows give mean ± s.d.
     seeds: int = ranged(1, ge=1, le=COUNT_MAX)
     autoattack: AutoAttackConfig = field(default_factory=AutoAttackConfig)

@@ -7,21 +7,27 @@ import pytest
 import torch
 from torch import nn
 
-from dvtrain.config import SWEEP_ATTACKS, WHITEBOX_ATTACKS, AdaptiveConfig, AutoAttackConfig, EvalConfig
+from dvtrain.config import AdaptiveConfig, AutoAttackConfig, EvalConfig, TransferConfig
+from dvtrain.errors import DvtrainError
 from dvtrain.eval.attack_registry import (
-    ALWAYS, ATTACKS, EACH_AUTOATTACK_NORM, L2, LINF, NEVER, WITH_RANDOM_START, attack,
+    ALWAYS, ATTACKS, EACH_AUTOATTACK_NORM, L2, LINF, NEVER, WITH_RANDOM_START, attack, check_names,
 )
 from dvtrain.eval.whitebox import Cell, robust_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_config_names_are_the_registry_s():
-    assert WHITEBOX_ATTACKS == tuple(ATTACKS)  # same names, same order (metric order follows it)
-    assert set(SWEEP_ATTACKS) <= set(ATTACKS)
-    assert all(attack(a).norm in (LINF, EACH_AUTOATTACK_NORM) for a in SWEEP_ATTACKS)  # the sweep is L∞
+def test_the_config_s_attack_lists_are_checked_against_the_registry():
+    cfg = EvalConfig(full_attacks=list(ATTACKS), transfer=TransferConfig(sweep_attacks=["pgd_linf", "autoattack", "adaptive"]))
+    check_names(cfg)  # every default and every registered name passes
     with pytest.raises(ValueError, match="unknown attack 'pgd_linf_typo'; choose from clean, fgsm"):
         attack("pgd_linf_typo")
+    with pytest.raises(DvtrainError, match="^eval.full_attacks: unknown attack 'pgd_linf_margn'; .*did you mean 'pgd_linf_margin'"):
+        check_names(EvalConfig(full_attacks=["clean", "pgd_linf_margn"]))
+    with pytest.raises(DvtrainError, match="^eval.mixture_only: unknown attack 'autoatack'; .*did you mean 'autoattack'"):
+        check_names(EvalConfig(mixture_only=["autoatack"]))
+    with pytest.raises(DvtrainError, match="^eval.transfer.sweep_attacks: 'pgd_l2' is not an L∞ attack"):
+        check_names(EvalConfig(transfer=TransferConfig(sweep_attacks=["pgd_l2"])))
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))

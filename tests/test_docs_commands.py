@@ -24,8 +24,10 @@ from dvtrain import cli
 from dvtrain.config import load_config
 
 # docs/write_a_stage.md trains a plug-in stage, which this process has not registered: its commands are run,
-# in a process that sees the plug-in, by test_the_write_a_stage_page_runs_as_written.
+# in a process that sees the plug-in, by test_the_write_a_stage_page_runs_as_written. docs/extending.md's
+# example evaluates with plug-in attacks and a plug-in table: test_the_extending_page_runs_as_written.
 WRITE_A_STAGE = REPO / "docs" / "write_a_stage.md"
+EXTENDING = REPO / "docs" / "extending.md"
 DOCS = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p != WRITE_A_STAGE)]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"`([^`]+)`")
@@ -154,3 +156,20 @@ def test_the_write_a_stage_page_runs_as_written(tmp_path):
         assert all(a[k].equal(b[k]) for k in a)
     assert json.loads((tmp_path / "runs" / "ncl" / "results.json").read_text())["stages"]["ncl"]["epochs"] == 4
     assert "ncl" in done.stdout
+
+
+def test_the_extending_page_runs_as_written(tmp_path):
+    """docs/extending.md's shell block, run as a user would from a checkout: its plug-in table and attacks
+    (tests/plugins/dvtrain_extras_*) show in results.md and in `dvtrain compare --all`, as the page says."""
+    (block,) = [b for b in FENCE.findall(EXTENDING.read_text(encoding="utf-8")) if "dvtrain eval" in b]
+    for name in ("tests", "launch"):
+        (tmp_path / name).symlink_to(REPO / name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                                                          os.environ.get("PATH", "")]),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(["bash", "-euc", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    md = (tmp_path / "runs" / "extras" / "results.md").read_text()
+    assert "## Submodel agreement" in md and "BIM L∞" in md and "ens2 FGSM CE" in md
+    compared = done.stdout[done.stdout.rindex("results: "):]  # after `dvtrain eval`'s last line: compare's table
+    assert "agreement" in compared.split("\n", 1)[1]

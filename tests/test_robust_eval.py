@@ -199,7 +199,7 @@ def test_load_mixture_reproduces_the_clean_accuracy_of_results_json(run):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("eval.full_attacks=[clean,pgd_linf,foo]", r"eval.full_attacks\[2\]='foo' must be one of clean, fgsm"),
+    ("eval.full_attacks=[clean,pgd_linf,foo]", "eval.full_attacks: unknown attack 'foo'; choose from clean, fgsm"),
     ("eval.eps=1.5", r"eval.eps=1.5 must be in \[0, 1\]"),
     ("eval.autoattack.version=plus", "eval.autoattack.version='plus' must be one of"),
 ])

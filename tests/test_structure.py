@@ -2,7 +2,10 @@
 a stage loop that owns the frame around a stage's step, and imports that point one way (no circle)."""
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from dvtrain import stages
@@ -128,12 +131,38 @@ def test_the_results_store_imports_no_torch_and_nothing_of_evaluation():
 
 def test_reporting_imports_no_torch_and_no_training():
     """dvtrain/report/ (compare, the offline W&B reader) computes nothing: no torch, no training code, and
-    nothing of evaluation but its renderers and figure style (dvtrain.eval.report, dvtrain.eval.plots)."""
+    nothing of evaluation but its renderers, figure style and the table registry (whose records import
+    their attack code only when they run). Also at run time: reading every table's numbers and markdown
+    loads no torch."""
     for path in (PACKAGE / "report").glob("*.py"):
         for module, _ in _imports(path):
             assert not module.startswith(("torch", "dvtrain.train")), (path.name, module)
-            assert not module.startswith("dvtrain.eval") or module in ("dvtrain.eval.report", "dvtrain.eval.plots"), (
-                path.name, module)
+            assert not module.startswith("dvtrain.eval") or module in (
+                "dvtrain.eval.report", "dvtrain.eval.plots", "dvtrain.eval.tables"), (path.name, module)
+    probe = ("import sys; import dvtrain.report.compare; from dvtrain.eval.tables import registry; "
+             "tables = registry.tables(); [t.numbers({}) for t in tables]; "
+             "print(len(tables), 'torch' in sys.modules, 'matplotlib' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert done.returncode == 0, done.stderr
+    count, torch_loaded, matplotlib_loaded = done.stdout.split()
+    assert int(count) >= 6 and torch_loaded == "False" and matplotlib_loaded == "False", done.stdout
+
+
+def test_no_table_imports_another():
+    """Each table of `dvtrain eval` is one record behind the contract (dvtrain/eval/tables/contract.py): a
+    table module imports the contract, never another table (it reads their entries in `assemble`)."""
+    folder = PACKAGE / "eval" / "tables"
+    table_modules = {_module(p) for p in folder.glob("*.py")} - {
+        "dvtrain.eval.tables", "dvtrain.eval.tables.contract", "dvtrain.eval.tables.registry"}
+    assert {m.rsplit(".", 1)[1] for m in table_modules} >= {"whitebox", "transfer", "blackbox", "sweep", "diversity", "checks"}
+    for path in folder.glob("*.py"):
+        if _module(path) not in table_modules:
+            continue
+        for module, names in _imports(path):
+            imported = {module} | {f"{module}.{n}" for n in names}
+            assert not imported & (table_modules - {_module(path)}), (path.name, module)
+            assert module != "dvtrain.eval.tables.registry", (path.name, "a table does not look others up")
 
 
 def test_a_gather_appears_only_in_eval_share():
@@ -142,5 +171,16 @@ def test_a_gather_appears_only_in_eval_share():
         if path.name == "share.py":
             continue
         text = path.read_text()
-        for collective in ("torch.distributed", "all_gather_object", "dist.all_gather", "broadcast_object_list"):
+        for collective in ("torch.distributed", "all_gather_object", "dist.all_gather", "broadcast_object_list",
+                           "share.gather(", ".gather(mine)"):
             assert collective not in text, (path.name, collective)
+
+
+def test_the_store_validates_every_built_in_table_s_section():
+    """dvtrain/results.py (core: it imports no evaluation) validates the per-stage sections by name; they are
+    the built-in tables' (a plug-in table's section is stored and read back, not validated)."""
+    from dvtrain import results
+    from dvtrain.eval.tables import registry
+
+    built_in = [registry.tables()[k].name for k in range(len(registry.BUILT_IN))]
+    assert set(results.STAGE_SECTIONS) == {*built_in, "plots"} - {results.ROWS}

@@ -1,7 +1,12 @@
 """Every white-box attack of the tables, declared once: its name (config, results.json), norm, loss,
 whether it draws random numbers, its table header, and how it runs. `dvtrain.eval.whitebox` (columns,
 seeds, budgets, runs), `dvtrain.eval.report` (headers, metric names) and `dvtrain.eval.sweep` read it;
-config.WhiteboxAttack lists the same names (tests/test_attack_registry.py checks that they agree).
+the config's attack lists (eval.attacks, eval.full_attacks, eval.mixture_only, eval.transfer.sweep_attacks)
+are checked against it before any work (`check_names`, with the closest name for a typo).
+
+Attacks come from dvtrain (below), from entry points of the group `dvtrain.attacks` of the installed
+packages (each names a record: a `WhiteboxAttack`, registered here, or a transfer attack, which
+`dvtrain.eval.attacks.transfer` registers from the same group), and from `register(...)` calls.
 
 Runners come in two kinds: `perturb(model, x, y, eps, cfg, generator, submodels, placement)` returns
 adversarial images [N, C, H, W] for one batch (repeated over eval.restarts when `restarts`), and
@@ -16,11 +21,14 @@ pyautoattack) when it first runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from dvtrain.config import EvalConfig
+from dvtrain.errors import DvtrainError
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +41,8 @@ if TYPE_CHECKING:
     Robust = Callable[[nn.Module, Tensor, Tensor, str, float, EvalConfig, int], Tensor]
 
 LINF, L2 = "Linf", "L2"
+ENTRY_POINT_GROUP = "dvtrain.attacks"
+TRANSFER_KIND = "transfer"  # the `kind` of `dvtrain.eval.attacks.transfer`'s records
 AUTOATTACK_STANDARD_RUNS = 4  # APGD-CE, APGD-T, FAB-T, Square (Croce & Hein, ICML 2020)
 AUTOATTACK_LIBRARY_ITERATIONS = 100  # pyautoattack's default n_iter
 EACH_AUTOATTACK_NORM = "eval.autoattack.norms"  # the attack runs once per norm listed there
@@ -57,6 +67,8 @@ class WhiteboxAttack:
     robust: Robust | None = None
     restarts: bool = False
     mixture_only: bool = False
+    # The ε sweep runs it on the mixture only (it costs tens of PGD runs; the claim is the mixture's).
+    sweep_mixture_only: bool = False
     # What besides the threat model, its images and seeds determines its number (results.json's budget).
     budget: Callable[[EvalConfig, str | None], str] | None = None
     # How many of the table's first images it runs on (0: all of them).
@@ -161,14 +173,93 @@ ATTACKS: dict[str, WhiteboxAttack] = {a.name: a for a in (
     _pgd_record("pgd_l2_dlr", L2, "dlr", "PGD DLR"),
     WhiteboxAttack("autoattack", EACH_AUTOATTACK_NORM, None, ALWAYS, "AutoAttack", robust=_autoattack,
                    budget=_autoattack_budget, max_images=lambda cfg: cfg.autoattack.num_examples,
-                   passes=_autoattack_passes),
+                   passes=_autoattack_passes, sweep_mixture_only=True),
     WhiteboxAttack("adaptive", LINF, "ce", ALWAYS, "Adaptive", perturb=_adaptive, mixture_only=True,  # after MORA
-                   budget=_adaptive_budget, passes=_adaptive_passes),
+                   sweep_mixture_only=True, budget=_adaptive_budget, passes=_adaptive_passes),
 )}
 
 
-def attack(name: str) -> WhiteboxAttack:
-    """The record of `name`; ValueError for an unknown one."""
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
-    return ATTACKS[name]
+class AttackRegistryError(DvtrainError, ValueError):
+    """An unknown attack name, or a record that cannot be registered (one line: what, and the fix)."""
+
+
+_entry_points_loaded = False
+
+
+def register(record: WhiteboxAttack) -> WhiteboxAttack:
+    """Add a white-box attack from outside dvtrain (the same record again is a no-op). Processes started by
+    a launcher see it only if they run this call too: publish it as an entry point of the group
+    `dvtrain.attacks` for that. Raises AttackRegistryError for a name another record has, or a record
+    that is not a WhiteboxAttack."""
+    load_entry_points()
+    _add(record, "register()")
+    return record
+
+
+def _add(record: object, source: str) -> None:
+    if not isinstance(record, WhiteboxAttack):
+        raise AttackRegistryError(f"{record!r} ({source}) is not a dvtrain.eval.attack_registry.WhiteboxAttack")
+    if not record.name.isidentifier():
+        raise AttackRegistryError(f"attack name {record.name!r} ({source}) must be an identifier (it names metrics)")
+    taken = ATTACKS.get(record.name)
+    if taken is not None and taken is not record:
+        raise AttackRegistryError(f"attack {record.name!r} is registered twice ({source}); rename one of them")
+    if (record.perturb is None) + (record.robust is None) != (2 if record.norm is None else 1):
+        raise AttackRegistryError(f"attack {record.name!r} ({source}) needs exactly one of perturb and robust "
+                                  "(neither for clean images, norm None)")
+    ATTACKS[record.name] = record
+
+
+def load_entry_points() -> None:
+    """Register the white-box records the entry points of group `dvtrain.attacks` name (once per process)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            record = point.load()
+        except Exception as exc:  # a broken plug-in names itself instead of failing somewhere later
+            raise AttackRegistryError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} "
+                                      f"cannot be loaded ({type(exc).__name__}: {exc}); fix or uninstall that package") from exc
+        if getattr(record, "name", None) != point.name:
+            raise AttackRegistryError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} must "
+                                      f"name an attack record called {point.name!r}")
+        if isinstance(record, WhiteboxAttack):
+            _add(record, f"entry point {point.value}")
+        elif getattr(record, "kind", None) != TRANSFER_KIND:  # transfer records: dvtrain.eval.attacks.transfer loads them
+            raise AttackRegistryError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} names "
+                                      "neither a WhiteboxAttack nor a transfer attack record")
+
+
+def attacks() -> dict[str, WhiteboxAttack]:
+    """Every registered white-box attack by name: dvtrain's, then plug-ins'."""
+    load_entry_points()
+    return ATTACKS
+
+
+def attack(name: str, key: str = "attack") -> WhiteboxAttack:
+    """The record of `name`. Raises AttackRegistryError (a DvtrainError and a ValueError) naming `key`,
+    the closest registered name and every name for an unknown one."""
+    found = attacks().get(name)
+    if found is None:
+        close = difflib.get_close_matches(name, ATTACKS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise AttackRegistryError(f"{key}: unknown attack {name!r}; choose from {', '.join(ATTACKS)}{hint} "
+                                  f"(a plug-in attack is registered by an entry point of group {ENTRY_POINT_GROUP})")
+    return found
+
+
+def check_names(cfg: EvalConfig) -> None:
+    """Every attack the config names is registered, and the ε sweep's are L∞ attacks: eval.attacks,
+    eval.full_attacks, eval.mixture_only, eval.transfer.sweep_attacks. Raises AttackRegistryError with
+    the key, the closest name and the choices; checked before any work."""
+    for key, names in (("attacks", cfg.attacks), ("full_attacks", cfg.full_attacks), ("mixture_only", cfg.mixture_only)):
+        for name in names:
+            attack(name, f"eval.{key}")
+    for name in cfg.transfer.sweep_attacks:
+        record = attack(name, "eval.transfer.sweep_attacks")
+        if record.norm not in (LINF, EACH_AUTOATTACK_NORM):
+            l_inf = [n for n, a in ATTACKS.items() if a.norm in (LINF, EACH_AUTOATTACK_NORM)]
+            raise AttackRegistryError(f"eval.transfer.sweep_attacks: {name!r} is not an L∞ attack (the sweep is over "
+                                      f"L∞ ε); choose from {', '.join(l_inf)}")

@@ -14,7 +14,7 @@ log-probabilities is max_{j≠y} log p̄_j − log p̄_y, which keeps pushing un
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from dvtrain.config import Config, TransferConfig
 from dvtrain.data import Dataset
 from dvtrain.digest import images_digest
 from dvtrain.eval.progress import Phases
-from dvtrain.eval.share import Share, from_main, is_main, run_for_effect, shared_map
+from dvtrain.eval.share import Share, Tasks, from_main, is_main, run_for_effect, run_work
 from dvtrain.eval import example_sets, surrogates
 from dvtrain.eval.surrogates import SurrogateTrainer
 from dvtrain.eval.transfer import ensemble_predictions, percent
@@ -97,7 +97,15 @@ def prepare_blackbox(
     run_dir: Path, cfg: Config, tcfg: TransferConfig, data: Dataset, device: torch.device, train: SurrogateTrainer,
     phases: Phases | None = None, share: Share | None = None,
 ) -> tuple[list[ExampleSet], Tensor, dict] | None:
-    """Every example set of the protocol (read from the shared cache, or crafted and stored there once),
+    """`blackbox_work` run to its end (`dvtrain.eval.share.run_work`)."""
+    return run_work(blackbox_work(run_dir, cfg, tcfg, data, device, train, phases, share), share)
+
+
+def blackbox_work(
+    run_dir: Path, cfg: Config, tcfg: TransferConfig, data: Dataset, device: torch.device, train: SurrogateTrainer,
+    phases: Phases | None = None, share: Share | None = None,
+) -> Generator[Tasks, list, tuple[list[ExampleSet], Tensor, dict] | None]:
+    """As work to share (it yields `Tasks`, `run_work` sends their results back): every example set of the protocol (read from the shared cache, or crafted and stored there once),
     the labels y [N] of its images, and a description for results.json (each stage's table's "protocol"): the
     protocol, each surrogate ensemble's folder, clean accuracy and own (white-box) accuracy per set.
 
@@ -121,7 +129,7 @@ def prepare_blackbox(
         # A cached ensemble only loads: rank 0 says which are, so that every rank assigns alike.
         cached = from_main(share, [surrogates.is_trained(root, configs[size], digest) for size in sizes])
         costs = [LOAD_COST if done else size for size, done in zip(sizes, cached)]
-        shared_map(share, sizes, costs, run_for_effect(ensemble))
+        yield Tasks(sizes, costs, run_for_effect(ensemble))
     models = {size: ensemble(size) for size in sizes}
     applicable = {size: applicable_attacks(tcfg, models[size], cfg.model.arch) for size in sizes}
     tasks = [(size, float(eps), attack, loss) for size in sizes for eps in tcfg.sweep_eps for attack in applicable[size][0]
@@ -140,7 +148,7 @@ def prepare_blackbox(
         cached = from_main(share, [is_stored(task) for task in tasks])
         costs = [LOAD_COST if done else size * transfer_attack(attack).cost(attack_budget(attack, tcfg))
                  for (size, _, attack, _), done in zip(tasks, cached)]
-        shared_map(share, tasks, costs, run_for_effect(example_set))
+        yield Tasks(tasks, costs, run_for_effect(example_set))
     if not is_main(share):
         return None
     sets = [example_set(task) for task in tasks]

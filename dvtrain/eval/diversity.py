@@ -29,7 +29,7 @@ from dvtrain import storage
 from dvtrain.config import Config, DiversityConfig, DvergeConfig
 from dvtrain.data import Dataset
 from dvtrain.distill import distill
-from dvtrain.eval.share import Share, is_main, shared_map
+from dvtrain.eval.share import Share, Tasks, is_main
 from dvtrain.rng import stream
 from dvtrain.stages import distils
 
@@ -144,6 +144,14 @@ def diversities(stages: dict[str, list[nn.Module]], data: Dataset, cfg: Config, 
                 bar: tqdm | None = None) -> dict[str, dict]:
     """Every stage's `stage_entry`; each row (stage, source submodel i) of each matrix is one task of
     `share` (None: all here), computed alike on any rank; `bar` counts this rank's rows' image pairs."""
+    tasks, finish = diversity_work(stages, data, cfg)
+    return finish(tasks.map(share, bar))
+
+
+def diversity_work(stages: dict[str, list[nn.Module]], data: Dataset,
+                   cfg: Config) -> tuple[Tasks, Callable[[list], dict[str, dict]]]:
+    """`diversities` as work to share: a task per (stage, row) and the function that makes the entries of
+    their results (in task order)."""
     pairs = {stage: stage_pairs(stage, subs, data, cfg) for stage, subs in stages.items()}
     # Every (stage, row) is a task of equal cost, from the config alone: the number of pairs comes from
     # each rank's own forward passes, which must not decide who does what.
@@ -156,11 +164,14 @@ def diversities(stages: dict[str, list[nn.Module]], data: Dataset, cfg: Config, 
             return None
         return diversity_row(stages[stage], i, p["x"], p["y"], p["x_s"], p["distillation"], cfg.eval.diversity, p["layers"])
 
+    def finish(done: list) -> dict[str, dict]:
+        rows = dict(zip(tasks, done))
+        return {stage: stage_entry(subs, pairs[stage], [rows[(stage, i)] for i in range(len(subs))] if len(pairs[stage]["y"]) else None,
+                                   cfg.eval.diversity)
+                for stage, subs in stages.items()}
+
     n_pairs = [len(pairs[stage]["y"]) for stage, _ in tasks]
-    rows = dict(zip(tasks, shared_map(share, tasks, [1.0] * len(tasks), row, bar, n_pairs)))
-    return {stage: stage_entry(subs, pairs[stage], [rows[(stage, i)] for i in range(len(subs))] if len(pairs[stage]["y"]) else None,
-                               cfg.eval.diversity)
-            for stage, subs in stages.items()}
+    return Tasks(tasks, [1.0] * len(tasks), row, n_pairs, "vulnerability-diversity matrices"), finish
 
 
 def diversity_heatmap(entry: dict, title: str, path: Path) -> Path:

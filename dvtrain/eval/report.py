@@ -16,7 +16,6 @@ concurrent `dvtrain eval --stage A` and `--stage B` both land. results.md is ren
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from collections.abc import Callable
@@ -27,20 +26,19 @@ from dvtrain.rundir import PLOTS, RunDir
 from dvtrain.config import STAGES, Config
 from dvtrain.eval.attack_registry import ATTACKS, EACH_AUTOATTACK_NORM
 from dvtrain.eval.headline import Headline, headline_markdown
+from dvtrain.eval.tables import registry as tables
 from dvtrain.results import ROW_KEY, merge_rows, row_key  # noqa: F401  (the store's, re-exported for training)
 
 RESULTS_JSON = rundir.RESULTS_JSON
 RESULTS_MD = rundir.RESULTS_MD
 TRAIN_TABLE, EVAL_TABLE = "train", "eval"  # the row field "table": which command produced the row
-FULL_EVALUATION_KEYS = tuple(k for k in results_store.STAGE_SECTIONS if k != "plots")  # per-stage keys only `dvtrain eval` writes
 WORST_CASE = "worst_case"
 # Attacks whose name does not say the norm (they run at several): metric names add it.
-NORM_SUFFIXED = (*(name for name, a in ATTACKS.items() if a.norm == EACH_AUTOATTACK_NORM), WORST_CASE)
 BLACKBOX_PREFIX = "bb_"
-BLACKBOX_ATTACKS = ("mi_pgd", "m_di2_fgsm", "all")
 TRANSFER_OFFDIAG = "transfer_offdiag"
+MIXTURE = "mixture"
 NOT_COMPARABLE = "†"  # a number on another basis than the rest of its column (tables and figures alike)
-_HEADERS = {name: a.header for name, a in ATTACKS.items()} | {WORST_CASE: "**Worst case**"}
+WORST_CASE_HEADER = "**Worst case**"
 _NORM_SYMBOL = {"Linf": "L∞", "L2": "L2"}
 
 
@@ -115,15 +113,22 @@ def record_training_table(run_dir: Path, cfg: Config, stage: str, rows: list[dic
 def metric_name(attack: str, norm: str | None) -> str:
     """A row's metric name: the attack, with the norm added where the name does not say it
     (autoattack_linf, worst_case_l2); what W&B summaries and `dvtrain compare` use."""
-    return f"{attack}_{norm.lower()}" if attack in NORM_SUFFIXED and norm else attack
+    return f"{attack}_{norm.lower()}" if norm_suffixed(attack) and norm else attack
+
+
+def norm_suffixed(attack: str) -> bool:
+    """Whether an attack's name does not say its norm (it runs at several: AutoAttack; the worst case), so
+    that its metric names add it. Reads the registered records without loading plug-ins (no torch here)."""
+    record = ATTACKS.get(attack)
+    return attack == WORST_CASE or (record is not None and record.norm == EACH_AUTOATTACK_NORM)
 
 
 METRIC_ORDER = (
     *(metric_name(WORST_CASE, n) for n in ("Linf", "L2")),
-    *(m for a in ATTACKS for m in ([metric_name(a, n) for n in ("Linf", "L2")] if a in NORM_SUFFIXED else [a])),
-    *(BLACKBOX_PREFIX + a for a in BLACKBOX_ATTACKS),
+    *(m for a in ATTACKS for m in ([metric_name(a, n) for n in ("Linf", "L2")] if norm_suffixed(a) else [a])),
+    BLACKBOX_PREFIX + "all",
     TRANSFER_OFFDIAG,
-)
+)  # then any other metric (a plug-in table's, an older release's), by name
 
 
 def mean_off_diagonal(matrix: dict) -> float | None:
@@ -139,13 +144,11 @@ def mean_off_diagonal(matrix: dict) -> float | None:
 
 def result_metrics(results: dict) -> dict[tuple[str, str, str], float]:
     """Every number of a results.json as (stage, model, metric) → value: white-box accuracies under
-    `metric_name`, black-box "all" accuracies as bb_all_eps<ε> (`blackbox_metrics`), and the mixture row's transfer_offdiag
-    (mean off-diagonal transfer *success*, lower is better). What `dvtrain compare` tabulates."""
+    `metric_name`, then every registered table's numbers under their names (`Table.numbers`: black-box "all"
+    accuracies as bb_all_eps<ε>, the mixture row's transfer_offdiag, mean off-diagonal transfer *success*,
+    lower is better). What `dvtrain eval` logs as its W&B table."""
     out = {(r["stage"], r["model"], metric_name(r["attack"], r.get("norm"))): r["accuracy"] for r in results.get("eval", [])}
-    for stage, table in results.get("blackbox", {}).items():
-        out.update({(stage, model, metric): value for (model, metric), value in blackbox_metrics(table).items()})
-    for stage, matrix in results.get("transfer", {}).items():
-        out[(stage, "mixture", TRANSFER_OFFDIAG)] = mean_off_diagonal(matrix)
+    out.update({(n.stage, n.model, n.name): n.value for table in tables.tables() for n in table.numbers(results)})
     return {key: value for key, value in out.items() if value is not None}
 
 
@@ -158,16 +161,6 @@ def result_rows(results: dict) -> list[dict]:
              "value": r["accuracy"], "attack": r["attack"], "norm": r.get("norm"), "eps": r.get("eps"),
              "budget": r.get("budget"), "n": r.get("n"), "table": r.get("table")}
             for r in results.get("eval", []) if r.get("accuracy") is not None]
-
-
-def blackbox_metrics(table: dict) -> dict[tuple[str, str], float | None]:
-    """(model, metric) → accuracy of one stage's black-box table: "all" per ε as bb_all_eps<ε> (the paper's
-    curve). A results.json of dvtrain before the ε sweep (one ε, columns per attack) gives bb_<attack>."""
-    if "all" not in table:
-        return {(model, BLACKBOX_PREFIX + attack): table["accuracy"][m][a]
-                for m, model in enumerate(table["models"]) for a, attack in enumerate(table["attacks"])}
-    return {(model, f"{BLACKBOX_PREFIX}all_eps{eps:g}"): table["all"][m][k]
-            for m, model in enumerate(table["models"]) for k, eps in enumerate(table["eps"])}
 
 
 def metric_key(stage: str, model: str, metric: str) -> str:
@@ -188,21 +181,25 @@ def metric_at(metric: str, eps: float | None) -> str:
 
 def eval_summary(results: dict) -> dict[str, float]:
     """`dvtrain eval`'s W&B summary: every number under eval/<stage>/<model>/<metric>_eps<ε>, each at the ε
-    it was computed at: white-box rows (of either table, `dvtrain eval`'s winning at one key), black-box
-    "all" per ε (bb_all_eps<ε>), the transfer matrix's mean off-diagonal success at its ε."""
+    it was computed at: white-box rows (of either table, `dvtrain eval`'s winning at one key), then every
+    registered table's numbers (`Table.numbers`: black-box "all" per ε as bb_all_eps<ε>, the transfer
+    matrix's mean off-diagonal success at its ε, a plug-in table's own)."""
     out: dict[str, float] = {}
     rows = sorted(results.get("eval", []), key=lambda r: r.get("table") == EVAL_TABLE)  # eval's rows last: they win
     for r in rows:
         if r.get("accuracy") is not None:
             out[metric_key(r["stage"], r["model"], metric_at(metric_name(r["attack"], r.get("norm")), r.get("eps")))] = r["accuracy"]
-    for stage, table in results.get("blackbox", {}).items():
-        out.update({metric_key(stage, model, metric): value for (model, metric), value in blackbox_metrics(table).items()
-                    if value is not None})
-    for stage, matrix in results.get("transfer", {}).items():
-        off = mean_off_diagonal(matrix)
-        if off is not None:
-            out[metric_key(stage, "mixture", metric_at(TRANSFER_OFFDIAG, matrix.get("eps")))] = off
+    for table in tables.tables():
+        out.update({metric_key(n.stage, n.model, metric_at(n.metric, n.eps)): n.value for n in table.numbers(results)
+                    if n.value is not None})
     return out
+
+
+def evaluation_markdown(results: dict) -> str:
+    """The sections `dvtrain eval` adds to results.md after the white-box tables, every registered table's
+    in registry order (`Table.markdown`; empty when none has entries); plots are linked by their path under
+    the run directory, as results["plots"] records them."""
+    return "\n".join(line for table in tables.tables() for line in table.markdown(results))
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -233,13 +230,16 @@ def stage_order(stages, trained: list[str] | tuple[str, ...] = ()) -> list[str]:
 
 def attack_header(attack: str) -> str:
     """An attack's name in tables and figures ("PGD margin", "AutoAttack")."""
-    return _HEADERS.get(attack, attack)
+    if attack == WORST_CASE:
+        return WORST_CASE_HEADER
+    record = ATTACKS.get(attack)  # a plug-in's record once its entry point is loaded (dvtrain eval loads them)
+    return attack if record is None else record.header
 
 
 def _column_label(attack: str, norm: str | None, eps: float) -> str:
     if norm is None:
-        return f"{_HEADERS.get(attack, attack)} (%)"
-    return f"{_HEADERS.get(attack, attack)} {_NORM_SYMBOL.get(norm, norm)} ε={format_eps(eps)} (%)"
+        return f"{attack_header(attack)} (%)"
+    return f"{attack_header(attack)} {_NORM_SYMBOL.get(norm, norm)} ε={format_eps(eps)} (%)"
 
 
 def _accuracy_cell(row: dict | None) -> str:
@@ -314,7 +314,7 @@ def _table_markdown(stage: str, table: str | None, own: list[dict], checks: list
     return "\n".join(lines) + "\n"
 
 
-def _matrix_markdown(stage: str, rows: list[str], columns: list[str], values: list[list]) -> list[str]:
+def matrix_markdown(stage: str, rows: list[str], columns: list[str], values: list[list]) -> list[str]:
     def label(name: str) -> str:
         return model_label(stage, name) if name.startswith(("sub", "mixture")) else name
 
@@ -329,149 +329,3 @@ def blackbox_protocol(results: dict, stage: str) -> dict:
     described the last evaluation only); {} when neither is there."""
     table = results.get("blackbox", {}).get(stage, {})
     return table.get("protocol") or results.get("blackbox_surrogate") or {}
-
-
-def _protocol_identity(protocol: dict, table: dict) -> str:
-    """What must agree for stages to share one black-box section: the protocol and the sets at each ε."""
-    return json.dumps([protocol, table.get("eps"), table.get("sets")], sort_keys=True)
-
-
-def _blackbox_markdown(results: dict) -> list[str]:
-    """The black-box section(s) (`dvtrain.eval.blackbox`): one per protocol, the stages measured with it
-    together, each drawn with its own ε grid and example sets (never under another stage's headers)."""
-    tables = results.get("blackbox", {})
-    stages = [s for s in stage_order(tables) if "all" in tables[s]]
-    groups: dict[str, list[str]] = {}
-    for stage in stages:
-        groups.setdefault(_protocol_identity(blackbox_protocol(results, stage), tables[stage]), []).append(stage)
-    out = []
-    for k, members in enumerate(groups.values()):
-        title = "## Black-box transfer" + (f" (protocol {k + 1} of {len(groups)}: {', '.join(members)})"
-                                           if len(groups) > 1 else "")
-        out += _blackbox_group_markdown(title, {s: tables[s] for s in members}, blackbox_protocol(results, members[0]))
-    return out
-
-
-def _blackbox_group_markdown(title: str, tables: dict[str, dict], protocol: dict) -> list[str]:
-    """"all" per ε for every stage and model of one protocol, then one detailed table per ε (a column per
-    surrogate ensemble × attack × loss), the surrogates' own rows first."""
-    from dvtrain.eval.blackbox import set_label
-
-    stages = list(tables)
-    first = tables[stages[0]]
-    eps_grid = first["eps"]
-    sizes = ", ".join(str(s["size"]) for s in protocol.get("surrogates", []))
-    described = ([f"Accuracy (%) on {protocol['n_images']} test images (seed {protocol['seed']}) under transfer examples "
-                  f"crafted on hold-out plain ensembles of {sizes} models of this architecture with momentum PGD "
-                  f"({counted(protocol['restarts'], 'random start')}), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ "
-                  f"{protocol['sgm_gamma']:g}), {protocol['steps']} steps each, losses "
-                  f"{', '.join(l.upper() for l in protocol['losses'])}"
-                  + (f", surrogates trained {', '.join(str(s['epochs']) for s in protocol['surrogates'])} epochs"
-                     if all("epochs" in s for s in protocol.get("surrogates", [])) else "")
-                  + ". A set counts an image correct only under all its runs; \"all\": correct under every set at "
-                  f"that ε. Example sets and surrogates are shared by every run on the same data ({protocol['cache']})."]
-                 if protocol else ["Protocol not recorded (results.json of an earlier dvtrain)."])
-    lines = [title, "", *described, "",
-             *(f"- {note}" for note in protocol.get("notes", [])), *([""] if protocol.get("notes") else []),
-             "| Stage | Model | " + " | ".join(f"all ε={format_eps(e)}" for e in eps_grid) + " |",
-             "|---|---" + "|---:" * len(eps_grid) + "|"]
-    for stage in stages:
-        t = tables[stage]
-        lines += [f"| {stage} | {model_label(stage, m)} | " + " | ".join(cell(v) for v in row) + " |"
-                  for m, row in zip(t["models"], t["all"])]
-    by_surrogate = [s for s in stages if tables[s].get("all_by_surrogate")]
-    if by_surrogate:
-        lines += ["", "The mixture per surrogate ensemble (correct under every set crafted on it at that ε):", "",
-                  "| Stage | Surrogate | " + " | ".join(f"ε={format_eps(e)}" for e in eps_grid) + " |",
-                  "|---|---" + "|---:" * len(eps_grid) + "|"]
-        for stage in by_surrogate:
-            t = tables[stage]
-            m = t["models"].index("mixture")
-            lines += [f"| {stage} | {name} | " + " | ".join(cell(v) for v in rows[m]) + " |"
-                      for name, rows in t["all_by_surrogate"].items()]
-    for k, eps in enumerate(eps_grid):
-        columns = [j for j, s in enumerate(first["sets"]) if s["eps"] == eps]
-        labels = [set_label(first["sets"][j]) for j in columns]
-        lines += ["", f"### Black-box transfer at ε={format_eps(eps)}", "",
-                  "| Stage | Model | " + " | ".join(labels) + " | all |", "|---|---" + "|---:" * (len(columns) + 1) + "|"]
-        for sur in protocol.get("surrogates", []):
-            own = {(s["surrogate"], s["attack"], s["loss"], s["eps"]): v for s, v in zip(sur["sets"], sur["own_accuracy"])}
-            keys = [tuple(first["sets"][j].values()) for j in columns]
-            lines.append(f"| surrogate {sur['name']} | Mixture (white-box) | " + " | ".join(
-                cell(own[key]) if key in own else "" for key in keys) + " | |")
-        for stage in stages:
-            t = tables[stage]
-            lines += [f"| {stage} | {model_label(stage, m)} | " + " | ".join(cell(acc[j]) for j in columns)
-                      + f" | {cell(every[k])} |" for m, acc, every in zip(t["models"], t["accuracy"], t["all"])]
-    return [*lines, ""]
-
-
-def evaluation_markdown(results: dict) -> str:
-    """The sections `dvtrain eval` adds to results.md after the white-box tables (empty when it has not
-    run); plots are linked by their path under the run directory, as results["plots"] records them."""
-    if not any(key in results for key in ("transfer", "blackbox", "eps_sweep", "diversity")):
-        return ""
-    plots = results.get("plots", {})
-    out = []
-    for stage in stage_order(results.get("transfer", {})):
-        m = results["transfer"][stage]
-        off = mean_off_diagonal(m)
-        out += [f"## Transferability: {stage}", "",
-                f"PGD-L∞ ε={format_eps(m['eps'])}, {m['steps']} steps, {counted(m['restarts'], 'restart')}, crafted on the row's "
-                f"submodel; success rate (%) on the column's model, over {m['n_images']} test images every submodel "
-                f"classifies correctly. Mean off-diagonal success: {cell(off)}%.", "",
-                *_matrix_markdown(stage, m["sources"], m["targets"], m["success"]), ""]
-        if "transfer" in plots.get(stage, {}):
-            out += [f"![transferability {stage}]({plots[stage]['transfer']})", ""]
-    if results.get("blackbox"):
-        out += _blackbox_markdown(results)
-        if "blackbox" in plots.get(stage_order(results["blackbox"])[0], {}):
-            out += [f"![black-box transfer, all]({plots[stage_order(results['blackbox'])[0]]['blackbox']})", ""]
-    for stage in stage_order(results.get("eps_sweep", {})):
-        out += _sweep_markdown(stage, results["eps_sweep"][stage])
-        if "eps_sweep" in plots.get(stage, {}):
-            out += [f"![accuracy vs ε {stage}]({plots[stage]['eps_sweep']})", ""]
-    out += _diversity_markdown(results.get("diversity", {}))
-    return "\n".join(out)
-
-
-def _sweep_markdown(stage: str, s: dict) -> list[str]:
-    """Accuracy against ε (`dvtrain.eval.sweep`): the worst case per model, then each attack per model;
-    a results.json of dvtrain before the worst case (PGD only, "accuracy") as it was."""
-    columns = [f"ε={format_eps(e)}" for e in s["eps"]]
-    budget = f"{s['steps']} steps of {s['step_fraction']:g}·ε, {counted(s['restarts'], 'restart')}, {s['n_images']} test images"
-    if "worst_case" not in s:
-        return [f"## Accuracy vs ε: {stage}", "", f"White-box PGD-L∞, {budget}.", "",
-                *_matrix_markdown(stage, s["models"], columns, s["accuracy"]), ""]
-    out = [f"## Accuracy vs ε: {stage}", "",
-           f"Robust accuracy (%) under white-box L∞ attacks, PGD with {budget} (the black-box table's images); "
-           "worst case: per image, correct clean and under every attack run on that model at that ε "
-           f"(submodels: {', '.join(attack_header(a) for a in s['of'][s['models'][0]])}; "
-           f"mixture: {', '.join(attack_header(a) for a in s['of']['mixture'])}).", "",
-           "Worst case:", "", *_matrix_markdown(stage, s["models"], columns, s["worst_case"]), ""]
-    for attack, table in s["attacks"].items():
-        ran = [(m, row) for m, row in zip(s["models"], table) if any(v is not None for v in row)]
-        out += [f"{attack_header(attack)}:", "", *_matrix_markdown(stage, [m for m, _ in ran], columns,
-                                                                     [row for _, row in ran]), ""]
-    return out
-
-
-def _diversity_markdown(entries: dict[str, dict]) -> list[str]:
-    """One section per stage: the vulnerability-diversity matrix (dvtrain.eval.diversity) and its heat map."""
-    out = []
-    for stage in stage_order(entries):
-        d = entries[stage]
-        p = d["protocol"]
-        out += [f"## Vulnerability diversity: {stage}", "",
-                f"Mean cross-entropy (nats) of the column's submodel on images distilled on the row's submodel, "
-                f"with the target images' labels (small: shared vulnerability); {d['n_images']} test-image pairs "
-                f"every submodel classifies correctly, batches of {p['batch_size']}, "
-                f"{'layer ' + str(p['layer']) if p['layer'] else 'a random layer per batch'}, distillation "
-                f"ε={format_eps(p['eps'])}, {p['steps']} steps of {p['step_size']:g}, models in eval mode.", ""]
-        if d["matrix"] is None:
-            out += ["No test image is classified correctly by every submodel: nothing to measure.", ""]
-            continue
-        out += [*_matrix_markdown(stage, d["models"], d["models"], d["matrix"]), ""]
-        if "plot" in d:
-            out += [f"![vulnerability diversity {stage}]({d['plot']})", ""]
-    return out

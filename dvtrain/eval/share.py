@@ -1,26 +1,29 @@
 """How the processes of `dvtrain eval` share its work, with the same numbers for any number of processes.
 
-Two kinds of sharing, both deterministic:
-- the white-box table's test images, in fixed chunks (`dvtrain.eval.whitebox`: chunk c on rank c % world);
-- independent tasks (a surrogate ensemble to train, an example set to craft, one (model, attack, ε) cell
-  of the ε sweep, one source submodel's transfer run, one row of a diversity matrix): `shared_map`
-  gives each task to one rank, longest first to the least-loaded rank, and gathers the results.
+One kind of sharing, deterministic: independent tasks (one chunk of the white-box table's images under
+one attack, a surrogate ensemble to train, an example set to craft, one (model, attack, ε) cell of the ε
+sweep, one source submodel's transfer run, one row of a diversity matrix, one stage's masking probe),
+each with a cost; `shared_map` gives each task to one rank, longest first to the least-loaded rank, and
+gathers the results. An evaluation table hands its work over as `Tasks` (`dvtrain.eval.tables`). This is
+the only module of evaluation that gathers between processes.
 
-Either way each unit of work draws its random numbers from a stream named after the unit itself
-(`dvtrain.rng.stream`), never after the rank, so which process computed it changes nothing: at equal
-thread counts the results are bit-identical to one process's.
+Each task draws its random numbers from a stream named after the task itself (`dvtrain.rng.stream`),
+never after the rank, so which process computed it changes nothing: at equal thread counts the results
+are bit-identical to one process's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import torch
 from tqdm import tqdm
 
 from dvtrain.errors import DvtrainError
+from dvtrain.eval.progress import Phases
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -110,6 +113,46 @@ def shared_map(share: Share | None, tasks: Sequence[T], costs: Sequence[float], 
     for part in share.gather(mine):
         merged.update(part)  # type: ignore[arg-type]
     return [merged[k] for k in range(len(tasks))]
+
+
+@dataclass
+class Tasks(Generic[T, R]):
+    """One batch of shareable work: `items` (every rank builds the same list), `costs` (one per item, in any
+    consistent unit, from the config or rank 0 only: `assign`), `run` (item → a small picklable result,
+    independent of the rank), `images` (per item, what a progress bar counts; None: a bar of time only)
+    and `label`, the progress phase it is timed as (None: `run` times its own phases)."""
+
+    items: list[T]
+    costs: list[float]
+    run: Callable[[T], R]
+    images: list[int] | None = None
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.costs) != len(self.items) or (self.images is not None and len(self.images) != len(self.items)):
+            raise ValueError(f"{len(self.items)} tasks need as many costs and image counts, got {len(self.costs)} "
+                             f"and {None if self.images is None else len(self.images)}")
+
+    def map(self, share: Share | None, bar: tqdm | None = None) -> list[R]:
+        """`shared_map` of this batch: [run(item) for item in items] on every rank."""
+        return shared_map(share, self.items, self.costs, self.run, bar, self.images)
+
+
+def run_work(work: Generator[Tasks, list, R], share: Share | None, phases: Phases | None = None) -> R:
+    """Drive `work`, a generator that yields `Tasks` and is sent each batch's results (`Tasks.map`, in item
+    order, on every rank), to its end; returns its return value. A batch with a label is timed as that
+    phase of `phases` with a bar over its images. Every rank must drive the same work."""
+    try:
+        tasks = next(work)
+        while True:
+            if tasks.label is None or phases is None:
+                done = tasks.map(share)
+            else:
+                with phases.phase(tasks.label, None if tasks.images is None else sum(tasks.images)) as bar:
+                    done = tasks.map(share, bar)
+            tasks = work.send(done)
+    except StopIteration as stop:
+        return stop.value
 
 
 def from_main(share: Share | None, value: T) -> T:

@@ -17,6 +17,7 @@ the mixture's. At ε = 0 every attack is the identity, so the clean mask is used
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -24,13 +25,12 @@ from tqdm import tqdm
 
 from dvtrain.config import EvalConfig
 from dvtrain.eval import attack_registry as registry
-from dvtrain.eval.share import Share, shared_map
+from dvtrain.eval.share import Share, Tasks
 from dvtrain.eval.transfer import percent, table_models
 from dvtrain.eval.whitebox import LINF, MIXTURE, Cell, robust_mask
 from dvtrain.rng import derive_seed, stream
 
 CLEAN = "clean"
-MIXTURE_ONLY = ("autoattack", "adaptive")  # too costly for every submodel at every ε; the mixture is the claim
 
 
 def sweep_config(cfg: EvalConfig, eps: float) -> EvalConfig:
@@ -43,7 +43,8 @@ def sweep_config(cfg: EvalConfig, eps: float) -> EvalConfig:
 
 def sweep_attacks(model: str, cfg: EvalConfig) -> list[str]:
     """The attacks of eval.transfer.sweep_attacks that run on `model` ("sub<i>" or "mixture")."""
-    return [a for a in cfg.transfer.sweep_attacks if model == MIXTURE or a not in MIXTURE_ONLY]
+    return [a for a in cfg.transfer.sweep_attacks
+            if model == MIXTURE or not (registry.attack(a).sweep_mixture_only or registry.attack(a).mixture_only)]
 
 
 def epsilon_sweeps(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, cfg: EvalConfig, seed: int,
@@ -57,6 +58,14 @@ def epsilon_sweeps(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, cfg
     the number of processes; `bar` counts this rank's cells' images. Returns, per stage, results.json's "eps_sweep"[stage]: {"eps": [ε],
     "models": [name], "n_images": N, "attacks": {attack: [model][ε] (None where it did not run on that
     model)}, "of": {model: [attacks]}, "worst_case": [model][ε], "steps", "step_fraction", "restarts"}."""
+    tasks, finish = sweep_work(stages, x, y, cfg, seed)
+    return finish(tasks.map(share, bar))
+
+
+def sweep_work(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, cfg: EvalConfig,
+               seed: int) -> tuple[Tasks, Callable[[list], dict[str, dict]]]:
+    """`epsilon_sweeps` as work to share: a task per (stage, model, attack, ε) cell (its robustness mask),
+    costed by the attack record's passes, and the function that makes the sweeps of their results."""
     t = cfg.transfer
     named = {stage: table_models(subs) for stage, subs in stages.items()}
     # Clean first (the worst case needs it), then every attack at every ε > 0 (at ε = 0 an attack is the identity).
@@ -77,7 +86,15 @@ def epsilon_sweeps(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, cfg
         stage, name, attack, eps = task
         return registry.attack(attack).passes(sweep_config(cfg, eps)) * (len(stages[stage]) if name == MIXTURE else 1)
 
-    masks = dict(zip(tasks, shared_map(share, tasks, [cost(task) for task in tasks], run, bar, [len(y)] * len(tasks))))
+    costs = [cost(task) for task in tasks]
+    return (Tasks(tasks, costs, run, [len(y)] * len(tasks), "accuracy vs ε"),
+            lambda done: _sweeps(named, tasks, done, cfg, len(y)))
+
+
+def _sweeps(named: dict[str, dict[str, nn.Module]], tasks: list[tuple[str, str, str, float]], done: list[Tensor],
+            cfg: EvalConfig, n_images: int) -> dict[str, dict]:
+    t = cfg.transfer
+    masks = dict(zip(tasks, done))
     out = {}
     for stage, models in named.items():
         per_attack = {a: [[None] * len(t.sweep_eps) for _ in models] for a in dict.fromkeys(t.sweep_attacks)}
@@ -90,7 +107,7 @@ def epsilon_sweeps(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, cfg
                     per_attack[a][m][k] = percent(mask)
                 worst[m][k] = percent(torch.stack([clean, *cell_masks]).all(dim=0))
         out[stage] = {"eps": list(t.sweep_eps), "steps": t.steps, "step_fraction": t.step_fraction,
-                      "restarts": t.restarts, "n_images": len(y), "models": list(models), "attacks": per_attack,
+                      "restarts": t.restarts, "n_images": n_images, "models": list(models), "attacks": per_attack,
                       "of": {name: sweep_attacks(name, cfg) for name in models}, "worst_case": worst}
     return out
 

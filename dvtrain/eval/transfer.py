@@ -20,7 +20,7 @@ from tqdm import tqdm
 from dvtrain.config import TransferConfig
 from dvtrain.data import Dataset
 from dvtrain.attacks import pgd_linf
-from dvtrain.eval.share import Share, shared_map
+from dvtrain.eval.share import Share, Tasks
 from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.rng import stream
 
@@ -101,6 +101,14 @@ def transfer_matrices(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, 
     success on those images. Each (stage, source, restart) run is one task of `share` (None: all here),
     with its own stream, so the matrices do not depend on the number of processes; `bar` counts this
     rank's runs' images."""
+    tasks, finish = transfer_work(stages, x, y, cfg, seed)
+    return finish(tasks.map(share, bar))
+
+
+def transfer_work(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, cfg: TransferConfig,
+                  seed: int) -> tuple[Tasks, Callable[[list], dict[str, dict]]]:
+    """`transfer_matrices` as work to share: its tasks (one per (stage, source submodel, restart), each a
+    [M + 1, n] fooled mask) and the function that makes the matrices of their results (in task order)."""
     picked = {}
     for stage, submodels in stages.items():
         keep = correct_by_all(submodels, x, y, cfg.batch_size)
@@ -115,7 +123,12 @@ def transfer_matrices(stages: dict[str, list[nn.Module]], x: Tensor, y: Tensor, 
 
     costs = [float(cfg.steps)] * len(tasks)  # alike for every run, from the config: every rank assigns alike
     images = [len(picked[stage][1]) for stage, _, _ in tasks]
-    fooled = dict(zip(tasks, shared_map(share, tasks, costs, run, bar, images)))
+    return Tasks(tasks, costs, run, images, "transferability matrices"), lambda done: _matrices(stages, picked, tasks, done, cfg)
+
+
+def _matrices(stages: dict[str, list[nn.Module]], picked: dict[str, tuple[Tensor, Tensor]], tasks: list[tuple[str, int, int]],
+              done: list[Tensor], cfg: TransferConfig) -> dict[str, dict]:
+    fooled = dict(zip(tasks, done))
     out = {}
     for stage, submodels in stages.items():
         names = [f"sub{i}" for i in range(len(submodels))]

@@ -34,16 +34,15 @@ from dvtrain.config import EvalConfig
 from dvtrain.digest import images_digest
 from dvtrain.distributed.placement import LocalPlacement, Placement
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.attack_registry import ATTACKS, L2, LINF, attack
+from dvtrain.eval.attack_registry import L2, LINF, attack
 from dvtrain.eval.progress import Phases
-from dvtrain.eval.share import Share
+from dvtrain.eval.share import Share, Tasks
 from dvtrain.eval.stats import PERCENT, accuracy_fields, wilson_interval
 from dvtrain.mixture import Mixture
 from dvtrain.rng import derive_seed, stream
 
 WORST_CASE = "worst_case"
 MIXTURE = "mixture"
-MIXTURE_ONLY = tuple(name for name, a in ATTACKS.items() if a.mixture_only)  # attacks that exist only for an ensemble
 
 
 class NonFiniteOutput(DvtrainError):
@@ -155,17 +154,18 @@ def chunk_generator(seed: int, name: str, cell: Cell, chunk: int, s: int) -> tor
 
 def _chunk_masks(
     name: str, model: nn.Module, x: Tensor, y: Tensor, columns: list[Cell], cfg: EvalConfig, seed: int,
-    chunks: Callable[[int], list[int]], submodels: list[nn.Module] | None = None, placement: Placement | None = None,
+    submodels: list[nn.Module] | None = None, placement: Placement | None = None,
     phases: Phases | None = None, stage: str = "",
 ) -> dict[tuple[int, int, int], Tensor]:
-    """(column index, seed, chunk) → the chunk's robustness mask (CPU), for the chunks `chunks(count)` picks
-    among the `count` chunks of each column's images; each column one phase of `phases` (a progress bar)."""
+    """(column index, seed, chunk) → the chunk's robustness mask (CPU), every chunk of each column's images
+    (the training-time table, whose processes each score their own submodels); each column one phase of
+    `phases` (a progress bar)."""
     phases = phases if phases is not None else Phases(False)
     out = {}
     for k, cell in enumerate(columns):
         bounds = chunk_bounds(cell_size(cell, cfg, len(y)), cfg.chunk_size)
         repeats = cfg.seeds if randomised(cell, cfg) else 1
-        mine = chunks(len(bounds))
+        mine = range(len(bounds))
         threat = "" if cell.norm is None else f" {cell.norm} ε={cell.eps:g}"
         with phases.phase(f"{stage} {name} {cell.attack}{threat}".strip(),
                           repeats * sum(bounds[c][1] - bounds[c][0] for c in mine)) as bar:
@@ -197,7 +197,7 @@ def _model_masks(
     stage: str = "",
 ) -> dict[Cell, list[Tensor]]:
     """Per cell, one robustness mask per seed (one for deterministic attacks), every chunk computed here."""
-    parts = _chunk_masks(name, model, x, y, columns, cfg, seed, lambda count: list(range(count)), submodels, placement,
+    parts = _chunk_masks(name, model, x, y, columns, cfg, seed, submodels, placement,
                          phases, stage)
     return _assemble(parts, columns, cfg, len(y))
 
@@ -258,7 +258,7 @@ def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: 
             per_seed = per_seed[:1]
         n = cell_size(cell, cfg, n_images)
         accs = [PERCENT * v / n for v in per_seed]
-        rows.append({"stage": stage, "model": name, "attack": cell.attack, "code": ATTACKS[cell.attack].code(),
+        rows.append({"stage": stage, "model": name, "attack": cell.attack, "code": attack(cell.attack).code(),
                      "norm": cell.norm, "eps": float(cell.eps), "budget": cell_budget(cell, cfg, n_images)}
                     | accuracy_fields(accs, n))
     eps = {c.norm: c.eps for c in columns}
@@ -266,11 +266,106 @@ def _rows(stage: str, name: str, values: list[float], columns: list[Cell], cfg: 
     for (norm, n), count in zip(sizes.items(), values[len(columns) * cfg.seeds :]):
         low, high = wilson_interval(count, n)
         of = [c.attack for c in columns if c.norm == norm]
-        rows.append({"stage": stage, "model": name, "attack": WORST_CASE, "code": ",".join(ATTACKS[a].code() for a in of),
+        rows.append({"stage": stage, "model": name, "attack": WORST_CASE, "code": ",".join(attack(a).code() for a in of),
                      "norm": norm, "eps": float(eps[norm]),
                      "budget": worst_case_budget(norm, columns, cfg, n_images), "accuracy": PERCENT * count / n, "n": n, "ci_low": low, "ci_high": high,
                      "of": of})
     return rows
+
+
+@dataclass
+class StagePlan:
+    """One stage's white-box table as work: its models (sub0.., mixture), the columns each runs, and its
+    images x [n, C, H, W], y [n] (the first eval.num_examples of the test set x, y whose digest is
+    `test_split`)."""
+
+    stage: str
+    submodels: list[nn.Module]
+    x: Tensor
+    y: Tensor
+    test_split: str
+    columns: list[Cell]
+    mixture_columns: list[Cell]
+    cfg: EvalConfig
+    seed: int
+
+    def models(self) -> dict[str, tuple[nn.Module, list[Cell]]]:
+        """name → (model, its columns): every submodel, then the mixture (it alone runs the mixture-only attacks)."""
+        named = {f"sub{i}": (model, self.columns) for i, model in enumerate(self.submodels)}
+        return named | {MIXTURE: (Mixture(self.submodels), self.mixture_columns)}
+
+
+def stage_plan(stage: str, submodels: list[nn.Module], x: Tensor, y: Tensor, eval_cfg: EvalConfig, seed: int,
+               attacks: list[str] | None = None) -> StagePlan:
+    """The table of `stage` over the first eval.num_examples (0: all) of x [N, C, H, W], y [N], under
+    `attacks` (default eval.attacks): mixture-only attacks (the record's, and eval.mixture_only) run on the
+    mixture alone."""
+    attacks = list(eval_cfg.attacks if attacks is None else attacks)
+    test_split = images_digest(x, y)  # the split the table's images are drawn from, as a whole
+    if eval_cfg.num_examples > 0:
+        x, y = x[: eval_cfg.num_examples], y[: eval_cfg.num_examples]
+    columns = cells([a for a in attacks if not attack(a).mixture_only and a not in eval_cfg.mixture_only], eval_cfg)
+    return StagePlan(stage, submodels, x, y, test_split, columns, cells(attacks, eval_cfg), eval_cfg, seed)
+
+
+def chunk_tasks(plan: StagePlan, name: str, model: nn.Module, k: int, cell: Cell) -> Tasks:
+    """The work of one column `cell` (index `k` among `name`'s columns) of one model: a task per (seed, chunk),
+    each drawing from its own streams (`chunk_generator`, and AutoAttack's seed of the same key), costed by
+    the attack record's passes per image × the chunk's images (× the submodels for the mixture). A task
+    returns its chunk's robustness mask (CPU bool [chunk size]), keyed (k, seed, chunk) for `plan_rows`."""
+    cfg, seed = plan.cfg, plan.seed
+    bounds = chunk_bounds(cell_size(cell, cfg, len(plan.y)), cfg.chunk_size)
+    repeats = cfg.seeds if randomised(cell, cfg) else 1
+    items = [(k, s, c) for s in range(repeats) for c in range(len(bounds))]
+    per_image = attack(cell.attack).passes(cfg) * (len(plan.submodels) if name == MIXTURE else 1)
+
+    def run(item: tuple[int, int, int]) -> Tensor:
+        _, s, c = item
+        start, end = bounds[c]
+        aa_seed = derive_seed(seed, "autoattack", name, cell.norm, float(cell.eps), "chunk", c, "seed", s)
+        return robust_mask(model, plan.x[start:end], plan.y[start:end], cell, cfg, chunk_generator(seed, name, cell, c, s),
+                           plan.submodels, None, aa_seed).cpu()
+
+    sizes = [bounds[c][1] - bounds[c][0] for _, _, c in items]
+    threat = "" if cell.norm is None else f" {cell.norm} ε={cell.eps:g}"
+    return Tasks(items, [per_image * n for n in sizes], run, sizes, f"{plan.stage} {name} {cell.attack}{threat}".strip())
+
+
+def plan_tasks(plan: StagePlan) -> list[tuple[str, Tasks]]:
+    """Every (model name, `chunk_tasks`) of the stage's table, model by model, column by column."""
+    return [(name, chunk_tasks(plan, name, model, k, cell))
+            for name, (model, columns) in plan.models().items() for k, cell in enumerate(columns)]
+
+
+def plan_rows(plan: StagePlan, masks: dict[str, dict[tuple[int, int, int], Tensor]]) -> list[dict]:
+    """The stage's rows (as `evaluate_stage` returns them) from every model's chunk masks (name → (k, seed,
+    chunk) → mask)."""
+    n = len(plan.y)
+    rows = []
+    for name, (_, columns) in plan.models().items():
+        values = _values(_assemble(masks.get(name, {}), columns, plan.cfg, n), columns, plan.cfg.seeds).tolist()  # none: no columns
+        rows += _rows(plan.stage, name, values, columns, plan.cfg, n)
+    return _with_images(rows, plan.x, plan.y, plan.test_split)
+
+
+def _with_images(rows: list[dict], x: Tensor, y: Tensor, test_split: str) -> list[dict]:
+    # Each row's images as part of its basis: also what `dvtrain eval` checks the run's data against later.
+    digests = {n: images_digest(x[:n], y[:n]) for n in {r["n"] for r in rows}}
+    return [r | {"images": digests[r["n"]], "test_split": test_split} for r in rows]
+
+
+def in_eval_mode(submodels: list[nn.Module]) -> Callable[[], None]:
+    """Put `submodels` in eval mode (BatchNorm running statistics, as at test time); returns the call that
+    hands them back in the modes they came in."""
+    was_training = [model.training for model in submodels]
+    for model in submodels:
+        model.eval()
+
+    def restore() -> None:
+        for model, mode in zip(submodels, was_training):
+            model.train(mode)
+
+    return restore
 
 
 def evaluate_stage(
@@ -285,51 +380,45 @@ def evaluate_stage(
     Two ways to use several processes, with the same numbers as one process:
     - `placement` (the training-time table): `submodels` are the ones this process owns; each process
       scores its own on every chunk, and all take part in attacking the mixture.
-    - `share` (`dvtrain eval`): every process holds every submodel and computes every model on the
-      chunks c with c % world == rank; the masks are gathered, so every process returns every row.
+    - `share` (`dvtrain eval`, tools): every process holds every submodel; each (model, attack, seed,
+      chunk) is a task of `dvtrain.eval.share` (`plan_tasks`), so every process returns every row.
     Models are scored in eval mode (BatchNorm running statistics, as at test time) and handed back in
     the mode they came in. `phases` shows a progress bar per (model, attack) and records its seconds
     (none by default). Raises NonFiniteOutput for a model with NaN/inf outputs, and DvtrainError
     for AutoAttack with submodels spread over several processes, or more processes than chunks.
     """
     placement = placement if placement is not None else LocalPlacement(len(submodels))
-    attacks = list(eval_cfg.attacks if attacks is None else attacks)
-    if "autoattack" in attacks and len(placement.owned) != placement.size:
+    plan = stage_plan(stage, submodels, x, y, eval_cfg, seed, attacks)
+    if "autoattack" in [c.attack for c in plan.mixture_columns] and len(placement.owned) != placement.size:
         raise DvtrainError("AutoAttack runs in one process holding every submodel; drop autoattack from eval.attacks "
                            "for a multi-process training run and use `dvtrain eval RUN_DIR` afterwards")
-    test_split = images_digest(x, y)  # the split the table's images are drawn from, as a whole
-    if eval_cfg.num_examples > 0:
-        x, y = x[: eval_cfg.num_examples], y[: eval_cfg.num_examples]
-    if share is not None and share.world > chunk_count(len(y), eval_cfg):
-        raise DvtrainError(too_many_processes(share.world, len(y), eval_cfg))
-    columns = cells([a for a in attacks if a not in (*MIXTURE_ONLY, *eval_cfg.mixture_only)], eval_cfg)
-    mixture_columns = cells(attacks, eval_cfg)
-    was_training = [model.training for model in submodels]
+    if share is not None and share.world > chunk_count(len(plan.y), eval_cfg):
+        raise DvtrainError(too_many_processes(share.world, len(plan.y), eval_cfg))
+    phases = phases if phases is not None else Phases(False)
+    restore = in_eval_mode(submodels)
     try:
-        for model in submodels:
-            model.eval()
         for i, model in zip(placement.owned, submodels):
-            check_finite(model, x[: eval_cfg.batch_size], f"submodel {i + 1} of stage {stage}")
+            check_finite(model, plan.x[: eval_cfg.batch_size], f"submodel {i + 1} of stage {stage}")
         if share is not None:
-            table, mixture_values = _shared_values(submodels, x, y, columns, mixture_columns, eval_cfg, seed, share,
-                                                   phases, stage)
-        else:
-            owned = [_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed, phases=phases, stage=stage)
-                     for i, model in zip(placement.owned, submodels)]
-            local = torch.stack([_values(m, columns, eval_cfg.seeds) for m in owned]).to(x.device)
-            table = {f"sub{i}": v.tolist() for i, v in enumerate(placement.all_gather(local))}
-            mixture = Mixture(submodels, placement)
-            masks = _model_masks(MIXTURE, mixture, x, y, mixture_columns, eval_cfg, seed, submodels, placement, phases,
-                                 stage)
-            mixture_values = _values(masks, mixture_columns, eval_cfg.seeds).tolist()
+            masks: dict[str, dict] = {}
+            for name, tasks in plan_tasks(plan):
+                with phases.phase(tasks.label, sum(tasks.images)) as bar:
+                    masks.setdefault(name, {}).update(zip(tasks.items, tasks.map(share, bar)))
+            return plan_rows(plan, masks)
+        columns, x, y = plan.columns, plan.x, plan.y
+        owned = [_model_masks(f"sub{i}", model, x, y, columns, eval_cfg, seed, phases=phases, stage=stage)
+                 for i, model in zip(placement.owned, submodels)]
+        local = torch.stack([_values(m, columns, eval_cfg.seeds) for m in owned]).to(x.device)
+        table = {f"sub{i}": v.tolist() for i, v in enumerate(placement.all_gather(local))}
+        mixture = Mixture(submodels, placement)
+        masks_ = _model_masks(MIXTURE, mixture, x, y, plan.mixture_columns, eval_cfg, seed, submodels, placement, phases,
+                              stage)
+        mixture_values = _values(masks_, plan.mixture_columns, eval_cfg.seeds).tolist()
     finally:
-        for model, mode in zip(submodels, was_training):
-            model.train(mode)
+        restore()
     rows = [r for name, values in table.items() for r in _rows(stage, name, values, columns, eval_cfg, len(y))]
-    rows += _rows(stage, MIXTURE, mixture_values, mixture_columns, eval_cfg, len(y))
-    # Each row's images as part of its basis: also what `dvtrain eval` checks the run's data against later.
-    digests = {n: images_digest(x[:n], y[:n]) for n in {r["n"] for r in rows}}
-    return [r | {"images": digests[r["n"]], "test_split": test_split} for r in rows]
+    rows += _rows(stage, MIXTURE, mixture_values, plan.mixture_columns, eval_cfg, len(y))
+    return _with_images(rows, x, y, plan.test_split)
 
 
 def too_many_processes(world: int, n_images: int, cfg: EvalConfig) -> str:
@@ -337,23 +426,3 @@ def too_many_processes(world: int, n_images: int, cfg: EvalConfig) -> str:
     count = chunk_count(n_images, cfg)
     return (f"{world} processes share {count} chunk{'s' * (count != 1)} of eval.chunk_size={cfg.chunk_size} images "
             f"({n_images} test images); launch at most {count} processes or lower eval.chunk_size")
-
-
-def _shared_values(
-    submodels: list[nn.Module], x: Tensor, y: Tensor, columns: list[Cell], mixture_columns: list[Cell],
-    cfg: EvalConfig, seed: int, share: Share, phases: Phases | None, stage: str,
-) -> tuple[dict[str, list[float]], list[float]]:
-    """Every model on this rank's chunks (c % world == rank), every rank's masks gathered and assembled."""
-    mine = lambda count: list(range(share.rank, count, share.world))  # noqa: E731
-    named = [(f"sub{i}", model, columns) for i, model in enumerate(submodels)]
-    named.append((MIXTURE, Mixture(submodels), mixture_columns))
-    local = {name: _chunk_masks(name, model, x, y, cols, cfg, seed, mine, submodels, None, phases, stage)
-             for name, model, cols in named}
-    merged: dict[str, dict] = {name: {} for name, _, _ in named}
-    for part in share.gather(local):
-        for name, masks in part.items():
-            merged[name].update(masks)
-    values = {name: _values(_assemble(merged[name], cols, cfg, len(y)), cols, cfg.seeds).tolist()
-              for name, _, cols in named}
-    mixture_values = values.pop(MIXTURE)
-    return values, mixture_values

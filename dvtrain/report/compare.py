@@ -35,9 +35,10 @@ from dvtrain import rundir, storage
 from dvtrain.config import STAGES, WANDB_MODES, LoggingConfig, read_yaml
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import (
-    BLACKBOX_PREFIX, METRIC_ORDER, NOT_COMPARABLE, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, blackbox_protocol, format_eps,
-    mean_off_diagonal, metric_name, model_label,
+    BLACKBOX_PREFIX, METRIC_ORDER, NOT_COMPARABLE, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, format_eps,
+    metric_name, model_label,
 )
+from dvtrain.eval.tables import registry as tables
 from dvtrain.paths import read_json_object
 from dvtrain.results import read_results
 from dvtrain.report.wandb_reader import offline_run_info, read_offline_run
@@ -149,9 +150,10 @@ def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str
     """Every number of a results.json as (stage, model, metric, ε) → value, and what each rests on.
 
     White-box rows under `metric_name`; where several rows share a column (the same ε evaluated with
-    other budgets), the worst case over the most attacks wins, then the later row. Black-box accuracies
-    as bb_all at each ε of the sweep (`blackbox_values`); the mixture's transfer_offdiag (mean off-diagonal transfer
-    success, lower is better) at the transfer ε. Rows at different ε stay apart.
+    other budgets), the worst case over the most attacks wins, then the later row. Then every registered
+    table's numbers (`dvtrain.eval.tables.contract.Table.numbers`): black-box accuracies as bb_all at each
+    ε of the sweep, the mixture's transfer_offdiag (mean off-diagonal transfer success, lower is better) at
+    the transfer ε, a plug-in table's own. Rows at different ε stay apart.
     """
     values: dict[Column, float] = {}
     basis: dict[Column, str] = {}
@@ -163,41 +165,12 @@ def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str
         covered = len(row.get("of") or ())
         if covered >= attacks.get(column, 0):
             values[column], basis[column], attacks[column] = row["accuracy"], _budget_text(row), covered
-    for stage, table in results.get("blackbox", {}).items():
-        for column, (value, text) in blackbox_values(stage, table, blackbox_protocol(results, stage)).items():
-            if value is not None:
-                values[column], basis[column] = value, text
-    for stage, matrix in results.get("transfer", {}).items():
-        off = mean_off_diagonal(matrix)
-        if off is not None:
-            column = (stage, MIXTURE, TRANSFER_OFFDIAG, matrix.get("eps") or None)
-            values[column] = off
-            # Not its n_images: the images every submodel classifies correctly differ from run to run.
-            basis[column] = f"{matrix.get('steps')} steps, {matrix.get('restarts')} restarts"
+    for table in tables.tables():
+        for number in table.numbers(results):
+            if number.value is not None:
+                column = (number.stage, number.model, number.metric, number.eps or None)
+                values[column], basis[column] = number.value, number.basis
     return values, {c: b for c, b in basis.items() if b}
-
-
-def blackbox_values(stage: str, table: dict, surrogate: dict) -> dict[Column, tuple[float | None, str]]:
-    """One stage's black-box numbers as columns → (accuracy %, what it rests on): "all" (correct under every
-    example set) at each ε of the protocol's sweep; a results.json written before the sweep (one ε, a column
-    per attack) gives bb_<attack> at the surrogate's ε. What it rests on names every protocol setting that
-    changes the number (surrogate sizes and epochs, steps, restarts, losses, sets, images), so runs
-    evaluated with other protocols are never averaged or shown as one (issue 26, finding 4)."""
-    if "all" in table:
-        members = surrogate.get("surrogates", [])
-        sizes = "/".join(str(e.get("size")) for e in members)
-        epochs = "/".join(str(e.get("epochs")) for e in members if e.get("epochs") is not None)
-        images = table.get("images") or surrogate.get("images")
-        text = (f"surrogates ×{sizes}" + (f" of {epochs} epochs" if epochs else "")
-                + f", {len(table['sets'])} sets, {surrogate.get('steps')} steps, {surrogate.get('restarts')} restarts"
-                + (f", losses {'/'.join(surrogate['losses'])}" if surrogate.get("losses") else "")
-                + f"; n={table.get('n_images')}" + (f", images {images}" if images else ""))
-        return {(stage, model, BLACKBOX_PREFIX + "all", eps): (table["all"][m][k], text)
-                for m, model in enumerate(table["models"]) for k, eps in enumerate(table["eps"])}
-    text = (f"surrogate ×{surrogate.get('size')}, {surrogate.get('steps')} steps, {surrogate.get('restarts')} "
-            f"restarts; n={surrogate.get('n_images')}") if surrogate else ""
-    return {(stage, model, BLACKBOX_PREFIX + attack, surrogate.get("eps") or None): (table["accuracy"][m][a], text)
-            for m, model in enumerate(table["models"]) for a, attack in enumerate(table["attacks"])}
 
 
 def read_run_dir(path: Path) -> Experiment:
@@ -293,7 +266,8 @@ def metric_at_eps(metric: str, config: dict[str, object]) -> tuple[str, float | 
             return name, float(eps), True
         except ValueError:
             pass
-    if metric == "clean":
+    if metric == "clean" or not (metric in METRIC_ORDER or metric.startswith(BLACKBOX_PREFIX)):
+        # Clean has no ε; a metric earlier releases never wrote (a plug-in table's) was named with its ε if it had one.
         return metric, None, True
     return metric, metric_eps(metric, config), False
 

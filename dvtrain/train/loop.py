@@ -26,8 +26,9 @@ from dvtrain.distributed.placement import LocalPlacement, Placement
 from dvtrain.distributed.runtime import launched_world_size
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import (
-    FULL_EVALUATION_KEYS, TRAIN_TABLE, load_results, metric_name, results_markdown, update_results,
+    TRAIN_TABLE, load_results, metric_name, results_markdown, update_results,
 )
+from dvtrain.eval.tables.registry import per_stage_sections
 from dvtrain.eval.whitebox import evaluate_stage
 from dvtrain.mixture import mixture_log_probs
 from dvtrain.models import training_mode
@@ -391,7 +392,7 @@ def evaluate_into(ctx: Context, stage: str, owned: Owned, state: TrainState, res
 
     def change(stored: dict) -> None:
         stored["eval"] = [r for r in stored["eval"] if r["stage"] != stage] + rows
-        for key in FULL_EVALUATION_KEYS:  # figures of the stage's previous weights are stale now
+        for key in per_stage_sections():  # every table's entries of the stage's previous weights are stale now
             stored.get(key, {}).pop(stage, None)
         stored["stages"][stage] = info
         stored["provenance"] = stage_provenance

@@ -2,7 +2,8 @@
 name, kind, label, the settings that feed its bytes (`budget`, part of each example set's cache key),
 its cost, whether it applies to a surrogate architecture, its code version, and how it crafts.
 
-`register(record)` adds one, also from outside the package (a test, a plug-in): eval.transfer.blackbox_attacks
+`register(record)` adds one, also from outside the package (a test, a plug-in; an entry point of the group
+`dvtrain.attacks` naming a record reaches every process a launcher starts): eval.transfer.blackbox_attacks
 names records, and `dvtrain eval` checks every name against TRANSFER_ATTACKS before any work, suggesting
 the closest one for a typo. Everything else (the cache key, the cost that balances processes, crafting,
 the black-box table, its markdown and compare) comes from the record.
@@ -13,15 +14,17 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 import torch
 from torch import Tensor, nn
 
 from dvtrain.config import TransferConfig
 from dvtrain.errors import DvtrainError
+from dvtrain.eval.attack_registry import ENTRY_POINT_GROUP, TRANSFER_KIND
 from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd, residual_branch_ends, skip_gradient
 
-KIND = "transfer"
+KIND = TRANSFER_KIND
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,35 @@ def register(attack: TransferAttack) -> TransferAttack:
     return attack
 
 
+_entry_points_loaded = False
+
+
+def load_entry_points() -> None:
+    """Register the transfer records the entry points of group `dvtrain.attacks` name (once per process;
+    `dvtrain.eval.attack_registry` registers the white-box ones of the same group)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            record = point.load()
+        except Exception as exc:  # a broken plug-in names itself instead of failing somewhere later
+            raise DvtrainError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} cannot be "
+                               f"loaded ({type(exc).__name__}: {exc}); fix or uninstall that package") from exc
+        if not isinstance(record, TransferAttack):
+            continue
+        taken = TRANSFER_ATTACKS.get(record.name)
+        if record.name != point.name or (taken is not None and taken is not record):
+            raise DvtrainError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} must name a "
+                               f"transfer attack called {point.name!r} that no other record has")
+        TRANSFER_ATTACKS[record.name] = record
+
+
 def transfer_attack(name: str, key: str = "eval.transfer.blackbox_attacks") -> TransferAttack:
-    """The record of `name`; DvtrainError naming `key`, the closest registered name and every name otherwise."""
+    """The record of `name` (plug-ins' included: `dvtrain.eval.attack_registry.load_entry_points`);
+    DvtrainError naming `key`, the closest registered name and every name otherwise."""
+    load_entry_points()
     if name in TRANSFER_ATTACKS:
         return TRANSFER_ATTACKS[name]
     close = difflib.get_close_matches(name, TRANSFER_ATTACKS, n=1)

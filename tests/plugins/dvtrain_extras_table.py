@@ -1,0 +1,60 @@
+"""An evaluation table defined outside dvtrain: how often the submodels agree on a clean test image
+(the share of images on which every submodel predicts the same class; a DVERGE ensemble should still
+agree on clean images while disagreeing on its vulnerabilities). One record, registered by its package's
+entry point (group dvtrain.tables): `dvtrain eval` runs it, results.json, results.md, `dvtrain compare`
+and the W&B summary show it, and nothing in dvtrain/ names it. It imports no torch until it runs."""
+
+from __future__ import annotations
+
+from dvtrain.eval.report import cell, model_label, stage_order
+from dvtrain.eval.tables.contract import Number, Table
+
+MIXTURE = "mixture"
+METRIC = "agreement"
+
+
+class AgreementTable(Table):
+    name = "agreement"
+    section = "eval"  # reads eval.num_examples and eval.batch_size (a plug-in table has no section of its own yet)
+
+    def work(self, suite):
+        from dvtrain.eval.share import Tasks
+
+        cfg = suite.cfg.eval
+        n = len(suite.data.y_test) if cfg.num_examples == 0 else min(cfg.num_examples, len(suite.data.y_test))
+        x = suite.data.x_test[:n]
+        stages = list(suite.loaded)
+
+        def agree(stage: str) -> dict:
+            import torch
+
+            with torch.no_grad():
+                classes = torch.cat([torch.stack([m(x[s : s + cfg.batch_size]).argmax(1) for m in suite.loaded[stage]])
+                                     for s in range(0, n, cfg.batch_size)], dim=1)
+            return {"n_images": n, METRIC: float((classes == classes[0]).all(dim=0).double().mean() * 100)}
+
+        done = yield Tasks(stages, [float(n)] * len(stages), agree, [n] * len(stages), "submodel agreement")
+        return dict(zip(stages, done))
+
+    def assemble(self, suite, done, new):
+        return done
+
+    def markdown(self, results):
+        entries = results.get(self.name, {})
+        if not entries:
+            return []
+        lines = ["## Submodel agreement", "", "Clean test images on which every submodel predicts the same class (%).", "",
+                 "| Stage | Images | Agreement (%) |", "|---|---:|---:|"]
+        lines += [f"| {stage} | {entries[stage]['n_images']} | {cell(entries[stage][METRIC])} |" for stage in stage_order(entries)]
+        return [*lines, ""]
+
+    def numbers(self, results):
+        return [Number(stage, MIXTURE, METRIC, None, e[METRIC], f"n={e['n_images']}", METRIC)
+                for stage, e in results.get(self.name, {}).items()]
+
+    def wandb_tables(self, results):
+        rows = [[stage, model_label(stage, MIXTURE), e[METRIC]] for stage, e in results.get(self.name, {}).items()]
+        return {"eval/agreement": (["stage", "model", METRIC], rows)} if rows else {}
+
+
+TABLE = AgreementTable()
