@@ -21,7 +21,7 @@ from dvtrain.data import Dataset, load_dataset
 from dvtrain.eval.budget import reduced_budget_note
 from dvtrain.eval.blackbox import ExampleSet, blackbox_images, blackbox_table, check_attacks, prepare_blackbox
 from dvtrain.eval.checks import masking_checks, masking_probe
-from dvtrain.eval.diversity import diversity_evaluation
+from dvtrain.eval.diversity import diversity_evaluation, diversity_plots
 from dvtrain.eval.progress import Phases
 from dvtrain.eval.load import finished_stages, load_stage
 from dvtrain.eval.surrogates import SurrogateTrainer
@@ -129,7 +129,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     blackbox = prepare_blackbox(run.path, cfg, tcfg, data, device, train_surrogates, phases, share)
     new |= shared_evaluation(loaded, data, cfg, tcfg, phases, share)
     with phases.phase("vulnerability-diversity matrices") as bar:
-        diversity_evaluation(run.path, loaded, data, cfg, new, share, bar)
+        diversity_evaluation(loaded, data, cfg, new, share, bar)
     if not main:
         return None
     for stage, submodels in loaded.items():
@@ -145,6 +145,7 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
             stored.setdefault(key, {}).update(new.get(key, {}))
         stored["eval_provenance"] = new["eval_provenance"]
         add_blackbox_plot(run.path, stored, cfg.stages)  # every evaluated stage's curves, this run's and earlier ones
+        diversity_plots(run.path, stored)  # every evaluated stage's heat map, on one colour scale
 
     results = update_results(run.path, cfg, change)
     log_evaluation(cfg, run.path, results)
