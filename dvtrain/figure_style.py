@@ -15,6 +15,7 @@ This module imports matplotlib and the storage helper only, so eval/, report/ an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,12 +28,18 @@ from dvtrain import storage
 
 DPI = 120
 MAX_WIDTH_INCHES = 8.0  # 960 px at DPI
-LINE_FIGSIZE = (6.4, 4.2)  # one axes of lines against ε or epochs
+LINE_FIGSIZE = (6.4, 4.8)  # one axes of lines against ε or epochs
 PANEL_INCHES = (4.0, 3.4)  # one panel of a grid of such axes
 PANEL_COLUMNS = 2  # panels per row: two keep a grid within MAX_WIDTH_INCHES
-CELL_INCHES = 0.9  # heat-map cell, so the values written in the cells stay legible
-MIN_SIDE_INCHES = 3.5
+CELL_INCHES = 1.0  # heat-map cell: a "Submodel 3" tick label fits beside the next one, unturned
+HEATMAP_MARGIN_INCHES = (1.8, 2.2)  # beside a heat map's cells: its y tick labels and label; above and below: titles, x ticks
 COLORBAR_INCHES = 1.6  # room beside a heat map for its colour bar and its label
+
+
+def heatmap_size(rows: int, columns: int) -> tuple[float, float]:
+    """(width, height) in inches of a heat map of rows × columns cells with its colour bar."""
+    return (CELL_INCHES * columns + HEATMAP_MARGIN_INCHES[0] + COLORBAR_INCHES,
+            CELL_INCHES * rows + HEATMAP_MARGIN_INCHES[1])
 SMALL = "small"  # legend and note font size (matplotlib's relative size: 0.833 of 10 pt)
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 PERCENT_RANGE = (0.0, 100.0)
@@ -102,9 +109,7 @@ def layout_problems(fig: Figure) -> list[str]:
             problems.append(f"text {text.get_text()!r} reaches past the canvas ({_box(box)} on {width}×{height})")
     for k, (a, box_a) in enumerate(texts):
         for b, box_b in texts[k + 1:]:
-            shared_x = min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0)
-            shared_y = min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0)
-            if shared_x > OVERLAP_PX and shared_y > OVERLAP_PX:
+            if _overlap(a, box_a, b, box_b):
                 problems.append(f"texts {a.get_text()!r} and {b.get_text()!r} overlap ({_box(box_a)}, {_box(box_b)})")
     plots = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     columns = max((ax.get_subplotspec().get_gridspec().ncols for ax in plots if ax.get_subplotspec()), default=1)
@@ -112,6 +117,27 @@ def layout_problems(fig: Figure) -> list[str]:
         if ax.bbox.width < MIN_AXES_SHARE * width / columns:
             problems.append(f"axes {ax.get_title()!r} is squeezed to {ax.bbox.width:.0f} px of {width / columns:.0f}")
     return problems
+
+
+def _overlap(a: Text, box_a: Bbox, b: Text, box_b: Bbox) -> bool:
+    """Whether two drawn texts share more than OVERLAP_PX in both directions. Texts turned by the same angle
+    (tick labels at TICK_ROTATION) are compared as the turned rectangles they are: their upright boxes
+    overlap at the corners although the letters do not."""
+    angle = math.radians(a.get_rotation())
+    c, s = abs(math.cos(angle)), abs(math.sin(angle))
+    if a.get_rotation() % 180 != b.get_rotation() % 180 or abs(c - s) < 0.1:  # at 45° the sizes are not recoverable
+        shared_x = min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0)
+        shared_y = min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0)
+        return shared_x > OVERLAP_PX and shared_y > OVERLAP_PX
+
+    def size(box: Bbox) -> tuple[float, float]:  # the turned rectangle's length and height from its upright box
+        return ((box.width * c - box.height * s) / (c * c - s * s), (box.height * c - box.width * s) / (c * c - s * s))
+
+    (wa, ha), (wb, hb) = size(box_a), size(box_b)
+    dx, dy = box_b.x0 + box_b.width / 2 - box_a.x0 - box_a.width / 2, box_b.y0 + box_b.height / 2 - box_a.y0 - box_a.height / 2
+    along = abs(dx * math.cos(angle) + dy * math.sin(angle))
+    across = abs(-dx * math.sin(angle) + dy * math.cos(angle))
+    return along < (wa + wb) / 2 - OVERLAP_PX and across < (ha + hb) / 2 - OVERLAP_PX
 
 
 def _box(box: Bbox) -> str:

@@ -10,6 +10,7 @@ import matplotlib.image
 import pytest
 from matplotlib.text import Text
 
+from conftest import REPO
 from dvtrain import figure_style as style
 from dvtrain.eval import blackbox_plot, diversity, plots
 from dvtrain.eval.report import NOT_COMPARABLE
@@ -223,3 +224,12 @@ def test_loss_curves(tmp_path):
     path = style.save(fig, tmp_path / "dverge_loss.png")
     text = check_readable(fig, path)
     assert "Mixture: test loss (NLL)" in text and "Submodel 3: training loss" in text
+
+
+def test_the_shipped_figures_are_readable_at_page_width():
+    """docs/img: no figure wider than the style's maximum (the black-box figure was 2016 px, its text
+    about 5 px high once a page showed it at its width)."""
+    shipped = sorted((REPO / "docs" / "img").rglob("*.png"))
+    assert shipped
+    for path in shipped:
+        assert matplotlib.image.imread(path).shape[1] <= MAX_PX, path

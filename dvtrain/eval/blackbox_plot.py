@@ -69,14 +69,14 @@ def _panels(titles: list[str]) -> tuple[Figure, list[Axes]]:
     return fig, axes[: len(titles)]
 
 
-def _legend(fig: Figure, axes: list[Axes]) -> None:
-    """Each label once, below the panels."""
+def _legend(fig: Figure, axes: list[Axes], title: str | None = None) -> None:
+    """Each label once, below the panels, under `title` (the figure's basis, read as a caption)."""
     handles: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize=style.SMALL,
-               ncols=min(LEGEND_COLUMNS, len(handles)))
+               ncols=min(LEGEND_COLUMNS, len(handles)), title=title, title_fontsize=style.SMALL)
 
 
 def _ensemble(name: str, protocol: dict) -> str:
@@ -129,10 +129,8 @@ def blackbox_plot(tables: dict[str, dict], order: list[str], path: Path,
             if name in table.get(ALL_BY_SURROGATE, {}):
                 _curve(ax, table["eps"], table[ALL_BY_SURROGATE][name][m], table["n_images"], stage, color)
         _curve(axes[-1], table["eps"], table[ALL_SETS][m], table["n_images"], stage, color)
-    _legend(fig, axes)
-    width = fig.get_figwidth()
-    fig.suptitle("Black-box transfer: each stage's mixture, correct under every example set at ε\n"
-                 + wrap(blackbox_basis(tables, protocols), width * 1.2), fontsize="medium")
+    _legend(fig, axes, wrap(blackbox_basis(tables, protocols), fig.get_figwidth()))
+    fig.suptitle("Black-box transfer: the mixture correct under every example set at ε")
     return style.save(fig, path)
 
 

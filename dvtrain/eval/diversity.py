@@ -183,12 +183,12 @@ def diversity_heatmap(entry: dict, title: str, path: Path, value_range: tuple[fl
 
     labels = [f"Submodel {int(m.removeprefix('sub')) + 1}" for m in entry["models"]]
     values = entry["matrix"]
-    width = max(style.MIN_SIDE_INCHES, style.CELL_INCHES * len(labels)) + style.COLORBAR_INCHES + 0.6
-    fig = style.new_figure(width, max(style.MIN_SIDE_INCHES, style.CELL_INCHES * len(labels) + 1.8))
+    width, height = style.heatmap_size(len(labels), len(labels))
+    fig = style.new_figure(width, height)
     ax = fig.add_subplot()
     low, high = value_range
     image = ax.imshow(values, cmap=style.DIVERSITY_COLORS, vmin=low, vmax=high)
-    ax.set_xticks(range(len(labels)), labels, rotation=style.TICK_ROTATION, ha="right", rotation_mode="anchor")
+    ax.set_xticks(range(len(labels)), labels)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("scored by (f_j)")
     ax.set_ylabel("distilled on (f_i)")

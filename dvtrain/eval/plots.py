@@ -23,7 +23,7 @@ BAR_GROUP_INCHES = 1.3  # width per bar group (column) of a comparison chart
 BAR_SPAN = 0.8  # of a group's width, the part its bars fill
 LEGEND_COLUMNS = 3  # runs per row of a comparison chart's legend, below the axes
 DARK_CELL = 60.0  # cells above this success rate get white text
-TITLE_WIDTH = 62  # characters per line of a figure's basis line (the "small" font at LINE_FIGSIZE's width)
+TITLE_WIDTH = 72  # characters per line of a figure's basis line (the "small" font at LINE_FIGSIZE's width)
 
 
 def _display(name: str) -> str:
@@ -43,12 +43,11 @@ def transfer_heatmap(matrix: dict, title: str, path: Path) -> Path:
     same colour scale for every stage), titled `title` over the matrix's basis (`transfer_basis`)."""
     rows, cols = matrix["sources"], matrix["targets"]
     values = [[float("nan") if v is None else v for v in row] for row in matrix["success"]]
-    width = max(style.MIN_SIDE_INCHES, style.CELL_INCHES * len(cols)) + style.COLORBAR_INCHES
-    fig = style.new_figure(width, max(style.MIN_SIDE_INCHES, style.CELL_INCHES * len(rows) + 1.6))
+    width, height = style.heatmap_size(len(rows), len(cols))
+    fig = style.new_figure(width, height)
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap=style.SUCCESS_COLORS, vmin=style.PERCENT_RANGE[0], vmax=style.PERCENT_RANGE[1])
-    ax.set_xticks(range(len(cols)), [_display(c) for c in cols], rotation=style.TICK_ROTATION, ha="right",
-                  rotation_mode="anchor")
+    ax.set_xticks(range(len(cols)), [_display(c) for c in cols])
     ax.set_yticks(range(len(rows)), [_display(r) for r in rows])
     ax.set_xlabel("target model")
     ax.set_ylabel("source submodel (crafted on)")
@@ -96,7 +95,7 @@ def eps_sweep_figure(sweep: dict, title: str) -> Figure:
     ax.set_ylabel(("robust accuracy (%)" if "worst_case" in sweep else "accuracy under PGD (%)") + ", higher is better")
     ax.set_ylim(*style.PERCENT_RANGE)
     ax.grid(alpha=style.GRID_ALPHA)
-    fig.legend(loc="outside lower center", ncols=2, fontsize=style.SMALL)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=style.SMALL)
     fig.suptitle(title)
     ax.set_title(wrap(sweep_basis(sweep), style.LINE_FIGSIZE[0]), fontsize=style.SMALL)
     return fig
