@@ -18,11 +18,13 @@ from dvtrain import rundir
 from dvtrain.eval.report import NOT_COMPARABLE, attack_header, counted, format_eps, model_label
 
 PLOTS_DIR = rundir.PLOTS
-BAR_HEIGHT_INCHES = 4.5
-BAR_GROUP_INCHES = 1.3  # width per bar group (column) of a comparison chart
+BAR_HEIGHT_INCHES = 4.5  # the transfer chart
+BAR_ROW_INCHES, BAR_TITLES_INCHES = 3.4, 1.4  # the accuracy chart: per row of panels; its title and legend
+BAR_GROUP_INCHES = 1.0  # width per bar group (column) of a comparison chart: "Worst L∞" fits, unturned
 BAR_SPAN = 0.8  # of a group's width, the part its bars fill
 LEGEND_COLUMNS = 3  # runs per row of a comparison chart's legend, below the axes
 DARK_CELL = 60.0  # cells above this success rate get white text
+LARGE_TEXT = 0.7  # a figure title's characters per line, relative to the small font's
 TITLE_WIDTH = 72  # characters per line of a figure's basis line (the "small" font at LINE_FIGSIZE's width)
 
 
@@ -139,6 +141,16 @@ def _bars(ax, series: dict[str, dict[tuple[str, str], list[float]]], groups: lis
     return daggers
 
 
+def _pack(widths: list[int], capacity: int) -> list[list[int]]:
+    """Panels (their widths in bar groups) in order into rows of at most `capacity` groups: the indices per row."""
+    rows: list[list[int]] = [[]]
+    for k, width in enumerate(widths):
+        if rows[-1] and sum(widths[j] for j in rows[-1]) + width > capacity:
+            rows.append([])
+        rows[-1].append(k)
+    return rows
+
+
 def _legend(fig: Figure, series: dict, daggers: int) -> None:
     """Every run's colour once, below the axes (beside them it squeezed the bars), and what † means."""
     handles = {}
@@ -169,14 +181,27 @@ def comparison_plots(series: dict[str, dict[tuple[str, str], list[float]]], kind
     panels = [s for s in stages if any((s, c) in v for v in series.values() for c in accuracy)]
     if panels:
         widths = [max(1, sum(any((s, c) in v for v in series.values()) for c in accuracy)) for s in panels]
-        fig = style.new_figure(max(style.LINE_FIGSIZE[0], BAR_GROUP_INCHES * sum(widths)), BAR_HEIGHT_INCHES)
-        axes = fig.subplots(1, len(panels), sharey=True, squeeze=False, gridspec_kw={"width_ratios": widths})[0]
-        daggers = 0
-        for ax, stage in zip(axes, panels):
-            columns = [c for c in accuracy if any((stage, c) in v for v in series.values())]
-            daggers += _bars(ax, series, [(stage, c) for c in columns], [c.replace(" ε=", "\nε=") for c in columns], marked)
-            ax.set_title(stage)
-        axes[0].set_ylabel("accuracy (%), higher is better")
+        rows = _pack(widths, max(max(widths), int(style.MAX_WIDTH_INCHES // BAR_GROUP_INCHES)))
+        span = max(sum(widths[k] for k in row) for row in rows)
+        fig = style.new_figure(max(style.LINE_FIGSIZE[0], BAR_GROUP_INCHES * span),
+                               BAR_ROW_INCHES * len(rows) + BAR_TITLES_INCHES)
+        grid = fig.add_gridspec(len(rows), span)
+        axes, daggers = [], 0
+        for r, row in enumerate(rows):
+            start = 0
+            for k in row:
+                ax = fig.add_subplot(grid[r, start:start + widths[k]], sharey=axes[0] if axes else None)
+                start += widths[k]
+                stage = panels[k]
+                columns = [c for c in accuracy if any((stage, c) in v for v in series.values())]
+                daggers += _bars(ax, series, [(stage, c) for c in columns], [c.replace(" ε=", "\nε=") for c in columns],
+                                 marked)
+                ax.set_title(stage)
+                if start == widths[k]:  # the first panel of its row
+                    ax.set_ylabel("accuracy (%), higher is better")
+                else:
+                    ax.tick_params(labelleft=False)
+                axes.append(ax)
         _legend(fig, series, daggers)
         fig.suptitle(f"Accuracy of each stage's mixture, run by run{spread}")
         written.append(style.save(fig, path.with_name(f"{path.stem}{separator}accuracy.png")))
@@ -190,7 +215,7 @@ def comparison_plots(series: dict[str, dict[tuple[str, str], list[float]]], kind
         daggers = _bars(ax, series, [(s, column) for s in own], own, marked)
         ax.set_ylabel("transfer success (%), lower is better")
         fig.suptitle(wrap(f"{column.replace('↓', '').strip()}: mean success of PGD crafted on one submodel against "
-                          f"each other submodel{spread}", fig.get_figwidth()))
+                          f"each other submodel{spread}", fig.get_figwidth() * LARGE_TEXT))
         _legend(fig, series, daggers)
         eps = column.partition(" ε=")[2]
         kind = "transfer" if len(transfer) == 1 or not eps else f"transfer_eps{eps.replace('/', 'over')}"
