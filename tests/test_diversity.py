@@ -14,7 +14,7 @@ from torch import Tensor
 
 from dvtrain.config import Config, DataConfig, DiversityConfig, DvergeConfig
 from dvtrain.data import load_dataset
-from dvtrain.eval.diversity import diversity_evaluation, diversity_matrix, distillation_settings, stage_diversity
+from dvtrain.eval.diversity import diversity_evaluation, diversity_matrix, diversity_plots, distillation_settings, stage_diversity
 from dvtrain.eval.report import evaluation_markdown
 from dvtrain.models.base import LayeredNet
 from dvtrain.submodels import build_submodel
@@ -110,11 +110,13 @@ def test_evaluation_writes_the_entry_the_heat_map_and_the_markdown(ensemble, tmp
     cfg = Config()
     cfg.eval.diversity = DiversityConfig(num_images=20, steps=2)
     results: dict = {}
-    diversity_evaluation(tmp_path, {"dverge": models}, digits, cfg, results)
+    diversity_evaluation({"dverge": models}, digits, cfg, results)
     entry = results["diversity"]["dverge"]
+    assert "plot" not in entry
+    diversity_plots(tmp_path, results)
     assert entry["n_images"] == 20 and entry["protocol"]["steps"] == 2
     assert (tmp_path / entry["plot"]).read_bytes().startswith(b"\x89PNG")
     text = evaluation_markdown(results)
     assert "## Vulnerability diversity: dverge" in text and "Submodel 3" in text and entry["plot"] in text
     cfg.eval.diversity.enabled = False
-    assert diversity_evaluation(tmp_path, {"dverge": models}, digits, cfg, {}) is None
+    assert diversity_evaluation({"dverge": models}, digits, cfg, {}) is None

@@ -25,19 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dvtrain import storage
 from dvtrain.config import Config, DiversityConfig, DvergeConfig
 from dvtrain.data import Dataset
 from dvtrain.distill import distill
+from dvtrain.eval.report import format_eps
 from dvtrain.eval.share import Share, Tasks, is_main
 from dvtrain.rng import stream
 from dvtrain.stages import distils
 
 PLOTS_DIR = "plots"
-DPI = 120
-CELL_INCHES = 0.9  # heat-map cell size, so the numbers written in the cells stay legible
-MIN_SIDE_INCHES = 3.5
-HEATMAP_COLORS = "Blues"
 # How "metric" was formed, so a reader can tell it from results of dvtrain before issue 26, which stored the
 # seed report's printed (D[i][i] + D[i][j]) / 2 under the same key.
 METRIC_FORM = "eq2_symmetric"
@@ -174,41 +170,67 @@ def diversity_work(stages: dict[str, list[nn.Module]], data: Dataset,
     return Tasks(tasks, [1.0] * len(tasks), row, n_pairs, "vulnerability-diversity matrices"), finish
 
 
-def diversity_heatmap(entry: dict, title: str, path: Path) -> Path:
+def diversity_range(entries: dict[str, dict]) -> tuple[float, float]:
+    """(lowest, highest) D over every stage's matrix: the one colour scale of all the heat maps of a run,
+    so equal colours mean equal nats across stages. (0, 1) when no entry has a matrix."""
+    values = [v for entry in entries.values() if entry.get("matrix") for row in entry["matrix"] for v in row]
+    return (min(values), max(values)) if values else (0.0, 1.0)
+
+
+def diversity_basis(entry: dict) -> str:
+    """What a diversity matrix measured, in one line: pairs, layer, distillation budget."""
+    p = entry["protocol"]
+    layer = f"layer {p['layer']}" if p.get("layer") else "a random layer per batch"
+    return (f"{entry['n_images']} test-image pairs every submodel classifies correctly, {layer}, distillation "
+            f"ε={format_eps(p['eps'])}, {p['steps']} steps of {p['step_size']:g}")
+
+
+def diversity_heatmap(entry: dict, title: str, path: Path, value_range: tuple[float, float]) -> Path:
     """A heat map of D (rows: the submodel distilled on, columns: the submodel scored), values written in
-    the cells; matplotlib's object API on the Agg canvas (no pyplot, no display). Returns `path`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    the cells, coloured on `value_range` (nats: `diversity_range` of every stage shown beside it), titled
+    `title` over the entry's basis (`diversity_basis`); drawn in `dvtrain.figure_style`. Returns `path`."""
+    from dvtrain import figure_style as style
+    from dvtrain.eval.plots import wrap
 
     labels = [f"Submodel {int(m.removeprefix('sub')) + 1}" for m in entry["models"]]
     values = entry["matrix"]
-    side = max(MIN_SIDE_INCHES, CELL_INCHES * (len(labels) + 1))
-    fig = Figure(figsize=(side + 1, side))
+    width, height = style.heatmap_size(len(labels), len(labels))
+    fig = style.new_figure(width, height)
     ax = fig.add_subplot()
-    image = ax.imshow(values, cmap=HEATMAP_COLORS)
-    ax.set_xticks(range(len(labels)), labels, rotation=30)
+    low, high = value_range
+    image = ax.imshow(values, cmap=style.DIVERSITY_COLORS, vmin=low, vmax=high)
+    ax.set_xticks(range(len(labels)), labels)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("scored by (f_j)")
     ax.set_ylabel("distilled on (f_i)")
-    middle = (min(map(min, values)) + max(map(max, values))) / 2
+    middle = (low + high) / 2
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v > middle else "black")
-    fig.colorbar(image, ax=ax, label="cross-entropy with the target label (nats)")
-    ax.set_title(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    with storage.replacing(path, "plot") as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
-    return path
+    fig.colorbar(image, ax=ax, label="cross-entropy with the target label (nats)\n"
+                                     "off-diagonal: higher is more diverse (better)")
+    fig.suptitle(title)
+    ax.set_title(wrap(diversity_basis(entry), width), fontsize=style.SMALL)
+    return style.save(fig, path)
 
 
-def diversity_evaluation(run_dir: Path, stages: dict[str, list[nn.Module]], data: Dataset, cfg: Config, results: dict,
+def diversity_plots(run_dir: Path, results: dict) -> None:
+    """Every stage's heat map of results["diversity"] (results.json as merged: this evaluation's stages and
+    earlier ones) under RUN_DIR/plots/, all on one colour scale (`diversity_range`), each path relative to
+    the run recorded in its entry's "plot"."""
+    entries = {stage: e for stage, e in results.get("diversity", {}).items() if e.get("matrix") is not None}
+    value_range = diversity_range(entries)
+    for stage, entry in entries.items():
+        path = diversity_heatmap(entry, f"{stage}: vulnerability diversity",
+                                 Path(run_dir) / PLOTS_DIR / f"diversity_{stage}.png", value_range)
+        entry["plot"] = path.relative_to(run_dir).as_posix()
+
+
+def diversity_evaluation(stages: dict[str, list[nn.Module]], data: Dataset, cfg: Config, results: dict,
                          share: Share | None = None, bar: tqdm | None = None) -> None:
-    """Every stage's matrix into results["diversity"] and its heat map under RUN_DIR/plots/ (path relative
-    to the run in the entry's "plot"), rows shared out by `share` and written by rank 0; nothing when
-    eval.diversity.enabled is false."""
+    """Every stage's matrix into results["diversity"], rows shared out by `share` and written by rank 0;
+    nothing when eval.diversity.enabled is false. The heat maps are `diversity_plots`' (drawn once the
+    entries are merged with the run's earlier ones, so that every stage shares one colour scale)."""
     if not cfg.eval.diversity.enabled:
         return
     if is_main(share):
@@ -217,8 +239,4 @@ def diversity_evaluation(run_dir: Path, stages: dict[str, list[nn.Module]], data
     if not is_main(share):
         return
     for stage, entry in entries.items():
-        if entry["matrix"] is not None:
-            path = diversity_heatmap(entry, f"{stage}: vulnerability diversity",
-                                     Path(run_dir) / PLOTS_DIR / f"diversity_{stage}.png")
-            entry["plot"] = path.relative_to(run_dir).as_posix()
         results.setdefault("diversity", {})[stage] = entry

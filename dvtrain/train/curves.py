@@ -18,7 +18,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from dvtrain.eval.plots import LINE_FIGSIZE, PLOTS_DIR, save_figure
+from dvtrain import figure_style as style
+from dvtrain.eval.plots import PLOTS_DIR
 from dvtrain.eval.report import model_label
 
 TEST_LOSS = "test/loss/mixture"  # the mixture's NLL on the test set at each epoch's end (dvtrain.train.loop)
@@ -72,7 +73,7 @@ def loss_curves(entries: list[dict], main_loss: str, steps_per_epoch: int) -> Lo
 
 def loss_figure(curves: LossCurves, stage: str, main_loss: str) -> Figure:
     """The figure: one line per submodel (training loss), the mixture's test loss dashed in black."""
-    fig = Figure(figsize=LINE_FIGSIZE)
+    fig = style.new_figure(*style.LINE_FIGSIZE)
     ax = fig.add_subplot()
     for i, losses in curves.train.items():
         ax.plot(curves.train_epochs, losses, marker="o", label=f"{model_label(stage, f'sub{i}')}: training loss")
@@ -82,8 +83,8 @@ def loss_figure(curves: LossCurves, stage: str, main_loss: str) -> Figure:
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"loss (training: {main_loss.removeprefix('loss/')})")
     ax.set_title(f"{stage}: training and test loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.grid(alpha=style.GRID_ALPHA)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=style.SMALL)
     return fig
 
 
@@ -93,4 +94,4 @@ def training_curves(run_dir: Path, stage: str, history: Path, main_loss: str, st
     curves = loss_curves(read_history(history), main_loss, steps_per_epoch)
     if not curves.train_epochs:
         return None
-    return save_figure(loss_figure(curves, stage, main_loss), Path(run_dir) / PLOTS_DIR / f"{stage}_loss.png")
+    return style.save(loss_figure(curves, stage, main_loss), Path(run_dir) / PLOTS_DIR / f"{stage}_loss.png")

@@ -4,7 +4,6 @@ a task, results.json "diversity"[stage] with its heat map's path, one results.md
 from __future__ import annotations
 
 from collections.abc import Generator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dvtrain.eval.report import format_eps, matrix_markdown, stage_order
@@ -30,14 +29,14 @@ class DiversityTable(Table):
         return finish((yield tasks))
 
     def assemble(self, suite: Suite, done: dict, new: dict) -> dict:
-        from dvtrain.eval.diversity import PLOTS_DIR, diversity_heatmap
-
-        for stage, entry in done.items():
-            if entry["matrix"] is not None:
-                path = diversity_heatmap(entry, f"{stage}: vulnerability diversity",
-                                         Path(suite.run_dir) / PLOTS_DIR / f"diversity_{stage}.png")
-                entry["plot"] = path.relative_to(suite.run_dir).as_posix()
         return done
+
+    def figures(self, suite: Suite, results: dict) -> dict[str, dict[str, str]]:
+        from dvtrain.eval.diversity import diversity_plots
+
+        # From the merged results: every stage's heat map on one colour scale, also stages evaluated earlier.
+        diversity_plots(suite.run_dir, results)  # records each path in its entry's "plot"
+        return {}
 
     def markdown(self, results: dict) -> list[str]:
         return _diversity_markdown(results.get(self.name, {}))
