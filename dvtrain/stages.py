@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from dvtrain.plugins import misnamed, plugin_objects
 from typing import Any
 
 from dvtrain.errors import DvtrainError
@@ -99,15 +99,9 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            spec = point.load()
-        except Exception as exc:  # a broken plug-in names itself instead of failing somewhere later
-            raise StageRegistryError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} "
-                                     f"cannot be loaded ({type(exc).__name__}: {exc}); fix or uninstall that package") from exc
+    for point, spec in plugin_objects(ENTRY_POINT_GROUP, StageRegistryError):
         if not isinstance(spec, StageSpec) or spec.name != point.name:
-            raise StageRegistryError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} must "
-                                     f"name a StageSpec called {point.name!r}")
+            raise StageRegistryError(misnamed(point, ENTRY_POINT_GROUP, "StageSpec"))
         _add(_REGISTERED, StageSpec(spec.name, spec.config, spec.trainer, spec.distils, spec.section,
                                     source=f"entry point {point.value}"))
 

@@ -24,7 +24,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from dvtrain.plugins import misnamed, plugin_objects
 from typing import TYPE_CHECKING
 
 from dvtrain.config import EvalConfig
@@ -216,15 +216,9 @@ def load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            record = point.load()
-        except Exception as exc:  # a broken plug-in names itself instead of failing somewhere later
-            raise AttackRegistryError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} "
-                                      f"cannot be loaded ({type(exc).__name__}: {exc}); fix or uninstall that package") from exc
+    for point, record in plugin_objects(ENTRY_POINT_GROUP, AttackRegistryError):
         if getattr(record, "name", None) != point.name:
-            raise AttackRegistryError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} must "
-                                      f"name an attack record called {point.name!r}")
+            raise AttackRegistryError(misnamed(point, ENTRY_POINT_GROUP, "attack record"))
         if isinstance(record, WhiteboxAttack):
             _add(record, f"entry point {point.value}")
         elif getattr(record, "kind", None) != TRANSFER_KIND:  # transfer records: dvtrain.eval.attacks.transfer loads them

@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from dvtrain.plugins import plugin_objects
 
 import torch
 from torch import Tensor, nn
@@ -69,12 +69,7 @@ def load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            record = point.load()
-        except Exception as exc:  # a broken plug-in names itself instead of failing somewhere later
-            raise DvtrainError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} cannot be "
-                               f"loaded ({type(exc).__name__}: {exc}); fix or uninstall that package") from exc
+    for point, record in plugin_objects(ENTRY_POINT_GROUP, DvtrainError):
         if not isinstance(record, TransferAttack):
             continue
         taken = TRANSFER_ATTACKS.get(record.name)

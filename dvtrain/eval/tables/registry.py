@@ -10,7 +10,7 @@ to every process a launcher starts and to `dvtrain compare`, without an import i
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
+from dvtrain.plugins import misnamed, plugin_objects
 
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.tables.contract import Table
@@ -58,15 +58,9 @@ def _load_all() -> None:
     _loaded = True
     for target in BUILT_IN:
         _add(_load(target), target)
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            table = point.load()
-        except Exception as exc:  # a broken plug-in names itself instead of failing somewhere later
-            raise TableRegistryError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} "
-                                     f"cannot be loaded ({type(exc).__name__}: {exc}); fix or uninstall that package") from exc
+    for point, table in plugin_objects(ENTRY_POINT_GROUP, TableRegistryError):
         if not isinstance(table, Table) or table.name != point.name:
-            raise TableRegistryError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} must "
-                                     f"name a Table called {point.name!r}")
+            raise TableRegistryError(misnamed(point, ENTRY_POINT_GROUP, "Table"))
         _add(table, f"entry point {point.value}")
 
 

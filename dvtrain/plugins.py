@@ -1,0 +1,25 @@
+"""Plug-ins found through package entry points (stages, evaluation tables, attacks): loading each one with a
+one-line error that names the entry point and the fix, in this one place. No torch import here."""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint, entry_points
+
+
+def plugin_objects(group: str, error: type[Exception]) -> list[tuple[EntryPoint, object]]:
+    """(entry point, the object it names) for every entry point of `group`, in the order Python lists them.
+    Raises `error` naming the entry point when one cannot be loaded (a broken plug-in names itself instead
+    of failing somewhere later)."""
+    found = []
+    for point in entry_points(group=group):
+        try:
+            found.append((point, point.load()))
+        except Exception as exc:  # noqa: BLE001 - any import failure of a third-party package
+            raise error(f"the entry point {point.name} = {point.value} of group {group} cannot be loaded "
+                        f"({type(exc).__name__}: {exc}); fix or uninstall that package") from exc
+    return found
+
+
+def misnamed(point: EntryPoint, group: str, kind: str) -> str:
+    """The refusal of an entry point that names no `kind` (e.g. "StageSpec") called like the entry point."""
+    return f"the entry point {point.name} = {point.value} of group {group} must name a {kind} called {point.name!r}"
