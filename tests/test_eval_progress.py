@@ -44,3 +44,14 @@ def test_each_phase_of_dvtrain_eval_prints_a_progress_line_and_its_seconds(tmp_p
     assert any(name.startswith("crafting ") for name in phases), sorted(phases)
     assert "img/s" in done.stderr
     assert "vanilla 1/1" in done.stderr  # the surrogate's own epoch bar (the stage loop's)
+    # Issue 29, item 1: one line per table, no surrogate's table, a closing block with the headline and the files.
+    out = done.stdout
+    assert "### vanilla" not in out and "[vanilla 1/1]" not in out, out[-3000:]
+    for table in ("eval", "transfer", "blackbox", "eps_sweep", "diversity", "checks"):
+        assert sum(line.startswith(f"[eval] {table} table: ") for line in out.splitlines()) == 1, (table, out[-3000:])
+    closing = out[out.index("[eval] done: vanilla"):].splitlines()
+    assert any(line.split() [:5] == ["Worst", "case", "L∞", "ε=0.1", "(%)"] and "n=20" in line for line in closing), closing
+    assert any(line.strip() == f"every table, its budgets and checks: {run_dir / 'results.md'}" for line in closing), closing
+    summary = (run_dir / "results.md").read_text()
+    assert summary.index("## Summary") < summary.index("### vanilla")
+    assert "[vanilla_loss](plots/vanilla_loss.png)" in summary  # every figure linked, training's loss curves too

@@ -46,7 +46,9 @@ def test_the_plugin_table_lands_in_results_json_md_compare_and_wandb(evaluated):
     assert entry["n_images"] == 20 and 0.0 <= entry["agreement"] <= 100.0
     md = (run_dir / "results.md").read_text()
     assert "## Submodel agreement" in md and f"| vanilla | 20 | {entry['agreement']:.2f} |" in md
-    assert "## Submodel agreement" in printed  # the closing print renders every table too
+    # The console ends with the closing block (issue 29, item 1): where the tables are, how to upload the W&B run.
+    assert "[eval] done: vanilla" in printed and f"every table, its budgets and checks: {run_dir / 'results.md'}" in printed
+    assert f"upload it with: wandb sync {run_dir / 'wandb'}/offline-run-" in printed
     compared = subprocess.run([*DVTRAIN, "compare", str(run_dir), "--all"], env=ENV, cwd=REPO, capture_output=True,
                               text=True, timeout=120)
     assert compared.returncode == 0, compared.stderr

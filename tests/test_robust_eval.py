@@ -202,6 +202,8 @@ def test_load_mixture_reproduces_the_clean_accuracy_of_results_json(run):
     ("eval.full_attacks=[clean,pgd_linf,foo]", "eval.full_attacks: unknown attack 'foo'; choose from clean, fgsm"),
     ("eval.eps=1.5", r"eval.eps=1.5 must be in \[0, 1\]"),
     ("eval.autoattack.version=plus", "eval.autoattack.version='plus' must be one of"),
+    # SGM needs skip connections: alone on the Conv net it is refused before a surrogate is trained (issue 28, kind 6)
+    ("eval.transfer.blackbox_attacks=[sgm]", r"eval.transfer.blackbox_attacks=\['sgm'\]: none applies to conv"),
 ])
 def test_bad_evaluation_input_is_one_line_and_exit_2(run, capsys, override, message):
     before = (run / "results.json").read_text()
