@@ -94,6 +94,17 @@ def unreadable(path: Path, what: str) -> str:
             "readable (chmod g+r, or o+r), or use a copy of your own; nothing was changed")
 
 
+def unlockable(path: Path, what: str, fix: str) -> str:
+    """The one line for a lock file this user may not open for writing (permission denied): a cache another
+    user shares read-only. Who owns it, its mode, and `fix`; nothing is changed or removed."""
+    try:
+        st = os.stat(path)
+        detail = f" (owner {owner(path) or 'you'}, mode {stat.filemode(st.st_mode)})"
+    except OSError:
+        detail = f" (its folder {path.parent} is not writable for you)"
+    return f"cannot take the lock {path} for {what}: permission denied{detail}; {fix}; nothing was changed"
+
+
 def check_readable(path: Path, what: str) -> None:
     """Raise PathError (`unreadable`) when `path` exists but this user may not open it for reading: for
     readers whose own error hides why (safetensors 0.8 reports a permission-denied file as not found)."""

@@ -183,6 +183,50 @@ def _compare(trained: Path, *args: str, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+READ_ONLY_PROBE = """
+import sys, torch
+from dvtrain.errors import DvtrainError
+from dvtrain.eval import example_sets
+cache, have = sys.argv[1], float(sys.argv[2])
+print(float(example_sets.load_or_generate(cache, {"attack": "mi_pgd", "loss": "ce", "eps": 0.1}, None).sum()) == have)
+try:
+    example_sets.load_or_generate(cache, {"attack": "mi_pgd", "loss": "ce", "eps": 0.2}, lambda: torch.zeros(1, 2, 1, 8, 8))
+except DvtrainError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("lock", ["the set's lock is there", "no lock yet"])
+def test_a_cache_another_user_shares_read_only_is_read_and_crafting_in_it_is_one_line(lock, tmp_path, umask):
+    """A transfer cache another user wrote under umask 022 (files 0644, folder 0755): a stored example set
+    is read, verified, without taking its lock (which this user may not open for writing); crafting a
+    missing set is refused with one line (the lock, its owner or folder, the fix), and nothing in the cache
+    changes."""
+    if SETPRIV is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to take the permission bypass away")
+    umask(0o022)
+    cache = tmp_path / "cache"
+    stored = torch.arange(128, dtype=torch.float32).reshape(1, 2, 1, 8, 8)
+    example_sets.load_or_generate(cache, {"attack": "mi_pgd", "loss": "ce", "eps": 0.1}, lambda: stored)
+    missing = example_sets.set_path(cache, {"format": example_sets.FORMAT, "attack": "mi_pgd", "loss": "ce", "eps": 0.2})
+    if lock == "the set's lock is there":
+        missing.with_suffix(".lock").touch()
+    for path in [cache, *cache.iterdir()]:
+        os.chown(path, NOBODY, -1)
+    before = _digest(cache), sorted(p.name for p in cache.iterdir())
+    done = subprocess.run([SETPRIV, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
+                           READ_ONLY_PROBE, str(cache), str(float(stored.sum()))], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    read, refusal = done.stdout.splitlines()
+    assert read == "True"
+    assert refusal.startswith(f"cannot take the lock {missing.with_suffix('.lock')} for crafting {missing.name}: "
+                              "permission denied"), refusal
+    assert ("(owner nobody, mode -rw-r--r--)" if lock == "the set's lock is there" else "is not writable for you") in refusal
+    assert "eval.transfer.cache_dir" in refusal and "nothing was changed" in refusal
+    assert (_digest(cache), sorted(p.name for p in cache.iterdir())) == before
+
+
 def test_compare_csv_through_a_symlink_rewrites_its_target_and_keeps_the_link(vanilla_run, tmp_path, capsys):
     target = tmp_path / "tables" / "old.csv"
     target.parent.mkdir()

@@ -16,6 +16,8 @@ rounding: an 8-bit copy would move every pixel by up to 1/510 and could leave th
 
 Writes are atomic (a temporary file renamed into place, the manifest last) and happen under a file lock
 (`filelock`), so concurrent evaluations on the same cache generate a set once and never read half a file.
+A set already there and verified is read without the lock: a user who shares the cache read-only (another
+user's umask 022) can read it, and only crafting a missing set needs the lock.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dvtrain import storage
-from dvtrain.paths import check_readable
+from dvtrain.paths import PathError, check_readable, unlockable
 
 FORMAT = 2  # the code version: bump when the stored layout or the attacks' code changes what a manifest promises
 CHECKSUM = "sha256"  # manifest fields written with the file, not part of its identity
 SHAPE, DTYPE = "shape", "dtype"
 STORED_FIELDS = (CHECKSUM, SHAPE, DTYPE)
+LOCK_FIX = ("ask the cache's owner to make it group-writable (chmod -R g+w, and umask 002 for new files), "
+            "or set eval.transfer.cache_dir to a folder of your own")
 LOCK_NOTICE_S = 5.0  # a wait on another evaluation's lock longer than this says what it waits for
 EXAMPLES = "examples"  # [R, N, C, H, W] float32: R runs (restarts) of N images
 HASH_CHARS = 12
@@ -65,13 +69,17 @@ def bytes_checksum(examples: Tensor) -> str:
 
 @contextmanager
 def holding(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold the file lock `lock_path`; after LOCK_NOTICE_S seconds of waiting, one line says what for."""
+    """Hold the file lock `lock_path`; after LOCK_NOTICE_S seconds of waiting, one line says what for.
+    Raises PathError (one line: owner, mode, LOCK_FIX) when this user may not open the lock for writing."""
     lock = FileLock(str(lock_path))
     try:
-        lock.acquire(timeout=LOCK_NOTICE_S)
-    except Timeout:
-        print(f"[eval] waiting for {lock_path}: held by another evaluation ({what})", flush=True)
-        lock.acquire()
+        try:
+            lock.acquire(timeout=LOCK_NOTICE_S)
+        except Timeout:
+            print(f"[eval] waiting for {lock_path}: held by another evaluation ({what})", flush=True)
+            lock.acquire()
+    except PermissionError:
+        raise PathError(unlockable(lock_path, what, LOCK_FIX)) from None
     try:
         yield
     finally:
@@ -100,9 +108,9 @@ def is_stored(folder: Path, manifest: dict) -> bool:
     return _stored_manifest(folder, manifest) is not None
 
 
-def verified(path: Path, stored: dict) -> Tensor | None:
+def verified(path: Path, stored: dict, say: bool = True) -> Tensor | None:
     """The examples in `path` if they are what `stored` (the manifest on disk) records: shape, dtype and
-    checksum; None (and one line naming the file) when damaged or unreadable."""
+    checksum; None when damaged or unreadable (`say`: with one line naming the file)."""
     check_readable(path, "transfer cache file")  # (safetensors reports an unreadable file as missing)
     try:
         examples = load_file(str(path))[EXAMPLES]
@@ -117,7 +125,8 @@ def verified(path: Path, stored: dict) -> Tensor | None:
             problem = "checksum does not match its manifest"
         else:
             return examples
-    print(f"[eval] example set {path} is damaged ({problem}): crafting it again", flush=True)
+    if say:
+        print(f"[eval] example set {path} is damaged ({problem}): crafting it again", flush=True)
     return None
 
 
@@ -132,6 +141,10 @@ def load_or_generate(folder: Path, manifest: dict, generate: Callable[[], Tensor
     manifest = {"format": FORMAT, **manifest}
     path = set_path(folder, manifest)
     manifest_path = path.with_suffix(".json")
+    stored = _stored_manifest(folder, raw)
+    examples = None if stored is None else verified(path, stored, say=False)
+    if examples is not None:
+        return examples  # (no lock: files are renamed into place whole, and the bytes were just verified)
     path.parent.mkdir(parents=True, exist_ok=True)
     with holding(path.with_suffix(".lock"), f"crafting {path.name}"):
         stored = _stored_manifest(folder, raw)

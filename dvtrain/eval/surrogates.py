@@ -97,8 +97,11 @@ def load_or_train(root: Path, scfg: Config, data: Dataset, device: torch.device,
                   digest: dict[str, str] | None = None) -> list[nn.Module]:
     """The surrogate ensemble of `scfg` in eval mode: trained (or resumed) by `train` in its folder under
     `root` unless finished there already. `digest`: `data_digest(data)` (computed when None). A file lock
-    keeps two evaluations from training it at once; a wait longer than a few seconds says so."""
+    keeps two evaluations from training it at once; a wait longer than a few seconds says so; a finished
+    ensemble is loaded without it. Raises PathError when the lock is another user's and not writable."""
     folder = surrogate_dir(root, scfg, data_digest(data) if digest is None else digest)
+    if stage_finished(folder, STAGE):  # finished: read without the lock (a cache shared read-only can be read)
+        return load_stage(folder, scfg, data, STAGE, device)
     folder.mkdir(parents=True, exist_ok=True)
     with holding(folder.with_name(folder.name + ".lock"), f"surrogate ensemble {folder.name} being trained"):
         if not stage_finished(folder, STAGE):
