@@ -21,7 +21,7 @@ from torch import Tensor
 from dvtrain import storage
 from dvtrain.config import DataConfig
 from dvtrain.errors import DvtrainError
-from dvtrain.paths import PathError, check_folder
+from dvtrain.paths import PathError, check_folder, owner, unreadable
 from dvtrain.splits import check_nonempty
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -116,6 +116,15 @@ def _uint8_images(images: Tensor) -> Tensor:
     return images.float().div_(255.0).contiguous()
 
 
+def _damaged_data(folder: Path, restore: str) -> str:
+    """What to do about damaged data files, which may be a user's only copy or another user's: never to
+    delete them; move them aside (nothing is lost) and `restore`, or ask their owner."""
+    other = owner(folder)
+    if other is not None:
+        return f"it belongs to {other}: ask them to repair it, or point data.root at a copy of your own"
+    return f"move {folder} aside (e.g. to {folder.name}.damaged; nothing is deleted) and {restore}"
+
+
 def _fashion_mnist(cfg: DataConfig) -> Dataset:
     from torchvision.datasets import FashionMNIST
 
@@ -124,10 +133,12 @@ def _fashion_mnist(cfg: DataConfig) -> Dataset:
     try:
         train = FashionMNIST(str(root), train=True, download=False)
         test = FashionMNIST(str(root), train=False, download=False)
+    except PermissionError as exc:
+        raise DataError(unreadable(Path(exc.filename or root), "Fashion-MNIST file")) from None
     except (RuntimeError, ValueError, OSError) as exc:
+        raw = root / "FashionMNIST" / "raw"
         raise DataError(
-            f"Fashion-MNIST files under {root / 'FashionMNIST' / 'raw'} are unreadable ({exc}); "
-            "delete that folder and run again to unpack fresh copies"
+            f"Fashion-MNIST files under {raw} are damaged ({exc}); {_damaged_data(raw, 'run again to unpack fresh copies')}"
         ) from None
     return Dataset(
         "fashion_mnist",
@@ -226,6 +237,8 @@ def _cifar10(cfg: DataConfig) -> Dataset:
         _check_cifar_files(folder, [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]])
         train = cls(cfg.root, train=True)
         test = cls(cfg.root, train=False)
+    except PermissionError as exc:
+        raise DataError(unreadable(Path(exc.filename or folder), "CIFAR-10 batch file")) from None
     except (RuntimeError, OSError):
         raise DataError(
             f"CIFAR-10 batches not found or failing their checksum under {folder}; set data.download=true on a "
@@ -234,7 +247,7 @@ def _cifar10(cfg: DataConfig) -> Dataset:
     except (EOFError, pickle.UnpicklingError, KeyError, ValueError) as exc:
         raise DataError(
             f"CIFAR-10 batch files under {folder} are truncated or corrupt ({type(exc).__name__}); "
-            "delete the folder and download or copy it again"
+            f"{_damaged_data(folder, 'download or copy it again')}"
         ) from None
     return Dataset(
         "cifar10",

@@ -55,6 +55,82 @@ def test_cifar10_missing_and_truncated_files_are_clear_errors(tmp_path):
         load_dataset(DataConfig(name="cifar10", root=str(root), verify_checksums=False))
 
 
+NOBODY = 65534
+UNPRIVILEGED_LOAD = """
+import sys
+from dvtrain.config import DataConfig
+from dvtrain.data import DataError, load_dataset
+try:
+    load_dataset(DataConfig(name=sys.argv[1], root=sys.argv[2], verify_checksums=False))
+except DataError as exc:
+    print(exc)
+"""
+
+
+def _damage_fashion_mnist(tmp_path: Path) -> Path:
+    """A Fashion-MNIST root whose unpacked training images are cut short; returns its raw folder."""
+    _write_idx(tmp_path / "fm", 16)
+    load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path / "fm")))
+    raw = tmp_path / "fm" / "FashionMNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:100])
+    return raw
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "fashion_mnist"])
+def test_damaged_data_files_are_never_advised_away(dataset, tmp_path):
+    """Issue 28, kind 3: data files may be a user's only copy, or another user's: a damaged one is named,
+    and the advice moves it aside (nothing deleted), or, for another user's folder, asks its owner."""
+    if dataset == "cifar10":
+        root = write_cifar10(tmp_path / "c")
+        folder = root / "cifar-10-batches-py"
+        batch = folder / "data_batch_3"
+        batch.write_bytes(batch.read_bytes()[:500])
+    else:
+        root, folder = tmp_path / "fm", _damage_fashion_mnist(tmp_path)
+    before = sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+    with pytest.raises(DataError) as own:
+        load_dataset(DataConfig(name=dataset, root=str(root), verify_checksums=False))
+    assert f"move {folder} aside" in str(own.value) and "delete" not in str(own.value).replace("nothing is deleted", "")
+    if os.geteuid() == 0:
+        os.chown(folder, NOBODY, -1)
+        with pytest.raises(DataError) as other:
+            load_dataset(DataConfig(name=dataset, root=str(root), verify_checksums=False))
+        assert "it belongs to nobody: ask them to repair it" in str(other.value) and "move" not in str(other.value)
+    assert sorted((p.name, p.stat().st_size) for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "fashion_mnist"])
+def test_a_data_file_another_user_keeps_to_himself_is_named_unreadable(dataset, tmp_path):
+    """A batch or idx file of another user that this user may not read is "permission denied", with its
+    owner, never "not found", "checksum" or "damaged" (root's bypass dropped, as in test_shared_files)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to take the permission bypass away")
+    if dataset == "cifar10":
+        root = write_cifar10(tmp_path / "c")
+        hidden = root / "cifar-10-batches-py" / "data_batch_2"
+    else:
+        _write_idx(tmp_path / "fm", 16)
+        root = tmp_path / "fm"
+        load_dataset(DataConfig(name="fashion_mnist", root=str(root)))
+        hidden = root / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    os.chown(hidden, NOBODY, -1)
+    hidden.chmod(0o600)
+    done = subprocess.run([setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
+                           UNPRIVILEGED_LOAD, dataset, str(root)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert f"{hidden} cannot be read: permission denied (owner nobody, mode -rw-------)" in done.stdout, done.stdout
+    assert not any(word in done.stdout for word in ("not found", "checksum", "are damaged", "corrupt")), done.stdout
+
+
 def _write_idx(folder: Path, n: int) -> None:
     """Tiny Fashion-MNIST idx files, gzipped like Debian's package ships them."""
     import struct
