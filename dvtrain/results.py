@@ -34,8 +34,12 @@ SCHEMA_VERSION = 2  # 1: before issue 26 (no "schema"; one global "blackbox_surr
 ROWS = "eval"
 STAGES = "stages"
 ROW_KEY = ("table", "stage", "model", "attack", "code", "norm", "eps", "budget")  # one row per key
-# Per-stage sections: a mapping stage → entry.
+# Per-stage sections: a mapping stage → entry. The built-in tables' are validated by name; a plug-in table's
+# is listed under PLUGIN_SECTIONS when first stored (`add_stage_section`), so it is dropped with its stage.
 STAGE_SECTIONS = ("transfer", "blackbox", "eps_sweep", "checks", "diversity", "plots")
+PLUGIN_SECTIONS = "plugin_sections"
+# Top-level keys that are not per-stage sections (no plug-in table may take these names).
+RESERVED = (SCHEMA_KEY, ROWS, STAGES, PLUGIN_SECTIONS, "provenance", "eval_provenance", "data", "run", "blackbox_surrogate")
 PERCENT_RANGE = (0.0, 100.0)
 FIX = "restore it from a backup, or move it away and evaluate the run again with `dvtrain eval RUN_DIR`"
 
@@ -147,7 +151,10 @@ def validate(results: object, source: object = "results.json") -> dict:
         _check_row(k, row, source)
     if not isinstance(results.get(STAGES, {}), dict):
         raise _refuse(source, STAGES, "is not an object of stages")
-    for section in STAGE_SECTIONS:
+    plugins = results.get(PLUGIN_SECTIONS, [])
+    if not (isinstance(plugins, list) and all(isinstance(name, str) and name not in RESERVED for name in plugins)):
+        raise _refuse(source, PLUGIN_SECTIONS, "is not a list of plug-in table names")
+    for section in stage_sections(results):
         entries = results.get(section, {})
         if not isinstance(entries, dict):
             raise _refuse(source, section, f"is a JSON {type(entries).__name__}, not an object of stages")
@@ -160,6 +167,18 @@ def validate(results: object, source: object = "results.json") -> dict:
                 raise _refuse(source, f"{section}.{stage}", f"is a JSON {type(entry).__name__}, not an object")
     _check_numbers({k: v for k, v in results.items() if k != ROWS}, source, "")
     return results
+
+
+def stage_sections(results: dict) -> tuple[str, ...]:
+    """Every per-stage section of `results`: the built-in tables' and the plug-in tables' it lists."""
+    return STAGE_SECTIONS + tuple(results.get(PLUGIN_SECTIONS, []))
+
+
+def add_stage_section(results: dict, name: str) -> None:
+    """Record in `results` (in place) that `name` is a per-stage section (a plug-in table's results), so
+    that retraining a stage drops its entry as it drops the built-in ones'. Nothing for a built-in name."""
+    if name not in STAGE_SECTIONS and name not in RESERVED and name not in results.get(PLUGIN_SECTIONS, []):
+        results.setdefault(PLUGIN_SECTIONS, []).append(name)
 
 
 def read_results(path: Path) -> dict:
@@ -234,7 +253,7 @@ def record_table(run_dir: Path, stage: str, rows: list[dict], table: str, comman
     def change(stored: dict) -> None:
         if drop_stage:
             stored[ROWS] = [r for r in stored[ROWS] if r["stage"] != stage]
-            for section in STAGE_SECTIONS:
+            for section in stage_sections(stored):
                 stored.get(section, {}).pop(stage, None)
         stored[ROWS] = merge_rows(stored[ROWS], tagged)
         if stage_info is not None:

@@ -46,6 +46,11 @@ def test_the_plugin_table_lands_in_results_json_md_compare_and_wandb(evaluated):
     assert entry["n_images"] == 20 and 0.0 <= entry["agreement"] <= 100.0
     md = (run_dir / "results.md").read_text()
     assert "## Submodel agreement" in md and f"| vanilla | 20 | {entry['agreement']:.2f} |" in md
+    # Its figure is recorded and linked like the built-in ones; its section is listed, so that training
+    # the stage again drops it with the built-in sections (dvtrain.results.add_stage_section).
+    assert results["plots"]["vanilla"]["agreement"] == "plots/agreement.png" and (run_dir / "plots" / "agreement.png").is_file()
+    assert "(plots/agreement.png)" in md.split("## ", 2)[1]  # the summary's figure links
+    assert results["plugin_sections"] == ["agreement"]
     # The console ends with the closing block (issue 29, item 1): where the tables are, how to upload the W&B run.
     assert "[eval] done: vanilla" in printed and f"every table, its budgets and checks: {run_dir / 'results.md'}" in printed
     assert f"upload it with: wandb sync {run_dir / 'wandb'}/offline-run-" in printed

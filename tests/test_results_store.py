@@ -212,3 +212,46 @@ def test_results_of_an_earlier_dvtrain_keep_their_one_global_protocol():
     results = {"blackbox": {"vanilla": _bb_table([0.1], [40.0], None)}, "blackbox_surrogate": old}
     assert blackbox_protocol(results, "vanilla") == old
     assert "## Black-box transfer" in evaluation_markdown(results)
+
+
+def test_a_plugin_table_s_entry_is_dropped_with_its_stage_when_the_stage_is_trained_again(tmp_path):
+    """A plug-in table's section (listed by `add_stage_section`) is dropped for a stage whose weights are new,
+    like the built-in sections: no number of the old weights stays under the stage's name."""
+    from dvtrain import results as store
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def evaluated(results: dict) -> None:
+        results["eval"] = [row("vanilla", "clean", 0.0, 99.0), row("dverge", "clean", 0.0, 98.0)]
+        store.add_stage_section(results, "agreement")
+        store.add_stage_section(results, "diversity")  # built-in: not listed
+        results["agreement"] = {"vanilla": {"agreement": 90.0}, "dverge": {"agreement": 80.0}}
+
+    store.update_results(run, evaluated, lambda results: "")
+    assert store.load_results(run)["plugin_sections"] == ["agreement"]
+    written = store.record_table(run, "vanilla", [row("vanilla", "clean", 0.0, 97.0)], "train", "dvtrain train", None,
+                                 None, lambda results: "")
+    assert written["agreement"] == {"dverge": {"agreement": 80.0}}
+    assert store.load_results(run)["agreement"] == {"dverge": {"agreement": 80.0}}
+
+
+@pytest.mark.parametrize("listed", ['"agreement"', '[1]', '["provenance"]', '["eval"]'])
+def test_a_damaged_list_of_plugin_sections_is_refused_with_one_line(listed, tmp_path):
+    from dvtrain import results as store
+
+    path = tmp_path / "results.json"
+    path.write_text(f'{{"schema": 2, "eval": [], "plugin_sections": {listed}}}')
+    with pytest.raises(store.ResultsError, match="plugin_sections is not a list of plug-in table names"):
+        store.read_results(path)
+
+
+def test_a_plugin_table_may_not_take_a_name_results_json_uses():
+    from dvtrain.eval.tables import registry
+    from dvtrain.eval.tables.contract import Table
+
+    for name in ("plots", "provenance", "plugin_sections"):
+        table = Table()
+        table.name = name
+        with pytest.raises(registry.TableRegistryError, match=f"table name '{name}' .* is a key results.json already uses"):
+            registry.register(table)

@@ -35,6 +35,7 @@ from dvtrain.eval.tables import registry
 from dvtrain.eval.tables.contract import Suite
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.whitebox import check_finite, chunk_count, too_many_processes
+from dvtrain.results import ROWS, add_stage_section
 from dvtrain.rundir import RunDir
 from dvtrain.splits import check_evaluation
 
@@ -97,6 +98,8 @@ def full_evaluation(run_dir: Path, cfg: Config, stages: list[str] | None, device
     def change(stored: dict) -> None:
         stored[DATA_KEY] = split
         for table in evaluated:
+            if table.name != ROWS:  # every other table's section maps stage → entry (the contract)
+                add_stage_section(stored, table.name)
             table.store(stored, new[table.name])
         plots = stored.setdefault("plots", {})
         for table in evaluated:  # from the merged results: a figure may show stages evaluated earlier too

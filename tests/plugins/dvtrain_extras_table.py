@@ -39,6 +39,22 @@ class AgreementTable(Table):
     def assemble(self, suite, done, new):
         return done
 
+    def figures(self, suite, results):
+        """One bar chart of every stage's agreement, drawn with dvtrain's figure style (a plug-in's figure
+        is recorded under "plots" and linked from results.md like the built-in ones)."""
+        from dvtrain import figure_style as style
+        from dvtrain.eval.plots import PLOTS_DIR
+
+        entries = results.get(self.name, {})
+        stages = stage_order(entries)
+        fig = style.new_figure(*style.LINE_FIGSIZE)
+        ax = fig.add_subplot()
+        ax.bar(stages, [entries[stage][METRIC] for stage in stages], color=style.COLORS[0])
+        ax.set(ylim=style.PERCENT_RANGE, ylabel="clean images all submodels agree on (%)",
+               title=f"Submodel agreement ({entries[stages[0]]['n_images']} test images)")
+        path = style.save(fig, suite.run_dir / PLOTS_DIR / "agreement.png")
+        return {stage: {METRIC: path.relative_to(suite.run_dir).as_posix()} for stage in stages if stage in suite.loaded}
+
     def markdown(self, results):
         entries = results.get(self.name, {})
         if not entries:

@@ -10,10 +10,11 @@ to every process a launcher starts and to `dvtrain compare`, without an import i
 from __future__ import annotations
 
 import importlib
-from dvtrain.plugins import misnamed, plugin_objects
 
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.tables.contract import Table
+from dvtrain.plugins import misnamed, plugin_objects
+from dvtrain.results import RESERVED, STAGE_SECTIONS
 
 ENTRY_POINT_GROUP = "dvtrain.tables"
 # dvtrain's own tables in the order they run: each after the tables it reads.
@@ -41,6 +42,8 @@ def _add(table: object, source: str) -> None:
                                  "instance of a Table subclass")
     if not table.name.isidentifier():
         raise TableRegistryError(f"table name {table.name!r} ({source}) must be an identifier (it is its results.json section)")
+    if source not in BUILT_IN and (table.name in RESERVED or table.name in STAGE_SECTIONS):
+        raise TableRegistryError(f"table name {table.name!r} ({source}) is a key results.json already uses; rename the table")
     taken = _TABLES.get(table.name)
     if taken is not None and taken is not table:
         raise TableRegistryError(f"table {table.name!r} is registered twice ({source}); rename one of them")
