@@ -314,14 +314,34 @@ def interruptible(command: Callable[[], int], interrupted: str) -> int:
         return EXIT_INTERRUPTED
     except Terminated as stop:
         if is_main_rank():  # a launcher SIGTERMs the other ranks when one fails: that one's line is the news
-            print(f"dvtrain: {stop}; {interrupted}", file=sys.stderr)
+            tell(f"dvtrain: {stop}{launcher_stop()}; {interrupted}")
         return stop.code
     except RuntimeError as exc:  # a collective broken by another rank's failure: that rank printed the news
         if not peer_failure(exc):
             raise
-        print(f"dvtrain: error: rank {os.environ.get('RANK', '?')} lost a peer process ({type(exc).__name__}: "
-              f"{str(exc).splitlines()[0]}); the rank that failed printed its own error; {interrupted}", file=sys.stderr)
+        tell(peer_lost(exc, interrupted))
         return EXIT_PEER_FAILED
+
+
+def launcher_stop() -> str:
+    """What a SIGTERM line adds in a launched run: there it usually means another rank failed, and torchrun
+    stopped the others (often before they noticed the broken collective) and names that rank in its summary."""
+    if launched_world_size() == 1:
+        return ""
+    return " (the launcher stops every rank when one fails: its summary names that rank)"
+
+
+def tell(line: str) -> None:
+    """Print `line` to stderr in one write: several ranks print at once into one pipe, and print()'s
+    separate write of the newline glues their lines when stderr is unbuffered (PYTHONUNBUFFERED)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def peer_lost(exc: BaseException, then: str) -> str:
+    """The line of a rank whose collective broke because another rank failed (`peer_failure`)."""
+    return (f"dvtrain: error: rank {os.environ.get('RANK', '?')} lost a peer process ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}); the rank that failed printed its own error; {then}")
 
 
 def _context(cfg: Config, run_dir: Path, data, placement, device):
@@ -397,7 +417,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if code != EXIT_TERMINATED:
             raise
         if is_main_rank():
-            print("dvtrain: stopped by SIGTERM; the last checkpoint is kept: continue with --resume", file=sys.stderr)
+            tell(f"dvtrain: stopped by SIGTERM{launcher_stop()}; the last checkpoint is kept: continue with --resume")
         return EXIT_TERMINATED
     except OSError as exc:
         if exc.errno not in STORAGE_ERRNOS:
@@ -406,12 +426,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         if not peer_failure(exc):
             raise
-        rank = os.environ.get("RANK", "?")
-        print(
-            f"dvtrain: error: rank {rank} lost a peer process ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "the rank that failed printed its own error; fix it and continue with --resume",
-            file=sys.stderr,
-        )
+        tell(peer_lost(exc, "fix it and continue with --resume"))
         return EXIT_PEER_FAILED
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -223,6 +224,13 @@ def test_a_killed_rank_stops_every_rank_quickly(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode != 0 and elapsed < 30
-    assert "lost a peer process" in stderr
+    # The survivors either see the broken collective first ("lost a peer process", each on its own line) or
+    # are stopped by torchrun's SIGTERM when it notices the killed rank (rank 0 says so): a race of the
+    # launcher's monitoring, seen both ways (CI, 2026-12-05). Either way torchrun's summary names the rank.
+    lost = [line for line in stderr.splitlines() if "lost a peer process" in line]
+    assert all(line.startswith("dvtrain: error: rank ") and line.count("dvtrain:") == 1 for line in lost), lost
+    stopped = "dvtrain: stopped by SIGTERM (the launcher stops every rank when one fails" in stderr
+    assert lost or stopped, stderr[-3000:]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9", stderr), stderr[-3000:]
     state = json.loads((run_dir / "checkpoints" / "vanilla" / "state.json").read_text())
     assert state["epoch"] >= 1  # the last whole checkpoint is still there

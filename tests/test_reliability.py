@@ -123,12 +123,12 @@ def test_sigterm_flushes_every_logged_step_to_wandb(tmp_path):
     run_dir = tmp_path / "run"
     stopped = run_until_then(1, run_dir, signal.SIGTERM, 4, ["logging.wandb=offline"])
     assert stopped.returncode != 0
-    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert runs
-    records = read_offline_run(runs[-1])
+    stage, epoch, step = checkpoint_progress(run_dir)
+    # the stopped stage's W&B run (folder names sort by second, then by a random id: not by start)
+    (records,) = [records for records in map(read_offline_run, (run_dir / "wandb").glob("offline-run-*"))
+                  if offline_run_info(records).job_type == stage]
     steps = [r["history"]["step"]["num"] for r in records if r["type"] == "history"]
     assert steps == list(range(1, len(steps) + 1))  # every step, none missing
-    stage, epoch, step = checkpoint_progress(run_dir)
     steps_per_epoch = 10 if stage == "vanilla" else 5
     assert len(steps) >= epoch * steps_per_epoch + step  # at least everything the checkpoint covers
     assert any(r["type"] == "exit" for r in records)  # the run was finished, not abandoned
