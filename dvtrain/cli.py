@@ -219,7 +219,7 @@ def check_stages_can_run(cfg: Config, run_dir: Path | None) -> None:
     `stages` or already finished in the run; the run's checkpoints are of this architecture and ensemble
     size; W&B can log in the mode asked for. `run_dir` None: a new run, with no checkpoints yet."""
     from dvtrain import checkpoint, prechecks
-    from dvtrain.eval.attack_registry import check_names
+    from dvtrain.eval.attacks.registry import check_names
     from dvtrain.tracking import resolve_mode
 
     resolve_mode(cfg.logging)

@@ -27,7 +27,7 @@ from dvtrain.stages import StageSpec, register_built_in
 
 # Choices are Literal types: the validator checks a value against them and lists them in its message.
 # (The stages and the attacks are not Literals: they come from registries, `dvtrain.stages` and
-# `dvtrain.eval.attack_registry` / `dvtrain.eval.attacks.transfer`, plug-ins included.)
+# `dvtrain.eval.attacks.registry` / `dvtrain.eval.attacks.transfer`, plug-ins included.)
 DatasetName = Literal["digits", "fashion_mnist", "cifar10"]
 Arch = Literal["conv", "resnet20"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
@@ -322,7 +322,7 @@ class TransferConfig:
     # White-box attacks of the ε sweep (dvtrain.eval.sweep), L∞ at every ε of `sweep_eps` on the black-box
     # protocol's images; the sweep's worst case per image is over all of them. autoattack and adaptive run
     # on the mixture only (their cost); the CIFAR-10 configs list the strong set, the default is cheap.
-    # Names of white-box attack records (dvtrain.eval.attack_registry, plug-ins included), checked by
+    # Names of white-box attack records (dvtrain.eval.attacks.registry, plug-ins included), checked by
     # `dvtrain eval` before any work, with the closest name for a typo; each must be an L∞ attack.
     sweep_attacks: list[str] = ranged(factory=lambda: ["pgd_linf", "pgd_linf_margin"], nonempty=True)
     # Black-box transfer (dvtrain.eval.blackbox; the paper's §5 protocol): surrogate ensembles of plain
@@ -376,7 +376,7 @@ class AutoAttackConfig:
 
 @dataclass
 class AdaptiveConfig:
-    """The ensemble attack on the mixture (dvtrain.eval.adaptive, after MORA: Yu, Gao & Xu, NeurIPS 2022,
+    """The ensemble attack on the mixture (dvtrain.eval.attacks.adaptive, after MORA: Yu, Gao & Xu, NeurIPS 2022,
     arXiv 2211.08008) at eval.eps, L∞: untargeted runs over `blend_scales`, then targeted runs at the
     ensemble's next `target_classes` classes, each on the images still robust.
 
@@ -459,7 +459,7 @@ class EvalConfig:
     task_timeout_s: float = ranged(7 * 24 * 3600.0, gt=0, le=TIMEOUT_MAX_S, note="seconds")
     # The training run's table after each stage (keep it fast) and `dvtrain eval`'s table. Each table
     # adds the worst case per image of what it ran. The names are white-box attack records
-    # (dvtrain.eval.attack_registry: "_margin" / "_dlr" use the CW margin / DLR loss instead of
+    # (dvtrain.eval.attacks.registry: "_margin" / "_dlr" use the CW margin / DLR loss instead of
     # cross-entropy, "autoattack" runs at each norm of eval.autoattack.norms; plug-ins' records too),
     # checked before any work by training and `dvtrain eval`, with the closest name for a typo.
     attacks: list[str] = ranged(

@@ -1,4 +1,4 @@
-"""The white-box attacks declared once (dvtrain.eval.attack_registry): the config's names agree with the
+"""The white-box attacks declared once (dvtrain.eval.attacks.registry): the config's names agree with the
 registry, every record is complete, and every runner keeps its images in its threat model."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from torch import nn
 
 from dvtrain.config import AdaptiveConfig, AutoAttackConfig, EvalConfig, TransferConfig
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.attack_registry import (
+from dvtrain.eval.attacks.registry import (
     ALWAYS, ATTACKS, EACH_AUTOATTACK_NORM, L2, LINF, NEVER, WITH_RANDOM_START, attack, check_names,
 )
 from dvtrain.eval.whitebox import Cell, robust_mask

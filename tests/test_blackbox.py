@@ -20,7 +20,7 @@ from dvtrain.config import TransferConfig, load_config
 from dvtrain.data import load_dataset
 from dvtrain.eval import blackbox, example_sets, surrogates
 from dvtrain.eval.load import CONFIG_FILE
-from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd, residual_branch_ends, skip_gradient
+from dvtrain.eval.attacks.mi_fgsm import DiverseInputs, momentum_pgd, residual_branch_ends, skip_gradient
 from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.models import build_model
 from dvtrain.models.resnet import ResNet20

@@ -1,4 +1,4 @@
-"""The ensemble attack (dvtrain.eval.adaptive, after MORA): its step schedule, weights and blend written
+"""The ensemble attack (dvtrain.eval.attacks.adaptive, after MORA): its step schedule, weights and blend written
 out, and its strength on a trained digits mixture against margin PGD and pyautoattack's APGD-CE.
 (Its 1-vs-2-process equivalence and parameter hygiene: tests/test_robust_eval.py.)"""
 
@@ -18,9 +18,9 @@ from conftest import REPO, TINY
 from dvtrain import cli
 from dvtrain.attacks import pgd_linf
 from dvtrain.config import AdaptiveConfig, AutoAttackConfig
-from dvtrain.eval.adaptive import adaptive_linf, blended_logits, step_size, submodel_weights, top2_gap
+from dvtrain.eval.attacks.adaptive import adaptive_linf, blended_logits, step_size, submodel_weights, top2_gap
 from dvtrain.eval import ensemble_attack_check
-from dvtrain.eval.autoattack import autoattack_robust
+from dvtrain.eval.attacks.autoattack import autoattack_robust
 from dvtrain.mixture import Mixture, mixture_log_probs
 from dvtrain.rng import stream
 

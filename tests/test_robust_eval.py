@@ -21,7 +21,7 @@ from dvtrain import cli
 from dvtrain.config import AdaptiveConfig, AutoAttackConfig, Config, DataConfig, EvalConfig
 from dvtrain.data import load_dataset
 from dvtrain.distributed.placement import ProcessGroupPlacement
-from dvtrain.eval.adaptive import adaptive_linf
+from dvtrain.eval.attacks.adaptive import adaptive_linf
 from dvtrain.attacks import pgd_linf
 from dvtrain.eval.stats import wilson_interval
 from dvtrain.eval.whitebox import evaluate_stage

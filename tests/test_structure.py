@@ -184,3 +184,23 @@ def test_the_store_validates_every_built_in_table_s_section():
 
     built_in = [registry.tables()[k].name for k in range(len(registry.BUILT_IN))]
     assert set(results.STAGE_SECTIONS) == {*built_in, "plots"} - {results.ROWS}
+
+
+def test_every_attack_of_evaluation_lives_in_eval_attacks():
+    """Issue 26: one home for attacks. Every attack record (`WhiteboxAttack(`, `TransferAttack(`) and every
+    import of attack code (pyautoattack, the ensemble attack, the transfer attacks' update) in dvtrain/eval/
+    is in dvtrain/eval/attacks/; the rest of evaluation reaches attacks through the records."""
+    home = PACKAGE / "eval" / "attacks"
+    assert {p.stem for p in home.glob("*.py")} >= {"registry", "transfer", "adaptive", "autoattack", "mi_fgsm"}
+    attack_code = {"pyautoattack", "dvtrain.eval.attacks.adaptive", "dvtrain.eval.attacks.autoattack",
+                   "dvtrain.eval.attacks.mi_fgsm"}
+    tools = {"ensemble_attack_check.py"}  # a command-line tool that runs the attacks side by side on purpose
+    for path in (PACKAGE / "eval").rglob("*.py"):
+        if home in path.parents or path.name in tools:
+            continue
+        text = path.read_text()
+        assert not re.search(r"\b(WhiteboxAttack|TransferAttack)\(", text), path.name
+        imported = {module for module, _ in _imports(path)}
+        assert not imported & attack_code, (path.name, imported & attack_code)
+    old_homes = {"attack_registry.py", "adaptive.py", "autoattack.py", "transfer_attacks.py"}
+    assert not {p.name for p in (PACKAGE / "eval").glob("*.py")} & old_homes

@@ -60,7 +60,7 @@ def test_worst_case_is_below_every_attack_at_every_eps(ensemble, sweep):
 
 
 def test_sweep_attacks_are_checked():
-    from dvtrain.eval.attack_registry import check_names
+    from dvtrain.eval.attacks.registry import check_names
 
     # The names are records of the attack registry (plug-ins' too), checked before any work of dvtrain eval.
     with pytest.raises(DvtrainError, match="sweep_attacks: 'pgd_l2' is not an L∞ attack"):

@@ -96,7 +96,7 @@ def _check_table(rows: list[dict], models: list[nn.Module], x: Tensor, y: Tensor
     (["clean", "fgsm", "pgd_linf"], 20, 45),  # num_examples set, but no AutoAttack: everything on 45
 ])
 def test_every_row_divides_by_its_own_images(nets, monkeypatch, attacks, aa_n, table_n):
-    monkeypatch.setattr("dvtrain.eval.autoattack.autoattack_robust", _fake_autoattack)  # the registry's runner calls it
+    monkeypatch.setattr("dvtrain.eval.attacks.autoattack.autoattack_robust", _fake_autoattack)  # the registry's runner calls it
     models, x, y = nets
     aa = AutoAttackConfig(norms=["Linf", "L2"], num_examples=aa_n)
     cfg = dataclasses.replace(BASE, num_examples=table_n, autoattack=aa, attacks=attacks, seeds=2)

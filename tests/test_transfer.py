@@ -16,7 +16,7 @@ from conftest import TINY
 from dvtrain import cli
 from dvtrain.eval import blackbox
 from dvtrain.attacks import fgsm, pgd_linf
-from dvtrain.eval.autoattack import autoattack_robust
+from dvtrain.eval.attacks.autoattack import autoattack_robust
 from dvtrain.config import AutoAttackConfig, ConfigError, EvalConfig, TransferConfig, check_section, load_config
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.evaluate import full_evaluation
@@ -26,7 +26,7 @@ from dvtrain.mixture import Mixture
 from dvtrain.rng import stream
 from dvtrain.train.loop import train_in_process
 from dvtrain.eval.blackbox import ExampleSet, attack_budget, blackbox_table, craft
-from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd
+from dvtrain.eval.attacks.mi_fgsm import DiverseInputs, momentum_pgd
 from dvtrain.eval.sweep import epsilon_sweep
 from dvtrain.eval.report import mean_off_diagonal
 from dvtrain.eval.transfer import correct_by_all, shuffled_test_set, transfer_matrix

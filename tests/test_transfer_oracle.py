@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from dvtrain.eval import transfer_attacks
-from dvtrain.eval.transfer_attacks import momentum_pgd, skip_gradient
+from dvtrain.eval.attacks import mi_fgsm
+from dvtrain.eval.attacks.mi_fgsm import momentum_pgd, skip_gradient
 
 torchattack = pytest.importorskip("torchattack")
 
@@ -60,7 +60,7 @@ def test_momentum_pgd_is_torchattack_mifgsm(toy):
 
 def test_skip_gradient_attack_is_torchattack_sgm(toy, monkeypatch):
     model, x, y = toy
-    monkeypatch.setitem(transfer_attacks.RESIDUAL_BRANCH_ENDS, Block, "conv2")
+    monkeypatch.setitem(mi_fgsm.RESIDUAL_BRANCH_ENDS, Block, "conv2")
     with skip_gradient(model, GAMMA) as hooked:
         assert hooked == 1
         ours = momentum_pgd(model, x, y, EPS, EPS / STEPS, STEPS, 1.0, False)

@@ -17,7 +17,7 @@ from dvtrain.errors import DvtrainError
 from dvtrain.eval import blackbox
 from dvtrain.eval.attacks import transfer
 from dvtrain.eval.attacks.transfer import TRANSFER_ATTACKS, TransferAttack, batched, transfer_attack
-from dvtrain.eval.transfer_attacks import momentum_pgd
+from dvtrain.eval.attacks.mi_fgsm import momentum_pgd
 
 
 def one_step(model, x, y, loss, eps, budget, generator, batch_size):

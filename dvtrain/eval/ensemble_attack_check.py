@@ -1,5 +1,5 @@
 """A developer's check of the ensemble attack's settings: how many images of a trained mixture stay robust
-under dvtrain's ensemble attack (`dvtrain.eval.adaptive`), a long margin PGD and pyautoattack's APGD-CE,
+under dvtrain's ensemble attack (`dvtrain.eval.attacks.adaptive`), a long margin PGD and pyautoattack's APGD-CE,
 on the same images, at the run's eval.eps (L∞, pixels in [0, 1]).
 
     python -m dvtrain.eval.ensemble_attack_check RUN_DIR STAGE [--split train|test] [--n N] [--seed S]
@@ -26,8 +26,8 @@ from dvtrain.attacks import pgd_linf
 from dvtrain.config import AutoAttackConfig, load_config
 from dvtrain.data import load_dataset
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.adaptive import adaptive_linf
-from dvtrain.eval.autoattack import autoattack_robust
+from dvtrain.eval.attacks.adaptive import adaptive_linf
+from dvtrain.eval.attacks.autoattack import autoattack_robust
 from dvtrain.eval.load import load_submodels
 from dvtrain.mixture import Mixture
 from dvtrain.rng import stream

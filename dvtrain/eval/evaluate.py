@@ -18,7 +18,7 @@ from torch import nn
 
 from dvtrain.config import Config, TransferConfig, check_section, to_dict
 from dvtrain.data import Dataset, load_dataset
-from dvtrain.eval.attack_registry import check_names
+from dvtrain.eval.attacks.registry import check_names
 from dvtrain.eval.budget import reduced_budget_note
 from dvtrain.eval.attacks.transfer import TRANSFER_ATTACKS, transfer_attack
 from dvtrain.eval.blackbox import applicable_attacks, check_attacks

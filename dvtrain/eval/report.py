@@ -24,7 +24,7 @@ from dvtrain import results as results_store
 from dvtrain import rundir
 from dvtrain.rundir import PLOTS, RunDir
 from dvtrain.config import STAGES, Config
-from dvtrain.eval.attack_registry import ATTACKS, EACH_AUTOATTACK_NORM
+from dvtrain.eval.attacks.registry import ATTACKS, EACH_AUTOATTACK_NORM
 from dvtrain.eval.headline import Headline, headline_markdown
 from dvtrain.eval.tables import registry as tables
 from dvtrain.results import ROW_KEY, merge_rows, row_key  # noqa: F401  (the store's, re-exported for training)

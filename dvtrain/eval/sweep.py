@@ -9,7 +9,7 @@ the black-box "all" column at one ε count the same images and the gradient-mask
 attack of the same name (`dvtrain.eval.whitebox.robust_mask`: an image counts as robust only if it is
 correct clean and under every restart), with the sweep's PGD budget (eval.transfer.steps of
 step_fraction·ε, restarts, random start); AutoAttack (Croce & Hein, ICML 2020) runs the
-eval.autoattack version at L∞ on all the sweep's images, the ensemble attack (`dvtrain.eval.adaptive`)
+eval.autoattack version at L∞ on all the sweep's images, the ensemble attack (`dvtrain.eval.attacks.adaptive`)
 with eval.adaptive. Both run on the mixture only: they cost tens of PGD runs each, and the claim is
 the mixture's. At ε = 0 every attack is the identity, so the clean mask is used for each.
 """
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dvtrain.config import EvalConfig
-from dvtrain.eval import attack_registry as registry
+from dvtrain.eval.attacks import registry
 from dvtrain.eval.share import Share, Tasks
 from dvtrain.eval.transfer import percent, table_models
 from dvtrain.eval.whitebox import LINF, MIXTURE, Cell, robust_mask

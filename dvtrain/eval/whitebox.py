@@ -2,7 +2,7 @@
 with the worst case per image as the headline and a 95 % Wilson interval on every accuracy.
 
 The ensemble is scored as the `Mixture` of its submodels and attacked end to end, so the adversary
-sees the same averaged prediction that is being scored; the adaptive attack (`dvtrain.eval.adaptive`)
+sees the same averaged prediction that is being scored; the adaptive attack (`dvtrain.eval.attacks.adaptive`)
 attacks the mixture through its submodels. Each (model, attack, seed) cell draws its random numbers
 from its own generator derived from the run seed, so a cell does not depend on which other cells
 were computed, and re-running an evaluation reproduces it exactly.
@@ -34,7 +34,7 @@ from dvtrain.config import EvalConfig
 from dvtrain.digest import images_digest
 from dvtrain.distributed.placement import LocalPlacement, Placement
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.attack_registry import L2, LINF, attack
+from dvtrain.eval.attacks.registry import L2, LINF, attack
 from dvtrain.eval.progress import Phases
 from dvtrain.eval.share import Share, Tasks
 from dvtrain.eval.stats import PERCENT, accuracy_fields, wilson_interval

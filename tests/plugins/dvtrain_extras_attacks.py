@@ -5,7 +5,7 @@ ensembles when eval.transfer.blackbox_attacks names it. Nothing in dvtrain/ name
 
 from __future__ import annotations
 
-from dvtrain.eval.attack_registry import LINF, NEVER, WhiteboxAttack
+from dvtrain.eval.attacks.registry import LINF, NEVER, WhiteboxAttack
 from dvtrain.eval.attacks.transfer import TransferAttack, batched
 
 

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from dvtrain.config import TransferConfig
 from dvtrain.errors import DvtrainError
-from dvtrain.eval.attack_registry import ENTRY_POINT_GROUP, TRANSFER_KIND
-from dvtrain.eval.transfer_attacks import DiverseInputs, momentum_pgd, residual_branch_ends, skip_gradient
+from dvtrain.eval.attacks.registry import ENTRY_POINT_GROUP, TRANSFER_KIND
+from dvtrain.eval.attacks.mi_fgsm import DiverseInputs, momentum_pgd, residual_branch_ends, skip_gradient
 
 KIND = TRANSFER_KIND
 
@@ -64,7 +64,7 @@ _entry_points_loaded = False
 
 def load_entry_points() -> None:
     """Register the transfer records the entry points of group `dvtrain.attacks` name (once per process;
-    `dvtrain.eval.attack_registry` registers the white-box ones of the same group)."""
+    `dvtrain.eval.attacks.registry` registers the white-box ones of the same group)."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
@@ -80,7 +80,7 @@ def load_entry_points() -> None:
 
 
 def transfer_attack(name: str, key: str = "eval.transfer.blackbox_attacks") -> TransferAttack:
-    """The record of `name` (plug-ins' included: `dvtrain.eval.attack_registry.load_entry_points`);
+    """The record of `name` (plug-ins' included: `dvtrain.eval.attacks.registry.load_entry_points`);
     DvtrainError naming `key`, the closest registered name and every name otherwise."""
     load_entry_points()
     if name in TRANSFER_ATTACKS:

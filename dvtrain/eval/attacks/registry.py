@@ -111,13 +111,13 @@ def _fgsm(model, x, y, eps, cfg, generator, submodels=None, placement=None) -> T
 
 
 def _adaptive(model, x, y, eps, cfg, generator, submodels=None, placement=None) -> Tensor:
-    from dvtrain.eval.adaptive import adaptive_linf
+    from dvtrain.eval.attacks.adaptive import adaptive_linf
 
     return adaptive_linf(submodels, x, y, eps, cfg.adaptive, generator, placement)
 
 
 def _autoattack(model, x, y, norm, eps, cfg, seed) -> Tensor:
-    from dvtrain.eval.autoattack import autoattack_robust
+    from dvtrain.eval.attacks.autoattack import autoattack_robust
 
     return autoattack_robust(model, x, y, norm, eps, cfg.autoattack, seed, cfg.batch_size)
 
@@ -198,7 +198,7 @@ def register(record: WhiteboxAttack) -> WhiteboxAttack:
 
 def _add(record: object, source: str) -> None:
     if not isinstance(record, WhiteboxAttack):
-        raise AttackRegistryError(f"{record!r} ({source}) is not a dvtrain.eval.attack_registry.WhiteboxAttack")
+        raise AttackRegistryError(f"{record!r} ({source}) is not a dvtrain.eval.attacks.registry.WhiteboxAttack")
     if not record.name.isidentifier():
         raise AttackRegistryError(f"attack name {record.name!r} ({source}) must be an identifier (it names metrics)")
     taken = ATTACKS.get(record.name)
