@@ -23,6 +23,7 @@ import yaml
 from dvtrain import stages as stage_registry
 from dvtrain.errors import DvtrainError
 from dvtrain.paths import read_text
+from dvtrain.plugins import TABLES_GROUP, table_settings
 from dvtrain.stages import StageSpec, register_built_in
 
 # Choices are Literal types: the validator checks a value against them and lists them in its message.
@@ -478,6 +479,9 @@ class EvalConfig:
     checks: MaskingChecksConfig = field(default_factory=MaskingChecksConfig)
     # `dvtrain eval`: transferability, black-box transfer, ε sweep (see docs/evaluation.md).
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    # The sections of plug-in tables that declare settings (a `Table.settings` dataclass), by table name:
+    # eval.tables.NAME.FIELD; typed, ranged and overridden like the sections above (docs/extending.md).
+    tables: dict[str, Any] = field(default_factory=lambda: _table_sections({}, "eval.tables"))
 
 
 @dataclass
@@ -694,7 +698,9 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     default = cls()
     kwargs = {}
     for name in known:
-        if name in values:
+        if cls is EvalConfig and name == "tables":
+            kwargs[name] = _table_sections(values.get(name, {}), prefix + name)
+        elif name in values:
             sub_default = getattr(default, name)
             hint = hints[name] if name in hints else stage_registry.spec(name).config
             raw = values[name]
@@ -706,6 +712,27 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         else:
             kwargs[name] = getattr(default, name)
     return cls(**kwargs)
+
+
+def _table_sections(values: Any, key: str) -> dict[str, Any]:
+    """eval.tables: each plug-in table's settings at their defaults, updated from `values` (NAME → fields)."""
+    settings = table_settings(ConfigError)
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{key}' is a section, got {values!r}; set its fields as {key}.TABLE.FIELD=VALUE")
+    for name in values:
+        if name not in settings:
+            close = difflib.get_close_matches(str(name), settings, n=1)
+            hint = (f"did you mean '{key}.{close[0]}'?" if close else
+                    (f"the plug-in tables with settings are {', '.join(settings)}" if settings else
+                     "no installed plug-in table declares settings")
+                    + f"; a plug-in table's section needs the package that registers it (entry point group {TABLES_GROUP})")
+            raise ConfigError(f"unknown config key '{key}.{name}'; {hint}")
+    sections = {}
+    for name, cls in settings.items():
+        raw = values.get(name, {})
+        merged = _merge(dataclasses.asdict(cls()), raw) if isinstance(raw, dict) else raw  # (not a dict: refused)
+        sections[name] = _coerce(merged, cls, f"{key}.{name}")
+    return sections
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -882,6 +909,10 @@ def check_section(section: Any, prefix: str = "") -> None:
         if f.name == "sections":  # the stage sections, each under its stage's name
             for name, stage_section in value.items():
                 check_section(stage_section, prefix + name + ".")
+            continue
+        if isinstance(section, EvalConfig) and f.name == "tables":  # plug-in tables' sections, by table name
+            for name, table_section in value.items():
+                check_section(table_section, f"{key}.{name}.")
             continue
         valid: Range | None = f.metadata.get("range")
         if typing.get_origin(hint) is list:

@@ -23,12 +23,12 @@ from conftest import REPO
 from dvtrain import cli
 from dvtrain.config import load_config
 
-# docs/write_a_stage.md trains a plug-in stage, which this process has not registered: its commands are run,
-# in a process that sees the plug-in, by test_the_write_a_stage_page_runs_as_written. docs/extending.md's
-# example evaluates with plug-in attacks and a plug-in table: test_the_extending_page_runs_as_written.
+# docs/write_a_stage.md trains a plug-in stage and docs/extending.md sets a plug-in table's config section
+# (eval.tables.agreement), which this process has not registered: their commands are run, in a process that
+# sees the plug-ins, by test_the_write_a_stage_page_runs_as_written and test_the_extending_page_runs_as_written.
 WRITE_A_STAGE = REPO / "docs" / "write_a_stage.md"
 EXTENDING = REPO / "docs" / "extending.md"
-DOCS = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p != WRITE_A_STAGE)]
+DOCS = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p not in (WRITE_A_STAGE, EXTENDING))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"`([^`]+)`")
 MENTION = re.compile(r"(?:^|[\s;&|(])(?:dvtrain(?:\s+(?:train|eval|compare|--help|--version)\b)|\S*launch/train\.py\b)")
@@ -171,5 +171,6 @@ def test_the_extending_page_runs_as_written(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     md = (tmp_path / "runs" / "extras" / "results.md").read_text()
     assert "## Submodel agreement" in md and "BIM L∞" in md and "ens2 FGSM CE" in md
+    assert "| vanilla | 16 |" in md  # the table's own setting, eval.tables.agreement.num_images=16
     compared = done.stdout[done.stdout.rindex("results: "):]  # after `dvtrain eval`'s last line: compare's table
     assert "agreement" in compared.split("\n", 1)[1]

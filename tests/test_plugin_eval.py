@@ -25,7 +25,8 @@ SMALL = ["eval.transfer.num_images=20", "eval.transfer.steps=1", "eval.transfer.
          "eval.checks.long_steps=2", "eval.diversity.num_images=20", "eval.num_examples=20",
          # the plug-in attacks, named like built-in ones
          "eval.full_attacks=[clean,pgd_linf,bim_linf]", "eval.transfer.sweep_attacks=[pgd_linf,bim_linf]",
-         "eval.transfer.blackbox_attacks=[mi_pgd,fgsm_transfer]"]
+         "eval.transfer.blackbox_attacks=[mi_pgd,fgsm_transfer]",
+         "eval.tables.agreement.num_images=15"]  # the plug-in table's own setting (its `settings` dataclass)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,9 @@ def test_the_plugin_table_lands_in_results_json_md_compare_and_wandb(evaluated):
     run_dir, printed = evaluated
     results = json.loads((run_dir / "results.json").read_text())
     entry = results["agreement"]["vanilla"]
-    assert entry["n_images"] == 20 and 0.0 <= entry["agreement"] <= 100.0
+    assert entry["n_images"] == 15 and 0.0 <= entry["agreement"] <= 100.0  # eval.tables.agreement.num_images
     md = (run_dir / "results.md").read_text()
-    assert "## Submodel agreement" in md and f"| vanilla | 20 | {entry['agreement']:.2f} |" in md
+    assert "## Submodel agreement" in md and f"| vanilla | 15 | {entry['agreement']:.2f} |" in md
     # Its figure is recorded and linked like the built-in ones; its section is listed, so that training
     # the stage again drops it with the built-in sections (dvtrain.results.add_stage_section).
     assert results["plots"]["vanilla"]["agreement"] == "plots/agreement.png" and (run_dir / "plots" / "agreement.png").is_file()
@@ -87,6 +88,33 @@ def test_an_unknown_attack_name_is_refused_before_any_work_with_the_closest_one(
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "eval.full_attacks: unknown attack 'bim_linff'" in done.stderr
     assert "did you mean 'bim_linf'?" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def _print_config(*overrides, plugins=True):
+    env = ENV if plugins else {**ENV, "PYTHONPATH": str(REPO)}
+    return subprocess.run([*DVTRAIN, "train", "--print-config", *overrides], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_plugin_table_s_settings_are_a_config_section_typed_ranged_and_checked_before_work():
+    """eval.tables.agreement comes from the plug-in's `settings` dataclass: shown by --print-config at its
+    default, overridden on the command line, its range and key names checked in one line (exit 2), and named
+    as needing its package where the plug-in is not installed."""
+    shown = _print_config()
+    assert shown.returncode == 0 and "  tables:\n    agreement:\n      num_images: 0\n" in shown.stdout
+    assert "      num_images: 7\n" in _print_config("eval.tables.agreement.num_images=7").stdout
+    for override, message in [
+        ("eval.tables.agreement.num_images=-1", "eval.tables.agreement.num_images=-1 must be >= 0"),
+        ("eval.tables.agreement.num_images=many", "config key 'eval.tables.agreement.num_images' must be of type int"),
+        ("eval.tables.agreemnt.num_images=3", "unknown config key 'eval.tables.agreemnt'; did you mean 'eval.tables.agreement'?"),
+        ("eval.tables.agreement.num_imgs=3", "did you mean 'eval.tables.agreement.num_images'?"),
+        ("eval.tables.agreement=3", "config key 'eval.tables.agreement' is a section, got 3"),
+    ]:
+        done = _print_config(override)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, (override, done.stderr)
+    missing = _print_config("eval.tables.agreement.num_images=3", plugins=False)
+    assert missing.returncode == 2 and "unknown config key 'eval.tables.agreement'" in missing.stderr
+    assert "needs the package that registers it (entry point group dvtrain.tables)" in missing.stderr
 
 
 def test_compare_reads_a_plugin_number_from_w_and_b_without_inventing_an_eps():

@@ -255,3 +255,23 @@ def test_a_plugin_table_may_not_take_a_name_results_json_uses():
         table.name = name
         with pytest.raises(registry.TableRegistryError, match=f"table name '{name}' .* is a key results.json already uses"):
             registry.register(table)
+
+
+def test_a_table_with_settings_registered_in_one_process_is_refused():
+    """The configuration finds a plug-in table's settings (eval.tables.NAME) through entry points, so a table
+    with settings registered by register() would run without its section: refused, naming the fix."""
+    from dataclasses import dataclass
+
+    from dvtrain.eval.tables import registry
+    from dvtrain.eval.tables.contract import Table
+
+    @dataclass
+    class Settings:
+        num_images: int = 0
+
+    table = Table()
+    table.name, table.settings = "in_process_with_settings", Settings
+    with pytest.raises(registry.TableRegistryError, match="declares settings but is registered by register\\(\\); publish it "
+                                                          "as an entry point of group dvtrain.tables"):
+        registry.register(table)
+    assert "in_process_with_settings" not in [t.name for t in registry.tables()]

@@ -6,6 +6,9 @@ and the W&B summary show it, and nothing in dvtrain/ names it. It imports no tor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from dvtrain.config import COUNT_MAX, ranged
 from dvtrain.eval.report import cell, model_label, stage_order
 from dvtrain.eval.tables.contract import Number, Table
 
@@ -13,15 +16,25 @@ MIXTURE = "mixture"
 METRIC = "agreement"
 
 
+@dataclass
+class AgreementSettings:
+    """The table's own config section, eval.tables.agreement (typed and ranged like dvtrain's own)."""
+
+    # Clean test images compared: the first N; 0: as many as the white-box table (eval.num_examples).
+    num_images: int = ranged(0, ge=0, le=COUNT_MAX, note="0: as many as eval.num_examples")
+
+
 class AgreementTable(Table):
     name = "agreement"
-    section = "eval"  # reads eval.num_examples and eval.batch_size (a plug-in table has no section of its own yet)
+    section = "eval.tables.agreement"
+    settings = AgreementSettings
 
     def work(self, suite):
         from dvtrain.eval.share import Tasks
 
         cfg = suite.cfg.eval
-        n = len(suite.data.y_test) if cfg.num_examples == 0 else min(cfg.num_examples, len(suite.data.y_test))
+        wanted = suite.settings(self).num_images or cfg.num_examples
+        n = len(suite.data.y_test) if wanted == 0 else min(wanted, len(suite.data.y_test))
         x = suite.data.x_test[:n]
         stages = list(suite.loaded)
 

@@ -3,7 +3,8 @@
 A table is one record (a `Table` subclass instance) that says:
 - `name`: its results.json section (stage → entry), `section`: the config section it declares (dotted,
   e.g. "eval.transfer"), `reads`: the sections of other tables its `assemble` reads (those tables are
-  registered, and so run, before it);
+  registered, and so run, before it); a plug-in table's own section is `settings`, a dataclass whose
+  fields (declared with `dvtrain.config.ranged`) become eval.tables.NAME.FIELD, read as `suite.settings(table)`;
 - `work(suite)`: a generator that yields `dvtrain.eval.share.Tasks` (rank-independent tasks with costs)
   and is sent each batch's results on every rank (`dvtrain.eval.share.run_work`); it returns what
   `assemble` needs;
@@ -52,6 +53,14 @@ class Suite:
     command: str
     train_surrogates: SurrogateTrainer
 
+    def settings(self, table: Table) -> Any:
+        """A plug-in table's own settings (`Table.settings`: eval.tables.NAME as configured).
+
+        Raises:
+            KeyError: the table declares no settings.
+        """
+        return self.cfg.eval.tables[table.name]
+
     @property
     def main(self) -> bool:
         """Whether this process assembles and writes (rank 0, or the only process)."""
@@ -79,6 +88,7 @@ class Table:
     name: str = ""
     section: str = ""
     reads: tuple[str, ...] = ()
+    settings: type | None = None  # a plug-in table's own config section (a dataclass): eval.tables.NAME
 
     def enabled(self, suite: Suite) -> bool:
         """Whether it runs in this evaluation (e.g. its section's `enabled`)."""

@@ -13,10 +13,11 @@ import importlib
 
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.tables.contract import Table
-from dvtrain.plugins import misnamed, plugin_objects
+from dvtrain.plugins import TABLES_GROUP, misnamed, plugin_objects
 from dvtrain.results import RESERVED, STAGE_SECTIONS
 
-ENTRY_POINT_GROUP = "dvtrain.tables"
+ENTRY_POINT_GROUP = TABLES_GROUP
+REGISTER_CALL = "register()"
 # dvtrain's own tables in the order they run: each after the tables it reads.
 BUILT_IN = ("dvtrain.eval.tables.whitebox:TABLE", "dvtrain.eval.tables.transfer:TABLE",
             "dvtrain.eval.tables.blackbox:TABLE", "dvtrain.eval.tables.sweep:TABLE",
@@ -47,6 +48,9 @@ def _add(table: object, source: str) -> None:
     taken = _TABLES.get(table.name)
     if taken is not None and taken is not table:
         raise TableRegistryError(f"table {table.name!r} is registered twice ({source}); rename one of them")
+    if table.settings is not None and source == REGISTER_CALL:  # the configuration reads settings from entry points
+        raise TableRegistryError(f"table {table.name!r} declares settings but is registered by register(); publish it "
+                                 f"as an entry point of group {ENTRY_POINT_GROUP} so that eval.tables.{table.name} exists")
     missing = [name for name in table.reads if name not in _TABLES]
     if missing:
         raise TableRegistryError(f"table {table.name!r} ({source}) reads {', '.join(missing)}, which no table registered "
@@ -77,7 +81,7 @@ def register(table: Table) -> Table:
         section no earlier table writes.
     """
     _load_all()
-    _add(table, "register()")
+    _add(table, REGISTER_CALL)
     return table
 
 
