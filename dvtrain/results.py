@@ -242,6 +242,22 @@ def _key_without_code(row: dict) -> tuple:
     return tuple(row.get(field) for field in ROW_KEY if field != "code")
 
 
+def forget_stage(stored: dict, stage: str) -> None:
+    """Drop (in place) every number of `stage` from results.json `stored`, because the stage has new weights:
+    its white-box rows, its entry of every per-stage section (built-in, plug-in tables' as listed, "plots"),
+    and every other stage's link to a figure that also showed this stage (the black-box and worst-case
+    figures draw several stages: they are stale until the next `dvtrain eval` draws them again). The figure
+    files stay where they are; results.md links only the figures results.json names."""
+    stored[ROWS] = [r for r in stored[ROWS] if r["stage"] != stage]
+    plots = stored.get("plots", {})
+    stale = set(plots.get(stage, {}).values())
+    for section in stage_sections(stored):
+        stored.get(section, {}).pop(stage, None)
+    for kinds in plots.values():
+        for kind in [k for k, path in kinds.items() if path in stale]:
+            del kinds[kind]
+
+
 def record_table(run_dir: Path, stage: str, rows: list[dict], table: str, command: str, stage_info: dict | None,
                  provenance: dict | None, render: Callable[[dict], str], drop_stage: bool = True) -> dict:
     """Record one white-box table of `stage` (rows as `dvtrain.eval.whitebox.evaluate_stage` returns them)
@@ -252,9 +268,7 @@ def record_table(run_dir: Path, stage: str, rows: list[dict], table: str, comman
 
     def change(stored: dict) -> None:
         if drop_stage:
-            stored[ROWS] = [r for r in stored[ROWS] if r["stage"] != stage]
-            for section in stage_sections(stored):
-                stored.get(section, {}).pop(stage, None)
+            forget_stage(stored, stage)
         stored[ROWS] = merge_rows(stored[ROWS], tagged)
         if stage_info is not None:
             stored[STAGES][stage] = stage_info

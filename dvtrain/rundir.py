@@ -65,6 +65,10 @@ class RunDir:
     def plots(self) -> Path:
         return self.path / PLOTS
 
+    def loss_curve(self, stage: str) -> Path:
+        """The figure of `stage`'s training losses (`dvtrain.train.curves`), drawn anew whenever it trains."""
+        return self.plots / f"{stage}_loss.png"
+
     @property
     def wandb(self) -> Path:
         return self.path / WANDB

@@ -275,3 +275,37 @@ def test_a_table_with_settings_registered_in_one_process_is_refused():
                                                           "as an entry point of group dvtrain.tables"):
         registry.register(table)
     assert "in_process_with_settings" not in [t.name for t in registry.tables()]
+
+
+def test_training_a_stage_again_drops_every_number_and_figure_link_of_its_old_weights(tmp_path):
+    """The stage loop's store update (not only `record_table`): a plug-in table's entry goes even where the
+    plug-in is not installed at training time (the store lists its section), the stage's "plots" entry goes,
+    other stages no longer link a figure that also showed it (the black-box figure), and results.md's figure
+    line links only what results.json names, plus the loss curves; the figure files themselves stay."""
+    import shutil
+
+    from dvtrain import results as store
+
+    run = tmp_path / "run"
+    args = ["--run-dir", str(run), *TINY, "stages=[vanilla, dverge]"]
+    assert cli.train_main(args) == 0
+    plots = RunDir(run).plots
+    for name in ("transfer_dverge.png", "transfer_vanilla.png", "blackbox_all.png", "agreement.png"):
+        shutil.copy(plots / "vanilla_loss.png", plots / name)  # stand-ins for the figures `dvtrain eval` draws
+
+    def evaluated(results: dict) -> None:  # what `dvtrain eval` with a plug-in table leaves behind
+        store.add_stage_section(results, "agreement")
+        results["agreement"] = {"vanilla": {"agreement": 90.0}, "dverge": {"agreement": 80.0}}
+        results["plots"] = {stage: {"transfer": f"plots/transfer_{stage}.png", "blackbox": "plots/blackbox_all.png",
+                                    "agreement": "plots/agreement.png"} for stage in ("vanilla", "dverge")}
+
+    store.update_results(run, evaluated, lambda results: "")
+    shutil.rmtree(RunDir(run).checkpoints("dverge"))  # train dverge again, from vanilla's weights
+    assert cli.train_main(["--run-dir", str(run), "--resume"]) == 0
+    results = store.load_results(run)
+    assert results["agreement"] == {"vanilla": {"agreement": 90.0}}
+    assert results["plots"] == {"vanilla": {"transfer": "plots/transfer_vanilla.png"}}
+    links = next(line for line in RunDir(run).results_md.read_text().splitlines() if line.startswith("Figures:"))
+    assert "transfer_vanilla.png" in links and "vanilla_loss.png" in links and "dverge_loss.png" in links
+    assert "transfer_dverge.png" not in links and "blackbox_all.png" not in links and "agreement.png" not in links
+    assert (plots / "transfer_dverge.png").is_file() and (plots / "blackbox_all.png").is_file()

@@ -67,15 +67,28 @@ def render_results(cfg: Config, run_dir: Path) -> Callable[[dict], str]:
         evaluated = stage_order({r["stage"] for r in results["eval"]}, cfg.stages)
         summary = headline_markdown(results, evaluated, Headline(cfg.eval.eps, cfg.eval.l2_eps))
         tables = results_markdown(results["eval"], results.get("checks", {}), cfg.stages) + evaluation_markdown(results)
-        return header + epochs + "\n" + summary + figure_links(run_dir, order) + tables
+        return header + epochs + "\n" + summary + figure_links(run_dir, results, order) + tables
 
     return render
 
 
-def figure_links(run_dir: Path, stages: list[str]) -> str:
-    """'Figures:' and a Markdown link to every PNG in the run's plots folder (the loss curves training draws,
-    every evaluation figure), each stage's together in `stages` order; '' when there is none."""
-    files = sorted(RunDir(run_dir).plots.glob("*.png"))
+def _named_figures(node: object) -> set[str]:
+    """Every figure path ("plots/….png") a results.json value names, at any depth."""
+    if isinstance(node, dict):
+        return set().union(*map(_named_figures, node.values()))
+    if isinstance(node, list):
+        return set().union(*map(_named_figures, node))
+    return {node} if isinstance(node, str) and node.startswith(PLOTS + "/") and node.endswith(".png") else set()
+
+
+def figure_links(run_dir: Path, results: dict, stages: list[str]) -> str:
+    """'Figures:' and a Markdown link to every figure of the run's current numbers, each stage's together in
+    `stages` order: the loss curves training draws and each figure results.json names (a table's "plots"
+    entry or its own, e.g. a diversity heat map). A figure of weights a stage has since replaced is no longer
+    named (`dvtrain.results.forget_stage`) and so not linked, though its file stays. '' when there is none."""
+    run = RunDir(run_dir)
+    named = {run.path / relative for relative in _named_figures({k: v for k, v in results.items() if k != "eval"})}
+    files = sorted(p for p in named | {run.loss_curve(stage) for stage in results.get("stages", {})} if p.is_file())
     if not files:
         return ""
     def owner(path: Path) -> int:

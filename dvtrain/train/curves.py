@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from dvtrain import figure_style as style
-from dvtrain.eval.plots import PLOTS_DIR
+from dvtrain.rundir import RunDir
 from dvtrain.eval.report import model_label
 
 TEST_LOSS = "test/loss/mixture"  # the mixture's NLL on the test set at each epoch's end (dvtrain.train.loop)
@@ -94,4 +94,4 @@ def training_curves(run_dir: Path, stage: str, history: Path, main_loss: str, st
     curves = loss_curves(read_history(history), main_loss, steps_per_epoch)
     if not curves.train_epochs:
         return None
-    return style.save(loss_figure(curves, stage, main_loss), Path(run_dir) / PLOTS_DIR / f"{stage}_loss.png")
+    return style.save(loss_figure(curves, stage, main_loss), RunDir(run_dir).loss_curve(stage))

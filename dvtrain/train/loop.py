@@ -28,10 +28,10 @@ from dvtrain.errors import DvtrainError
 from dvtrain.eval.report import (
     TRAIN_TABLE, load_results, metric_name, results_markdown, update_results,
 )
-from dvtrain.eval.tables.registry import per_stage_sections
 from dvtrain.eval.whitebox import evaluate_stage
 from dvtrain.mixture import mixture_log_probs
 from dvtrain.models import training_mode
+from dvtrain.results import forget_stage
 from dvtrain.rng import stream
 from dvtrain.rundir import RunDir
 from dvtrain.signals import SignalGuard, StopRequested
@@ -391,9 +391,10 @@ def evaluate_into(ctx: Context, stage: str, owned: Owned, state: TrainState, res
     stage_provenance = results.get("provenance")  # read now: the main process replaces `results` below
 
     def change(stored: dict) -> None:
-        stored["eval"] = [r for r in stored["eval"] if r["stage"] != stage] + rows
-        for key in per_stage_sections():  # every table's entries of the stage's previous weights are stale now
-            stored.get(key, {}).pop(stage, None)
+        # Every number and figure link of the stage's previous weights is stale now, plug-in tables' included
+        # even where the plug-in is not installed here (the store lists their sections).
+        forget_stage(stored, stage)
+        stored["eval"] += rows
         stored["stages"][stage] = info
         stored["provenance"] = stage_provenance
 

@@ -90,7 +90,3 @@ def tables() -> list[Table]:
     _load_all()
     return list(_TABLES.values())
 
-
-def per_stage_sections() -> tuple[str, ...]:
-    """The results.json sections (stage → entry) the registered tables write, white-box rows excluded."""
-    return tuple(t.name for t in tables() if t.name != "eval")
