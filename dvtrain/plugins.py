@@ -22,7 +22,8 @@ def plugin_objects(group: str, error: type[Exception]) -> list[tuple[EntryPoint,
 
 def misnamed(point: EntryPoint, group: str, kind: str) -> str:
     """The refusal of an entry point that names no `kind` (e.g. "StageSpec") called like the entry point."""
-    return f"the entry point {point.name} = {point.value} of group {group} must name a {kind} called {point.name!r}"
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    return f"the entry point {point.name} = {point.value} of group {group} must name {article} {kind} called {point.name!r}"
 
 
 # The entry-point group of evaluation tables (`dvtrain.eval.tables.registry` loads the tables from it).

@@ -81,3 +81,19 @@ def _models(data):
 
     torch.manual_seed(0)
     return [build_model("conv", data.channels, data.image_size, 10, data.mean, data.std).eval() for _ in range(2)]
+
+
+def test_a_record_may_not_take_the_name_of_another_record():
+    """A transfer record under a taken name would replace it silently (new-user finding: an in-process
+    `register` of a different "mi_pgd" crafted clean images into the shared cache, which later evaluations
+    reused as momentum PGD's). Refused: another transfer record's name, a white-box record's name. The same
+    record again is a no-op."""
+    mi_pgd = TRANSFER_ATTACKS["mi_pgd"]
+    impostor = TransferAttack("mi_pgd", mi_pgd.label, mi_pgd.budget, lambda m, x, y, loss, eps, b, g, bs: x.clone())
+    with pytest.raises(DvtrainError, match="transfer attack 'mi_pgd' is registered twice; rename one of them"):
+        transfer.register(impostor)
+    assert TRANSFER_ATTACKS["mi_pgd"] is mi_pgd and transfer.register(mi_pgd) is mi_pgd
+    clash = TransferAttack("pgd_linf", "PGD", mi_pgd.budget, mi_pgd.craft)
+    with pytest.raises(DvtrainError, match="transfer attack 'pgd_linf' has the name of a white-box attack; rename it"):
+        transfer.register(clash)
+    assert "pgd_linf" not in TRANSFER_ATTACKS

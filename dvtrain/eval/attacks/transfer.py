@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from dvtrain.config import TransferConfig
 from dvtrain.errors import DvtrainError
+from dvtrain.eval.attacks import registry as whitebox
 from dvtrain.eval.attacks.registry import ENTRY_POINT_GROUP, TRANSFER_KIND
 from dvtrain.eval.attacks.mi_fgsm import DiverseInputs, momentum_pgd, residual_branch_ends, skip_gradient
 
@@ -54,7 +55,19 @@ TRANSFER_ATTACKS: dict[str, TransferAttack] = {}
 
 
 def register(attack: TransferAttack) -> TransferAttack:
-    """Add `attack` to the registry under its name (replacing one of that name)."""
+    """Add `attack` to the registry under its name (registering the same record again is a no-op).
+
+    Raises:
+        DvtrainError: another transfer record, or a white-box record, has that name. A replaced record
+        would craft under the old name, and the shared transfer cache would then hand its example sets to
+        every later evaluation as the original attack's.
+    """
+    taken = TRANSFER_ATTACKS.get(attack.name)
+    if taken is not None and taken is not attack:
+        raise DvtrainError(f"transfer attack {attack.name!r} is registered twice; rename one of them (a changed "
+                           "attack of the same name needs a new name, or a new `version` of its own record)")
+    if taken is None and attack.name in whitebox.ATTACKS:
+        raise DvtrainError(f"transfer attack {attack.name!r} has the name of a white-box attack; rename it")
     TRANSFER_ATTACKS[attack.name] = attack
     return attack
 
@@ -73,9 +86,9 @@ def load_entry_points() -> None:
         if not isinstance(record, TransferAttack):
             continue
         taken = TRANSFER_ATTACKS.get(record.name)
-        if record.name != point.name or (taken is not None and taken is not record):
+        if record.name != point.name or (taken is not None and taken is not record) or record.name in whitebox.attacks():
             raise DvtrainError(f"the entry point {point.name} = {point.value} of group {ENTRY_POINT_GROUP} must name a "
-                               f"transfer attack called {point.name!r} that no other record has")
+                               f"transfer attack called {point.name!r} that no other record, white-box or transfer, has")
         TRANSFER_ATTACKS[record.name] = record
 
 
