@@ -198,7 +198,18 @@ def check_eval_writable(cfg: Config, run_dir: Path) -> None:
     check_run_writable(cfg, run_dir)
     storage.check_writable(run_dir / rundir.PLOTS, "folder", f"move that away or make {run_dir} writable")
     cache = cache_root(run_dir, cfg.eval.transfer)
-    storage.check_writable(cache, "transfer cache", "move that away, make it writable or set eval.transfer.cache_dir")
+    try:
+        storage.check_writable(cache, "transfer cache", "make it writable for you or set eval.transfer.cache_dir "
+                                                         "to a folder of your own")
+    except storage.StorageError:
+        # A cache shared read-only (another user's, a read-only mount) still serves what it holds: what is stored
+        # is read without its lock, and crafting a missing item is refused then, in one line (example_sets).
+        if not (cache.is_dir() and os.access(cache, os.R_OK | os.X_OK)):
+            raise
+        if is_main_rank():
+            print(f"dvtrain: note: the transfer cache {cache} is read-only for you: its surrogate ensembles and "
+                  "example sets are read; one it lacks stops the evaluation when it is needed (set "
+                  "eval.transfer.cache_dir to a folder of your own to craft)", file=sys.stderr)
 
 
 def check_results(run_dir: Path) -> dict | None:

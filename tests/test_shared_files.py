@@ -329,3 +329,47 @@ def test_a_target_whose_name_fills_the_file_system_limit_still_gets_a_temporary_
 
 def test_overwrite_removes_a_temporary_file_a_kill_left(tmp_path):
     assert storage.owned_entry(f"{storage.TEMP_PREFIX}0123456789ab{storage.TEMP_SUFFIX}")
+
+
+CHECK_EVAL_WRITABLE = """
+import sys
+from pathlib import Path
+from dvtrain import cli
+from dvtrain.config import load_config
+from dvtrain.errors import DvtrainError
+cfg = load_config(None, ["logging.wandb=disabled", f"eval.transfer.cache_dir={sys.argv[2]}"])
+try:
+    cli.check_eval_writable(cfg, Path(sys.argv[1]))
+    print("checked")
+except DvtrainError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("cache_there", [True, False])
+def test_dvtrain_eval_reads_a_read_only_shared_cache_and_refuses_one_it_cannot_create(cache_there, tmp_path, umask):
+    """`dvtrain eval`'s check before work (new-user finding: a read-only cache holding every set was refused).
+    A cache another user shares read-only is accepted with a one-line note (what is stored is read; a missing
+    item stops the evaluation when needed); a cache that does not exist and cannot be created is refused."""
+    if SETPRIV is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to take the permission bypass away")
+    umask(0o022)
+    run_dir, shared = tmp_path / "run", tmp_path / "shared"
+    run_dir.mkdir()
+    shared.mkdir()
+    cache = shared / "cache"
+    if cache_there:
+        cache.mkdir()
+        os.chown(cache, NOBODY, -1)
+    os.chown(shared, NOBODY, -1)
+    done = subprocess.run([SETPRIV, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
+                           CHECK_EVAL_WRITABLE, str(run_dir), str(cache)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    if cache_there:
+        assert done.stdout.strip() == "checked"
+        assert done.stderr.startswith(f"dvtrain: note: the transfer cache {cache} is read-only for you: ")
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    else:
+        assert done.stdout.startswith(f"transfer cache {cache} cannot be written (Permission denied)"), done.stdout
+        assert "set eval.transfer.cache_dir to a folder of your own" in done.stdout and done.stderr == ""
