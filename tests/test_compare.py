@@ -473,7 +473,8 @@ def test_a_group_never_averages_numbers_on_different_bases(tmp_path, capsys):
     out = capsys.readouterr().out
     row = markdown_rows(out)[("s0, s1", "dverge")]
     assert row["BB all ε=0.1"] == "66.67 / 73.33†" and "70.00" not in out
-    assert "of 3 epochs" in out and "of 5 epochs" in out
+    words = " ".join(out.split())  # (the legend wraps to the terminal)
+    assert "of 3 epochs" in words and "of 5 epochs" in words
     # The same basis: averaged as before.
     results = json.loads((runs[1] / "results.json").read_text())
     for table in results["blackbox"].values():
@@ -481,6 +482,25 @@ def test_a_group_never_averages_numbers_on_different_bases(tmp_path, capsys):
     (runs[1] / "results.json").write_text(json.dumps(results))
     assert compare_main([*(str(r) for r in runs), "--group-by", "seed"]) == 0
     assert markdown_rows(capsys.readouterr().out)[("s0, s1", "dverge")]["BB all ε=0.1"] == "70.00 ± 4.71"
+    # Other transfer attacks, or the same attacks with another setting (new-user finding: a step size, and
+    # [mi_pgd, noise] against [mi_pgd, fgsm], were averaged): another basis.
+    for attacks, settings, expected in [({"mi_pgd": {"step_fraction": 0.02}}, "4e1", "66.67 / 73.33†"),
+                                        ({"mi_pgd": {"step_fraction": 0.2}, "sgm": {}}, "9c2", "66.67 / 73.33†"),
+                                        (None, None, "70.00 ± 4.71")]:
+        for run, stamp in ((runs[0], "ab1"), (runs[1], settings)):
+            results = json.loads((run / "results.json").read_text())
+            for table in results["blackbox"].values():
+                table["protocol"]["attacks"] = {"mi_pgd": {"step_fraction": 0.2}} if stamp == "ab1" else attacks
+                table["protocol"]["attack_settings"] = "ab1" if stamp == "ab1" else settings
+            (run / "results.json").write_text(json.dumps(results))
+        if attacks is None:  # both on one basis again
+            for run in runs:
+                results = json.loads((run / "results.json").read_text())
+                for table in results["blackbox"].values():
+                    table["protocol"]["attacks"], table["protocol"]["attack_settings"] = {"mi_pgd": {}}, "ab1"
+                (run / "results.json").write_text(json.dumps(results))
+        assert compare_main([*(str(r) for r in runs), "--group-by", "seed"]) == 0
+        assert markdown_rows(capsys.readouterr().out)[("s0, s1", "dverge")]["BB all ε=0.1"] == expected, attacks
 
 
 def test_a_group_of_a_full_evaluation_and_training_only_runs_is_never_one_mean(tmp_path, capsys):
@@ -575,3 +595,15 @@ def test_errors_are_one_line_and_name_the_fix(runs, tmp_path, capsys, case):
         return
     assert code == cli.EXIT_USER_ERROR
     assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
+
+
+def test_a_transferability_number_s_basis_names_its_step_size_and_the_images_drawn():
+    """New-user finding: Transfer↓ was averaged over runs evaluated with eval.transfer.step_fraction 0.2 and
+    0.02, and over num_images 60 and 80: both are part of its basis now (older results show what they hold)."""
+    from dvtrain.eval.tables.transfer import transfer_basis_text
+
+    matrix = {"steps": 10, "step_fraction": 0.2, "restarts": 1, "num_images": 60, "n_images": 57}
+    assert transfer_basis_text(matrix) == "10 steps of 0.2·ε, 1 restarts, of the first 60 images"
+    assert len({transfer_basis_text(m) for m in (matrix, {**matrix, "step_fraction": 0.02}, {**matrix, "num_images": 80},
+                                                 {**matrix, "n_images": 55})}) == 3  # n_images (kept images) is not
+    assert transfer_basis_text({"steps": 10, "restarts": 1}) == "10 steps, 1 restarts"

@@ -80,6 +80,12 @@ def test_the_plugin_attacks_run_in_the_white_box_table_the_sweep_and_the_black_b
     assert {s["attack"] for s in blackbox["sets"]} == {"mi_pgd", "fgsm_transfer"}
     md = (run_dir / "results.md").read_text()
     assert "BIM L∞ ε=0.1 (%)" in md and "BIM:" in md and "ens2 FGSM CE" in md
+    # The protocol's description names the attacks that ran, each with its settings (new-user finding: it
+    # named the paper's three whatever ran); the numbers' basis names them and a hash of every setting.
+    described = next(line for line in md.splitlines() if line.startswith("Accuracy (%) on 20 test images"))
+    assert "with momentum PGD (steps 1, runs 1, step_fraction 0.2, " in described and "; FGSM (steps 1, runs 1)" in described
+    assert "SGM" not in described and "M-DI²-FGSM" not in described
+    assert blackbox["protocol"]["attacks"].keys() == {"mi_pgd", "fgsm_transfer"} and blackbox["protocol"]["attack_settings"]
 
 
 def test_an_unknown_attack_name_is_refused_before_any_work_with_the_closest_one(evaluated, tmp_path):

@@ -152,9 +152,13 @@ def blackbox_work(
     if not is_main(share):
         return None
     sets = [example_set(task) for task in tasks]
+    attacks = {attack: attack_budget(attack, tcfg) for attack in dict.fromkeys(task[2] for task in tasks)}
     info: dict = {"n_images": len(y), "images": images_digest(x, y), "data": digest, "code": example_sets.FORMAT, "eps": list(tcfg.sweep_eps), "seed": tcfg.seed, "cache": str(root),
                   "steps": tcfg.blackbox_steps, "restarts": tcfg.blackbox_restarts, "sgm_gamma": tcfg.sgm_gamma,
                   "di_prob": tcfg.di_prob, "losses": list(tcfg.blackbox_losses), "surrogates": [],
+                  # every setting each attack's examples depend on (its record's budget, batch size, code version),
+                  # and their short hash: part of the black-box numbers' basis
+                  "attacks": attacks, "attack_settings": example_sets.identity_hash(attacks),
                   "notes": list(dict.fromkeys(note for size in sizes for note in applicable[size][1]))}
     for size in sizes:
         own_sets = [s for s, task in zip(sets, tasks) if task[0] == size]
@@ -253,7 +257,12 @@ def all_accuracy(table: dict, model: str, eps: float) -> float | None:
     return None
 
 
+def attack_label(name: str) -> str:
+    """A transfer attack's label from its record, e.g. "momentum PGD" (the name where none is registered)."""
+    record = TRANSFER_ATTACKS.get(name)
+    return record.label if record else name
+
+
 def set_label(s: dict) -> str:
     """A column header for an example set, e.g. "ens5 SGM CW"."""
-    record = TRANSFER_ATTACKS.get(s["attack"])
-    return f"{s['surrogate']} {record.label if record else s['attack']} {LOSS_NAMES.get(s['loss'], s['loss'])}"
+    return f"{s['surrogate']} {attack_label(s['attack'])} {LOSS_NAMES.get(s['loss'], s['loss'])}"

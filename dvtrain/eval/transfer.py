@@ -137,7 +137,7 @@ def _matrices(stages: dict[str, list[nn.Module]], picked: dict[str, tuple[Tensor
             runs = torch.stack([fooled[(stage, i, r)] for r in range(cfg.restarts)]).any(dim=0)
             success.append([percent(row) for row in runs])
         out[stage] = {"eps": cfg.eps, "steps": cfg.steps, "step_fraction": cfg.step_fraction, "restarts": cfg.restarts,
-                      "n_images": len(picked[stage][1]), "sources": names, "targets": [*names, "mixture"],
+                      "num_images": cfg.num_images, "n_images": len(picked[stage][1]), "sources": names, "targets": [*names, "mixture"],
                       "success": success}
     return out
 

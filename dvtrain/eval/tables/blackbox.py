@@ -68,14 +68,17 @@ def blackbox_numbers(stage: str, table: dict, surrogate: dict) -> list[Number]:
     """One stage's black-box numbers: "all" (correct under every example set) at each ε of the protocol's
     sweep (named bb_all_eps<ε>); a results.json written before the sweep (one ε, a column per attack) gives
     bb_<attack> at the surrogate's ε. The basis names every protocol setting that changes the number
-    (surrogate sizes and epochs, steps, restarts, losses, sets, images), so runs evaluated with other
+    (surrogate sizes and epochs, the attacks and a hash of all their settings, steps, restarts, losses, sets,
+    images), so runs evaluated with other
     protocols are never averaged or shown as one (issue 26, finding 4)."""
     if ALL_SETS in table:
         members = surrogate.get("surrogates", [])
         sizes = "/".join(str(e.get("size")) for e in members)
         epochs = "/".join(str(e.get("epochs")) for e in members if e.get("epochs") is not None)
         images = table.get("images") or surrogate.get("images")
-        text = (f"surrogates ×{sizes}" + (f" of {epochs} epochs" if epochs else "")
+        attacks = "/".join(surrogate.get("attacks") or dict.fromkeys(s["attack"] for s in table["sets"]))
+        settings = f" (settings {surrogate['attack_settings']})" if surrogate.get("attack_settings") else ""
+        text = (f"surrogates ×{sizes}" + (f" of {epochs} epochs" if epochs else "") + f", attacks {attacks}{settings}"
                 + f", {len(table['sets'])} sets, {surrogate.get('steps')} steps, {surrogate.get('restarts')} restarts"
                 + (f", losses {'/'.join(surrogate['losses'])}" if surrogate.get("losses") else "")
                 + f"; n={table.get('n_images')}" + (f", images {images}" if images else ""))
@@ -110,6 +113,19 @@ def _blackbox_markdown(results: dict) -> list[str]:
     return out
 
 
+def _attacks_text(protocol: dict) -> str:
+    """The attacks a protocol ran, each with every setting its examples depend on (`attacks`, recorded since
+    the attack records); an earlier results.json ran the paper's three with the protocol's own settings."""
+    from dvtrain.eval.blackbox import attack_label  # the records' labels (torch: only when drawn)
+
+    if "attacks" not in protocol:
+        return (f"momentum PGD ({counted(protocol['restarts'], 'random start')}), M-DI²-FGSM (p {protocol['di_prob']:g}) "
+                f"and SGM (γ {protocol['sgm_gamma']:g}), {protocol['steps']} steps each")
+    hidden = ("batch_size", "code")  # alike for every attack of a protocol, or a code detail
+    return "; ".join(f"{attack_label(name)} ({', '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}' for k, v in budget.items() if k not in hidden)})"
+                     for name, budget in protocol["attacks"].items())
+
+
 def _blackbox_group_markdown(title: str, tables: dict[str, dict], protocol: dict) -> list[str]:
     """"all" per ε for every stage and model of one protocol, then one detailed table per ε (a column per
     surrogate ensemble × attack × loss), the surrogates' own rows first."""
@@ -120,10 +136,8 @@ def _blackbox_group_markdown(title: str, tables: dict[str, dict], protocol: dict
     eps_grid = first["eps"]
     sizes = ", ".join(str(s["size"]) for s in protocol.get("surrogates", []))
     described = ([f"Accuracy (%) on {protocol['n_images']} test images (seed {protocol['seed']}) under transfer examples "
-                  f"crafted on hold-out plain ensembles of {sizes} models of this architecture with momentum PGD "
-                  f"({counted(protocol['restarts'], 'random start')}), M-DI²-FGSM (p {protocol['di_prob']:g}) and SGM (γ "
-                  f"{protocol['sgm_gamma']:g}), {protocol['steps']} steps each, losses "
-                  f"{', '.join(l.upper() for l in protocol['losses'])}"
+                  f"crafted on hold-out plain ensembles of {sizes} models of this architecture with "
+                  f"{_attacks_text(protocol)}, losses {', '.join(l.upper() for l in protocol['losses'])}"
                   + (f", surrogates trained {', '.join(str(s['epochs']) for s in protocol['surrogates'])} epochs"
                      if all("epochs" in s for s in protocol.get("surrogates", [])) else "")
                   + ". A set counts an image correct only under all its runs; \"all\": correct under every set at "

@@ -54,9 +54,10 @@ class TransferTable(Table):
         return out
 
     def numbers(self, results: dict) -> list[Number]:
-        # Its basis is not n_images: the images every submodel classifies correctly differ from run to run.
+        # Its basis is the attack and the images drawn (num_images), not n_images: the images every submodel
+        # classifies correctly, which are attacked, differ from run to run.
         return [Number(stage, MIXTURE, TRANSFER_OFFDIAG, matrix.get("eps") or None, mean_off_diagonal(matrix),
-                       f"{matrix.get('steps')} steps, {matrix.get('restarts')} restarts", TRANSFER_OFFDIAG)
+                       transfer_basis_text(matrix), TRANSFER_OFFDIAG)
                 for stage, matrix in results.get(self.name, {}).items()]
 
     def wandb_tables(self, results: dict) -> dict[str, tuple[list[str], list[list]]]:
@@ -65,3 +66,11 @@ class TransferTable(Table):
 
 
 TABLE = TransferTable()
+
+
+def transfer_basis_text(matrix: dict) -> str:
+    """What a transferability matrix's numbers rest on: PGD's steps, step size and restarts, and how many test
+    images were drawn (results of an earlier dvtrain lack the last two)."""
+    step = f" of {matrix['step_fraction']:g}·ε" if matrix.get("step_fraction") is not None else ""
+    drawn = f", of the first {matrix['num_images']} images" if matrix.get("num_images") is not None else ""
+    return f"{matrix.get('steps')} steps{step}, {matrix.get('restarts')} restarts{drawn}"
