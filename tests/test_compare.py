@@ -190,6 +190,28 @@ def write_run(root: Path, name: str, seed: int, dverge_eps: float, *, of: tuple[
     return run
 
 
+def test_dvtrain_eval_s_worst_case_replaces_the_training_time_one_as_in_the_headline(tmp_path, capsys):
+    """docs/extending.md's example: training's table (3 attacks, n=64) and `dvtrain eval`'s (2 attacks, n=20) both
+    hold the L∞ worst case at ε 0.1. results.md's headline shows eval's 10.00; so does compare, though the
+    training row covers more attacks. Within one table, the worst case over more attacks still wins."""
+    from dvtrain.eval.headline import Headline, headline_rows
+
+    def worst(accuracy: float, n: int, of: list[str], table: str) -> dict:
+        return {"stage": "dverge", "model": "mixture", "attack": "worst_case", "norm": "Linf", "eps": 0.1,
+                "accuracy": accuracy, "n": n, "of": of, "table": table}
+
+    run = tmp_path / "extending"
+    run.mkdir()
+    rows = [worst(10.94, 64, ["clean", "fgsm", "pgd_linf"], "train"), worst(10.0, 20, ["clean", "pgd_linf"], "eval"),
+            worst(12.5, 20, ["clean"], "eval")]  # a later row of eval's table over fewer attacks: not the worst case
+    results = {"run": "extending", "eval": rows}
+    (run / "results.json").write_text(json.dumps(results))
+    (headline,) = headline_rows(results, ["dverge"], Headline(0.1, 0.5))
+    assert headline[1] == "dvtrain eval" and headline[3].startswith("10.00 ") and headline[3].endswith("n=20")
+    assert compare_main([str(run)]) == 0
+    assert markdown_rows(capsys.readouterr().out)[("extending", "dverge")]["Worst L∞ ε=0.1"] == "10.00"
+
+
 def test_three_runs_fit_a_160_column_terminal(tmp_path, capsys):
     """Two seeds of one config and one of another, every stage, every headline figure, with and without
     --group-by: no line of the table is wider than 160 characters."""

@@ -38,6 +38,7 @@ from dvtrain.eval.report import (
     BLACKBOX_PREFIX, METRIC_ORDER, NOT_COMPARABLE, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, format_eps,
     metric_name, model_label,
 )
+from dvtrain.eval.headline import table_rank
 from dvtrain.eval.tables import registry as tables
 from dvtrain.paths import read_json_object
 from dvtrain.results import read_results
@@ -149,22 +150,24 @@ def _budget_text(row: dict) -> str:
 def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str]]:
     """Every number of a results.json as (stage, model, metric, ε) → value, and what each rests on.
 
-    White-box rows under `metric_name`; where several rows share a column (the same ε evaluated with
-    other budgets), the worst case over the most attacks wins, then the later row. Then every registered
+    White-box rows under `metric_name`; where several rows share a column, the row of the more thorough
+    table wins (`dvtrain.eval.headline.table_rank`: `dvtrain eval`'s over the training-time one, as in
+    results.md's headline), then, among rows of one table (the same ε evaluated with other budgets), the
+    worst case over the most attacks, then the later row. Then every registered
     table's numbers (`dvtrain.eval.tables.contract.Table.numbers`): black-box accuracies as bb_all at each
     ε of the sweep, the mixture's transfer_offdiag (mean off-diagonal transfer success, lower is better) at
     the transfer ε, a plug-in table's own. Rows at different ε stay apart.
     """
     values: dict[Column, float] = {}
     basis: dict[Column, str] = {}
-    attacks: dict[Column, int] = {}
+    chosen: dict[Column, tuple[int, int]] = {}  # the kept row's (-table rank, attacks covered): larger wins
     for row in results.get("eval", []):
         if row["accuracy"] is None:  # a row without the key is damaged (KeyError: refused by the caller)
             continue
         column = (row["stage"], row["model"], metric_name(row["attack"], row.get("norm")), row.get("eps") or None)
-        covered = len(row.get("of") or ())
-        if covered >= attacks.get(column, 0):
-            values[column], basis[column], attacks[column] = row["accuracy"], _budget_text(row), covered
+        preference = (-table_rank(row.get("table")), len(row.get("of") or ()))
+        if column not in chosen or preference >= chosen[column]:
+            values[column], basis[column], chosen[column] = row["accuracy"], _budget_text(row), preference
     for table in tables.tables():
         for number in table.numbers(results):
             if number.value is not None:
