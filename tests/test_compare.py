@@ -299,6 +299,32 @@ def test_a_group_says_how_many_of_its_runs_have_a_number(tmp_path, capsys):
     assert row["Clean"] == f"97.50 ± {statistics.stdev([98.0, 97.0]):.2f}"
 
 
+def test_evaluation_settings_never_split_a_group_nor_become_columns(tmp_path, capsys):
+    """A run trained with a plug-in table installed has eval.tables.confidence in its config.yaml, an older one
+    has not; one was evaluated on fewer images. The seeds stay one group, no eval.* column is shown (config.yaml
+    holds the training config's values, not what `dvtrain eval` used), and the basis marks the cells measured
+    on other images."""
+    runs = [write_run(tmp_path, "old", 0, 0.07), write_run(tmp_path, "new", 1, 0.07)]
+    (runs[0] / "config.yaml").write_text((runs[0] / "config.yaml").read_text() + "eval:\n  num_examples: 359\n")
+    (runs[1] / "config.yaml").write_text((runs[1] / "config.yaml").read_text()
+                                         + "eval:\n  num_examples: 20\n  tables:\n    confidence:\n      num_images: 15\n")
+    results = json.loads((runs[1] / "results.json").read_text())
+    for row in results["eval"]:
+        row["n"] = 20
+    (runs[1] / "results.json").write_text(json.dumps(results))
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed"]) == 0
+    out = capsys.readouterr().out
+    table = markdown_rows(out)
+    assert list(table) == [("old, new", stage) for stage in ("vanilla", "dverge", "dverge_advt")]
+    row = table[("old, new", "dverge")]
+    assert row["n"] == "2" and not any(column.startswith("eval.") for column in row) and "eval." not in out
+    assert row["Worst L∞ ε=0.1"] == "60.00 / 61.00†"  # n=359 and n=20: never one mean
+    assert compare_main([str(r) for r in runs]) == 0  # ungrouped: one row each, and still no eval.* column
+    assert list(markdown_rows(capsys.readouterr().out)[("new", "vanilla")]) == ["seed", "Stage", "Clean", "Worst L∞ ε=0.1",
+                                                                               "Worst L2 ε=0.5", "BB all ε=0.1",
+                                                                               "Transfer↓ ε=0.1"]
+
+
 def test_long_config_keys_are_abbreviated_with_a_legend(tmp_path, capsys):
     runs = [write_run(tmp_path, "x", 0, 0.07), write_run(tmp_path, "y", 0, 0.07)]
     config = runs[1] / "config.yaml"

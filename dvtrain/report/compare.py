@@ -8,11 +8,12 @@ wandb's own `wandb leet inspect`); or an online W&B group or run `entity/project
 (and eval/<metric>/eps), `dvtrain eval` as eval/<stage>/<model>/<metric> (its ε from its config); both
 land in one column per (model, metric, ε), `dvtrain eval`'s number winning where both exist.
 
-The table has one row per (experiment, stage): the config keys the experiments differ in, then by
+The table has one row per (experiment, stage): the config keys the experiments differ in (what they
+train: not evaluation settings, eval.*, whose effect each number's basis records), then by
 default the headline figures of the mixture (clean, worst case per norm, black-box "all",
 transferability), one ε per column, named in the header; `--all` shows every metric at every ε.
-`--group-by seed` gathers the experiments that differ only in the seed into one row of mean ± s.d.
-with n. A cell marked † rests on another basis than the rest of its column (the attacks a worst case
+`--group-by seed` gathers the experiments that differ only in the seed (and evaluation settings) into
+one row of mean ± s.d. with n. A cell marked † rests on another basis than the rest of its column (the attacks a worst case
 covers, the attack budget, the number of images): a legend line says which. Accuracies are in
 percent; transfer_offdiag is a success rate (lower is better).
 """
@@ -53,8 +54,11 @@ EPS = "eps"  # summary key eval/<attack>/eps: the attack's ε
 EPS_INFIX = "_eps"  # <metric>_eps<ε>: a `dvtrain eval` W&B number at the ε it was computed at (report.eval_summary)
 # What a W&B number of an earlier dvtrain rests on when its ε was not recorded with it.
 EPS_FROM_CONFIG = "ε not recorded with the number (the eval run's config: it may not be the ε computed)"
-# Config keys that do not change what a run computes, or name it: never columns, never split a group.
-NOT_COMPARED = ("name", "runs_dir", "logging.", "provenance.", "_wandb.")
+# Config keys that do not change what a run trains, or name it: never columns, never split a group. Evaluation
+# settings (eval.*: the training config's, which `dvtrain eval` may have overridden, and plug-in tables'
+# eval.tables.NAME, absent from runs trained without the plug-in) say how a number was measured: each number's
+# basis records that, and † keeps numbers on different bases apart.
+NOT_COMPARED = ("name", "runs_dir", "logging.", "provenance.", "_wandb.", "eval.")
 # The default table's figures, in this order; the worst cases are the report's headline numbers.
 HEADLINE = ("clean", metric_name(WORST_CASE, "Linf"), metric_name(WORST_CASE, "L2"), BLACKBOX_PREFIX + "all",
             TRANSFER_OFFDIAG)
@@ -365,7 +369,8 @@ def column_label(column: Column) -> str:
 
 
 def differing_keys(experiments: list[Experiment], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Config keys whose values are not the same in every experiment (a missing key counts as a value)."""
+    """Config keys whose values are not the same in every experiment (a missing key counts as a value),
+    except NOT_COMPARED ones (names, logging, evaluation settings) and `ignore`."""
     keys = sorted({k for e in experiments for k in e.config if not k.startswith(NOT_COMPARED + ignore)})
     return [k for k in keys if len({json.dumps(e.config.get(k), sort_keys=True) for e in experiments}) > 1]
 
