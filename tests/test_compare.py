@@ -565,9 +565,9 @@ def test_plots_mark_other_bases_and_write_one_file_per_transfer_eps(tmp_path, ca
     drawn = {}
     original = plots.comparison_plots
 
-    def spy(series, kinds, stages, path, marked=frozenset(), separator="_"):
+    def spy(series, kinds, stages, path, marked=frozenset(), separator="_", runs=None):
         drawn.update(series=series, marked=set(marked))
-        return original(series, kinds, stages, path, marked, separator)
+        return original(series, kinds, stages, path, marked, separator, runs)
 
     monkeypatch.setattr(plots, "comparison_plots", spy)
     plot = tmp_path / "cmp.png"
@@ -580,6 +580,51 @@ def test_plots_mark_other_bases_and_write_one_file_per_transfer_eps(tmp_path, ca
     capsys.readouterr()
     assert {"a, b, c (basis 1)", "a, b, c (basis 2)"} <= set(drawn["series"])
     assert all(label.endswith(")") for label, *_ in drawn["marked"] if label.startswith("a, b, c"))
+
+
+def test_plots_say_how_many_runs_a_bar_averages_and_draw_only_accuracies_on_the_accuracy_axis(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """A group of two seeds of which one has BB all: its bars say "n=1" and the legend what that means, not a
+    silent "mean over seeds". A plug-in table's number (any quantity) is not drawn on the accuracy axis: a
+    printed line names it. A stage of 14 accuracy columns (--all) is split over panels, no tick labels overlap."""
+    from matplotlib.text import Text
+
+    from dvtrain import figure_style as style
+    from dvtrain.eval.attacks.registry import attacks
+    from dvtrain.eval.tables.contract import Number, Table
+
+    class Agreement(Table):
+        name = "agreement"
+
+        def numbers(self, results):
+            return [Number(s, "mixture", "agreement", None, v, "n=15", "agreement") for s, v in results["agreement"].items()]
+
+    registered = compare.tables.tables
+    monkeypatch.setattr(compare.tables, "tables", lambda: [*registered(), Agreement()])
+    figures = {}
+    save = style.save
+    monkeypatch.setattr(style, "save", lambda fig, path: figures.setdefault(path.name, fig) and save(fig, path))
+    runs = [write_run(tmp_path, "s1", 0, 0.07), write_run(tmp_path, "s2", 1, 0.07, evaluated=False)]
+    whitebox = [a for a in attacks() if a != "clean"]
+    for run in runs:
+        results = json.loads((run / "results.json").read_text())
+        results["agreement"] = {stage: 91.0 for stage in ("vanilla", "dverge", "dverge_advt")}
+        results["eval"] += [{"stage": "dverge", "model": "mixture", "attack": a, "norm": "Linf", "eps": 0.1, "accuracy": 40.0,
+                             "n": 359} for a in whitebox]
+        (run / "results.json").write_text(json.dumps(results))
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed", "--all", "--plot", str(tmp_path / "cmp.png")]) == 0
+    out = capsys.readouterr().out
+    assert "not drawn, not known to be accuracies (%): agreement (the table shows them)" in out
+    assert markdown_rows(out)[("s1, s2", "dverge")]["agreement"] == "91.00 ± 0.00"  # the table still shows it
+    fig = figures["cmp_accuracy.png"]
+    assert style.layout_problems(fig) == []
+    texts = [t.get_text() for t, _ in style.drawn_texts(fig)]
+    assert not any(t.startswith("agreement") for t in texts)
+    bars = [t for t in fig.findobj(Text) if t.get_text() == "n=1"]
+    assert len(bars) == 3  # BB all of each stage: only s1 has it
+    assert "run (n=k: the mean of only k of the row's runs)" in texts
+    assert [ax.get_title() for ax in fig.axes] == ["vanilla", "dverge (1/2)", "dverge (2/2)", "dverge_advt"]
+    assert style.layout_problems(figures["cmp_transfer.png"]) == []
 
 
 def test_wandb_logs_each_figure_under_its_own_key(tmp_path, capsys):

@@ -641,27 +641,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def draw(rows: list[Row], columns: list[Shown], path: Path) -> list[Path]:
-    """The comparison charts (see `dvtrain.eval.plots.comparison_plots`): accuracies, and transfer success.
-    A cell on several bases is drawn as one bar per basis ("run (basis k)"), never one bar over them; every
-    bar of a cell marked † in the table is marked † in the figure."""
+def plot_kind(metric: str) -> str | None:
+    """The figure a metric is drawn in: "transfer" (success in %, lower is better), "accuracy" for what is
+    known to be an accuracy in % (a white-box attack's or worst case's, dvtrain's or a plug-in attack's,
+    and the black-box table's bb_*), None for anything else (a plug-in table's number may be any quantity:
+    the table shows it, no figure claims it on an accuracy axis)."""
+    from dvtrain.eval.attacks.registry import L2, LINF, attacks
+
+    if metric in LOWER_IS_BETTER:
+        return "transfer"
+    whitebox = {metric_name(a, norm) for a in (WORST_CASE, *attacks()) for norm in (None, LINF, L2)}
+    return "accuracy" if metric in whitebox or metric.startswith(BLACKBOX_PREFIX) else None
+
+
+def draw(rows: list[Row], columns: list[Shown], path: Path) -> tuple[list[Path], list[str]]:
+    """The comparison charts (see `dvtrain.eval.plots.comparison_plots`): accuracies, and transfer success;
+    columns of another kind (`plot_kind`) are left out. A cell on several bases is drawn as one bar per basis
+    ("run (basis k)"), never one bar over them; every bar of a cell marked † in the table is marked † in the
+    figure, and a bar over fewer runs than its row's is marked "n=k". Returns the files written and the
+    headers of the columns left out."""
     from dvtrain.eval.plots import comparison_plots
 
+    kinds = {shown_label(c): plot_kind(c[1]) for c in columns}
     series: dict[str, dict] = {}
+    runs: dict[str, int] = {}
     marked: set[tuple[str, str, str]] = set()
     for row in rows:
         for k, (column, values) in enumerate(zip(columns, row.cells)):
-            if not values:
+            if not values or kinds[shown_label(column)] is None:
                 continue
             parts = row.parts(k)
             for j, part in enumerate(parts):
                 label = row.label if len(parts) == 1 else f"{row.label} (basis {j + 1})"
                 series.setdefault(label, {})[(row.stage, shown_label(column))] = part
+                runs[label] = row.runs
                 if row.marks[k] or len(parts) > 1:
                     marked.add((label, row.stage, shown_label(column)))
-    kinds = {shown_label(c): ("transfer" if c[1] in LOWER_IS_BETTER else "accuracy") for c in columns}
-    return comparison_plots(series, kinds, [s for s in dict.fromkeys(r.stage for r in rows)], path, marked,
-                            PLOT_KIND_SEPARATOR)
+    drawn = {c: k for c, k in kinds.items() if k is not None}
+    written = comparison_plots(series, drawn, [s for s in dict.fromkeys(r.stage for r in rows)], path, marked,
+                               PLOT_KIND_SEPARATOR, runs)
+    return written, [c for c, k in kinds.items() if k is None]
 
 
 def compare_main(argv: list[str] | None = None) -> int:
@@ -685,9 +704,12 @@ def compare_main(argv: list[str] | None = None) -> int:
         if args.plot or args.wandb:
             with tempfile.TemporaryDirectory() as tmp:
                 base = args.plot or Path(tmp) / "compare.png"
-                plots = draw(rows, columns, base)
+                plots, left_out = draw(rows, columns, base)
                 if args.plot:
                     print("plots: " + ", ".join(str(p) for p in plots), flush=True)
+                if left_out:
+                    print(f"not drawn, not known to be accuracies (%): {', '.join(left_out)} (the table shows them)",
+                          flush=True)
                 if args.wandb:
                     kinds = {p.stem.removeprefix(base.stem + PLOT_KIND_SEPARATOR): p for p in plots}
                     log_comparison(args.wandb, args.project, args.entity, args.wandb_dir, rows, keys, columns,
