@@ -190,6 +190,28 @@ def write_run(root: Path, name: str, seed: int, dverge_eps: float, *, of: tuple[
     return run
 
 
+def test_dvtrain_eval_s_worst_case_replaces_the_training_time_one_as_in_the_headline(tmp_path, capsys):
+    """docs/extending.md's example: training's table (3 attacks, n=64) and `dvtrain eval`'s (2 attacks, n=20) both
+    hold the L∞ worst case at ε 0.1. results.md's headline shows eval's 10.00; so does compare, though the
+    training row covers more attacks. Within one table, the worst case over more attacks still wins."""
+    from dvtrain.eval.headline import Headline, headline_rows
+
+    def worst(accuracy: float, n: int, of: list[str], table: str) -> dict:
+        return {"stage": "dverge", "model": "mixture", "attack": "worst_case", "norm": "Linf", "eps": 0.1,
+                "accuracy": accuracy, "n": n, "of": of, "table": table}
+
+    run = tmp_path / "extending"
+    run.mkdir()
+    rows = [worst(10.94, 64, ["clean", "fgsm", "pgd_linf"], "train"), worst(10.0, 20, ["clean", "pgd_linf"], "eval"),
+            worst(12.5, 20, ["clean"], "eval")]  # a later row of eval's table over fewer attacks: not the worst case
+    results = {"run": "extending", "eval": rows}
+    (run / "results.json").write_text(json.dumps(results))
+    (headline,) = headline_rows(results, ["dverge"], Headline(0.1, 0.5))
+    assert headline[1] == "dvtrain eval" and headline[3].startswith("10.00 ") and headline[3].endswith("n=20")
+    assert compare_main([str(run)]) == 0
+    assert markdown_rows(capsys.readouterr().out)[("extending", "dverge")]["Worst L∞ ε=0.1"] == "10.00"
+
+
 def test_three_runs_fit_a_160_column_terminal(tmp_path, capsys):
     """Two seeds of one config and one of another, every stage, every headline figure, with and without
     --group-by: no line of the table is wider than 160 characters."""
@@ -275,6 +297,32 @@ def test_a_group_says_how_many_of_its_runs_have_a_number(tmp_path, capsys):
     row = markdown_rows(capsys.readouterr().out)[("s0, s1", "dverge")]
     assert row["n"] == "2" and row["BB all ε=0.1"] == "77.25 (n=1)"
     assert row["Clean"] == f"97.50 ± {statistics.stdev([98.0, 97.0]):.2f}"
+
+
+def test_evaluation_settings_never_split_a_group_nor_become_columns(tmp_path, capsys):
+    """A run trained with a plug-in table installed has eval.tables.confidence in its config.yaml, an older one
+    has not; one was evaluated on fewer images. The seeds stay one group, no eval.* column is shown (config.yaml
+    holds the training config's values, not what `dvtrain eval` used), and the basis marks the cells measured
+    on other images."""
+    runs = [write_run(tmp_path, "old", 0, 0.07), write_run(tmp_path, "new", 1, 0.07)]
+    (runs[0] / "config.yaml").write_text((runs[0] / "config.yaml").read_text() + "eval:\n  num_examples: 359\n")
+    (runs[1] / "config.yaml").write_text((runs[1] / "config.yaml").read_text()
+                                         + "eval:\n  num_examples: 20\n  tables:\n    confidence:\n      num_images: 15\n")
+    results = json.loads((runs[1] / "results.json").read_text())
+    for row in results["eval"]:
+        row["n"] = 20
+    (runs[1] / "results.json").write_text(json.dumps(results))
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed"]) == 0
+    out = capsys.readouterr().out
+    table = markdown_rows(out)
+    assert list(table) == [("old, new", stage) for stage in ("vanilla", "dverge", "dverge_advt")]
+    row = table[("old, new", "dverge")]
+    assert row["n"] == "2" and not any(column.startswith("eval.") for column in row) and "eval." not in out
+    assert row["Worst L∞ ε=0.1"] == "60.00 / 61.00†"  # n=359 and n=20: never one mean
+    assert compare_main([str(r) for r in runs]) == 0  # ungrouped: one row each, and still no eval.* column
+    assert list(markdown_rows(capsys.readouterr().out)[("new", "vanilla")]) == ["seed", "Stage", "Clean", "Worst L∞ ε=0.1",
+                                                                               "Worst L2 ε=0.5", "BB all ε=0.1",
+                                                                               "Transfer↓ ε=0.1"]
 
 
 def test_long_config_keys_are_abbreviated_with_a_legend(tmp_path, capsys):
@@ -537,9 +585,9 @@ def test_plots_mark_other_bases_and_write_one_file_per_transfer_eps(tmp_path, ca
     drawn = {}
     original = plots.comparison_plots
 
-    def spy(series, kinds, stages, path, marked=frozenset(), separator="_"):
+    def spy(series, kinds, stages, path, marked=frozenset(), separator="_", runs=None):
         drawn.update(series=series, marked=set(marked))
-        return original(series, kinds, stages, path, marked, separator)
+        return original(series, kinds, stages, path, marked, separator, runs)
 
     monkeypatch.setattr(plots, "comparison_plots", spy)
     plot = tmp_path / "cmp.png"
@@ -552,6 +600,51 @@ def test_plots_mark_other_bases_and_write_one_file_per_transfer_eps(tmp_path, ca
     capsys.readouterr()
     assert {"a, b, c (basis 1)", "a, b, c (basis 2)"} <= set(drawn["series"])
     assert all(label.endswith(")") for label, *_ in drawn["marked"] if label.startswith("a, b, c"))
+
+
+def test_plots_say_how_many_runs_a_bar_averages_and_draw_only_accuracies_on_the_accuracy_axis(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """A group of two seeds of which one has BB all: its bars say "n=1" and the legend what that means, not a
+    silent "mean over seeds". A plug-in table's number (any quantity) is not drawn on the accuracy axis: a
+    printed line names it. A stage of 14 accuracy columns (--all) is split over panels, no tick labels overlap."""
+    from matplotlib.text import Text
+
+    from dvtrain import figure_style as style
+    from dvtrain.eval.attacks.registry import attacks
+    from dvtrain.eval.tables.contract import Number, Table
+
+    class Agreement(Table):
+        name = "agreement"
+
+        def numbers(self, results):
+            return [Number(s, "mixture", "agreement", None, v, "n=15", "agreement") for s, v in results["agreement"].items()]
+
+    registered = compare.tables.tables
+    monkeypatch.setattr(compare.tables, "tables", lambda: [*registered(), Agreement()])
+    figures = {}
+    save = style.save
+    monkeypatch.setattr(style, "save", lambda fig, path: figures.setdefault(path.name, fig) and save(fig, path))
+    runs = [write_run(tmp_path, "s1", 0, 0.07), write_run(tmp_path, "s2", 1, 0.07, evaluated=False)]
+    whitebox = [a for a in attacks() if a != "clean"]
+    for run in runs:
+        results = json.loads((run / "results.json").read_text())
+        results["agreement"] = {stage: 91.0 for stage in ("vanilla", "dverge", "dverge_advt")}
+        results["eval"] += [{"stage": "dverge", "model": "mixture", "attack": a, "norm": "Linf", "eps": 0.1, "accuracy": 40.0,
+                             "n": 359} for a in whitebox]
+        (run / "results.json").write_text(json.dumps(results))
+    assert compare_main([*(str(r) for r in runs), "--group-by", "seed", "--all", "--plot", str(tmp_path / "cmp.png")]) == 0
+    out = capsys.readouterr().out
+    assert "not drawn, not known to be accuracies (%): agreement (the table shows them)" in out
+    assert markdown_rows(out)[("s1, s2", "dverge")]["agreement"] == "91.00 ± 0.00"  # the table still shows it
+    fig = figures["cmp_accuracy.png"]
+    assert style.layout_problems(fig) == []
+    texts = [t.get_text() for t, _ in style.drawn_texts(fig)]
+    assert not any(t.startswith("agreement") for t in texts)
+    bars = [t for t in fig.findobj(Text) if t.get_text() == "n=1"]
+    assert len(bars) == 3  # BB all of each stage: only s1 has it
+    assert "run (n=k: the mean of only k of the row's runs)" in texts
+    assert [ax.get_title() for ax in fig.axes] == ["vanilla", "dverge (1/2)", "dverge (2/2)", "dverge_advt"]
+    assert style.layout_problems(figures["cmp_transfer.png"]) == []
 
 
 def test_wandb_logs_each_figure_under_its_own_key(tmp_path, capsys):

@@ -43,10 +43,17 @@ def _row_figure(row: dict, several: bool) -> str:
     return f"{figure} ({row['budget']})" if several and row.get("budget") else figure
 
 
+def table_rank(table: str | None) -> int:
+    """How thorough the table a white-box row comes from is (its "table" field): its place in TABLE_LABELS,
+    0 for `dvtrain eval`'s; a row without a known table (an earlier dvtrain's) ranks after every known one.
+    The rule that picks the headline's table, and `dvtrain compare`'s number where both tables have one."""
+    return list(TABLE_LABELS).index(table) if table in TABLE_LABELS else len(TABLE_LABELS)
+
+
 def _table_of(rows: list[dict], stage: str) -> str | None:
-    """The most thorough table results.json holds for `stage` (see TABLE_LABELS), None if none."""
-    tables = {r.get("table") for r in rows if r["stage"] == stage and r["model"] == MIXTURE}
-    return next((t for t in TABLE_LABELS if t in tables), None)
+    """The most thorough table results.json holds for `stage` (`table_rank`), None if none."""
+    tables = {r.get("table") for r in rows if r["stage"] == stage and r["model"] == MIXTURE} & set(TABLE_LABELS)
+    return min(tables, key=table_rank, default=None)
 
 
 def _cell(rows: list[dict], attack: str, norm: str | None, eps: float | None) -> str:

@@ -113,12 +113,14 @@ def eps_sweep_plot(sweep: dict, title: str, path: Path) -> Path:
 
 
 def _bars(ax, series: dict[str, dict[tuple[str, str], list[float]]], groups: list[tuple[str, str]],
-          tick: list[str], marked: set[tuple[str, str, str]] = frozenset()) -> int:
+          tick: list[str], marked: set[tuple[str, str, str]] = frozenset(),
+          runs: dict[str, int] | None = None) -> tuple[int, int]:
     """One bar per run in each group: the mean, with the sample s.d. as an error bar where a run has
     several values (seeds); a run without a group's number leaves a gap; a (run, stage, column) in
-    `marked` gets a † above its bar (another basis than its column's, as in the table). Returns the
-    number of † drawn."""
-    daggers = 0
+    `marked` gets a † above its bar (another basis than its column's, as in the table), a bar of k values
+    where the run has more seeds (`runs`) "n=k". Returns how many bars got a † and how many an "n=k"."""
+    daggers = partial = 0
+    runs = runs or {}
     width = BAR_SPAN / max(len(series), 1)
     for r, (run, values) in enumerate(series.items()):
         at = [(g, values[key]) for g, key in enumerate(groups) if key in values]
@@ -129,16 +131,18 @@ def _bars(ax, series: dict[str, dict[tuple[str, str], list[float]]], groups: lis
         heights = [statistics.mean(v) for _, v in at]
         ax.bar(xs, heights, width=width, label=run, color=style.COLORS[r % len(style.COLORS)],
                yerr=spread if any(spread) else None, capsize=style.ERROR_CAP, error_kw={"elinewidth": style.LINE_WIDTH})
-        for x, h, sd, (g, _) in zip(xs, heights, spread, at):
-            if (run, *groups[g]) in marked:
-                ax.annotate(NOT_COMPARABLE, (x, min(h + sd, style.PERCENT_RANGE[1])), ha="center", va="bottom",
-                            annotation_clip=False)
-                daggers += 1
+        for x, h, sd, (g, v) in zip(xs, heights, spread, at):
+            dagger, fewer = (run, *groups[g]) in marked, len(v) < runs.get(run, len(v))
+            if dagger or fewer:
+                ax.annotate((f"n={len(v)}" if fewer else "") + (NOT_COMPARABLE if dagger else ""),
+                            (x, min(h + sd, style.PERCENT_RANGE[1])), ha="center", va="bottom", annotation_clip=False,
+                            fontsize=style.SMALL)
+                daggers, partial = daggers + dagger, partial + fewer
     ax.set_xticks(range(len(groups)), tick)
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_ylim(*style.PERCENT_RANGE)
     ax.grid(axis="y", alpha=style.GRID_ALPHA)
-    return daggers
+    return daggers, partial
 
 
 def _pack(widths: list[int], capacity: int) -> list[list[int]]:
@@ -151,58 +155,68 @@ def _pack(widths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def _legend(fig: Figure, series: dict, daggers: int) -> None:
-    """Every run's colour once, below the axes (beside them it squeezed the bars), and what † means."""
+def _legend(fig: Figure, series: dict, daggers: int, partial: int = 0) -> None:
+    """Every run's colour once, below the axes (beside them it squeezed the bars), and what † and "n=k" mean."""
     handles = {}
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     ordered = [run for run in series if run in handles]
-    title = "run" + (f" ({NOT_COMPARABLE}: another basis than the rest of its column, as in the table)" if daggers else "")
+    notes = [*([f"{NOT_COMPARABLE}: another basis than the rest of its column, as in the table"] if daggers else []),
+             *(["n=k: the mean of only k of the row's runs"] if partial else [])]
+    title = "run" + (f" ({'; '.join(notes)})" if notes else "")
     fig.legend([handles[r] for r in ordered], ordered, loc="outside lower center", title=title,
                ncols=min(LEGEND_COLUMNS, len(ordered)), fontsize=style.SMALL, title_fontsize=style.SMALL)
 
 
 def comparison_plots(series: dict[str, dict[tuple[str, str], list[float]]], kinds: dict[str, str], stages: list[str],
-                     path: Path, marked: set[tuple[str, str, str]] = frozenset(), separator: str = "_") -> list[Path]:
+                     path: Path, marked: set[tuple[str, str, str]] = frozenset(), separator: str = "_",
+                     runs: dict[str, int] | None = None) -> list[Path]:
     """`dvtrain compare --plot FILE`: one PNG per kind of number, FILE's stem + _accuracy.png (one panel
-    per stage, a bar group per accuracy column) and, where there are transfer numbers, + _transfer.png
+    per stage, a bar group per accuracy column; a stage with more columns than a row of the maximum width
+    holds is split over several panels, "stage (1/2)") and, where there are transfer numbers, + _transfer.png
     (transfer success, lower is better: a bar group per stage; one file per transfer column, + _transfer_eps<ε>.png
     where there are several, so none overwrites another). `series`: run → (stage, column) → the values of the
-    run's seeds (mean drawn, s.d. as error bar); `kinds`: column → "accuracy" | "transfer"; `marked`: the
-    (run, stage, column) bars that get a †. Each figure is titled with what it compares; the runs'
-    legend is below the axes.
+    run's seeds (mean drawn, s.d. as error bar); `kinds`: column → "accuracy" (in %) | "transfer" (success,
+    in %), no other kind is drawn; `marked`: the (run, stage, column) bars that get a †; `runs`: a run's
+    number of seeds (its group's size), where a bar over fewer of them is marked "n=k" (the table's "(n=k)").
+    Each figure is titled with what it compares; the runs' legend is below the axes.
     """
     path = Path(path)
     written = []
     seeds = max((len(v) for values in series.values() for v in values.values()), default=1)
     spread = "; bars: mean over seeds, error bar: s.d." if seeds > 1 else ""
     accuracy = [c for c, k in kinds.items() if k == "accuracy"]
-    panels = [s for s in stages if any((s, c) in v for v in series.values() for c in accuracy)]
+    capacity = int(style.MAX_WIDTH_INCHES // BAR_GROUP_INCHES)  # bar groups a row holds with their labels readable
+    panels = []  # (stage, title, columns): a stage with more columns than a row holds is split over several panels
+    for s in stages:
+        own = [c for c in accuracy if any((s, c) in v for v in series.values())]
+        parts = [own[start:start + capacity] for start in range(0, len(own), capacity)]
+        panels += [(s, s if len(parts) == 1 else f"{s} ({k + 1}/{len(parts)})", part) for k, part in enumerate(parts)]
     if panels:
-        widths = [max(1, sum(any((s, c) in v for v in series.values()) for c in accuracy)) for s in panels]
-        rows = _pack(widths, max(max(widths), int(style.MAX_WIDTH_INCHES // BAR_GROUP_INCHES)))
+        widths = [len(columns) for *_, columns in panels]
+        rows = _pack(widths, capacity)
         span = max(sum(widths[k] for k in row) for row in rows)
         fig = style.new_figure(max(style.LINE_FIGSIZE[0], BAR_GROUP_INCHES * span),
                                BAR_ROW_INCHES * len(rows) + BAR_TITLES_INCHES)
         grid = fig.add_gridspec(len(rows), span)
-        axes, daggers = [], 0
+        axes, daggers, partial = [], 0, 0
         for r, row in enumerate(rows):
             start = 0
             for k in row:
                 ax = fig.add_subplot(grid[r, start:start + widths[k]], sharey=axes[0] if axes else None)
                 start += widths[k]
-                stage = panels[k]
-                columns = [c for c in accuracy if any((stage, c) in v for v in series.values())]
-                daggers += _bars(ax, series, [(stage, c) for c in columns], [c.replace(" ε=", "\nε=") for c in columns],
-                                 marked)
-                ax.set_title(stage)
+                stage, title, columns = panels[k]
+                marks = _bars(ax, series, [(stage, c) for c in columns], [c.replace(" ε=", "\nε=") for c in columns],
+                              marked, runs)
+                daggers, partial = daggers + marks[0], partial + marks[1]
+                ax.set_title(title)
                 if start == widths[k]:  # the first panel of its row
                     ax.set_ylabel("accuracy (%), higher is better")
                 else:
                     ax.tick_params(labelleft=False)
                 axes.append(ax)
-        _legend(fig, series, daggers)
+        _legend(fig, series, daggers, partial)
         fig.suptitle(f"Accuracy of each stage's mixture, run by run{spread}")
         written.append(style.save(fig, path.with_name(f"{path.stem}{separator}accuracy.png")))
     transfer = [c for c, k in kinds.items() if k == "transfer"]
@@ -212,11 +226,11 @@ def comparison_plots(series: dict[str, dict[tuple[str, str], list[float]]], kind
             continue
         fig = style.new_figure(max(style.LINE_FIGSIZE[0], BAR_GROUP_INCHES * len(own)), BAR_HEIGHT_INCHES)
         ax = fig.add_subplot()
-        daggers = _bars(ax, series, [(s, column) for s in own], own, marked)
+        daggers, partial = _bars(ax, series, [(s, column) for s in own], own, marked, runs)
         ax.set_ylabel("transfer success (%), lower is better")
         fig.suptitle(wrap(f"{column.replace('↓', '').strip()}: mean success of PGD crafted on one submodel against "
                           f"each other submodel{spread}", fig.get_figwidth() * LARGE_TEXT))
-        _legend(fig, series, daggers)
+        _legend(fig, series, daggers, partial)
         eps = column.partition(" ε=")[2]
         kind = "transfer" if len(transfer) == 1 or not eps else f"transfer_eps{eps.replace('/', 'over')}"
         written.append(style.save(fig, path.with_name(f"{path.stem}{separator}{kind}.png")))

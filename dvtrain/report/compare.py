@@ -8,11 +8,12 @@ wandb's own `wandb leet inspect`); or an online W&B group or run `entity/project
 (and eval/<metric>/eps), `dvtrain eval` as eval/<stage>/<model>/<metric> (its ε from its config); both
 land in one column per (model, metric, ε), `dvtrain eval`'s number winning where both exist.
 
-The table has one row per (experiment, stage): the config keys the experiments differ in, then by
+The table has one row per (experiment, stage): the config keys the experiments differ in (what they
+train: not evaluation settings, eval.*, whose effect each number's basis records), then by
 default the headline figures of the mixture (clean, worst case per norm, black-box "all",
 transferability), one ε per column, named in the header; `--all` shows every metric at every ε.
-`--group-by seed` gathers the experiments that differ only in the seed into one row of mean ± s.d.
-with n. A cell marked † rests on another basis than the rest of its column (the attacks a worst case
+`--group-by seed` gathers the experiments that differ only in the seed (and evaluation settings) into
+one row of mean ± s.d. with n. A cell marked † rests on another basis than the rest of its column (the attacks a worst case
 covers, the attack budget, the number of images): a legend line says which. Accuracies are in
 percent; transfer_offdiag is a success rate (lower is better).
 """
@@ -38,6 +39,7 @@ from dvtrain.eval.report import (
     BLACKBOX_PREFIX, METRIC_ORDER, NOT_COMPARABLE, RESULTS_JSON, TRANSFER_OFFDIAG, WORST_CASE, format_eps,
     metric_name, model_label,
 )
+from dvtrain.eval.headline import table_rank
 from dvtrain.eval.tables import registry as tables
 from dvtrain.paths import read_json_object
 from dvtrain.results import read_results
@@ -52,8 +54,11 @@ EPS = "eps"  # summary key eval/<attack>/eps: the attack's ε
 EPS_INFIX = "_eps"  # <metric>_eps<ε>: a `dvtrain eval` W&B number at the ε it was computed at (report.eval_summary)
 # What a W&B number of an earlier dvtrain rests on when its ε was not recorded with it.
 EPS_FROM_CONFIG = "ε not recorded with the number (the eval run's config: it may not be the ε computed)"
-# Config keys that do not change what a run computes, or name it: never columns, never split a group.
-NOT_COMPARED = ("name", "runs_dir", "logging.", "provenance.", "_wandb.")
+# Config keys that do not change what a run trains, or name it: never columns, never split a group. Evaluation
+# settings (eval.*: the training config's, which `dvtrain eval` may have overridden, and plug-in tables'
+# eval.tables.NAME, absent from runs trained without the plug-in) say how a number was measured: each number's
+# basis records that, and † keeps numbers on different bases apart.
+NOT_COMPARED = ("name", "runs_dir", "logging.", "provenance.", "_wandb.", "eval.")
 # The default table's figures, in this order; the worst cases are the report's headline numbers.
 HEADLINE = ("clean", metric_name(WORST_CASE, "Linf"), metric_name(WORST_CASE, "L2"), BLACKBOX_PREFIX + "all",
             TRANSFER_OFFDIAG)
@@ -149,22 +154,24 @@ def _budget_text(row: dict) -> str:
 def results_values(results: dict) -> tuple[dict[Column, float], dict[Column, str]]:
     """Every number of a results.json as (stage, model, metric, ε) → value, and what each rests on.
 
-    White-box rows under `metric_name`; where several rows share a column (the same ε evaluated with
-    other budgets), the worst case over the most attacks wins, then the later row. Then every registered
+    White-box rows under `metric_name`; where several rows share a column, the row of the more thorough
+    table wins (`dvtrain.eval.headline.table_rank`: `dvtrain eval`'s over the training-time one, as in
+    results.md's headline), then, among rows of one table (the same ε evaluated with other budgets), the
+    worst case over the most attacks, then the later row. Then every registered
     table's numbers (`dvtrain.eval.tables.contract.Table.numbers`): black-box accuracies as bb_all at each
     ε of the sweep, the mixture's transfer_offdiag (mean off-diagonal transfer success, lower is better) at
     the transfer ε, a plug-in table's own. Rows at different ε stay apart.
     """
     values: dict[Column, float] = {}
     basis: dict[Column, str] = {}
-    attacks: dict[Column, int] = {}
+    chosen: dict[Column, tuple[int, int]] = {}  # the kept row's (-table rank, attacks covered): larger wins
     for row in results.get("eval", []):
         if row["accuracy"] is None:  # a row without the key is damaged (KeyError: refused by the caller)
             continue
         column = (row["stage"], row["model"], metric_name(row["attack"], row.get("norm")), row.get("eps") or None)
-        covered = len(row.get("of") or ())
-        if covered >= attacks.get(column, 0):
-            values[column], basis[column], attacks[column] = row["accuracy"], _budget_text(row), covered
+        preference = (-table_rank(row.get("table")), len(row.get("of") or ()))
+        if column not in chosen or preference >= chosen[column]:
+            values[column], basis[column], chosen[column] = row["accuracy"], _budget_text(row), preference
     for table in tables.tables():
         for number in table.numbers(results):
             if number.value is not None:
@@ -362,7 +369,8 @@ def column_label(column: Column) -> str:
 
 
 def differing_keys(experiments: list[Experiment], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Config keys whose values are not the same in every experiment (a missing key counts as a value)."""
+    """Config keys whose values are not the same in every experiment (a missing key counts as a value),
+    except NOT_COMPARED ones (names, logging, evaluation settings) and `ignore`."""
     keys = sorted({k for e in experiments for k in e.config if not k.startswith(NOT_COMPARED + ignore)})
     return [k for k in keys if len({json.dumps(e.config.get(k), sort_keys=True) for e in experiments}) > 1]
 
@@ -633,27 +641,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def draw(rows: list[Row], columns: list[Shown], path: Path) -> list[Path]:
-    """The comparison charts (see `dvtrain.eval.plots.comparison_plots`): accuracies, and transfer success.
-    A cell on several bases is drawn as one bar per basis ("run (basis k)"), never one bar over them; every
-    bar of a cell marked † in the table is marked † in the figure."""
+def plot_kind(metric: str) -> str | None:
+    """The figure a metric is drawn in: "transfer" (success in %, lower is better), "accuracy" for what is
+    known to be an accuracy in % (a white-box attack's or worst case's, dvtrain's or a plug-in attack's,
+    and the black-box table's bb_*), None for anything else (a plug-in table's number may be any quantity:
+    the table shows it, no figure claims it on an accuracy axis)."""
+    from dvtrain.eval.attacks.registry import L2, LINF, attacks
+
+    if metric in LOWER_IS_BETTER:
+        return "transfer"
+    whitebox = {metric_name(a, norm) for a in (WORST_CASE, *attacks()) for norm in (None, LINF, L2)}
+    return "accuracy" if metric in whitebox or metric.startswith(BLACKBOX_PREFIX) else None
+
+
+def draw(rows: list[Row], columns: list[Shown], path: Path) -> tuple[list[Path], list[str]]:
+    """The comparison charts (see `dvtrain.eval.plots.comparison_plots`): accuracies, and transfer success;
+    columns of another kind (`plot_kind`) are left out. A cell on several bases is drawn as one bar per basis
+    ("run (basis k)"), never one bar over them; every bar of a cell marked † in the table is marked † in the
+    figure, and a bar over fewer runs than its row's is marked "n=k". Returns the files written and the
+    headers of the columns left out."""
     from dvtrain.eval.plots import comparison_plots
 
+    kinds = {shown_label(c): plot_kind(c[1]) for c in columns}
     series: dict[str, dict] = {}
+    runs: dict[str, int] = {}
     marked: set[tuple[str, str, str]] = set()
     for row in rows:
         for k, (column, values) in enumerate(zip(columns, row.cells)):
-            if not values:
+            if not values or kinds[shown_label(column)] is None:
                 continue
             parts = row.parts(k)
             for j, part in enumerate(parts):
                 label = row.label if len(parts) == 1 else f"{row.label} (basis {j + 1})"
                 series.setdefault(label, {})[(row.stage, shown_label(column))] = part
+                runs[label] = row.runs
                 if row.marks[k] or len(parts) > 1:
                     marked.add((label, row.stage, shown_label(column)))
-    kinds = {shown_label(c): ("transfer" if c[1] in LOWER_IS_BETTER else "accuracy") for c in columns}
-    return comparison_plots(series, kinds, [s for s in dict.fromkeys(r.stage for r in rows)], path, marked,
-                            PLOT_KIND_SEPARATOR)
+    drawn = {c: k for c, k in kinds.items() if k is not None}
+    written = comparison_plots(series, drawn, [s for s in dict.fromkeys(r.stage for r in rows)], path, marked,
+                               PLOT_KIND_SEPARATOR, runs)
+    return written, [c for c, k in kinds.items() if k is None]
 
 
 def compare_main(argv: list[str] | None = None) -> int:
@@ -677,9 +704,12 @@ def compare_main(argv: list[str] | None = None) -> int:
         if args.plot or args.wandb:
             with tempfile.TemporaryDirectory() as tmp:
                 base = args.plot or Path(tmp) / "compare.png"
-                plots = draw(rows, columns, base)
+                plots, left_out = draw(rows, columns, base)
                 if args.plot:
                     print("plots: " + ", ".join(str(p) for p in plots), flush=True)
+                if left_out:
+                    print(f"not drawn, not known to be accuracies (%): {', '.join(left_out)} (the table shows them)",
+                          flush=True)
                 if args.wandb:
                     kinds = {p.stem.removeprefix(base.stem + PLOT_KIND_SEPARATOR): p for p in plots}
                     log_comparison(args.wandb, args.project, args.entity, args.wandb_dir, rows, keys, columns,
