@@ -6,6 +6,7 @@ results.json's eval_provenance.phase_s. DVTRAIN_PROGRESS=1 shows the bars off a 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,9 @@ def test_each_phase_of_dvtrain_eval_prints_a_progress_line_and_its_seconds(tmp_p
     assert "### vanilla" not in out and "[vanilla 1/1]" not in out, out[-3000:]
     for table in ("eval", "transfer", "blackbox", "eps_sweep", "diversity", "checks"):
         assert sum(line.startswith(f"[eval] {table} table: ") for line in out.splitlines()) == 1, (table, out[-3000:])
+    # The black-box phase counts each image once per example set: said so, not as that many images.
+    scored = [line for line in out.splitlines() if line.startswith("[eval] vanilla black-box transfer: ")]
+    assert scored and all(re.search(r", \d+ scorings \(\d+ images × \d+ example sets\)$", line) for line in scored), scored
     closing = out[out.index("[eval] done: vanilla"):].splitlines()
     assert any(line.split() [:5] == ["Worst", "case", "L∞", "ε=0.1", "(%)"] and "n=20" in line for line in closing), closing
     assert any(line.strip() == f"every table, its budgets and checks: {run_dir / 'results.md'}" for line in closing), closing

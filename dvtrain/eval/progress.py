@@ -57,11 +57,14 @@ class Phases:
         self.depth = 0  # phases open now: only the outermost leaves a line
 
     @contextlib.contextmanager
-    def phase(self, name: str, images: int | None = None, detail: str = "") -> Iterator[tqdm]:
+    def phase(self, name: str, images: int | None = None, detail: str = "", counting: str = "images",
+              unit: str = "img") -> Iterator[tqdm]:
         """Time the block as phase `name`; yields a bar of `images` images (None: a bar that only shows the
-        elapsed time) to `update(k)` as k more images are done. `detail` is added to the phase's line."""
+        elapsed time) to `update(k)` as k more are done. `detail` is added to the phase's line; `counting` is
+        what the line says the count is, `unit` the bar's (a phase that scores each image once per example
+        set counts scorings, not images)."""
         disable = True if not self.show else (False if os.environ.get(FORCE_ENV) == "1" else None)
-        bar = tqdm(total=images, desc=name, unit="img", disable=disable, file=sys.stderr, dynamic_ncols=True,
+        bar = tqdm(total=images, desc=name, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=True,
                    leave=False, mininterval=0.5, bar_format=None if images else ELAPSED_ONLY)
         start = time.perf_counter()
         self.depth += 1
@@ -76,5 +79,5 @@ class Phases:
             elapsed = time.perf_counter() - start
             self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 3)
         if self.show and self.depth == 0:  # not on an exception: the error is the last line then
-            done = f", {images} images" if images else ""
+            done = f", {images} {counting}" if images else ""
             print(f"[eval] {name}: {elapsed:.1f} s{done}{f' ({detail})' if detail else ''}", flush=True)

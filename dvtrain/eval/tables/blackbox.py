@@ -35,7 +35,8 @@ class BlackboxTable(Table):
         sets, y, protocol = done
         out = {}
         for stage, submodels in suite.loaded.items():
-            with suite.phases.phase(f"{stage} black-box transfer", len(y) * len(sets)) as bar:
+            with suite.phases.phase(f"{stage} black-box transfer", len(y) * len(sets), unit="scoring",
+                                    counting=f"scorings ({len(y)} images × {len(sets)} example sets)") as bar:
                 # The protocol goes with the stage's table: stages evaluated apart may use other surrogates or budgets.
                 out[stage] = blackbox_table(submodels, sets, y, suite.tcfg.batch_size, protocol["images"]) | {"protocol": protocol}
                 bar.update(len(y) * len(sets))
