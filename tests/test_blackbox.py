@@ -18,6 +18,7 @@ from dvtrain import checkpoint
 from dvtrain.attacks import attack_loss, margin
 from dvtrain.config import TransferConfig, load_config
 from dvtrain.data import load_dataset
+from dvtrain.errors import DvtrainError
 from dvtrain.eval import blackbox, example_sets, surrogates
 from dvtrain.eval.load import CONFIG_FILE
 from dvtrain.eval.attacks.mi_fgsm import DiverseInputs, momentum_pgd, residual_branch_ends, skip_gradient
@@ -215,6 +216,38 @@ def test_a_damaged_example_set_is_said_and_crafted_again(tmp_path, capsys, damag
     assert len(calls) == 2 and torch.equal(again, first) and len(lines) == 1 and str(path) in lines[0]
     example_sets.load_or_generate(tmp_path, manifest, generate)  # repaired: read, not crafted
     assert len(calls) == 2
+
+
+def test_a_stored_set_beyond_its_eps_is_crafted_again_and_an_attack_beyond_eps_is_refused(tmp_path, capsys):
+    """New-user finding: an ε=0.15 set copied over the ε=0.1 one, its manifest's checksum made to match, was
+    scored as ε=0.1. A set is checked against its attacked images: every pixel within ε and [0, 1] (else
+    said and crafted again); an attack whose fresh examples leave the ε-ball is refused and nothing stored."""
+    from safetensors.torch import save_file
+
+    clean = torch.full((4, 1, 2, 2), 0.5)
+    manifest = {"attack": "mi_pgd", "loss": "ce", "eps": 0.1, "seed": 0, "budget": {"steps": 1}}
+    calls = []
+
+    def generate():
+        calls.append(1)
+        return (clean + 0.1 * torch.sign(torch.randn(1, *clean.shape, generator=stream(3, "ball")))).clamp(0, 1)
+
+    first = example_sets.load_or_generate(tmp_path, manifest, generate, clean=clean)
+    path = example_sets.set_path(tmp_path, {"format": example_sets.FORMAT, **manifest})
+    assert example_sets.load_or_generate(tmp_path, manifest, generate, clean=clean) is not None and len(calls) == 1
+    wider = clean + 0.15 * torch.sign(first - clean)  # as a set crafted at ε=0.15 would be
+    save_file({example_sets.EXAMPLES: wider.contiguous()}, str(path))
+    stored = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps(stored | {"sha256": example_sets.bytes_checksum(wider)}))
+    again = example_sets.load_or_generate(tmp_path, manifest, generate, clean=clean)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
+    assert str(path) in line and "a pixel moved 0.15 from its image, beyond ε=0.1" in line
+    assert len(calls) == 2 and torch.equal(again, first)
+    other = {**manifest, "attack": "broken"}
+    with pytest.raises(DvtrainError, match="transfer attack 'broken' crafted examples that are not within its ε-ball "
+                                           "\\(a pixel moved 1.15 from its image, beyond ε=0.1\\); nothing was stored"):
+        example_sets.load_or_generate(tmp_path, other, lambda: (clean + 0.05)[None] * 3, clean=clean)
+    assert not example_sets.set_path(tmp_path, {"format": example_sets.FORMAT, **other}).exists()
 
 
 def test_a_wait_on_another_evaluations_lock_says_what_it_waits_for(tmp_path, capsys, monkeypatch):

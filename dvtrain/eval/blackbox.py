@@ -192,7 +192,7 @@ def surrogate_set(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, m
                 bar.update(len(y))
             return torch.stack(runs)
 
-    return ExampleSet(name, attack, loss, eps, example_sets.load_or_generate(folder, manifest, generate))
+    return ExampleSet(name, attack, loss, eps, example_sets.load_or_generate(folder, manifest, generate, clean=x))
 
 
 def set_location(root: Path, cfg: Config, tcfg: TransferConfig, scfg: Config, attack: str, loss: str, eps: float,

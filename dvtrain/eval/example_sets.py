@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dvtrain import storage
+from dvtrain.errors import DvtrainError
 from dvtrain.paths import PathError, check_readable, unlockable
 
 FORMAT = 2  # the code version: bump when the stored layout or the attacks' code changes what a manifest promises
@@ -45,6 +46,9 @@ LOCK_FIX = ("ask the cache's owner to make it group-writable (chmod -R g+w, and 
 LOCK_NOTICE_S = 5.0  # a wait on another evaluation's lock longer than this says what it waits for
 EXAMPLES = "examples"  # [R, N, C, H, W] float32: R runs (restarts) of N images
 HASH_CHARS = 12
+# How far beyond ε (and [0, 1]) a stored pixel may lie: float32 rounding of x + δ near 1 (its spacing there is
+# 6e-8), with room to spare; a real excess is orders larger (a set crafted at another ε: 0.05).
+BALL_TOLERANCE = 1e-6
 
 
 def identity_hash(obj: object) -> str:
@@ -108,9 +112,26 @@ def is_stored(folder: Path, manifest: dict) -> bool:
     return _stored_manifest(folder, manifest) is not None
 
 
-def verified(path: Path, stored: dict, say: bool = True) -> Tensor | None:
+def outside_ball(examples: Tensor, clean: Tensor | None, eps: float) -> str | None:
+    """What is wrong when examples [R, N, C, H, W] are not adversarial examples of `clean` [N, C, H, W] at L∞
+    radius `eps` (pixels in [0, 1]): a pixel beyond the ε-ball or outside [0, 1] (BALL_TOLERANCE allowed
+    for float32 rounding); None when they are, or when `clean` is None (nothing to compare with)."""
+    if clean is None:
+        return None
+    if examples.shape[1:] != clean.shape:
+        return f"shape {list(examples.shape)} for {len(clean)} images of shape {list(clean.shape[1:])}"
+    distance = float((examples - clean.to(examples.device, examples.dtype)).abs().amax()) if examples.numel() else 0.0
+    if distance > eps + BALL_TOLERANCE:
+        return f"a pixel moved {distance:.4g} from its image, beyond ε={eps:g}"
+    if examples.numel() and not (float(examples.amin()) >= -BALL_TOLERANCE and float(examples.amax()) <= 1 + BALL_TOLERANCE):
+        return "pixels outside [0, 1]"
+    return None
+
+
+def verified(path: Path, stored: dict, say: bool = True, clean: Tensor | None = None) -> Tensor | None:
     """The examples in `path` if they are what `stored` (the manifest on disk) records: shape, dtype and
-    checksum; None when damaged or unreadable (`say`: with one line naming the file)."""
+    checksum, and (given the attacked images `clean`) within the manifest's ε-ball (`outside_ball`); None
+    when damaged or unreadable (`say`: with one line naming the file)."""
     check_readable(path, "transfer cache file")  # (safetensors reports an unreadable file as missing)
     try:
         examples = load_file(str(path))[EXAMPLES]
@@ -124,35 +145,44 @@ def verified(path: Path, stored: dict, say: bool = True) -> Tensor | None:
         elif bytes_checksum(examples) != stored[CHECKSUM]:
             problem = "checksum does not match its manifest"
         else:
-            return examples
+            problem = outside_ball(examples, clean, stored["eps"])
+            if problem is None:
+                return examples
     if say:
         print(f"[eval] example set {path} is damaged ({problem}): crafting it again", flush=True)
     return None
 
 
-def load_or_generate(folder: Path, manifest: dict, generate: Callable[[], Tensor]) -> Tensor:
+def load_or_generate(folder: Path, manifest: dict, generate: Callable[[], Tensor], clean: Tensor | None = None) -> Tensor:
     """The example set `manifest` describes: read from `folder` when a file with that exact manifest is
     there and its bytes are verified, else `generate()` ([R, N, C, H, W] float32) is called once, stored
-    (with its shape, dtype and checksum in the manifest) and returned (on the CPU).
+    (with its shape, dtype and checksum in the manifest) and returned (on the CPU). Given the attacked
+    images `clean` [N, C, H, W], a stored set must lie in their ε-ball (else it is crafted again), and so
+    must a generated one.
 
     `manifest` must be JSON-able and hold at least "attack", "loss" and "eps"; FORMAT is added to it.
-    Raises OSError when the folder cannot be written."""
+    Raises OSError when the folder cannot be written, DvtrainError when `generate` crafts examples outside
+    the ε-ball (an attack's bug: nothing is stored)."""
     raw = manifest
     manifest = {"format": FORMAT, **manifest}
     path = set_path(folder, manifest)
     manifest_path = path.with_suffix(".json")
     stored = _stored_manifest(folder, raw)
-    examples = None if stored is None else verified(path, stored, say=False)
+    examples = None if stored is None else verified(path, stored, say=False, clean=clean)
     if examples is not None:
         return examples  # (no lock: files are renamed into place whole, and the bytes were just verified)
     path.parent.mkdir(parents=True, exist_ok=True)
     with holding(path.with_suffix(".lock"), f"crafting {path.name}"):
         stored = _stored_manifest(folder, raw)
         if stored is not None:
-            examples = verified(path, stored)
+            examples = verified(path, stored, clean=clean)
             if examples is not None:
                 return examples
         examples = generate().detach().to("cpu", torch.float32).contiguous()
+        problem = outside_ball(examples, clean, manifest["eps"])
+        if problem is not None:
+            raise DvtrainError(f"transfer attack {manifest['attack']!r} crafted examples that are not within its "
+                               f"ε-ball ({problem}); nothing was stored: fix the attack's craft function")
         record = manifest | {CHECKSUM: bytes_checksum(examples), SHAPE: list(examples.shape), DTYPE: str(examples.dtype)}
         manifest_path.unlink(missing_ok=True)  # the manifest last: a crash between the two leaves no stale pair
         _write_atomic(path, lambda tmp: save_file({EXAMPLES: examples}, str(tmp), metadata={"manifest": json.dumps(manifest)}))
