@@ -42,3 +42,13 @@ def test_results_md_summary_and_terminal_lines_carry_the_same_figures():
     assert lines[0] == "  dverge (mixture, table of `dvtrain eval`):"
     assert lines[-1].split() == ["Black-box", "all", "L∞", "ε=0.1", "(%)", "85.00", "[80.5,", "88.6]", "n=300"]
     assert headline_markdown({"eval": []}, ["vanilla"], EPS) == ""
+
+
+def test_rows_that_differ_only_in_n_show_each_n_once():
+    """New-user finding: after evaluating again with a smaller eval.num_examples the summary read
+    "90.00 [82.6, 94.5] n=100 (n=100); 80.00 [49.0, 94.3] n=10 (n=10)": the budget repeated the n."""
+    rows = [row("dverge", "eval", "worst_case", "Linf", 0.1, 90.0, n=100, budget="n=100"),
+            row("dverge", "eval", "worst_case", "Linf", 0.1, 80.0, n=10, budget="n=10"),
+            row("dverge", "eval", "worst_case", "Linf", 0.1, 70.0, n=10, budget="steps=5,n=10")]
+    (dverge,) = headline_rows({"eval": rows}, ["dverge"], EPS)
+    assert dverge[3] == "90.00 [82.6, 94.5] n=100; 80.00 [49.0, 94.3] n=10; 70.00 [39.7, 89.2] n=10 (steps=5)"

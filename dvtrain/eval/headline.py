@@ -39,8 +39,10 @@ def _figure(accuracy: float, n: int, low: float | None = None, high: float | Non
 
 
 def _row_figure(row: dict, several: bool) -> str:
+    """One row's figure; where a cell holds several rows, each with its budget, less the n the figure shows."""
     figure = _figure(row["accuracy"], row["n"], row.get("ci_low"), row.get("ci_high"))
-    return f"{figure} ({row['budget']})" if several and row.get("budget") else figure
+    budget = ",".join(part for part in (row.get("budget") or "").split(",") if part and part != f"n={row['n']}")
+    return f"{figure} ({budget})" if several and budget else figure
 
 
 def table_rank(table: str | None) -> int:
