@@ -700,3 +700,12 @@ def test_a_transferability_number_s_basis_names_its_step_size_and_the_images_dra
     assert len({transfer_basis_text(m) for m in (matrix, {**matrix, "step_fraction": 0.02}, {**matrix, "num_images": 80},
                                                  {**matrix, "n_images": 55})}) == 3  # n_images (kept images) is not
     assert transfer_basis_text({"steps": 10, "restarts": 1}) == "10 steps, 1 restarts"
+
+
+def test_a_run_s_results_json_stands_for_its_run_directory(tmp_path, capsys):
+    """New-user finding: `dvtrain compare RUN/results.json` said the file had "no results.json"."""
+    run = write_run(tmp_path, "s0", 0, 0.07)
+    assert compare_main([str(run)]) == 0
+    by_folder = capsys.readouterr().out
+    assert compare_main([str(run / "results.json")]) == 0
+    assert capsys.readouterr().out == by_folder

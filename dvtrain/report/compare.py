@@ -123,6 +123,8 @@ def read_source(arg: str) -> list[Experiment]:
     if path.exists():
         if path.is_dir() and (path / RESULTS_JSON).is_file():
             return [read_run_dir(path)]
+        if path.is_file() and path.name == RESULTS_JSON:  # a run's results file stands for its run directory
+            return [read_run_dir(path.parent)]
         offline = offline_runs(path)
         if offline:
             return read_offline_runs(offline, arg)
