@@ -197,7 +197,8 @@ def _stored_set(tmp_path):
     return manifest, generate, calls, first, example_sets.set_path(tmp_path, {"format": example_sets.FORMAT, **manifest})
 
 
-@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "wrong shape in the manifest", "no checksum"])
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "wrong shape in the manifest", "no checksum",
+                                    "manifest not JSON"])
 def test_a_damaged_example_set_is_said_and_crafted_again(tmp_path, capsys, damage):
     manifest, generate, calls, first, path = _stored_set(tmp_path)
     stored = json.loads(path.with_suffix(".json").read_text())
@@ -208,12 +209,15 @@ def test_a_damaged_example_set_is_said_and_crafted_again(tmp_path, capsys, damag
         path.write_bytes(bytes(raw))
     elif damage == "truncate":
         path.write_bytes(path.read_bytes()[:40])
+    elif damage == "manifest not JSON":
+        path.with_suffix(".json").write_text('{"attack": "mi_pgd", ')
     else:
         stored = {k: v for k, v in stored.items() if k != "sha256"} if damage == "no checksum" else stored | {"shape": [2]}
         path.with_suffix(".json").write_text(json.dumps(stored))
     again = example_sets.load_or_generate(tmp_path, manifest, generate)
     lines = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
-    assert len(calls) == 2 and torch.equal(again, first) and len(lines) == 1 and str(path) in lines[0]
+    named = path.with_suffix(".json") if damage == "manifest not JSON" else path
+    assert len(calls) == 2 and torch.equal(again, first) and len(lines) == 1 and str(named) in lines[0]
     example_sets.load_or_generate(tmp_path, manifest, generate)  # repaired: read, not crafted
     assert len(calls) == 2
 

@@ -90,8 +90,9 @@ def holding(lock_path: Path, what: str) -> Iterator[None]:
         lock.release()
 
 
-def _stored_manifest(folder: Path, manifest: dict) -> dict | None:
-    """The manifest on disk for `manifest` (FORMAT added), if its identity matches."""
+def _stored_manifest(folder: Path, manifest: dict, say: bool = False) -> dict | None:
+    """The manifest on disk for `manifest` (FORMAT added), if its identity matches (`say`: one line when the
+    manifest is there but not JSON, since the set is then crafted again)."""
     manifest = {"format": FORMAT, **manifest}
     path = set_path(folder, manifest)
     manifest_path = path.with_suffix(".json")
@@ -100,7 +101,10 @@ def _stored_manifest(folder: Path, manifest: dict) -> dict | None:
     check_readable(manifest_path, "transfer cache manifest")  # another user's file: named, not re-crafted
     try:
         stored = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        if say:
+            print(f"[eval] example set manifest {manifest_path} is damaged ({type(exc).__name__}): crafting it again",
+                  flush=True)
         return None
     identity = {k: v for k, v in stored.items() if k not in STORED_FIELDS} if isinstance(stored, dict) else None
     return stored if identity == manifest else None
@@ -173,7 +177,7 @@ def load_or_generate(folder: Path, manifest: dict, generate: Callable[[], Tensor
         return examples  # (no lock: files are renamed into place whole, and the bytes were just verified)
     path.parent.mkdir(parents=True, exist_ok=True)
     with holding(path.with_suffix(".lock"), f"crafting {path.name}"):
-        stored = _stored_manifest(folder, raw)
+        stored = _stored_manifest(folder, raw, say=True)
         if stored is not None:
             examples = verified(path, stored, clean=clean)
             if examples is not None:
