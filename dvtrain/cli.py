@@ -204,7 +204,11 @@ def check_eval_writable(cfg: Config, run_dir: Path) -> None:
     except storage.StorageError:
         # A cache shared read-only (another user's, a read-only mount) still serves what it holds: what is stored
         # is read without its lock, and crafting a missing item is refused then, in one line (example_sets).
-        if not (cache.is_dir() and os.access(cache, os.R_OK | os.X_OK)):
+        try:
+            readable = cache.is_dir() and os.access(cache, os.R_OK | os.X_OK)
+        except OSError:  # a name beyond the file system's limits: the refusal above says so
+            readable = False
+        if not readable:
             raise
         if is_main_rank():
             print(f"dvtrain: note: the transfer cache {cache} is read-only for you: its surrogate ensembles and "

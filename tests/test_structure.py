@@ -131,14 +131,16 @@ def test_the_results_store_imports_no_torch_and_nothing_of_evaluation():
 
 def test_reporting_imports_no_torch_and_no_training():
     """dvtrain/report/ (compare, the offline W&B reader) computes nothing: no torch, no training code, and
-    nothing of evaluation but its renderers, figure style and the table registry (whose records import
+    nothing of evaluation but its renderers (the headline among them), figure style, the white-box attack records
+    (plain data) and the table registry (whose records import
     their attack code only when they run). Also at run time: reading every table's numbers and markdown
     loads no torch."""
     for path in (PACKAGE / "report").glob("*.py"):
         for module, _ in _imports(path):
             assert not module.startswith(("torch", "dvtrain.train")), (path.name, module)
             assert not module.startswith("dvtrain.eval") or module in (
-                "dvtrain.eval.report", "dvtrain.eval.plots", "dvtrain.eval.tables"), (path.name, module)
+                "dvtrain.eval.report", "dvtrain.eval.plots", "dvtrain.eval.tables", "dvtrain.eval.headline",
+                "dvtrain.eval.attacks.registry"), (path.name, module)
     probe = ("import sys; import dvtrain.report.compare; from dvtrain.eval.tables import registry; "
              "tables = registry.tables(); [t.numbers({}) for t in tables]; "
              "print(len(tables), 'torch' in sys.modules, 'matplotlib' in sys.modules)")
