@@ -484,6 +484,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         if bad:
             raise DvtrainError(f"dvtrain eval only accepts eval.* and device overrides, got {bad[0]}")
         cfg = load_config(run_dir / CONFIG_FILE, args.overrides)
+        from dvtrain.eval.attacks import transfer
+        from dvtrain.eval.tables import registry
+
+        registry.tables()  # every plug-in table and attack record loaded and checked before any output or work
+        transfer.load_entry_points()
         stages = evaluable_stages(run_dir, cfg, args.stage)
         check_results(run_dir)
         from dvtrain.results import load_results

@@ -129,3 +129,25 @@ def test_compare_reads_a_plugin_number_from_w_and_b_without_inventing_an_eps():
     config = {"eval.eps": 0.1, "eval.l2_eps": 0.5, "eval.transfer.eps": 0.1}
     assert metric_at_eps("agreement", config) == ("agreement", None, True)  # it has no ε: none is taken from the config
     assert metric_at_eps("pgd_linf", config) == ("pgd_linf", 0.1, False)  # an earlier release's name: the config's, marked
+
+
+@pytest.mark.parametrize("entry_point, message", [
+    ("agreement = dvtrain_no_such_module:TABLE", "the entry point agreement = dvtrain_no_such_module:TABLE of group "
+                                                "dvtrain.tables cannot be loaded (ModuleNotFoundError"),
+    ("concord = dvtrain_extras_table:TABLE", "of group dvtrain.tables must name a Table called 'concord'"),
+])
+def test_a_broken_plugin_table_is_one_line_before_anything_else(entry_point, message, tmp_path):
+    """New-user finding: a misnamed plug-in table was refused after the reduced-budget banner (two lines).
+    A plug-in that cannot be loaded, or names no Table of its name, is the only line `dvtrain eval` prints."""
+    run_dir = tmp_path / "run"
+    args = [o for o in TINY if not o.startswith("logging.wandb")] + ["stages=[vanilla]", "logging.wandb=disabled"]
+    assert cli.train_main(["--run-dir", str(run_dir), *args]) == 0
+    package = tmp_path / "site" / "dvtrain_broken-1.0.dist-info"
+    package.mkdir(parents=True)
+    (package / "METADATA").write_text("Metadata-Version: 2.1\nName: dvtrain-broken\nVersion: 1.0\n")
+    (package / "entry_points.txt").write_text(f"[dvtrain.tables]\n{entry_point}\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(REPO), str(PLUGINS), str(tmp_path / "site")])}
+    done = subprocess.run([*DVTRAIN, "eval", str(run_dir), "eval.num_examples=8"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
