@@ -255,6 +255,10 @@ def test_a_plugin_table_may_not_take_a_name_results_json_uses():
         table.name = name
         with pytest.raises(registry.TableRegistryError, match=f"table name '{name}' .* is a key results.json already uses"):
             registry.register(table)
+    table = Table()
+    table.name = "vanilla"  # a stage's name: its section would read as the stage's (new-user finding)
+    with pytest.raises(registry.TableRegistryError, match="table name 'vanilla' .* is the name of a stage; rename the table"):
+        registry.register(table)
 
 
 def test_a_table_with_settings_registered_in_one_process_is_refused():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 
+from dvtrain import stages as stage_registry
 from dvtrain.errors import DvtrainError
 from dvtrain.eval.tables.contract import Table
 from dvtrain.plugins import TABLES_GROUP, misnamed, plugin_objects
@@ -45,6 +46,8 @@ def _add(table: object, source: str) -> None:
         raise TableRegistryError(f"table name {table.name!r} ({source}) must be an identifier (it is its results.json section)")
     if source not in BUILT_IN and (table.name in RESERVED or table.name in STAGE_SECTIONS):
         raise TableRegistryError(f"table name {table.name!r} ({source}) is a key results.json already uses; rename the table")
+    if source not in BUILT_IN and table.name in stage_registry.names():  # its section would read as a stage's
+        raise TableRegistryError(f"table name {table.name!r} ({source}) is the name of a stage; rename the table")
     taken = _TABLES.get(table.name)
     if taken is not None and taken is not table:
         raise TableRegistryError(f"table {table.name!r} is registered twice ({source}); rename one of them")
