@@ -288,12 +288,19 @@ def evaluable_stages(run_dir: Path, cfg: Config, requested: list[str] | None) ->
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
 
+def tell(line: str) -> None:
+    """Print `line` to stderr in one write: several ranks print at once into one pipe, and print()'s
+    separate write of the newline glues their lines when stderr is unbuffered (PYTHONUNBUFFERED)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def storage_failure(exc: OSError, then: str) -> int:
     """A write that failed midway (e.g. a full disk under results.json or W&B's files): one line naming the
     file and `then` (what is kept, what to do), exit 2."""
     where = f" {exc.filename}" if exc.filename else ""
     line = f"dvtrain: error: could not write{where} ({exc.strerror or exc}); free disk space or fix permissions; {then}"
-    print(line, file=sys.stderr, flush=True)
+    tell(line)
     report_to_launcher(line)
     return EXIT_USER_ERROR
 
@@ -305,7 +312,7 @@ def refuse(exc: DvtrainError, every_rank_alike: bool = True) -> int:
     (torchrun's error file), so its failure summary names the problem instead of a bare exit code."""
     line = f"dvtrain: error: {exc}"
     if is_main_rank() or not every_rank_alike:
-        print(line, file=sys.stderr, flush=True)
+        tell(line)
     else:
         wait_for_launcher_stop()  # rank 0 exits first: its line is printed whole and is the launcher's root cause
     report_to_launcher(line)
@@ -344,13 +351,6 @@ def launcher_stop() -> str:
     if launched_world_size() == 1:
         return ""
     return " (the launcher stops every rank when one fails: its summary names that rank)"
-
-
-def tell(line: str) -> None:
-    """Print `line` to stderr in one write: several ranks print at once into one pipe, and print()'s
-    separate write of the newline glues their lines when stderr is unbuffered (PYTHONUNBUFFERED)."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 
 def peer_lost(exc: BaseException, then: str) -> str:

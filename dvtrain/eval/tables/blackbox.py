@@ -123,8 +123,11 @@ def _attacks_text(protocol: dict) -> str:
         return (f"momentum PGD ({counted(protocol['restarts'], 'random start')}), M-DI²-FGSM (p {protocol['di_prob']:g}) "
                 f"and SGM (γ {protocol['sgm_gamma']:g}), {protocol['steps']} steps each")
     hidden = ("batch_size", "code")  # alike for every attack of a protocol, or a code detail
-    return "; ".join(f"{attack_label(name)} ({', '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}' for k, v in budget.items() if k not in hidden)})"
-                     for name, budget in protocol["attacks"].items())
+
+    def settings(budget: dict) -> str:
+        return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in budget.items() if k not in hidden)
+
+    return "; ".join(f"{attack_label(name)} ({settings(budget)})" for name, budget in protocol["attacks"].items())
 
 
 def _blackbox_group_markdown(title: str, tables: dict[str, dict], protocol: dict) -> list[str]:
